@@ -68,9 +68,17 @@ def authors_to_timm(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.T
     return out
 
 
+def _strip_wrapper_prefixes(key: str) -> str:
+    """Drop DDP's ``module.`` and torch.compile's ``_orig_mod.`` (in either order), as timm's clean_state_dict."""
+    for prefix in ('_orig_mod.', 'module.', '_orig_mod.'):
+        if key.startswith(prefix):
+            key = key[len(prefix):]
+    return key
+
+
 def to_timm_layout(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Any supported layout (timm's, the authors', DDP-prefixed) to timm's layout."""
-    state_dict = {(k[7:] if k.startswith('module.') else k): v for k, v in state_dict.items()}
+    """Any supported layout (timm's, the authors', DDP- or torch.compile-prefixed) to timm's layout."""
+    state_dict = {_strip_wrapper_prefixes(k): v for k, v in state_dict.items()}
     if is_authors_layout(state_dict):
         return authors_to_timm(state_dict)
     return state_dict

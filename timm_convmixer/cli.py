@@ -14,6 +14,7 @@ COMMANDS = {
     'convert': 'timm_convmixer.convert',
     'bench': 'timm_convmixer.bench',
     'demo': 'timm_convmixer.demo',
+    'export': 'timm_convmixer.export',
 }
 
 

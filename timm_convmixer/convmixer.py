@@ -206,7 +206,8 @@ class ConvMixer(nn.Module):
             act_layer(),
             norm_layer(dim, **dd),
         )
-        dpr = torch.linspace(0, drop_path_rate, depth).tolist() if depth > 1 else [drop_path_rate]
+        # stochastic depth rises linearly over the blocks (pure Python: works under a meta-device context too)
+        dpr = [drop_path_rate * i / (depth - 1) for i in range(depth)] if depth > 1 else [drop_path_rate]
         self.blocks = nn.Sequential(*[
             MixerBlock(dim, kernel_size, act_layer=act_layer, norm_layer=norm_layer, drop_path=dpr[i], **dd)
             for i in range(depth)
@@ -329,6 +330,13 @@ class ConvMixer(nn.Module):
         check_state_dict(self.state_dict(), state_dict, strict=strict, what=f'{type(self).__name__}')
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
+    @torch.jit.ignore
+    def load_pretrained(self, checkpoint_path: str) -> None:
+        """timm's ``custom_load`` hook (the ``.authors_in1k`` release files): read safely, load via timm's
+        ``load_pretrained`` with :func:`checkpoint_filter_fn` (see :mod:`timm_convmixer.hub`)."""
+        from .hub import load_pretrained_file
+        load_pretrained_file(self, checkpoint_path)
+
 
 def _check_input(x: torch.Tensor, in_chans: int) -> None:
     """Fail fast, with the shape in the message, instead of deep inside a convolution."""
@@ -397,15 +405,20 @@ def _cifar_cfg(patch_size: int, **kwargs) -> Dict[str, Any]:
 
 
 _AUTHORS_RELEASE = 'https://github.com/tmp-iclr/convmixer/releases/download/v1.0/'
+# The authors' files are train.py checkpoints (``args`` is an argparse.Namespace), which the plain url path's
+# torch.hub loader refuses with weights_only=True: custom_load routes them through ConvMixer.load_pretrained, which
+# reads them safely and loads them through timm's load_pretrained and checkpoint_filter_fn (timm_convmixer/hub.py).
+_AUTHORS = dict(custom_load=True)
 
 default_cfgs = generate_default_cfgs({
     'convmixer_1536_20.in1k': _cfg(hf_hub_id='timm/'),
-    'convmixer_1536_20.authors_in1k': _cfg(url=_AUTHORS_RELEASE + 'convmixer_1536_20_ks9_p7.pth.tar'),
+    'convmixer_1536_20.authors_in1k': _cfg(url=_AUTHORS_RELEASE + 'convmixer_1536_20_ks9_p7.pth.tar', **_AUTHORS),
     'convmixer_768_32.in1k': _cfg(hf_hub_id='timm/'),
-    'convmixer_768_32.authors_in1k': _cfg(url=_AUTHORS_RELEASE + 'convmixer_768_32_ks7_p7_relu.pth.tar'),
+    'convmixer_768_32.authors_in1k': _cfg(
+        url=_AUTHORS_RELEASE + 'convmixer_768_32_ks7_p7_relu.pth.tar', **_AUTHORS),
     'convmixer_1024_20_ks9_p14.in1k': _cfg(hf_hub_id='timm/', patch_size=14),
     'convmixer_1024_20_ks9_p14.authors_in1k': _cfg(
-        url=_AUTHORS_RELEASE + 'convmixer_1024_20_ks9_p14.pth.tar', patch_size=14),
+        url=_AUTHORS_RELEASE + 'convmixer_1024_20_ks9_p14.pth.tar', patch_size=14, **_AUTHORS),
     'convmixer_1536_24_ks9_p14': _cfg(patch_size=14),
     'convmixer_1024_16_ks9_p7': _cfg(),
     'convmixer_512_16_ks8_p7': _cfg(),

@@ -1,0 +1,494 @@
+""" Weights: Hub download, the authors' checkpoints, conversion and publishing, and their failures
+
+Everything runs the real huggingface_hub, timm and torch code against ``hub_server.HubLookAlike`` on 127.0.0.1.
+In-process tests point huggingface_hub at it by setting ``huggingface_hub.constants`` (read at call time by its
+download and API code); the subprocess tests set ``HF_ENDPOINT``/``HF_HOME``/``HF_HUB_OFFLINE`` in the environment,
+as a user would, since huggingface_hub reads those once at import.
+"""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import timm
+from timm.models import adapt_input_conv, load_checkpoint
+
+from hub_server import HubLookAlike
+from timm_convmixer import cli
+from timm_convmixer.convert import convert_checkpoint
+from timm_convmixer.hub import CheckpointError, read_checkpoint
+
+SMALL = 'convmixer_256_8_ks5_p2'
+WEIGHTED = {  # variant -> (authors' release file name, an input size that is a small multiple of the patch)
+    'convmixer_1536_20': ('convmixer_1536_20_ks9_p7.pth.tar', 14),
+    'convmixer_768_32': ('convmixer_768_32_ks7_p7_relu.pth.tar', 14),
+    'convmixer_1024_20_ks9_p14': ('convmixer_1024_20_ks9_p14.pth.tar', 28),
+}
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+# --- helpers -----------------------------------------------------------------------------------------------------
+
+def to_authors(sd):
+    """timm layout -> the authors' bare nn.Sequential keys (0, 2 stem; 3+i blocks; depth+5 head)."""
+    depth = len({k.split('.')[1] for k in sd if k.startswith('blocks.')})
+    out = {}
+    for k, v in sd.items():
+        if k.startswith('stem.'):
+            out[k[len('stem.'):]] = v
+        elif k.startswith('blocks.'):
+            _, i, rest = k.split('.', 2)
+            out[f'{3 + int(i)}.{rest}'] = v
+        else:
+            out[f'{depth + 5}.{k[len("head."):]}'] = v
+    return out
+
+
+def train_py_checkpoint(sd, ema=None, prefix='module.'):
+    """What timm's train.py (the authors' fork included) saves: wrappers, args Namespace, optimizer state."""
+    ckpt = {
+        'epoch': 149, 'arch': 'convmixer', 'version': 2, 'metric': 81.4,
+        'state_dict': {prefix + k: v for k, v in sd.items()},
+        'optimizer': {'state': {}, 'param_groups': [{'lr': 0.01, 'params': [0, 1]}]},
+        'args': argparse.Namespace(model='convmixer', lr=0.01, opt='adamw'),
+    }
+    if ema is not None:
+        ckpt['state_dict_ema'] = dict(ema)
+    return ckpt
+
+
+def small_model(seed=0, **kwargs):
+    torch.manual_seed(seed)
+    model = timm.create_model(SMALL, depth=2, **kwargs).eval()
+    _randomize_bn(model)
+    return model
+
+
+def _randomize_bn(model):
+    """Give BN running stats non-default values, so a skipped buffer would show in the logits."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 1.5)
+
+
+def snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_tensors(a, b):
+    assert set(a) == set(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def logits(model, size=32, chans=3):
+    torch.manual_seed(123)
+    with torch.no_grad():
+        return model.eval()(torch.randn(2, chans, size, size))
+
+
+def safetensors_bytes(sd, tmp_path, name='w.safetensors'):
+    path = tmp_path / name
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    return path.read_bytes()
+
+
+def run_python(code, env_extra, timeout=240):
+    env = dict(os.environ, **env_extra)
+    result = subprocess.run([sys.executable, '-c', textwrap.dedent(code)], env=env, capture_output=True,
+                            text=True, timeout=timeout, cwd=str(REPO_ROOT))
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+# --- fixtures ----------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def hub():
+    server = HubLookAlike().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def hub_env(hub, tmp_path, monkeypatch):
+    """Point the in-process huggingface_hub at the look-alike, with a fresh cache; torch.hub's cache too."""
+    from huggingface_hub import constants
+    cache = tmp_path / 'hf_cache'
+    monkeypatch.setattr(constants, 'ENDPOINT', hub.endpoint)
+    template = hub.endpoint + '/{repo_id}/resolve/{revision}/{filename}'
+    monkeypatch.setattr(constants, 'HUGGINGFACE_CO_URL_TEMPLATE', template)
+    monkeypatch.setattr(constants, 'HF_HUB_CACHE', str(cache))
+    monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', False)
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch_home'))
+    monkeypatch.setenv('HF_TOKEN', 'dummy-token')
+    return cache
+
+
+def subprocess_env(hub, tmp_path, **extra):
+    return dict(HF_ENDPOINT=hub.endpoint, HF_HOME=str(tmp_path / 'hf_home'), HF_HUB_DISABLE_XET='1',
+                HF_HUB_DISABLE_TELEMETRY='1', HF_TOKEN='dummy-token', TORCH_HOME=str(tmp_path / 'torch_home'),
+                OMP_NUM_THREADS='2', **extra)
+
+
+# --- timm's Hub repos: download, cache, offline, adaptation -------------------------------------------------------
+
+@pytest.mark.parametrize('name', list(WEIGHTED))
+def test_pretrained_from_hub_cache_offline_and_adaptation(name, hub, hub_env, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+    size = WEIGHTED[name][1]
+    torch.manual_seed(1)
+    ref = timm.create_model(name, depth=2).eval()  # a depth override keeps the files small; the path is the same
+    _randomize_bn(ref)
+    repo = f'timm/{name}.in1k'
+    hub.add_file(repo, 'model.safetensors', safetensors_bytes(ref.state_dict(), tmp_path))
+    assert timm.models.get_pretrained_cfg(f'{name}.in1k').hf_hub_id == repo
+
+    model = timm.create_model(name, pretrained=True, depth=2)
+    assert_same_tensors(snapshot(model), snapshot(ref))
+    assert torch.equal(logits(model, size), logits(ref, size))
+    assert hub.count('GET', f'/{repo}/resolve/main/model.safetensors') == 1
+    assert hub.count(contains='pytorch_model.bin') == 0  # safetensors first: the pickle is never asked for
+    assert list(hub_env.glob(f'models--timm--{name}.in1k/snapshots/*/model.safetensors'))
+
+    # cached: no second download; offline: not a single request, still loads
+    timm.create_model(name, pretrained=True, depth=2)
+    assert hub.count('GET', f'/{repo}/resolve/main/model.safetensors') == 1
+    monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', True)
+    before = len(hub.requests)
+    offline = timm.create_model(name, pretrained=True, depth=2)
+    assert len(hub.requests) == before
+    assert_same_tensors(snapshot(offline), snapshot(ref))
+
+    # adapt on load, as timm does: a new head, a 1- or 4-channel stem
+    head5 = timm.create_model(name, pretrained=True, depth=2, num_classes=5)
+    assert head5.head.weight.shape == (5, ref.num_features)
+    assert torch.equal(head5.blocks[1][1].weight, ref.blocks[1][1].weight)
+    for chans in (1, 4):
+        adapted = timm.create_model(name, pretrained=True, depth=2, in_chans=chans)
+        assert torch.equal(adapted.stem[0].weight, adapt_input_conv(chans, ref.stem[0].weight))
+        assert torch.equal(adapted.head.weight, ref.head.weight)
+        assert logits(adapted, size, chans).shape == (2, 1000)
+
+
+def test_offline_with_empty_cache_and_missing_repo_fail_clearly(hub, hub_env, monkeypatch):
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', True)
+    before = len(hub.requests)
+    with pytest.raises(Exception, match='(?i)offline|cache'):
+        timm.create_model('convmixer_768_32', pretrained=True, depth=2)
+    assert len(hub.requests) == before
+    monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', False)
+    with pytest.raises(Exception, match='(?i)repository not found|RepoNotFound|401|404'):
+        timm.create_model('hf-hub:nobody/no-such-convmixer', pretrained=True)
+
+
+def test_env_configured_subprocess_downloads_then_works_offline(hub, tmp_path):
+    """A user's view: HF_ENDPOINT/HF_HOME in the environment, then HF_HUB_OFFLINE=1 served from the cache."""
+    ref = timm.create_model('convmixer_768_32', depth=2).eval()
+    _randomize_bn(ref)
+    repo = 'timm/convmixer_768_32.in1k'
+    hub.add_file(repo, 'model.safetensors', safetensors_bytes(ref.state_dict(), tmp_path))
+    torch.save(logits(ref, 14), tmp_path / 'expected.pt')
+    code = f'''
+        import sys, torch, timm
+        model = timm.create_model('convmixer_768_32', pretrained=True, depth=2).eval()
+        assert type(model).__module__ == 'timm_convmixer.convmixer', type(model)
+        torch.manual_seed(123)
+        with torch.no_grad():
+            out = model(torch.randn(2, 3, 14, 14))
+        assert torch.equal(out, torch.load({str(tmp_path / "expected.pt")!r}, weights_only=True))
+        print('OK')
+    '''
+    env = subprocess_env(hub, tmp_path)
+    gets = hub.count('GET', repo)
+    assert 'OK' in run_python(code, env)
+    assert hub.count('GET', repo) == gets + 1
+    before = len(hub.requests)
+    assert 'OK' in run_python(code, dict(env, HF_HUB_OFFLINE='1'))
+    assert len(hub.requests) == before
+
+
+# --- the authors' layout and train.py checkpoints ----------------------------------------------------------------
+
+def test_authors_layout_loads_as_pretrained_file_and_checkpoint_path(tmp_path):
+    ref = small_model(seed=2)
+    ema = small_model(seed=3)
+    authors = to_authors(ref.state_dict())
+    plain = tmp_path / 'authors.pth'
+    torch.save(authors, plain)
+    wrapped = tmp_path / 'authors_train.pth.tar'
+    torch.save(train_py_checkpoint(authors), wrapped)
+    with_ema = tmp_path / 'authors_ema.pth.tar'
+    torch.save(train_py_checkpoint(authors, ema=to_authors(ema.state_dict())), with_ema)
+    model_key = tmp_path / 'model_key.pth'
+    torch.save({'model': {'_orig_mod.' + k: v for k, v in ref.state_dict().items()}}, model_key)
+    expected = logits(ref)
+
+    for path in (plain, wrapped, model_key):
+        via_filter = timm.create_model(SMALL, depth=2, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+        assert torch.equal(logits(via_filter), expected), path.name
+        via_ckpt = timm.create_model(SMALL, depth=2, checkpoint_path=str(path))  # train.py --initial-checkpoint
+        assert torch.equal(logits(via_ckpt), expected), path.name
+    # timm's loaders prefer EMA weights when a checkpoint has them; so do we
+    assert torch.equal(logits(timm.create_model(SMALL, depth=2, checkpoint_path=str(with_ema))), logits(ema))
+    # objects handed straight to load_state_dict: wrappers and prefixes too
+    model = small_model(seed=9)
+    model.load_state_dict(train_py_checkpoint(authors))
+    assert torch.equal(logits(model), expected)
+    # fine-tuning from the authors' weights with a new head
+    tuned = timm.create_model(SMALL, depth=2, num_classes=3, pretrained=True,
+                              pretrained_cfg_overlay=dict(file=str(wrapped)))
+    assert tuned.head.weight.shape == (3, 256)
+    assert torch.equal(tuned.stem[0].weight, ref.stem[0].weight)
+
+
+@pytest.mark.parametrize('name', list(WEIGHTED))
+def test_authors_tag_downloads_release_file_safely(name, hub, hub_env, tmp_path):
+    filename, size = WEIGHTED[name]
+    cfg = timm.models.get_pretrained_cfg(f'{name}.authors_in1k')
+    assert cfg.url == 'https://github.com/tmp-iclr/convmixer/releases/download/v1.0/' + filename
+    assert cfg.custom_load is True
+    torch.manual_seed(4)
+    ref = timm.create_model(name, depth=2).eval()
+    _randomize_bn(ref)
+    buf = tmp_path / filename
+    torch.save(train_py_checkpoint(to_authors(ref.state_dict())), buf)  # args Namespace inside, as train.py saves
+    hub.files[filename] = buf.read_bytes()
+    # timm resets custom_load when an overlay replaces the source, so the overlay keeps it explicitly
+    overlay = dict(url=hub.url(filename), custom_load=True)
+    model = timm.create_model(f'{name}.authors_in1k', pretrained=True, depth=2, pretrained_cfg_overlay=overlay)
+    assert torch.equal(logits(model, size), logits(ref, size))
+    assert (tmp_path / 'torch_home' / 'hub' / 'checkpoints' / filename).is_file()  # torch.hub's cache
+    # adaptation still timm's: new head, 1-channel stem
+    adapted = timm.create_model(f'{name}.authors_in1k', pretrained=True, depth=2, num_classes=4, in_chans=1,
+                                pretrained_cfg_overlay=overlay)
+    assert adapted.head.weight.shape == (4, ref.num_features)
+    assert torch.equal(adapted.stem[0].weight, adapt_input_conv(1, ref.stem[0].weight))
+
+
+def test_plain_url_path_loads_authors_state_dict(hub, hub_env, tmp_path):
+    ref = small_model(seed=5)
+    bare = tmp_path / 'bare.pth'
+    torch.save(to_authors(ref.state_dict()), bare)
+    hub.files['bare.pth'] = bare.read_bytes()
+    model = timm.create_model(SMALL, depth=2, pretrained=True, pretrained_cfg_overlay=dict(url=hub.url('bare.pth')))
+    assert torch.equal(logits(model), logits(ref))
+
+
+class _Evil:
+    """Unpickling this runs os.mkdir: what weights_only=True exists to stop."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+def test_malicious_pickle_is_never_unpickled(hub, hub_env, tmp_path):
+    marker = tmp_path / 'pwned'
+    evil = tmp_path / 'evil.pth.tar'
+    torch.save({'state_dict': {'0.weight': torch.zeros(1)}, 'payload': _Evil(str(marker))}, evil)
+    hub.files['evil.pth.tar'] = evil.read_bytes()
+    with pytest.raises(CheckpointError, match='unsafe-pickle'):
+        read_checkpoint(evil)
+    with pytest.raises(Exception):
+        timm.create_model(SMALL, depth=2, pretrained=True, pretrained_cfg_overlay=dict(file=str(evil)))
+    with pytest.raises(Exception):  # custom_load path (authors' tags)
+        timm.create_model('convmixer_768_32.authors_in1k', pretrained=True, depth=2,
+                          pretrained_cfg_overlay=dict(url=hub.url('evil.pth.tar'), custom_load=True))
+    with pytest.raises(Exception):  # timm's plain url path
+        timm.create_model(SMALL, depth=2, pretrained=True, pretrained_cfg_overlay=dict(url=hub.url('evil.pth.tar')))
+    with pytest.raises(Exception):
+        timm.create_model(SMALL, depth=2, checkpoint_path=str(evil))
+    assert cli.main(['convert', str(evil), str(tmp_path / 'out'), '--model', SMALL]) == 1
+    assert not marker.exists()
+    assert not (tmp_path / 'out').exists()
+
+
+# --- bad input: clear errors, nothing half-loaded ----------------------------------------------------------------
+
+def test_wrong_architecture_or_size_leaves_model_untouched(tmp_path):
+    model = small_model(seed=6)
+    before = snapshot(model)
+    other_size = timm.create_model(SMALL, depth=2, dim=128).state_dict()
+    other_depth = to_authors(timm.create_model(SMALL, depth=3).state_dict())
+    other_arch = timm.create_model('resnet10t', num_classes=10).state_dict()
+    for sd, pattern in ((other_size, r'dim=256.*\n.*dim=128'), (other_depth, 'depth=2(.|\n)*depth=3'),
+                        (other_arch, 'none of them ConvMixer-shaped')):
+        path = tmp_path / 'other.pth'
+        torch.save(train_py_checkpoint(sd), path)
+        with pytest.raises(RuntimeError, match=pattern) as err:
+            load_checkpoint(model, str(path))
+        assert 'nothing was loaded' in str(err.value)
+        with pytest.raises(RuntimeError, match='does not fit'):
+            model.load_state_dict(sd)
+        assert_same_tensors(snapshot(model), before)
+        with pytest.raises(RuntimeError, match='does not fit'):
+            timm.create_model(SMALL, depth=2, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+
+
+def test_truncated_or_corrupt_files_fail_clearly(tmp_path):
+    ref = small_model(seed=7)
+    good_pth = tmp_path / 'good.pth'
+    torch.save(ref.state_dict(), good_pth)
+    good_st = tmp_path / 'good.safetensors'
+    save_file(ref.state_dict(), str(good_st))
+    model = small_model(seed=8)
+    before = snapshot(model)
+    for good in (good_pth, good_st):
+        data = good.read_bytes()
+        for label, payload in (('truncated', data[:len(data) // 2]), ('corrupt', b'\x00garbage' * 64)):
+            bad = tmp_path / f'{label}{good.suffix}'
+            bad.write_bytes(payload)
+            with pytest.raises(CheckpointError, match='truncated or corrupt'):
+                read_checkpoint(bad)
+            # timm's own loaders raise torch's / safetensors' messages; for random bytes torch's unpickler reads
+            # a legacy pickle and timm reports a weights_only refusal (timm's wording, not ours)
+            timm_msg = '(?i)corrupt|deserializ|weights_only'
+            with pytest.raises(Exception, match=timm_msg):
+                load_checkpoint(model, str(bad))
+            with pytest.raises(Exception, match=timm_msg):
+                timm.create_model(SMALL, depth=2, pretrained=True, pretrained_cfg_overlay=dict(file=str(bad)))
+            assert_same_tensors(snapshot(model), before)
+    (tmp_path / 'empty.pth').write_bytes(b'')
+    with pytest.raises(CheckpointError, match='empty'):
+        read_checkpoint(tmp_path / 'empty.pth')
+    with pytest.raises(FileNotFoundError, match='not found'):
+        read_checkpoint(tmp_path / 'missing.pth')
+
+
+def test_unknown_architecture_in_config_and_unknown_tag(tmp_path):
+    folder = tmp_path / 'weird'
+    folder.mkdir()
+    (folder / 'config.json').write_text(json.dumps({'architecture': 'convmixer_4096_99', 'num_classes': 10,
+                                                    'pretrained_cfg': {}}))
+    with pytest.raises(RuntimeError, match='Unknown model.*convmixer_4096_99'):
+        timm.create_model(f'local-dir:{folder}', pretrained=True)
+    with pytest.raises(RuntimeError, match=r'Invalid pretrained tag \(nope\)'):
+        timm.create_model('convmixer_768_32.nope', pretrained=True)
+    # convert checks the name before touching the (here missing) file
+    with pytest.raises(RuntimeError, match=r'Invalid pretrained tag \(nope\)'):
+        convert_checkpoint(tmp_path / 'missing.pth', tmp_path / 'o', 'convmixer_768_32.nope')
+    with pytest.raises(ValueError, match='unknown model'):
+        convert_checkpoint(tmp_path / 'missing.pth', tmp_path / 'o', 'convmixer_4096_99')
+
+
+# --- conversion, round trips, publishing -------------------------------------------------------------------------
+
+def test_convert_authors_checkpoint_round_trips_through_local_dir_and_hf_hub(hub, hub_env, tmp_path):
+    ref = small_model(seed=10)
+    src = tmp_path / 'convmixer_authors.pth.tar'
+    torch.save(train_py_checkpoint(to_authors(ref.state_dict())), src)
+    out = tmp_path / 'converted'
+    assert cli.main(['convert', str(src), str(out), '--model', SMALL, '--model-kwargs', 'depth=2']) == 0
+    assert sorted(p.name for p in out.iterdir()) == ['README.md', 'config.json', 'model.safetensors']
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith('.converted')]  # no temp dirs left
+    config = json.loads((out / 'config.json').read_text())
+    assert config['architecture'] == SMALL and config['model_args']['depth'] == 2
+    card = (out / 'README.md').read_text()
+    assert card.startswith('---\n') and 'library_name: timm' in card and 'license: mit' in card
+    assert "authors' nn.Sequential layout" in card
+
+    local = timm.create_model(f'local-dir:{out}', pretrained=True)
+    assert_same_tensors(snapshot(local), snapshot(ref))
+
+    for name in ('config.json', 'model.safetensors', 'README.md'):
+        hub.add_file('someone/convmixer-cifar', name, (out / name).read_bytes())
+    remote = timm.create_model('hf-hub:someone/convmixer-cifar', pretrained=True)
+    assert type(remote).__module__ == 'timm_convmixer.convmixer'
+    assert torch.equal(logits(remote), logits(ref))
+
+
+def test_convert_formats_ema_force_and_failures(tmp_path):
+    ref, ema = small_model(seed=11), small_model(seed=12)
+    st = tmp_path / 'w.safetensors'
+    save_file(ref.state_dict(), str(st))
+    ckpt = tmp_path / 'train.pth.tar'
+    torch.save(train_py_checkpoint(ref.state_dict(), ema=ema.state_dict()), ckpt)
+    out = tmp_path / 'out'
+
+    convert_checkpoint(st, out, SMALL, model_kwargs=dict(depth=2))
+    assert_same_tensors(snapshot(timm.create_model(f'local-dir:{out}', pretrained=True)), snapshot(ref))
+    with pytest.raises(FileExistsError, match='--force'):
+        convert_checkpoint(ckpt, out, SMALL, model_kwargs=dict(depth=2), use_ema=True)
+    convert_checkpoint(ckpt, out, SMALL, model_kwargs=dict(depth=2), use_ema=True, force=True)
+    assert_same_tensors(snapshot(timm.create_model(f'local-dir:{out}', pretrained=True)), snapshot(ema))
+
+    # a fine-tuned head (num_classes from the weights) and an old whole-model pickle, only with --unsafe-pickle
+    tuned = small_model(seed=13, num_classes=3, in_chans=1)
+    pickled = tmp_path / 'whole_model.pth'
+    torch.save(tuned, pickled)
+    with pytest.raises(CheckpointError, match='unsafe-pickle'):
+        convert_checkpoint(pickled, tmp_path / 'tuned', SMALL, model_kwargs=dict(depth=2))
+    convert_checkpoint(pickled, tmp_path / 'tuned', SMALL, model_kwargs=dict(depth=2), unsafe_pickle=True)
+    reloaded = timm.create_model(f'local-dir:{tmp_path / "tuned"}', pretrained=True)
+    assert reloaded.num_classes == 3 and reloaded.in_chans == 1
+    assert torch.equal(logits(reloaded, chans=1), logits(tuned, chans=1))
+
+    # failures leave OUT as it was and no temp dirs
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(RuntimeError, match='does not fit'):
+        convert_checkpoint(st, out, SMALL, force=True)  # depth 8 named, depth 2 given
+    with pytest.raises(CheckpointError, match='no state_dict_ema'):
+        convert_checkpoint(st, tmp_path / 'x', SMALL, model_kwargs=dict(depth=2), use_ema=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert not (tmp_path / 'x').exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith('.')]
+
+
+def test_cli_convert_and_push_to_hub_look_alike(hub, hub_env, tmp_path):
+    """The installed console script, env-configured, publishes; the published repo loads via hf-hub:."""
+    ref = small_model(seed=14)
+    src = tmp_path / 'ckpt.pth.tar'
+    torch.save(train_py_checkpoint(ref.state_dict()), src)
+    script = Path(sys.executable).with_name('timm-convmixer')
+    assert script.exists(), 'the package installs a timm-convmixer console script'
+    env = dict(os.environ, **subprocess_env(hub, tmp_path))
+    result = subprocess.run(
+        [str(script), 'convert', str(src), str(tmp_path / 'pub'), '--model', SMALL, '--model-kwargs', 'depth=2',
+         '--push', 'me/convmixer-pushed'], env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert hub.count('POST', '/api/repos/create') >= 1
+    assert hub.count('POST', '/api/models/me/convmixer-pushed/commit/main') == 1
+    assert any('library_name: timm' in card for card in hub.validated_cards)
+    assert sorted(hub.repos['me/convmixer-pushed']) == ['README.md', 'config.json', 'model.safetensors']
+    published = hub.repos['me/convmixer-pushed']['model.safetensors']
+    assert published == (tmp_path / 'pub' / 'model.safetensors').read_bytes()
+    pushed = timm.create_model('hf-hub:me/convmixer-pushed', pretrained=True)
+    assert torch.equal(logits(pushed), logits(ref))
+
+
+def test_plugin_checkpoint_loads_into_plain_timm(tmp_path):
+    """Checkpoints and converted folders from the plugin load into timm's built-in ConvMixer (plugin off)."""
+    name = 'convmixer_1024_20_ks9_p14'  # the cheapest of the names timm itself ships
+    torch.manual_seed(15)
+    ours = timm.create_model(name).eval()
+    _randomize_bn(ours)
+    torch.save(ours.state_dict(), tmp_path / 'ckpt.pth')
+    convert_checkpoint(tmp_path / 'ckpt.pth', tmp_path / 'folder', name)
+    torch.save(logits(ours, 64), tmp_path / 'expected.pt')
+    code = f'''
+        import sys, torch, timm
+        for kwargs in (dict(checkpoint_path={str(tmp_path / "ckpt.pth")!r}), dict(pretrained=True)):
+            name = {name!r} if 'checkpoint_path' in kwargs else 'local-dir:' + {str(tmp_path / "folder")!r}
+            model = timm.create_model(name, **kwargs).eval()
+            assert type(model).__module__ == 'timm.models.convmixer', type(model)
+            torch.manual_seed(123)
+            with torch.no_grad():
+                out = model(torch.randn(2, 3, 64, 64))
+            torch.testing.assert_close(out, torch.load({str(tmp_path / "expected.pt")!r}, weights_only=True))
+        assert 'timm_convmixer' not in sys.modules
+        print('OK')
+    '''
+    assert 'OK' in run_python(code, dict(TIMM_CONVMIXER_AUTOLOAD='0', OMP_NUM_THREADS='2'))

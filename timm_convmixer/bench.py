@@ -1,0 +1,416 @@
+"""``timm-convmixer bench``: throughput and memory of this package's ConvMixer vs timm's built-in one.
+
+Both models get identical weights (the state_dict layouts are the same), run the same input, and are timed
+*interleaved* (one step of each, in turn) so that load on a shared machine hits both alike; medians are reported,
+and every ratio ours/builtin is measured within the same run. The built-in model's "best" is the fastest of the
+modes asked for (e.g. NCHW vs channels_last), which is the honest baseline: a user would pick it.
+
+Memory: on CUDA, ``torch.cuda.max_memory_allocated`` over one step (absolute, weights included). On CPU there is
+no allocator high-water mark, so the peak of "Total Allocated" in torch.profiler's memory events over one step is
+used: bytes allocated *during* the step through PyTorch's CPU allocator (activations, workspaces, any cache
+built in that step), excluding what existed before it (weights). oneDNN's internal scratchpads are not seen.
+
+FLOPs come from ``torch.utils.flop_counter.FlopCounterMode`` on the built-in model (the same function; the fused
+ops of the fast path are not in its table). The fraction of the hardware ceiling needs a peak: ``--peak-tflops``,
+else a small table for known CUDA devices (bf16/fp16 dense matmul), else 'unknown'.
+
+Python API: :func:`run_benchmark` returns the result dict; :func:`save_chart` draws it.
+"""
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from contextlib import nullcontext
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+__all__ = ['add_parser', 'run_benchmark', 'save_chart', 'build_pair']
+
+MODES = ('nchw', 'channels_last', 'compile')
+DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+TASKS = ('infer', 'train')
+
+# dense bf16/fp16 matmul TFLOP/s; H200 measured with PyTorch in this workplace, the others vendor figures
+CUDA_PEAK_TFLOPS = {'H200': 790., 'H100': 790., 'A100': 312., 'L40S': 362., 'L4': 121., 'RTX 4090': 165.,
+                    'RTX 3090': 71., 'A10': 125., 'V100': 125., 'T4': 65.}
+
+
+def build_pair(model_name: str, model_kwargs: Optional[Dict[str, Any]] = None, device: str = 'cpu'):
+    """(ours, builtin): our registered model and timm's built-in ConvMixer class with the same weights."""
+    import timm
+    import timm_convmixer  # noqa: F401  (registers our variants)
+    from timm.models.convmixer import ConvMixer as BuiltinConvMixer
+
+    ours = timm.create_model(model_name, pretrained=False, **(model_kwargs or {}))
+    builtin = BuiltinConvMixer(
+        dim=ours.num_features, depth=len(ours.blocks), kernel_size=ours.kernel_size, patch_size=ours.patch_size,
+        in_chans=ours.in_chans, num_classes=ours.num_classes, act_layer=type(ours.stem[1]))
+    builtin.load_state_dict(ours.state_dict())
+    return ours.to(device), builtin.to(device)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def _hardware(device: torch.device) -> Dict[str, Any]:
+    import timm
+    from .version import __version__
+    cpu_model = platform.processor() or platform.machine()
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    cpu_model = line.split(':', 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info = {
+        'torch': torch.__version__, 'timm': timm.__version__, 'timm_convmixer': __version__,
+        'python': platform.python_version(), 'platform': platform.platform(), 'cpu_model': cpu_model,
+        'cpu_count': os.cpu_count(), 'threads': torch.get_num_threads(), 'device': str(device),
+        'cuda_device': torch.cuda.get_device_name(device) if device.type == 'cuda' else None,
+        'cuda_version': torch.version.cuda, 'mkldnn': torch.backends.mkldnn.is_available(),
+    }
+    return info
+
+
+def _default_peak_tflops(device: torch.device, dtype: str) -> Optional[float]:
+    if device.type != 'cuda' or dtype == 'fp32':
+        return None  # CPU peaks vary with SKU/clocks; fp32 on GPU depends on TF32 settings: ask the user
+    name = torch.cuda.get_device_name(device)
+    for key, value in CUDA_PEAK_TFLOPS.items():
+        if key in name:
+            return value
+    return None
+
+
+def _count_flops(model: nn.Module, x: torch.Tensor, task: str) -> Optional[int]:
+    """FLOPs of one step on the whole batch (forward, or forward+backward for 'train')."""
+    try:
+        from torch.utils.flop_counter import FlopCounterMode
+    except ImportError:
+        return None
+    counter = FlopCounterMode(display=False)
+    was_training = model.training
+    model.train(task == 'train')
+    try:
+        with counter:
+            if task == 'train':
+                model(x).float().sum().backward()
+            else:
+                with torch.no_grad():
+                    model(x)
+    finally:
+        model.train(was_training)
+        model.zero_grad(set_to_none=True)
+    return int(counter.get_total_flops())
+
+
+def _make_step(model: nn.Module, x: torch.Tensor, task: str, dtype: str) -> Callable[[], torch.Tensor]:
+    device_type = x.device.type
+    autocast = (lambda: torch.autocast(device_type, dtype=DTYPES[dtype])) if dtype != 'fp32' else nullcontext
+    if task == 'infer':
+        def step():
+            with torch.inference_mode(), autocast():
+                return model(x)
+    else:
+        target = torch.randint(0, max(1, getattr(model, 'num_classes', 1) or 1), (x.shape[0],), device=x.device)
+        loss_fn = nn.CrossEntropyLoss()
+
+        def step():
+            model.zero_grad(set_to_none=True)
+            with autocast():
+                out = model(x)
+                loss = loss_fn(out.float(), target) if out.ndim == 2 else out.float().mean()
+            loss.backward()
+            return out.detach()
+    return step
+
+
+def _peak_memory(step: Callable[[], Any], device: torch.device) -> Dict[str, Any]:
+    if device.type == 'cuda':
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        _sync(device)
+        return {'peak_mem_mb': torch.cuda.max_memory_allocated(device) / 2 ** 20}
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    fd, path = tempfile.mkstemp(suffix='.json')
+    os.close(fd)
+    try:
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f).get('traceEvents', [])
+    finally:
+        os.remove(path)
+    totals = [e['args'].get('Total Allocated', 0) for e in events if e.get('name') == '[memory]' and 'args' in e]
+    return {'peak_mem_mb': max(totals, default=0) / 2 ** 20}
+
+
+def _prepare(model: nn.Module, x: torch.Tensor, mode: str):
+    """Each mode gets its own copy: ``.to(memory_format=...)`` converts in place, and modes must not leak."""
+    if mode == 'channels_last':
+        return copy.deepcopy(model).to(memory_format=torch.channels_last), x.contiguous(
+            memory_format=torch.channels_last)
+    if mode == 'compile':
+        return torch.compile(copy.deepcopy(model)), x
+    return model, x
+
+
+def _bench_case(
+        ours: nn.Module, builtin: nn.Module, x: torch.Tensor, task: str, dtype: str, modes: Sequence[str],
+        iters: int, warmup: int, progress: Any, backend: str) -> Dict[str, Any]:
+    from . import fast
+
+    device = x.device
+    runners = {}
+    for mode in modes:
+        for impl, model in (('ours', ours), ('builtin', builtin)):
+            m, xm = _prepare(model, x, mode)
+            m.train(task == 'train')
+            runners[(mode, impl)] = _make_step(m, xm, task, dtype)
+
+    def run(key):
+        if key[1] == 'ours':
+            with fast.use_backend(backend):
+                return runners[key]()
+        return runners[key]()
+
+    out: Dict[str, Any] = {}
+    n_warm = warmup + (2 if 'compile' in modes else 0)
+    for _ in range(n_warm):
+        for key in runners:
+            run(key)
+    _sync(device)
+    times = {key: [] for key in runners}
+    for _ in range(iters):
+        for key in runners:  # interleaved: one step of each model/mode per round
+            _sync(device)
+            t0 = time.perf_counter()
+            run(key)
+            _sync(device)
+            times[key].append(time.perf_counter() - t0)
+            if progress is not None:
+                progress.update(1)
+    # which path our blocks took, and output equality, outside the timed loop
+    fast.reset_counters()
+    for mode in modes:
+        y_ours = run((mode, 'ours'))
+        paths = dict(fast.counters)
+        fast.reset_counters()
+        y_builtin = run((mode, 'builtin'))
+        fast.reset_counters()
+        entry = {}
+        for impl in ('ours', 'builtin'):
+            ts = times[(mode, impl)]
+            entry[impl] = {
+                'img_s': x.shape[0] / statistics.median(ts), 'median_ms': 1e3 * statistics.median(ts),
+                'times_ms': [round(1e3 * t, 3) for t in ts],
+            }
+            with (fast.use_backend(backend) if impl == 'ours' else nullcontext()):
+                entry[impl].update(_peak_memory(runners[(mode, impl)], device))
+        entry['ratio'] = entry['ours']['img_s'] / entry['builtin']['img_s']
+        entry['ours_block_paths'] = paths
+        entry['max_abs_diff'] = (y_ours.float() - y_builtin.float()).abs().max().item() if task == 'infer' else None
+        out[mode] = entry
+    return out
+
+
+def run_benchmark(
+        models: Sequence[str] = ('convmixer_768_32',),
+        batch_sizes: Sequence[int] = (8,),
+        img_sizes: Sequence[int] = (224,),
+        device: str = 'cpu',
+        dtypes: Sequence[str] = ('fp32',),
+        modes: Sequence[str] = ('nchw', 'channels_last'),
+        tasks: Sequence[str] = ('infer',),
+        iters: int = 10,
+        warmup: int = 2,
+        peak_tflops: Optional[float] = None,
+        backend: str = 'auto',
+        model_kwargs: Optional[Dict[str, Any]] = None,
+        progress: bool = True,
+) -> Dict[str, Any]:
+    """Benchmark every combination; returns a JSON-serialisable dict (``meta`` + one entry per case)."""
+    for name, values, allowed in (('modes', modes, MODES), ('dtypes', dtypes, DTYPES), ('tasks', tasks, TASKS)):
+        bad = [v for v in values if v not in allowed]
+        if bad:
+            raise ValueError(f'{name}: unknown {bad}, choose from {list(allowed)}')
+    dev = torch.device(device)
+    if dev.type == 'cuda' and not torch.cuda.is_available():
+        raise RuntimeError('device cuda requested but torch.cuda.is_available() is False')
+    meta = _hardware(dev)
+    meta.update({'iters': iters, 'warmup': warmup, 'backend': backend, 'model_kwargs': model_kwargs or {},
+                 'memory_method': 'torch.cuda.max_memory_allocated (absolute)' if dev.type == 'cuda' else
+                 'torch.profiler memory events: peak bytes allocated during one step (weights excluded)'})
+    n_cases = len(models) * len(batch_sizes) * len(img_sizes) * len(dtypes) * len(tasks)
+    bar = None
+    if progress:
+        try:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=n_cases * iters * 2 * len(modes), desc='bench', unit='step')
+        except ImportError:
+            bar = None
+    results = []
+    try:
+        for model_name in models:
+            ours, builtin = build_pair(model_name, model_kwargs, device)
+            for task in tasks:
+                for dtype in dtypes:
+                    for bs in batch_sizes:
+                        for img in img_sizes:
+                            if bar is not None:
+                                bar.set_postfix_str(f'{model_name} {task} {dtype} b{bs} {img}px')
+                            torch.manual_seed(0)
+                            x = torch.randn(bs, ours.in_chans, img, img, device=dev)
+                            flops = _count_flops(builtin, x, task)
+                            by_mode = _bench_case(ours, builtin, x, task, dtype, modes, iters, warmup, bar, backend)
+                            best_ours = max(modes, key=lambda m: by_mode[m]['ours']['img_s'])
+                            best_builtin = max(modes, key=lambda m: by_mode[m]['builtin']['img_s'])
+                            peak = peak_tflops if peak_tflops else _default_peak_tflops(dev, dtype)
+                            o_ips = by_mode[best_ours]['ours']['img_s']
+                            b_ips = by_mode[best_builtin]['builtin']['img_s']
+                            case = {
+                                'model': model_name, 'task': task, 'dtype': dtype, 'batch_size': bs,
+                                'img_size': img, 'gflops_per_img': flops / bs / 1e9 if flops else None,
+                                'modes': by_mode,
+                                'best': {'ours_mode': best_ours, 'ours_img_s': o_ips,
+                                         'builtin_mode': best_builtin, 'builtin_img_s': b_ips,
+                                         'ratio': o_ips / b_ips},
+                                'peak_tflops': peak,
+                                'fraction_of_peak': (
+                                    {'ours': o_ips * flops / bs / (peak * 1e12),
+                                     'builtin': b_ips * flops / bs / (peak * 1e12)}
+                                    if peak and flops else 'unknown'),
+                            }
+                            results.append(case)
+            del ours, builtin
+    finally:
+        if bar is not None:
+            bar.close()
+    return {'meta': meta, 'results': results}
+
+
+def save_chart(result: Dict[str, Any], path: str) -> None:
+    """Grouped bars: img/s of ours vs built-in per case and mode, ratio written above each pair."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    labels, ours, builtin, ratios = [], [], [], []
+    for case in result['results']:
+        for mode, entry in case['modes'].items():
+            labels.append(f"{case['model'].replace('convmixer_', '')}\n{case['task']} {case['dtype']} "
+                          f"b{case['batch_size']}\n{mode}")
+            ours.append(entry['ours']['img_s'])
+            builtin.append(entry['builtin']['img_s'])
+            ratios.append(entry['ratio'])
+    fig, ax = plt.subplots(figsize=(max(6., 1.3 * len(labels) + 2), 4.5))
+    idx = range(len(labels))
+    w = 0.38
+    ax.bar([i - w / 2 for i in idx], builtin, w, label='timm built-in', color='#999999')
+    ax.bar([i + w / 2 for i in idx], ours, w, label='timm-convmixer', color='#1f77b4')
+    for i, r in enumerate(ratios):
+        ax.text(i, max(ours[i], builtin[i]) * 1.02, f'{r:.2f}x', ha='center', va='bottom', fontsize=8)
+    ax.set_xticks(list(idx))
+    ax.set_xticklabels(labels, fontsize=7)
+    ax.set_ylabel('images / s (median)')
+    meta = result['meta']
+    where = meta['cuda_device'] or f"{meta['cpu_model']}, {meta['threads']} threads"
+    ax.set_title(f"ConvMixer throughput, {where}, torch {meta['torch']}", fontsize=9)
+    ax.legend(fontsize=8)
+    ax.set_ylim(0, max(ours + builtin + [1e-9]) * 1.15)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _parse_kwargs(items: Optional[List[str]]) -> Dict[str, Any]:
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition('=')
+        if not sep:
+            raise argparse.ArgumentTypeError(f'--model-kwargs: expected key=value, got {item!r}')
+        for cast in (int, float):
+            try:
+                out[key] = cast(value)
+                break
+            except ValueError:
+                continue
+        else:
+            out[key] = value
+    return out
+
+
+def _main(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = run_benchmark(
+        models=args.models, batch_sizes=args.batch_size, img_sizes=args.img_size, device=args.device,
+        dtypes=args.dtype, modes=args.modes, tasks=args.task, iters=args.iters, warmup=args.warmup,
+        peak_tflops=args.peak_tflops, backend=args.backend, model_kwargs=_parse_kwargs(args.model_kwargs),
+        progress=not args.no_progress)
+    result['meta']['command'] = 'timm-convmixer bench ' + ' '.join(args.argv_echo)
+    for case in result['results']:
+        print(f"{case['model']} {case['task']} {case['dtype']} b{case['batch_size']} {case['img_size']}px:")
+        for mode, e in case['modes'].items():
+            print(f"  {mode:14s} ours {e['ours']['img_s']:9.2f} img/s  builtin {e['builtin']['img_s']:9.2f} img/s"
+                  f"  ratio {e['ratio']:.2f}  paths {e['ours_block_paths']}")
+        b = case['best']
+        print(f"  best: ours {b['ours_img_s']:.2f} ({b['ours_mode']}) / builtin {b['builtin_img_s']:.2f} "
+              f"({b['builtin_mode']}) = {b['ratio']:.2f}x; fraction of peak: {case['fraction_of_peak']}")
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, 'w') as f:
+            json.dump(result, f, indent=1)
+        print(f'wrote {args.out}')
+    if args.chart:
+        try:
+            save_chart(result, args.chart)
+            print(f'wrote {args.chart}')
+        except ImportError:
+            print('matplotlib not installed: no chart (pip install timm-convmixer[plot])')
+    return 0
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        'bench', help='throughput/memory of timm-convmixer vs timm\'s built-in ConvMixer',
+        description=__doc__.split('\n\n')[1])
+    p.add_argument('--models', nargs='+', default=['convmixer_768_32'])
+    p.add_argument('--batch-size', nargs='+', type=int, default=[8])
+    p.add_argument('--img-size', nargs='+', type=int, default=[224])
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--dtype', nargs='+', default=['fp32'], choices=list(DTYPES),
+                   help='fp32, or autocast to bf16/fp16')
+    p.add_argument('--modes', nargs='+', default=['nchw', 'channels_last'], choices=list(MODES),
+                   help='compile = torch.compile (slow to warm up on CPU)')
+    p.add_argument('--task', nargs='+', default=['infer'], choices=list(TASKS))
+    p.add_argument('--iters', type=int, default=10)
+    p.add_argument('--warmup', type=int, default=2)
+    p.add_argument('--threads', type=int, default=0, help='torch.set_num_threads (0: leave as is)')
+    p.add_argument('--peak-tflops', type=float, default=None,
+                   help='hardware ceiling for the fraction-of-peak column (default: CUDA table, else unknown)')
+    p.add_argument('--backend', default='auto', choices=['auto', 'eager', 'cpu', 'triton'],
+                   help='timm_convmixer.fast backend for our model')
+    p.add_argument('--model-kwargs', nargs='*', default=None, help='key=value overrides, e.g. depth=4 dim=256')
+    p.add_argument('--out', default=None, help='JSON output path')
+    p.add_argument('--chart', default=None, help='PNG chart path (matplotlib)')
+    p.add_argument('--no-progress', action='store_true')
+
+    def func(args):
+        import sys
+        args.argv_echo = sys.argv[2:] if len(sys.argv) > 2 and sys.argv[1] == 'bench' else []
+        return _main(args)
+    p.set_defaults(func=func)
+    return p

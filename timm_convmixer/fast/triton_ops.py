@@ -1,0 +1,330 @@
+"""The Triton kernels as torch custom ops, with autograd, and the block-level entry ``triton_block_forward``.
+
+Ops (namespace ``timm_convmixer``), each with a fake (meta) implementation so ``torch.compile``/``torch.export``
+trace them as single nodes, and a backward that is itself a custom op running Triton kernels:
+
+* ``dw_block(x, weight, bias, scale, shift, act) -> y``: ``x + scale * act(dwconv_kxk(x) + bias) + shift``, the
+  depthwise residual branch with eval-mode BatchNorm as a per-channel affine. ``y`` is channels_last.
+* ``act_affine(p, scale, shift, act) -> y``: ``scale * act(p) + shift`` on a 2-D ``[M, C]`` tensor, the pointwise
+  conv's epilogue after a cuBLAS ``addmm`` (bias included there, for free).
+
+``act``: 0 identity, 1 GELU (exact erf form, as ``nn.GELU()``), 2 ReLU.
+
+dtypes and autocast: the ops compute in the dtype of ``x``/``p`` (fp16, bf16, fp32, fp64) with fp32 accumulation
+(fp64 for fp64), reading weights/scale/shift of any float dtype; they have no autocast rule, so autocast passes them
+through untouched (as it does ``batch_norm``). ``triton_block_forward`` applies autocast's own casts the way the eager
+convolutions would: activations and conv weights/biases to the autocast dtype, BatchNorm's affine kept in fp32.
+
+BatchNorm in training mode (batch statistics, running-stat updates) is not fused: ``triton_block_forward`` answers
+``None`` for it and the eager modules run. Eval-mode BatchNorm is fused whether or not gradients are wanted: scale and
+shift are computed from weight/bias/running stats with ordinary torch ops, so autograd carries their gradients back to
+the BatchNorm parameters. Double backward is not supported.
+"""
+import os
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from timm.layers import DropPath
+
+from . import triton_kernels as K
+
+__all__ = ['dw_block', 'act_affine', 'triton_block_forward', 'block_supported', 'interpreter_enabled']
+
+_LIB = 'timm_convmixer'
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# depthwise residual branch
+
+
+@torch.library.custom_op(f'{_LIB}::dw_block', mutates_args=())
+def dw_block(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Tensor, shift: Tensor, act: int) -> Tensor:
+    """``x + scale * act(dwconv(x, weight, bias, padding="same")) + shift`` for NCHW ``x`` (channels_last is the
+    fast layout), ``weight`` ``[C, 1, k, k]``; returns a channels_last tensor of ``x``'s dtype."""
+    _check_dw_args(x, weight, bias, scale, shift, act)
+    return K.dw_fwd(x, weight, bias, scale, shift, act)
+
+
+@dw_block.register_fake
+def _dw_block_fake(x, weight, bias, scale, shift, act):
+    return torch.empty_like(x, memory_format=torch.channels_last)
+
+
+@torch.library.custom_op(f'{_LIB}::dw_block_backward', mutates_args=())
+def dw_block_backward(
+        grad_out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Tensor, act: int,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of ``dw_block`` wrt ``(x, weight, bias, scale, shift)``, each in its input's dtype (the bias
+    gradient in ``weight``'s dtype when there is no bias). Recomputes the conv from ``x``: nothing else is saved."""
+    gx, gw, gb, gs, gt = K.dw_bwd(grad_out, x, weight, bias, scale, act)
+    b_dtype = bias.dtype if bias is not None else weight.dtype
+    # fresh tensors: custom op outputs may not alias each other (gb/gs/gt are slices of one partial-sum buffer)
+    return gx, gw.to(weight.dtype), gb.to(b_dtype, copy=True), gs.to(scale.dtype, copy=True), \
+        gt.to(scale.dtype, copy=True)
+
+
+@dw_block_backward.register_fake
+def _dw_block_backward_fake(grad_out, x, weight, bias, scale, act):
+    C = x.shape[1]
+    b_dtype = bias.dtype if bias is not None else weight.dtype
+    return (
+        torch.empty_like(x, memory_format=torch.channels_last),
+        torch.empty_like(weight, memory_format=torch.contiguous_format),
+        x.new_empty((C,), dtype=b_dtype),
+        x.new_empty((C,), dtype=scale.dtype),
+        x.new_empty((C,), dtype=scale.dtype),
+    )
+
+
+def _dw_block_setup_context(ctx, inputs, output):
+    x, weight, bias, scale, shift, act = inputs
+    ctx.save_for_backward(x, weight, bias, scale)
+    ctx.act = act
+
+
+def _dw_block_bwd(ctx, grad_out):
+    x, weight, bias, scale = ctx.saved_tensors
+    gx, gw, gb, gs, gt = torch.ops.timm_convmixer.dw_block_backward(grad_out, x, weight, bias, scale, ctx.act)
+    return gx, gw, (gb if bias is not None else None), gs, gt, None
+
+
+torch.library.register_autograd(
+    f'{_LIB}::dw_block', _dw_block_bwd, setup_context=_dw_block_setup_context)
+
+
+def _check_dw_args(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Tensor, shift: Tensor, act: int):
+    """Shape errors here, readable, rather than out-of-bounds reads in a kernel."""
+    if x.dim() != 4:
+        raise ValueError(f'dw_block: x must be NCHW, got shape {tuple(x.shape)}')
+    C = x.shape[1]
+    if weight.dim() != 4 or weight.shape[0] != C or weight.shape[1] != 1 or weight.shape[2] != weight.shape[3]:
+        raise ValueError(f'dw_block: weight must be [{C}, 1, k, k], got {tuple(weight.shape)}')
+    for name, t in (('bias', bias), ('scale', scale), ('shift', shift)):
+        if t is not None and tuple(t.shape) != (C,):
+            raise ValueError(f'dw_block: {name} must be [{C}], got {tuple(t.shape)}')
+    if act not in (K.ACT_IDENTITY, K.ACT_GELU, K.ACT_RELU):
+        raise ValueError(f'dw_block: act must be 0 (identity), 1 (gelu) or 2 (relu), got {act}')
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# pointwise conv epilogue
+
+
+@torch.library.custom_op(f'{_LIB}::act_affine', mutates_args=())
+def act_affine(p: Tensor, scale: Tensor, shift: Tensor, act: int) -> Tensor:
+    """``scale * act(p) + shift`` for a 2-D ``[M, C]`` ``p``, in ``p``'s dtype (fp32 math)."""
+    if p.dim() != 2 or tuple(scale.shape) != (p.shape[1],) or tuple(shift.shape) != (p.shape[1],):
+        raise ValueError(f'act_affine: p must be [M, C] with [C] scale/shift, got {tuple(p.shape)}, '
+                         f'{tuple(scale.shape)}, {tuple(shift.shape)}')
+    if act not in (K.ACT_IDENTITY, K.ACT_GELU, K.ACT_RELU):
+        raise ValueError(f'act_affine: act must be 0 (identity), 1 (gelu) or 2 (relu), got {act}')
+    return K.act_affine_fwd(p, scale, shift, act)
+
+
+@act_affine.register_fake
+def _act_affine_fake(p, scale, shift, act):
+    return torch.empty_like(p, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op(f'{_LIB}::act_affine_backward', mutates_args=())
+def act_affine_backward(grad_out: Tensor, p: Tensor, scale: Tensor, act: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """Gradients of ``act_affine`` wrt ``(p, scale, shift)``; recomputes ``act(p)``."""
+    gp, gs, gt = K.act_affine_bwd(grad_out, p, scale, act)
+    return gp, gs.to(scale.dtype, copy=True), gt.to(scale.dtype, copy=True)
+
+
+@act_affine_backward.register_fake
+def _act_affine_backward_fake(grad_out, p, scale, act):
+    C = p.shape[1]
+    return (
+        torch.empty_like(p, memory_format=torch.contiguous_format),
+        p.new_empty((C,), dtype=scale.dtype),
+        p.new_empty((C,), dtype=scale.dtype),
+    )
+
+
+def _act_affine_setup_context(ctx, inputs, output):
+    p, scale, shift, act = inputs
+    ctx.save_for_backward(p, scale)
+    ctx.act = act
+
+
+def _act_affine_bwd(ctx, grad_out):
+    p, scale = ctx.saved_tensors
+    gp, gs, gt = torch.ops.timm_convmixer.act_affine_backward(grad_out, p, scale, ctx.act)
+    return gp, gs, gt, None
+
+
+torch.library.register_autograd(
+    f'{_LIB}::act_affine', _act_affine_bwd, setup_context=_act_affine_setup_context)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# block-level entry
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def interpreter_enabled() -> bool:
+    """CPU tensors may take the Triton path only when the interpreter is asked for explicitly (tests)."""
+    return os.environ.get('TRITON_INTERPRET', '0') == '1'
+
+
+def _act_code(m: nn.Module) -> Optional[int]:
+    t = type(m)
+    if t is nn.GELU and m.approximate == 'none':
+        return K.ACT_GELU
+    if t is nn.ReLU:
+        return K.ACT_RELU
+    if t is nn.Identity:
+        return K.ACT_IDENTITY
+    return None
+
+
+def _bn_uses_running_stats(bn: nn.Module) -> bool:
+    """Plain ``nn.BatchNorm2d`` that normalises with its running statistics (eval mode, stats tracked)."""
+    return (
+        type(bn) is nn.BatchNorm2d
+        and not bn.training
+        and bn.running_mean is not None
+        and bn.running_var is not None
+    )
+
+
+def _has_hooks(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+
+
+def _global_hooks() -> bool:
+    mod = torch.nn.modules.module
+    return bool(
+        mod._global_forward_hooks or mod._global_forward_pre_hooks or mod._global_backward_hooks
+        or mod._global_backward_pre_hooks)
+
+
+def _dw_conv_ok(conv: nn.Module, C: int) -> bool:
+    if type(conv) is not nn.Conv2d:
+        return False
+    k = conv.kernel_size[0]
+    if conv.kernel_size != (k, k) or conv.groups != C or conv.in_channels != C or conv.out_channels != C:
+        return False
+    if conv.stride != (1, 1) or conv.dilation != (1, 1) or conv.padding_mode != 'zeros':
+        return False
+    # "same": PyTorch pads (k-1)//2 top/left and the rest bottom/right; explicit symmetric padding equals it for odd k
+    return conv.padding == 'same' or (k % 2 == 1 and conv.padding == ((k - 1) // 2, (k - 1) // 2))
+
+
+def _pw_conv_ok(conv: nn.Module, C: int) -> bool:
+    return (
+        type(conv) is nn.Conv2d and conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.groups == 1
+        and conv.in_channels == C and conv.out_channels == C
+        and conv.padding in ('same', 'valid', (0, 0))
+    )
+
+
+def _drop_path_inactive(m: nn.Module) -> bool:
+    if type(m) is nn.Identity:
+        return True
+    return type(m) is DropPath and (not m.training or not m.drop_prob)
+
+
+def block_supported(block: nn.Module) -> bool:
+    """Whether ``block`` (a ``MixerBlock``) computes a function the fused ops reproduce; input checks aside."""
+    try:
+        residual, pw, act2, bn2 = block[0], block[1], block[2], block[3]
+        dw, act1, bn1 = residual.fn[0], residual.fn[1], residual.fn[2]
+    except (TypeError, IndexError, AttributeError, KeyError):
+        return False
+    if len(block) != 4 or len(residual.fn) != 3:
+        return False
+    C = getattr(dw, 'in_channels', None)
+    if C is None or not _dw_conv_ok(dw, C) or not _pw_conv_ok(pw, C):
+        return False
+    if _act_code(act1) is None or _act_code(act2) is None:
+        return False
+    if not (_bn_uses_running_stats(bn1) and _bn_uses_running_stats(bn2)):
+        return False
+    if bn1.num_features != C or bn2.num_features != C:
+        return False
+    if not _drop_path_inactive(getattr(residual, 'drop_path', None)):
+        return False
+    # hooks on any inner module would be skipped by the fused path; the block's own hooks run around it anyway
+    if any(_has_hooks(m) for m in (residual, residual.fn, dw, act1, bn1, pw, act2, bn2, residual.drop_path)):
+        return False
+    return not _global_hooks()
+
+
+def _bn_scale_shift(bn: nn.BatchNorm2d, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+    """Eval BatchNorm as ``y = scale * x + shift``, in ``dtype``; differentiable wrt ``bn.weight``/``bn.bias``."""
+    rstd = torch.rsqrt(bn.running_var.to(dtype) + bn.eps)
+    scale = bn.weight.to(dtype) * rstd if bn.weight is not None else rstd
+    shift = -bn.running_mean.to(dtype) * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.to(dtype)
+    return scale, shift
+
+
+def triton_block_forward(
+        block: nn.Module,
+        x: Tensor,
+        allow_interpreter: Optional[bool] = None,
+) -> Optional[Tensor]:
+    """The fused forward of a ConvMixer ``MixerBlock``, or ``None`` when the fused ops do not reproduce it.
+
+    Applies to: CUDA tensors (CPU tensors only through Triton's interpreter, when ``allow_interpreter`` is true or,
+    by default, ``TRITON_INTERPRET=1`` is set), fp16/bf16/fp32/fp64, a block of plain ``nn.Conv2d`` depthwise "same"
+    and pointwise convs, ``nn.GELU()``/``nn.ReLU`` activations, ``nn.BatchNorm2d`` using running stats (eval mode),
+    drop path inactive, and no hooks on the inner modules. Gradients flow to the input and every parameter.
+
+    The result has the eager block's values and memory format (channels_last in, channels_last out; the fast path is
+    channels_last input, an NCHW input costs a transpose each way).
+    """
+    if allow_interpreter is None:
+        allow_interpreter = interpreter_enabled()
+    if not isinstance(x, Tensor) or x.dim() != 4 or x.numel() == 0:
+        return None
+    if x.device.type == 'cpu':
+        if not allow_interpreter:
+            return None
+    elif x.device.type != 'cuda':
+        return None
+    if not block_supported(block):
+        return None
+    residual, pw, act2, bn2 = block[0], block[1], block[2], block[3]
+    dw, act1, bn1 = residual.fn[0], residual.fn[1], residual.fn[2]
+    N, C, H, W = x.shape
+    if C != dw.in_channels:
+        return None
+
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            return None  # autocast leaves fp64 alone and the eager conv would then see mixed dtypes
+        dtype = torch.get_autocast_dtype(device_type)  # what autocast gives a conv
+    else:
+        dtype = x.dtype
+        if dw.weight.dtype != dtype or pw.weight.dtype != dtype:
+            return None  # eager would raise (or promote); let it
+    if dtype not in _FLOAT_DTYPES:
+        return None
+    affine_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+
+    def cast(t: Optional[Tensor]) -> Optional[Tensor]:
+        return None if t is None else t.to(dtype)
+
+    s1, t1 = _bn_scale_shift(bn1, affine_dtype)
+    s2, t2 = _bn_scale_shift(bn2, affine_dtype)
+    y = torch.ops.timm_convmixer.dw_block(
+        x.to(dtype), cast(dw.weight), cast(dw.bias), s1, t1, _act_code(act1))  # channels_last [N, C, H, W]
+
+    y2d = y.permute(0, 2, 3, 1).reshape(N * H * W, C)  # a view: NHWC rows
+    w_pw = cast(pw.weight).reshape(C, C)
+    p = torch.addmm(cast(pw.bias), y2d, w_pw.t()) if pw.bias is not None else torch.mm(y2d, w_pw.t())
+    out = torch.ops.timm_convmixer.act_affine(p, s2, t2, _act_code(act2))
+    out = out.view(N, H, W, C).permute(0, 3, 1, 2)
+    if not x.is_contiguous(memory_format=torch.channels_last):
+        out = out.contiguous()  # the eager block keeps an NCHW input's layout
+    return out
