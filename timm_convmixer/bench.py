@@ -203,8 +203,8 @@ def _bench_case(
             if progress is not None:
                 progress.update(1)
     # which path our blocks took, and output equality, outside the timed loop
-    fast.reset_counters()
     for mode in modes:
+        fast.reset_counters()
         y_ours = run((mode, 'ours'))
         paths = dict(fast.counters)
         fast.reset_counters()

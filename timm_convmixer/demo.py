@@ -67,7 +67,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument('--channels-last', action='store_true')
 
     train = parser.add_argument_group('training')
-    train.add_argument('--epochs', type=int, default=15)
+    train.add_argument('--epochs', type=int, default=12)
     train.add_argument('--batch-size', '-b', type=int, default=64)
     train.add_argument('--opt', default='adamw')
     train.add_argument('--lr', type=float, default=5e-3)
@@ -75,10 +75,10 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument('--sched', default='onecycle',
                        help="any timm create_scheduler_v2 name, or 'onecycle' (the authors' piecewise schedule)")
     train.add_argument('--clip-grad', type=float, default=1.0)
-    train.add_argument('--aa', default='rand-m9-mstd0.5-inc1', help="RandAugment policy ('' for none)")
+    train.add_argument('--aa', default='rand-m6-mstd0.5', help="RandAugment policy ('' for none)")
     train.add_argument('--scale', type=float, nargs=2, default=(0.75, 1.0), help='random-resized-crop scale')
     train.add_argument('--mixup', type=float, default=0.1)
-    train.add_argument('--cutmix', type=float, default=0.1)
+    train.add_argument('--cutmix', type=float, default=0.)
     train.add_argument('--smoothing', type=float, default=0.1)
     train.add_argument('--model-ema-decay', type=float, default=0.99)
     train.add_argument('--seed', type=int, default=0)

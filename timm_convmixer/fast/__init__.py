@@ -141,12 +141,20 @@ def plain_block_parts(block: nn.Module) -> Optional[Tuple[nn.Module, ...]]:
     return conv_dw, act_dw, bn_dw, drop_path, conv_pw, act_pw, bn_pw
 
 
+def _is_compiling() -> bool:
+    compiler = getattr(torch, 'compiler', None)
+    if compiler is not None and hasattr(compiler, 'is_compiling'):
+        return compiler.is_compiling()
+    dynamo = getattr(torch, '_dynamo', None)  # torch < 2.3
+    return bool(dynamo is not None and dynamo.is_compiling())
+
+
 def _watched() -> bool:
     """True under anything that must see the plain modules: TorchScript tracing, torch.compile/export tracing
     (Inductor does its own fusion), functorch transforms (vmap, grad), global module hooks."""
     if torch.jit.is_tracing() or torch.jit.is_scripting():
         return True
-    if torch.compiler.is_compiling():
+    if _is_compiling():
         return True
     are_active = getattr(torch._C, '_are_functorch_transforms_active', None)
     if are_active is not None and are_active():

@@ -55,6 +55,13 @@ def clear_cache() -> None:
     _cache.clear()
 
 
+def _cpu_autocast() -> bool:
+    try:
+        return torch.is_autocast_enabled('cpu')
+    except TypeError:  # torch < 2.4
+        return torch.is_autocast_cpu_enabled()
+
+
 def _act_attr(act: nn.Module) -> Tuple[str, List, str]:
     """oneDNN post-op name, scalars and algorithm of a supported activation."""
     if isinstance(act, nn.ReLU):
@@ -122,7 +129,7 @@ def _applies(parts: Tuple[nn.Module, ...], x: torch.Tensor, tensors: List[Option
         return False
     if x.is_quantized or x.is_mkldnn or x.numel() == 0 or not available():
         return False
-    if torch.is_autocast_enabled('cpu'):  # eager would run the convs in bf16/fp16
+    if _cpu_autocast():  # eager would run the convs in bf16/fp16
         return False
     # eval-mode semantics only: BN on running stats, no stochastic depth
     if bn_dw.training or bn_pw.training or drop_path.training:

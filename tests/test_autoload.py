@@ -1,0 +1,203 @@
+"""The start-up hook: a plain ``import timm`` registers our variants, and nothing about start-up can break.
+
+Every check runs a fresh interpreter, since the hook acts at start-up and at the first ``import timm``.
+"""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import zipfile
+from pathlib import Path
+
+import pytest
+
+import timm_convmixer
+
+ROOT = Path(__file__).resolve().parents[1]
+PTH = ROOT / 'timm_convmixer' / 'timm_convmixer_autoload.pth'
+VARIANTS = sorted(timm_convmixer.list_variants())
+
+
+def _run(code: str, env_extra=None, args=(), check=True, cwd=None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != 'TIMM_CONVMIXER_AUTOLOAD'}
+    env.update(env_extra or {})
+    proc = subprocess.run(
+        [sys.executable, *args, '-c', textwrap.dedent(code)], capture_output=True, text=True, env=env,
+        timeout=300, cwd=cwd or ROOT.parent)
+    if check and proc.returncode != 0:
+        raise AssertionError(f'subprocess failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}')
+    return proc
+
+
+def _installed_pth() -> Path:
+    import site
+    for d in site.getsitepackages():
+        p = Path(d) / PTH.name
+        if p.exists():
+            return p
+    pytest.skip('timm-convmixer is not pip-installed in this environment (no start-up hook to test)')
+
+
+def test_plain_import_timm_sees_every_variant():
+    _installed_pth()
+    out = _run('''
+        import sys, json, warnings
+        warnings.simplefilter('error')  # no "Overwriting" noise, no plugin warnings
+        armed = 'timm_convmixer._autoload' in sys.modules
+        heavy = [m for m in ('torch', 'timm', 'timm_convmixer') if m in sys.modules]
+        import timm
+        from timm.models import _registry as r
+        names = sorted(timm.list_models(module='convmixer'))
+        mods = sorted({r._model_entrypoints[n].__module__ for n in names})
+        model = timm.create_model('convmixer_256_8_ks5_p2', dim=8, depth=1, drop_path_rate=0.1)
+        print(json.dumps(dict(armed=armed, heavy=heavy, names=names, mods=mods, cls=type(model).__module__)))
+    ''')
+    info = json.loads(out.stdout.strip().splitlines()[-1])
+    assert info['armed'] and info['heavy'] == [], 'the hook must not import torch/timm/our package at start-up'
+    assert info['names'] == VARIANTS
+    assert info['mods'] == ['timm_convmixer.convmixer'] and info['cls'] == 'timm_convmixer.convmixer'
+
+
+def test_env_var_disables_autoload_and_timm_keeps_its_own():
+    _installed_pth()
+    out = _run('''
+        import sys, timm
+        print(sorted(timm.list_models(module='convmixer')))
+        print(timm.models._registry._model_entrypoints['convmixer_1536_20'].__module__)
+        print('timm_convmixer.convmixer' in sys.modules)
+    ''', env_extra={'TIMM_CONVMIXER_AUTOLOAD': '0'})
+    lines = out.stdout.strip().splitlines()
+    assert lines[0] == str(sorted(['convmixer_1536_20', 'convmixer_1024_20_ks9_p14', 'convmixer_768_32']))
+    assert lines[1] == 'timm.models.convmixer' and lines[2] == 'False'
+    # ...and the explicit import still registers
+    out = _run('import timm_convmixer, timm; print(len(timm.list_models(module="convmixer")))',
+               env_extra={'TIMM_CONVMIXER_AUTOLOAD': 'off'})
+    assert out.stdout.strip() == str(len(VARIANTS))
+
+
+def test_import_timm_convmixer_first_then_timm():
+    out = _run('import timm_convmixer; import timm; print(len(timm.list_models("convmixer*")))')
+    assert out.stdout.strip() == str(len(VARIANTS))
+
+
+def _hook_prelude(extra_paths) -> str:
+    """Code run under ``python -S`` (no site, so no installed .pth): put paths on sys.path, then run our .pth line
+    exactly as ``site`` would, to test the hook against a timm that is missing, broken or joined by other plugins."""
+    return (
+        'import sys\n'
+        f'sys.path[:0] = {[str(p) for p in extra_paths]!r}\n'
+        f'exec(open({str(PTH)!r}).read())\n'
+        "assert 'timm_convmixer._autoload' in sys.modules, 'hook not armed'\n"
+    )
+
+
+def test_timm_missing_original_error_surfaces(tmp_path):
+    code = _hook_prelude([ROOT]) + textwrap.dedent('''
+        try:
+            import timm
+        except ModuleNotFoundError as e:
+            print('ERR', e.name)
+        print('interpreter still runs')
+    ''')
+    out = _run(code, args=('-S',))
+    assert 'ERR timm' in out.stdout and 'interpreter still runs' in out.stdout
+
+
+def test_timm_broken_original_error_surfaces(tmp_path):
+    fake = tmp_path / 'timm'
+    fake.mkdir()
+    (fake / '__init__.py').write_text('raise ImportError("timm is broken in this test")\n')
+    code = _hook_prelude([ROOT, tmp_path]) + textwrap.dedent('''
+        try:
+            import timm
+        except ImportError as e:
+            print('ERR', e)
+        print('interpreter still runs')
+    ''')
+    out = _run(code, args=('-S',))
+    assert 'ERR timm is broken in this test' in out.stdout and 'interpreter still runs' in out.stdout
+
+
+def test_hook_survives_missing_package(tmp_path):
+    """The .pth line itself never raises, e.g. when the package directory is gone (a half-uninstalled env)."""
+    out = _run(f'import sys\nexec(open({str(PTH)!r}).read())\nprint("started", "timm_convmixer._autoload" in sys.modules)',
+               args=('-S',))
+    assert out.stdout.strip() == 'started False'
+
+
+def test_failing_plugin_warns_and_timm_still_imports(tmp_path):
+    """Another plugin in the same entry-point group that raises: a warning names it; our variants still register."""
+    site_dir = tmp_path / 'site'
+    (site_dir / 'bad_plugin-1.0.dist-info').mkdir(parents=True)
+    (site_dir / 'bad_plugin-1.0.dist-info' / 'METADATA').write_text('Metadata-Version: 2.1\nName: bad-plugin\nVersion: 1.0\n')
+    (site_dir / 'bad_plugin-1.0.dist-info' / 'entry_points.txt').write_text('[timm.models]\nbad = bad_plugin_mod\n')
+    (site_dir / 'bad_plugin_mod.py').write_text('raise RuntimeError("plugin exploded")\n')
+    out = _run('''
+        import warnings
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always')
+            import timm
+        print([str(w.message) for w in caught if 'plugin' in str(w.message)])
+        print(len(timm.list_models(module='convmixer')))
+    ''', env_extra={'PYTHONPATH': str(site_dir)})
+    lines = out.stdout.strip().splitlines()
+    assert "'bad'" in lines[0] and 'plugin exploded' in lines[0]
+    assert lines[1] == str(len(VARIANTS))
+
+
+def test_hook_imports_nothing_heavy_and_reports_cost():
+    """What the hook costs at start-up, measured in-process (printed; the README quotes the benchmark script)."""
+    out = _run(textwrap.dedent(f'''
+        import sys, time
+        sys.path.insert(0, {str(ROOT)!r})
+        before = set(sys.modules)
+        line = open({str(PTH)!r}).read()
+        t = time.perf_counter(); exec(line); dt = time.perf_counter() - t
+        new = sorted(set(sys.modules) - before)
+        print(new); print(f'{{dt * 1e3:.3f}}')
+    '''), args=('-S',))
+    new_modules, cost_ms = out.stdout.strip().splitlines()
+    assert eval(new_modules) == ['timm_convmixer._autoload']
+    print(f'start-up hook cost: {cost_ms} ms')
+
+
+def test_wheel_contains_hook_and_entry_point_and_works(tmp_path):
+    """Build the wheel, look inside, then install it (no deps) into a separate site dir and use it from there."""
+    pytest.importorskip('hatchling')
+    dist = tmp_path / 'dist'
+    proc = subprocess.run(
+        [sys.executable, '-m', 'build', '--wheel', '--no-isolation', '--outdir', str(dist), str(ROOT)],
+        capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0 and 'No module named build' in proc.stderr:
+        pytest.skip('the "build" package is not installed')
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    wheel = next(dist.glob('timm_convmixer-*.whl'))
+    with zipfile.ZipFile(wheel) as zf:
+        names = zf.namelist()
+        assert 'timm_convmixer_autoload.pth' in names, 'the start-up hook must sit at the top of site-packages'
+        assert 'timm_convmixer/timm_convmixer_autoload.pth' not in names
+        assert 'timm_convmixer/_autoload.py' in names and 'timm_convmixer/convmixer.py' in names
+        ep = zf.read(next(n for n in names if n.endswith('.dist-info/entry_points.txt'))).decode()
+        assert '[timm.models]' in ep and 'convmixer = timm_convmixer.convmixer' in ep
+        assert 'timm-convmixer = timm_convmixer.cli:main' in ep
+        assert zf.read('timm_convmixer_autoload.pth').decode() == PTH.read_text()
+
+    target = tmp_path / 'site'
+    subprocess.run([sys.executable, '-m', 'pip', 'install', '--no-deps', '--no-index', '--quiet',
+                    '--target', str(target), str(wheel)], check=True, capture_output=True, timeout=300)
+    import site
+    venv_site = [p for p in site.getsitepackages() if p.endswith('site-packages')]
+    # no site processing (so the editable install's .pth files are ignored), then the wheel's site dir processed as
+    # site would, and the venv's packages (torch, timm) put on the path without running their .pth files
+    code = textwrap.dedent(f'''
+        import sys, site
+        site.addsitedir({str(target)!r})
+        sys.path.extend({venv_site!r})
+        import timm, timm_convmixer
+        print(timm_convmixer.__file__)
+        print(len(timm.list_models(module='convmixer')))
+    ''')
+    out = _run(code, args=('-S',), cwd=tmp_path)
+    file_line, count = out.stdout.strip().splitlines()[-2:]
+    assert file_line.startswith(str(target)) and count == str(len(VARIANTS))
