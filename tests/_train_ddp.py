@@ -4,6 +4,9 @@ Each rank builds its model from a different seed (DDP must broadcast rank 0's we
 different data (gradients must be all-reduced for the replicas to stay equal) and saves its final state to
 ``<out>/rank<r>.pt`` together with the losses it saw, for the test to compare.
 
+SyncBatchNorm (train.py ``--sync-bn``) is not exercised here: torch's DDP refuses it on CPU ("SyncBatchNorm layers
+only work with GPU modules"); its conversion is tested structurally in test_training.py.
+
 Usage: python tests/_train_ddp.py OUT_DIR [STEPS]
 """
 import os
@@ -23,6 +26,7 @@ def _worker(rank: int, out_dir: str, steps: int) -> None:
     import timm  # noqa: F401  (registers the plugin's variants through the start-up hook)
     import timm_convmixer  # noqa: F401
     from timm.optim import create_optimizer_v2
+    from timm.utils import distribute_bn
 
     dist.init_process_group(
         'gloo', init_method='file://' + os.path.join(out_dir, 'store'), rank=rank, world_size=WORLD_SIZE)
@@ -41,6 +45,9 @@ def _worker(rank: int, out_dir: str, steps: int) -> None:
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
+    # plain BN keeps per-rank running statistics (DDP broadcasts rank 0's buffers at the *start* of each
+    # forward); train.py averages them at the end of an epoch (--dist-bn reduce), as done here
+    distribute_bn(model, WORLD_SIZE, reduce=True)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     torch.save({'state_dict': state, 'initial': initial, 'losses': torch.tensor(losses)},
                os.path.join(out_dir, f'rank{rank}.pt.tmp'))

@@ -194,7 +194,8 @@ def test_ddp_two_processes_keep_replicas_identical(tmp_path):
     # the ranks started from different weights and saw different data...
     assert not torch.equal(r0['initial']['stem.0.weight'], r1['initial']['stem.0.weight'])
     assert not torch.equal(r0['losses'], r1['losses'])
-    # ...yet DDP broadcast rank 0's weights and all-reduced every gradient (and broadcast BN buffers)
+    # ...yet DDP broadcast rank 0's weights and all-reduced every gradient; BN statistics were averaged
+    # across ranks with timm's distribute_bn, as train.py does at the end of every epoch
     for name, v0 in r0['state_dict'].items():
         assert torch.equal(v0, r1['state_dict'][name]), f'replicas differ at {name}'
     assert not torch.equal(r0['state_dict']['head.weight'], r0['initial']['head.weight'])  # it did train

@@ -4,6 +4,7 @@ Importing this package registers every variant with timm's model registry (``tim
 pip, the package also arms a start-up hook so that a plain ``import timm`` registers them (see ``_autoload``).
 """
 from .version import __version__
+from . import _autoload  # noqa: F401  (bound as an attribute even when the start-up hook loaded it first)
 from .convmixer import ConvMixer, MixerBlock, checkpoint_filter_fn, default_cfgs
 
 __all__ = ['ConvMixer', 'MixerBlock', 'checkpoint_filter_fn', 'default_cfgs', 'list_variants', '__version__']

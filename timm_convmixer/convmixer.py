@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, SelectAdaptivePool2d, get_act_layer
-from timm.models import build_model_with_cfg, generate_default_cfgs
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_notrace_module
 from timm.models._manipulate import checkpoint_seq
 
 from ._registry import register_model_replacing as register_model
@@ -90,10 +90,14 @@ class Residual(nn.Module):
         return self.drop_path(self.fn(x)) + x
 
 
+@register_notrace_module
 class MixerBlock(nn.Sequential):
     """One ConvMixer block: depthwise mixing (spatial, residual) then pointwise mixing (channels).
 
     Children ``0`` to ``3`` are timm's: ``Residual(Sequential(conv_dw, act, bn))``, ``conv_pw``, ``act``, ``bn``.
+
+    A leaf for timm's FX feature extraction (``register_notrace_module``): a traced graph calls the block, so it
+    keeps the fast-path dispatch instead of baking in the eager modules, and computes exactly what the model does.
     """
 
     def __init__(
@@ -339,7 +343,12 @@ class ConvMixer(nn.Module):
 
 
 def _check_input(x: torch.Tensor, in_chans: int) -> None:
-    """Fail fast, with the shape in the message, instead of deep inside a convolution."""
+    """Fail fast, with the shape in the message, instead of deep inside a convolution.
+
+    Tracers (torch.fx proxies, TorchScript tracing) pass through unchecked: they must record the plain graph.
+    """
+    if isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing():
+        return
     if not isinstance(x, torch.Tensor):
         raise TypeError(f'ConvMixer expects a torch.Tensor of shape (N, {in_chans}, H, W), got {type(x).__name__}')
     if x.ndim != 4 or x.shape[1] != in_chans:

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Set-up and the two jobs, from a clean clone (Python 3.9+ and the package registry are all it needs):
+#
+#   ./run.sh demo [flags]      the main job: train a ConvMixer with timm on a generated dataset, reload, evaluate
+#   ./run.sh test [flags]      the test suite (pytest flags pass through)
+#   ./run.sh test-min [flags]  the plugin's tests against the lowest supported timm (installed beside, not over)
+#
+# The first run creates .venv (override with VENV=...) and installs the package editable with its test extras;
+# later runs reinstall only when pyproject.toml changed.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+TIMM_MIN=1.0.15  # keep in step with pyproject.toml's "timm>=" and the README's "Supported versions"
+
+setup() {
+  if [ ! -x "$VENV/bin/python" ]; then
+    "$PYTHON" -m venv "$VENV"
+  fi
+  local stamp="$VENV/.timm-convmixer-installed"
+  local want
+  want=$(cat pyproject.toml | "$VENV/bin/python" -c 'import hashlib,sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())')
+  if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+    "$VENV/bin/python" -m pip install --quiet --upgrade pip
+    "$VENV/bin/python" -m pip install --quiet -e ".[test]"
+    echo "$want" > "$stamp"
+  fi
+}
+
+cmd=${1:-}
+[ $# -gt 0 ] && shift
+case "$cmd" in
+  demo)
+    setup
+    exec "$VENV/bin/timm-convmixer" demo "$@"
+    ;;
+  test)
+    setup
+    exec "$VENV/bin/python" -m pytest "$@"
+    ;;
+  test-min)
+    setup
+    target=.cache/timm-$TIMM_MIN
+    if [ ! -f "$target/timm/__init__.py" ]; then
+      rm -rf "$target.tmp"
+      "$VENV/bin/python" -m pip install --quiet --no-deps --target "$target.tmp" "timm==$TIMM_MIN"
+      rm -rf "$target" && mv "$target.tmp" "$target"
+    fi
+    # timm $TIMM_MIN shadows the venv's newer timm; torch, huggingface_hub and the rest are the venv's
+    PYTHONPATH="$PWD/$target${PYTHONPATH:+:$PYTHONPATH}" "$VENV/bin/python" -c \
+      "import timm, sys; assert timm.__version__ == '$TIMM_MIN', timm.__version__; print('testing against timm', timm.__version__, 'from', timm.__file__)"
+    PYTHONPATH="$PWD/$target${PYTHONPATH:+:$PYTHONPATH}" exec "$VENV/bin/python" -m pytest "$@"
+    ;;
+  *)
+    echo "usage: $0 demo [demo flags] | test [pytest flags] | test-min [pytest flags]" >&2
+    exit 2
+    ;;
+esac
