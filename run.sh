@@ -12,7 +12,7 @@ cd "$(dirname "$0")"
 
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
-TIMM_MIN=1.0.15  # keep in step with pyproject.toml's "timm>=" and the README's "Supported versions"
+TIMM_MIN=1.0.26  # keep in step with pyproject.toml's "timm>=" and the README's "Supported versions"
 
 setup() {
   if [ ! -x "$VENV/bin/python" ]; then

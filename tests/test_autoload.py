@@ -100,7 +100,8 @@ def test_timm_missing_original_error_surfaces(tmp_path):
             print('ERR', e.name)
         print('interpreter still runs')
     ''')
-    out = _run(code, args=('-S',))
+    # -S and no PYTHONPATH (a test environment may put a timm there): only the repository is importable
+    out = _run(code, args=('-S',), env_extra={'PYTHONPATH': ''})
     assert 'ERR timm' in out.stdout and 'interpreter still runs' in out.stdout
 
 

@@ -187,7 +187,9 @@ def convert_checkpoint(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f'.{out.name}.tmp-', dir=out.parent))
     try:
-        save_for_hf(model, str(tmp), safe_serialization=True)
+        # model_args in config.json rebuild this exact architecture on `local-dir:`/`hf-hub:` loads (recent timm
+        # infers them from the model; older releases write only what is passed)
+        save_for_hf(model, str(tmp), model_args=kwargs, safe_serialization=True)
         card = _model_card(model, model_name, src, _sha256(src), source_desc)
         (tmp / 'README.md').write_text(generate_readme(card, out.name if not push_to else push_to.split('/')[-1]),
                                        encoding='utf-8')
