@@ -1,10 +1,31 @@
 #!/usr/bin/env bash
-# CPU results committed under benchmarks/results/: ours vs timm's built-in ConvMixer, batch 8, 224px, fp32,
-# inference, NCHW and channels_last, 2 threads. Run from the repository root.
+# The CPU results committed under benchmarks/results/ (ours vs timm's built-in ConvMixer, same weights, interleaved,
+# medians, ratio measured in the same run). Run from the repository root on an otherwise idle machine:
+#   benchmarks/run_cpu.sh          (ITERS=7 by default)
 set -euo pipefail
-ITERS=${ITERS:-5}
-for model in convmixer_768_32 convmixer_1024_20_ks9_p14 convmixer_1536_20; do
-  timm-convmixer bench --models "$model" --batch-size 8 --img-size 224 --dtype fp32 \
-    --modes nchw channels_last --task infer --threads 2 --iters "$ITERS" --warmup 1 --device cpu \
-    --out "benchmarks/results/cpu_${model}.json" --chart "benchmarks/results/cpu_${model}.png" --no-progress
+ITERS=${ITERS:-7}
+R=benchmarks/results
+B() { timm-convmixer bench --device cpu --threads "$(nproc)" --iters "$ITERS" --warmup 1 --no-progress "$@"; }
+
+IMAGENET="convmixer_768_32 convmixer_1024_20_ks9_p14 convmixer_1536_20 convmixer_1536_24_ks9_p14 convmixer_1024_16_ks9_p7 convmixer_512_16_ks8_p7"
+CIFAR="convmixer_256_8_ks5_p2 convmixer_256_8_ks9_p1"
+
+# inference, fp32, every variant, eager NCHW and channels_last; one process per model (on this shared 2-core VM,
+# absolute speeds drift by up to 2x between runs, so only the interleaved ratios within one run are compared)
+for m in $IMAGENET; do
+  B --models "$m" --batch-size 8 --img-size 224 --task infer --dtype fp32 --modes nchw channels_last \
+    --out "$R/cpu_infer_$m.json" --chart "$R/cpu_infer_$m.png"
 done
+B --models $CIFAR --batch-size 64 --img-size 32 --task infer --dtype fp32 --modes nchw channels_last \
+  --out $R/cpu_infer_cifar.json --chart $R/cpu_infer_cifar.png
+# torch.compile (Inductor's CPU backend); ours hands the plain modules to the compiler
+B --models convmixer_768_32 convmixer_1024_20_ks9_p14 --batch-size 8 --img-size 224 --task infer --dtype fp32 \
+  --modes compile --out $R/cpu_infer_compile.json --chart $R/cpu_infer_compile.png
+# bf16 autocast inference (ours falls back to the eager modules under autocast)
+B --models convmixer_768_32 --batch-size 8 --img-size 224 --task infer --dtype bf16 --modes nchw channels_last \
+  --out $R/cpu_infer_bf16.json --chart $R/cpu_infer_bf16.png
+# training step (forward + backward), throughput and peak memory
+B --models convmixer_768_32 convmixer_1024_20_ks9_p14 --batch-size 8 --img-size 224 --task train --dtype fp32 \
+  --modes nchw channels_last --out $R/cpu_train_imagenet.json --chart $R/cpu_train_imagenet.png
+B --models convmixer_256_8_ks5_p2 --batch-size 64 --img-size 32 --task train --dtype fp32 --modes nchw channels_last \
+  --out $R/cpu_train_cifar.json --chart $R/cpu_train_cifar.png
