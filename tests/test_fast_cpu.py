@@ -163,6 +163,18 @@ def test_cache_follows_weight_changes_and_state_dict_unchanged():
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_changing_batch_and_size_repacks_and_stays_exact():
+    """Weights are packed for the input's exact shape; a new batch size or image size must repack, not misuse."""
+    model = _model(kernel_size=9)
+    for shape in ((2, 3, 16, 16), (5, 3, 16, 16), (2, 3, 16, 16), (1, 3, 20, 12)):
+        x = torch.randn(*shape)
+        out, paths = _run(model, x, 'cpu')
+        ref, _ = _run(model, x, 'eager')
+        assert paths == {'cpu': 2}, shape
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert tuple(fast_cpu._cache[model.blocks[0][0].fn[0]].key[-1]) == (1, 24, 5, 3)  # the last shape seen
+
+
 def test_backend_switch():
     assert fast.get_backend() in fast.BACKENDS
     with pytest.raises(ValueError):
