@@ -125,11 +125,11 @@ def test_hooks_disable_fast_path():
     assert seen and paths == {'eager': 1, 'cpu': 1}  # only the hooked block ran its modules
 
 
-def test_autocast_and_tracing_run_eager():
+def test_fp16_autocast_and_tracing_run_eager():
     model = _model()
     x = torch.randn(1, 3, 16, 16)
     fast.reset_counters()
-    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.float16):
         model(x)
     assert fast.counters == {'eager': 2}
     fast.reset_counters()
@@ -138,6 +138,28 @@ def test_autocast_and_tracing_run_eager():
     assert fast.counters == {"eager": 2}
     ref, _ = _run(model, x, 'eager')
     torch.testing.assert_close(traced(x), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not fast_cpu._bf16_supported(), reason='oneDNN has no bf16 kernels on this CPU')
+@pytest.mark.parametrize('kernel_size', [8, 9])
+def test_bf16_autocast_matches_eager_autocast(kernel_size):
+    """Under bf16 autocast the fast path computes in bf16 as eager does, and is at least as close to fp32."""
+    model = _model(kernel_size=kernel_size, dim=32, depth=3)
+    x = torch.randn(2, 3, 20, 16)
+    ref32, _ = _run(model, x, 'eager')
+    outs = {}
+    for backend in ('cpu', 'eager'):
+        fast.reset_counters()
+        with fast.use_backend(backend), torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+            outs[backend] = model(x)
+        assert dict(fast.counters) == {backend: 3}
+        assert outs[backend].dtype == torch.bfloat16  # autocast's output dtype, as eager gives it
+    err_fast = (outs['cpu'].float() - ref32).abs().max().item()
+    err_eager = (outs['eager'].float() - ref32).abs().max().item()
+    scale = ref32.abs().max().item()
+    assert err_fast < 0.05 * scale, (err_fast, scale)
+    assert err_fast <= 1.5 * err_eager + 1e-3 * scale, (err_fast, err_eager)
+    torch.testing.assert_close(outs['cpu'].float(), outs['eager'].float(), rtol=0.05, atol=0.05 * scale)
 
 
 def test_cache_follows_weight_changes_and_state_dict_unchanged():
@@ -172,7 +194,7 @@ def test_changing_batch_and_size_repacks_and_stays_exact():
         ref, _ = _run(model, x, 'eager')
         assert paths == {'cpu': 2}, shape
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    assert tuple(fast_cpu._cache[model.blocks[0][0].fn[0]].key[-1]) == (1, 24, 5, 3)  # the last shape seen
+    assert tuple(fast_cpu._cache[model.blocks[0][0].fn[0]].key[-2]) == (1, 24, 5, 3)  # the last shape seen
 
 
 def test_backend_switch():

@@ -12,10 +12,13 @@ then five full passes over the activations: BN, activation, residual add, activa
    conv, so it is folded into that conv's bias (``b' = b + W @ t1``) instead of costing a pass;
 4. so a block is: conv+act, addcmul, conv+act, addcmul (in place) instead of conv, act, BN, add, conv, act, BN.
 
-Numerics: fp32 throughout; the BN folds are done in float64, so results match eager to ~1e-6 relative (the
-summation order inside the 1x1 conv differs by one bias term).
+Numerics: fp32 by default; the BN folds are done in float64, so results match eager to ~1e-6 relative (the
+summation order inside the 1x1 conv differs by one bias term). Under CPU autocast with bfloat16 (and oneDNN bf16
+support) the block computes in bf16 like eager autocast does: activations, conv weights and the folded BN scale/shift
+in bf16, with oneDNN's fp32 accumulation and the activation fused before rounding; it matches eager autocast to
+bf16 precision. fp16 autocast runs the eager modules.
 
-It applies only in eval mode (BN on running statistics, drop_path inactive), fp32, no autocast, and when no
+It applies only in eval mode (BN on running statistics, drop_path inactive), fp32 or bf16 autocast, and when no
 gradient is needed; otherwise ``None`` and the eager modules run. Folded and packed weights are cached per block,
 keyed on the identity, storage and version counter of every parameter and buffer involved, so
 ``load_state_dict``, optimizer steps, ``.to()`` or in-place edits invalidate them. The cache holds one extra copy
@@ -62,6 +65,21 @@ def _cpu_autocast() -> bool:
         return torch.is_autocast_cpu_enabled()
 
 
+def _cpu_autocast_dtype() -> torch.dtype:
+    try:
+        return torch.get_autocast_dtype('cpu')
+    except (AttributeError, TypeError):  # torch < 2.4
+        return torch.get_autocast_cpu_dtype()
+
+
+def _bf16_supported() -> bool:
+    probe = getattr(torch.ops.mkldnn, '_is_mkldnn_bf16_supported', None)
+    try:
+        return bool(probe()) if probe is not None else False
+    except RuntimeError:
+        return False
+
+
 def _act_attr(act: nn.Module) -> Tuple[str, List, str]:
     """oneDNN post-op name, scalars and algorithm of a supported activation."""
     if isinstance(act, nn.ReLU):
@@ -99,7 +117,8 @@ def _pack(weight: torch.Tensor, padding: List[int], groups: int, input_size: Lis
         return weight.contiguous()
 
 
-def _fold(parts: Tuple[nn.Module, ...], key: Tuple, input_size: List[int]) -> _Folded:
+def _fold(parts: Tuple[nn.Module, ...], key: Tuple, input_size: List[int], dtype: torch.dtype) -> _Folded:
+    """Folded (in float64) and packed weights, stored in the compute ``dtype`` (fp32, or bf16 under autocast)."""
     conv_dw, _, bn_dw, _, conv_pw, _, bn_pw = parts
     dim = conv_dw.in_channels
     with torch.no_grad(), torch.inference_mode(False):
@@ -113,56 +132,70 @@ def _fold(parts: Tuple[nn.Module, ...], key: Tuple, input_size: List[int]) -> _F
         k = conv_dw.kernel_size[0]
         return _Folded(
             key=key,
-            w_dw=_pack(conv_dw.weight.detach(), [k // 2, k // 2], dim, input_size),
-            b_dw=b_dw.detach().float().contiguous(),
-            s_dw=s_dw.float().view(1, dim, 1, 1),
-            w_pw=_pack(conv_pw.weight.detach(), [0, 0], 1, input_size),
-            b_pw=b_pw.float().contiguous(),
-            s_pw=s_pw.float().view(1, dim, 1, 1),
-            t_pw=t_pw.float().view(1, dim, 1, 1),
+            w_dw=_pack(conv_dw.weight.detach().to(dtype), [k // 2, k // 2], dim, input_size),
+            b_dw=b_dw.detach().to(dtype).contiguous(),
+            s_dw=s_dw.to(dtype).view(1, dim, 1, 1),
+            w_pw=_pack(conv_pw.weight.detach().to(dtype), [0, 0], 1, input_size),
+            b_pw=b_pw.to(dtype).contiguous(),
+            s_pw=s_pw.to(dtype).view(1, dim, 1, 1),
+            t_pw=t_pw.to(dtype).view(1, dim, 1, 1),
         )
 
 
-def _applies(parts: Tuple[nn.Module, ...], x: torch.Tensor, tensors: List[Optional[torch.Tensor]]) -> bool:
+def _applies(
+        parts: Tuple[nn.Module, ...], x: torch.Tensor, tensors: List[Optional[torch.Tensor]],
+) -> Optional[torch.dtype]:
+    """The dtype this path computes in (fp32, or bf16 under CPU bf16 autocast), or ``None`` if it does not apply."""
     conv_dw, _, bn_dw, drop_path, conv_pw, _, bn_pw = parts
-    if x.device.type != 'cpu' or x.dtype != torch.float32 or x.layout != torch.strided or x.dim() != 4:
-        return False
+    if x.device.type != 'cpu' or x.layout != torch.strided or x.dim() != 4:
+        return None
     if x.is_quantized or x.is_mkldnn or x.numel() == 0 or not available():
-        return False
-    if _cpu_autocast():  # eager would run the convs in bf16/fp16
-        return False
+        return None
+    if _cpu_autocast():
+        # eager autocast runs the convs in the autocast dtype; follow it for bf16 when oneDNN has bf16 kernels
+        if _cpu_autocast_dtype() != torch.bfloat16 or x.dtype not in (torch.float32, torch.bfloat16):
+            return None
+        if not _bf16_supported():
+            return None
+        dtype = torch.bfloat16
+    elif x.dtype == torch.float32:
+        dtype = torch.float32
+    else:
+        return None
     # eval-mode semantics only: BN on running stats, no stochastic depth
     if bn_dw.training or bn_pw.training or drop_path.training:
-        return False
+        return None
     if not (bn_dw.track_running_stats and bn_pw.track_running_stats):
-        return False
+        return None
     for t in tensors[4:6] + tensors[10:12]:
         if t is None:
-            return False
+            return None
     for t in tensors:
         if t is not None and (t.device.type != 'cpu' or t.dtype != torch.float32 or type(t) not in (
                 torch.Tensor, nn.Parameter)):
-            return False
+            return None
     if torch.is_grad_enabled() and (x.requires_grad or any(t is not None and t.requires_grad for t in tensors)):
-        return False  # the fused ops have no autograd; training/grad-needing calls run eagerly
-    return True
+        return None  # the fused ops have no autograd; training/grad-needing calls run eagerly
+    return dtype
 
 
-def _cached(parts: Tuple[nn.Module, ...], tensors: List[Optional[torch.Tensor]], x: torch.Tensor) -> _Folded:
+def _cached(
+        parts: Tuple[nn.Module, ...], tensors: List[Optional[torch.Tensor]], x: torch.Tensor, dtype: torch.dtype,
+) -> _Folded:
     conv_dw, act, bn_dw, _, _, _, bn_pw = parts
     # the full input shape, batch included: oneDNN picks the packed weight layout for it, and a layout chosen for
     # batch 1 made the 1024-channel pointwise conv ~1.4x slower at batch 8 (measured); a new shape repacks
     input_size = list(x.shape)
     if any(t is not None and t.is_inference() for t in tensors):
         # inference tensors have no version counter: nothing to key a cache on, fold each call
-        return _fold(parts, (), input_size)
+        return _fold(parts, (), input_size, dtype)
     key = (
         tuple(None if t is None else (id(t), t.data_ptr(), t._version) for t in tensors),
-        bn_dw.eps, bn_pw.eps, tuple(input_size),
+        bn_dw.eps, bn_pw.eps, tuple(input_size), dtype,
     )
     folded = _cache.get(conv_dw)
     if folded is None or folded.key != key:
-        folded = _fold(parts, key, input_size)
+        folded = _fold(parts, key, input_size, dtype)
         _cache[conv_dw] = folded
     return folded
 
@@ -173,17 +206,18 @@ def block_forward(parts: Tuple[nn.Module, ...], x: torch.Tensor) -> Optional[tor
     ``parts`` as :func:`timm_convmixer.fast.plain_block_parts` returns them (the structural checks are done).
     """
     tensors = _tensors(parts)
-    if not _applies(parts, x, tensors):
+    dtype = _applies(parts, x, tensors)
+    if dtype is None:
         return None
     conv_dw, act, _, _, _, _, _ = parts
-    f = _cached(parts, tensors, x)
+    f = _cached(parts, tensors, x, dtype)
     attr, scalars, algorithm = _act_attr(act)
     k = conv_dw.kernel_size[0]
     pad = k // 2
     dim = x.shape[1]
     conv = torch.ops.mkldnn._convolution_pointwise
     with torch.no_grad():
-        x = x.contiguous(memory_format=torch.channels_last)
+        x = x.to(dtype).contiguous(memory_format=torch.channels_last)
         a = conv(x, f.w_dw, f.b_dw, [pad, pad], [1, 1], [1, 1], dim, attr, scalars, algorithm)
         if k % 2 == 0:
             # PyTorch's "same" for even k pads (k-1)//2 before and k//2 after: pad k//2 on both sides and drop the
