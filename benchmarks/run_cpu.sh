@@ -21,8 +21,8 @@ B --models $CIFAR --batch-size 64 --img-size 32 --task infer --dtype fp32 --mode
 # torch.compile (Inductor's CPU backend); ours hands the plain modules to the compiler
 B --models convmixer_768_32 convmixer_1024_20_ks9_p14 --batch-size 8 --img-size 224 --task infer --dtype fp32 \
   --modes compile --out $R/cpu_infer_compile.json --chart $R/cpu_infer_compile.png
-# bf16 autocast inference (ours falls back to the eager modules under autocast)
-B --models convmixer_768_32 --batch-size 8 --img-size 224 --task infer --dtype bf16 --modes nchw channels_last \
+# bf16 autocast inference (both compute in bf16; ours through oneDNN bf16 convolutions)
+B --models convmixer_768_32 convmixer_1024_20_ks9_p14 --batch-size 8 --img-size 224 --task infer --dtype bf16 --modes nchw channels_last \
   --out $R/cpu_infer_bf16.json --chart $R/cpu_infer_bf16.png
 # training step (forward + backward), throughput and peak memory
 B --models convmixer_768_32 convmixer_1024_20_ks9_p14 --batch-size 8 --img-size 224 --task train --dtype fp32 \
