@@ -30,6 +30,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from ._io import atomic_write, atomic_write_json
+
 __all__ = ['add_parser', 'run_benchmark', 'save_chart', 'build_pair']
 
 MODES = ('nchw', 'channels_last', 'compile')
@@ -331,8 +333,10 @@ def save_chart(result: Dict[str, Any], path: str) -> None:
     ax.legend(fontsize=8)
     ax.set_ylim(0, max(ours + builtin + [1e-9]) * 1.15)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120))
+    finally:
+        plt.close(fig)
 
 
 def _parse_kwargs(items: Optional[List[str]]) -> Dict[str, Any]:
@@ -370,9 +374,7 @@ def _main(args: argparse.Namespace) -> int:
         print(f"  best: ours {b['ours_img_s']:.2f} ({b['ours_mode']}) / builtin {b['builtin_img_s']:.2f} "
               f"({b['builtin_mode']}) = {b['ratio']:.2f}x; fraction of peak: {case['fraction_of_peak']}")
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, 'w') as f:
-            json.dump(result, f, indent=1)
+        atomic_write_json(args.out, result)
         print(f'wrote {args.out}')
     if args.chart:
         try:

@@ -17,7 +17,6 @@ With the defaults (24 epochs, 1200 training images) it reached 98.7% val top-1 i
 job exits 1 if the reloaded checkpoint scores below 90% on the generated data (``--min-accuracy`` to change).
 """
 import argparse
-import json
 import logging
 import math
 import os
@@ -37,6 +36,7 @@ from timm.scheduler import scheduler_factory
 from timm.utils import CheckpointSaver, ModelEmaV3, NativeScaler, ParseKwargs, accuracy, random_seed
 
 from . import onecycle, shapes
+from ._io import atomic_write, atomic_write_json
 
 __all__ = ['add_parser', 'build_parser', 'run', 'main']
 
@@ -111,13 +111,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     _add_arguments(parser)
     parser.set_defaults(func=lambda args: run(args)['exit_code'])
     return parser
-
-
-def _atomic_json(path: str, obj: Any) -> None:
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
 
 
 def _datasets(args: argparse.Namespace) -> Tuple[Any, Any, str]:
@@ -197,10 +190,10 @@ def _plot(history: List[Dict[str, float]], path: str, title: str) -> None:
     ax_acc.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    tmp = path + '.tmp.png'
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100))
+    finally:
+        plt.close(fig)
 
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
@@ -339,7 +332,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         amp=bool(args.amp), epochs=num_epochs, history=history, best_ema_top1=best_metric, best_epoch=best_epoch + 1,
         reloaded_top1=reloaded_val['top1'], train_seconds=train_seconds, total_seconds=time.time() - t_start,
         checkpoint=best_path, plot=plot_path, exit_code=exit_code)
-    _atomic_json(os.path.join(args.output, 'results.json'), result)
+    atomic_write_json(os.path.join(args.output, 'results.json'), result)
     return result
 
 

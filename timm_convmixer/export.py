@@ -24,12 +24,13 @@ standard ONNX-domain operators (no ATen fallbacks, no custom domains). The file 
 import argparse
 import os
 import sys
-import tempfile
 import warnings
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
+
+from ._io import atomic_write
 
 __all__ = ['export_onnx', 'explicit_same_pads', 'check_onnx_graph', 'verify_onnx', 'add_parser', 'MIN_OPSET']
 
@@ -175,27 +176,20 @@ def export_onnx(
         dtype=ref.dtype if ref is not None else None,
     )
 
-    out_dir = os.path.dirname(os.path.abspath(path))
-    os.makedirs(out_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=out_dir)
-    os.close(fd)
-    was_training = model.training
-    model.eval()
-    try:
+    def write(tmp: str) -> None:
         with torch.no_grad():
             _torch_export(model, tmp, example, opset, dynamic_batch, dynamo)
         proto = onnx.load(tmp)
         explicit_same_pads(proto)
         check_onnx_graph(proto, min_opset=opset)
         onnx.save(proto, tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would otherwise stick to OUT
-        os.replace(tmp, path)
+
+    was_training = model.training
+    model.eval()
+    try:
+        atomic_write(path, write)  # only a file that passed every check is renamed to OUT
     finally:
         model.train(was_training)
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path
 
 
