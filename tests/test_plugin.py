@@ -249,3 +249,20 @@ def test_registering_twice_is_harmless():
     proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.startswith('ok')
+
+
+@pytest.mark.parametrize('command', [
+    ['convert', 'src.pth', 'out', '--model', 'convmixer_256_8_ks5_p2'],
+    ['export', '--model', 'convmixer_256_8_ks5_p2', '--out', 'x.onnx'],
+    ['bench', '--models', 'convmixer_256_8_ks5_p2'],
+    ['demo'],
+])
+def test_model_kwargs_parse_alike_and_refuse_a_bare_name(command, capsys):
+    from timm_convmixer.cli import build_parser
+    parser = build_parser()
+    args = parser.parse_args(command + ['--model-kwargs', 'depth=2', "act_layer=relu", 'kernel_size=(5)'])
+    assert args.model_kwargs == {'depth': 2, 'act_layer': 'relu', 'kernel_size': 5}
+    with pytest.raises(SystemExit) as exc:
+        parser.parse_args(command + ['--model-kwargs', 'depth'])
+    assert exc.value.code == 2
+    assert "--model-kwargs: expected key=value, got 'depth'" in capsys.readouterr().err

@@ -25,12 +25,13 @@ import statistics
 import tempfile
 import time
 from contextlib import nullcontext
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
 from ._io import atomic_write, atomic_write_json
+from .cli import ModelKwargs
 
 __all__ = ['add_parser', 'run_benchmark', 'save_chart', 'build_pair']
 
@@ -339,30 +340,13 @@ def save_chart(result: Dict[str, Any], path: str) -> None:
         plt.close(fig)
 
 
-def _parse_kwargs(items: Optional[List[str]]) -> Dict[str, Any]:
-    out = {}
-    for item in items or []:
-        key, sep, value = item.partition('=')
-        if not sep:
-            raise argparse.ArgumentTypeError(f'--model-kwargs: expected key=value, got {item!r}')
-        for cast in (int, float):
-            try:
-                out[key] = cast(value)
-                break
-            except ValueError:
-                continue
-        else:
-            out[key] = value
-    return out
-
-
 def _main(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     result = run_benchmark(
         models=args.models, batch_sizes=args.batch_size, img_sizes=args.img_size, device=args.device,
         dtypes=args.dtype, modes=args.modes, tasks=args.task, iters=args.iters, warmup=args.warmup,
-        peak_tflops=args.peak_tflops, backend=args.backend, model_kwargs=_parse_kwargs(args.model_kwargs),
+        peak_tflops=args.peak_tflops, backend=args.backend, model_kwargs=args.model_kwargs,
         progress=not args.no_progress)
     result['meta']['command'] = 'timm-convmixer bench ' + ' '.join(args.argv_echo)
     for case in result['results']:
@@ -405,7 +389,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help='hardware ceiling for the fraction-of-peak column (default: CUDA table, else unknown)')
     p.add_argument('--backend', default='auto', choices=['auto', 'eager', 'cpu', 'triton'],
                    help='timm_convmixer.fast backend for our model')
-    p.add_argument('--model-kwargs', nargs='*', default=None, help='key=value overrides, e.g. depth=4 dim=256')
+    p.add_argument('--model-kwargs', nargs='*', default={}, action=ModelKwargs, metavar='KEY=VALUE',
+                   help='key=value overrides, e.g. depth=4 dim=256')
     p.add_argument('--out', default=None, help='JSON output path')
     p.add_argument('--chart', default=None, help='PNG chart path (matplotlib)')
     p.add_argument('--no-progress', action='store_true')

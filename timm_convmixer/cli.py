@@ -4,6 +4,7 @@ Each sub-command lives in its own module exposing ``add_parser(subparsers)``; th
 command line is parsed, so ``timm-convmixer --help`` stays light.
 """
 import argparse
+import ast
 import importlib
 import sys
 from typing import List, Optional
@@ -16,6 +17,23 @@ COMMANDS = {
     'demo': 'timm_convmixer.demo',
     'export': 'timm_convmixer.export',
 }
+
+
+class ModelKwargs(argparse.Action):
+    """``--model-kwargs key=value ...`` as train.py reads it (timm's ``ParseKwargs``: values as Python literals, else
+    strings), shared by every sub-command; an item without ``key=`` is a usage error naming it, not a traceback."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        kwargs = {}
+        for item in values:
+            key, sep, value = item.partition('=')
+            if not sep or not key:
+                parser.error(f'argument {option_string}: expected key=value, got {item!r}')
+            try:
+                kwargs[key] = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                kwargs[key] = value
+        setattr(namespace, self.dest, kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:

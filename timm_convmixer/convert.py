@@ -13,7 +13,6 @@ and compare every tensor, and only then rename it to OUT. ``--push`` uploads exa
 huggingface_hub (``create_repo`` + ``upload_folder``, the calls timm's ``push_to_hf_hub`` makes).
 """
 import argparse
-import ast
 import hashlib
 import shutil
 import sys
@@ -24,6 +23,7 @@ from typing import Any, Dict, Optional, Union
 import torch
 
 from ._state_dict import is_authors_layout, to_timm_layout, unwrap_checkpoint
+from .cli import ModelKwargs
 from .hub import CheckpointError, read_checkpoint
 
 __all__ = ['convert_checkpoint', 'push_folder', 'add_parser']
@@ -242,25 +242,11 @@ def push_folder(
     return getattr(info, 'commit_url', None) or str(info)
 
 
-def _parse_kwargs(items) -> Dict[str, Any]:
-    """``key=value`` pairs, values as Python literals where they parse (train.py's --model-kwargs style)."""
-    out = {}
-    for item in items or []:
-        key, sep, value = item.partition('=')
-        if not sep or not key:
-            raise argparse.ArgumentTypeError(f'--model-kwargs: expected key=value, got {item!r}')
-        try:
-            out[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            out[key] = value
-    return out
-
-
 def _run(args: argparse.Namespace) -> int:
     try:
         out = convert_checkpoint(
             args.src, args.out, args.model,
-            model_kwargs=_parse_kwargs(args.model_kwargs),
+            model_kwargs=args.model_kwargs,
             force=args.force,
             use_ema=args.use_ema,
             unsafe_pickle=args.unsafe_pickle,
@@ -269,7 +255,7 @@ def _run(args: argparse.Namespace) -> int:
             private=args.private,
             verbose=True,
         )
-    except (ValueError, RuntimeError, OSError, argparse.ArgumentTypeError) as e:
+    except (ValueError, RuntimeError, OSError) as e:
         print(f'timm-convmixer convert: error: {e}', file=sys.stderr)
         return 1
     print(f'done: {out}')
@@ -286,7 +272,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument('src', help='checkpoint: .safetensors, .pth/.pth.tar (timm or authors\' layout, train.py)')
     parser.add_argument('out', help='folder to write (must not exist unless --force)')
     parser.add_argument('--model', required=True, help='ConvMixer name, optionally name.tag (e.g. convmixer_768_32)')
-    parser.add_argument('--model-kwargs', nargs='*', default=[], metavar='KEY=VALUE',
+    parser.add_argument('--model-kwargs', nargs='*', default={}, action=ModelKwargs, metavar='KEY=VALUE',
                         help='architecture overrides, e.g. depth=2 (num_classes/in_chans default to the weights\')')
     parser.add_argument('--force', action='store_true', help='replace an existing OUT folder')
     parser.add_argument('--use-ema', action='store_true', help='take the EMA weights of a train.py checkpoint')

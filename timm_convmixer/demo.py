@@ -33,10 +33,11 @@ from timm.data import Mixup, create_dataset, create_loader, resolve_data_config
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import scheduler_factory
-from timm.utils import CheckpointSaver, ModelEmaV3, NativeScaler, ParseKwargs, accuracy, random_seed
+from timm.utils import CheckpointSaver, ModelEmaV3, NativeScaler, accuracy, random_seed
 
 from . import onecycle, shapes
 from ._io import atomic_write, atomic_write_json
+from .cli import ModelKwargs
 
 __all__ = ['add_parser', 'build_parser', 'run', 'main']
 
@@ -65,7 +66,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
 
     model = parser.add_argument_group('model')
     model.add_argument('--model', default=DEFAULT_MODEL)
-    model.add_argument('--model-kwargs', nargs='*', default=None, action=ParseKwargs,
+    model.add_argument('--model-kwargs', nargs='*', default=None, action=ModelKwargs,
                        help=f'architecture overrides, key=value (default for {DEFAULT_MODEL}: dim=128 depth=4)')
     model.add_argument('--drop-path', type=float, default=0.0, help='stochastic depth rate of the last block')
     model.add_argument('--channels-last', action='store_true')

@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 
 from ._io import atomic_write
+from .cli import ModelKwargs
 
 __all__ = ['export_onnx', 'explicit_same_pads', 'check_onnx_graph', 'verify_onnx', 'add_parser', 'MIN_OPSET']
 
@@ -266,8 +267,6 @@ def _run(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``export`` on the ``timm-convmixer`` command line."""
-    from timm.utils import ParseKwargs
-
     parser = subparsers.add_parser(
         'export',
         help='export a ConvMixer to ONNX (opset 17+, dynamic batch), checked and optionally verified',
@@ -288,7 +287,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument('--verify', action='store_true',
                         help='run the file with onnxruntime and compare with PyTorch; exit 1 if above --atol')
     parser.add_argument('--atol', type=float, default=1e-4, help='--verify tolerance (default 1e-4)')
-    parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='KEY=VALUE',
+    parser.add_argument('--model-kwargs', nargs='*', default={}, action=ModelKwargs, metavar='KEY=VALUE',
                         help='architecture overrides, e.g. depth=2 num_classes=10')
     parser.set_defaults(func=_run)
     return parser

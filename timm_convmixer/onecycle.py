@@ -11,7 +11,7 @@ passed through untouched), so an unchanged ``train.py`` runs it as ``--sched one
 the whole first epoch runs at LR 0.
 """
 import functools
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import numpy as np
 import torch
