@@ -8,7 +8,6 @@ as a user would, since huggingface_hub reads those once at import.
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
