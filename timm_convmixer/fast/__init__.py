@@ -2,43 +2,49 @@
 
 ``MixerBlock.forward`` calls :func:`block_forward` first; it returns the block's output computed by a faster route,
 or ``None`` when no fast route applies (then the plain modules run). A fast route must compute the same function
-as the eager modules, so this dispatcher only offers a block to one when it is a *plain* ConvMixer block: exactly
-``nn.Conv2d``/``nn.BatchNorm2d`` children (not SyncBatchNorm, FrozenBatchNorm, parametrized or quantized
-modules), a supported activation, no hooks anywhere in it, and no tracer, compiler or functorch transform
-watching (those must see the plain modules). Each backend then adds its own conditions (device, dtype, mode).
+as the eager modules, so a block is offered to one only when :func:`.eligibility.block_parts` (the one eligibility
+check) finds a plain ConvMixer block in eval or training mode, and no tracer, compiler or functorch transform is
+watching (those must see the plain modules). Each backend then adds only its own conditions (device, dtype, kernels).
 
-Backends: ``'auto'`` (default: CUDA tensors -> Triton kernels when importable and applicable, CPU tensors -> the
-oneDNN path of :mod:`.cpu`), ``'eager'`` (never a fast path), ``'cpu'`` or ``'triton'`` (only that one, still
-only where it applies). Choose with :func:`set_backend`, the :func:`use_backend` context manager or the
-``TIMM_CONVMIXER_BACKEND`` environment variable (read at import). The choice is process-global.
+Backends:
 
-:data:`counters` counts which path answered each block call (``'cpu'``, ``'triton'``, ``'eager'``), which is how
-tests and benchmarks check what actually ran.
+* ``'auto'`` (default): training-mode blocks (BatchNorm on batch statistics) -> the memory-lean block of
+  :mod:`.lean` on every device; eval-mode CPU tensors -> the oneDNN path of :mod:`.cpu`; eval-mode CUDA tensors ->
+  the Triton kernels, but only for a case (device, shape, dtype, mode...) where :mod:`.checked` found them correct
+  and faster than the plain modules on first use. Training-mode CUDA blocks are checked the same way (lean vs
+  eager, forward and backward). With ``TRITON_INTERPRET=1`` CPU tensors count as a Triton device (tests).
+* ``'eager'``: never a fast path.
+* ``'lean'``, ``'cpu'``, ``'triton'``: only that path, unchecked, where it applies (the way to force one).
+
+Choose with :func:`set_backend`, the :func:`use_backend` context manager or the ``TIMM_CONVMIXER_BACKEND``
+environment variable (read at import). The choice is process-global.
+
+:data:`counters` counts which path answered each block call (``'lean'``, ``'cpu'``, ``'triton'``, ``'eager'``),
+which is how tests and benchmarks check what actually ran.
 """
 import contextlib
 import os
 import warnings
 from collections import Counter
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, Optional
 
 import torch
 import torch.nn as nn
-from timm.layers import DropPath
+
+from .checked import decisions
+from .eligibility import BlockParts, block_parts
+from .lean import lean_block_forward
 
 __all__ = [
-    'BACKENDS', 'block_forward', 'counters', 'get_backend', 'plain_block_parts', 'reset_counters', 'set_backend',
+    'BACKENDS', 'block_forward', 'counters', 'decisions', 'get_backend', 'reset_counters', 'set_backend',
     'use_backend',
 ]
 
-BACKENDS = ('auto', 'eager', 'cpu', 'triton')
+BACKENDS = ('auto', 'eager', 'lean', 'cpu', 'triton')
 ENV_VAR = 'TIMM_CONVMIXER_BACKEND'
 
 # which path answered each MixerBlock call since the last reset_counters()
 counters: Counter = Counter()
-
-# activations the fast paths know how to fuse; anything else runs eagerly
-SUPPORTED_ACTS = (nn.ReLU, nn.GELU, nn.SiLU)
-
 
 def _check_name(name: str) -> str:
     if not isinstance(name, str) or name.lower() not in BACKENDS:
@@ -87,60 +93,6 @@ def reset_counters() -> None:
     counters.clear()
 
 
-def _has_hooks(module: nn.Module) -> bool:
-    return bool(
-        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-        or getattr(module, '_backward_pre_hooks', None))
-
-
-def _global_hooks() -> bool:
-    m = torch.nn.modules.module
-    return any(bool(getattr(m, name, None)) for name in (
-        '_global_forward_hooks', '_global_forward_pre_hooks', '_global_backward_hooks',
-        '_global_backward_pre_hooks'))
-
-
-def plain_block_parts(block: nn.Module) -> Optional[Tuple[nn.Module, ...]]:
-    """``(conv_dw, act_dw, bn_dw, drop_path, conv_pw, act_pw, bn_pw)`` if ``block`` is a plain ConvMixer block
-    that a fused path may replace, else ``None``.
-
-    Exact type checks on purpose: a subclass (SyncBatchNorm is not one, but FrozenBatchNorm2d-like or user classes
-    may be) can change the forward, and a hook on any child must see that child run.
-    """
-    if len(block) != 4:
-        return None
-    residual, conv_pw, act_pw, bn_pw = block[0], block[1], block[2], block[3]
-    fn = getattr(residual, 'fn', None)
-    drop_path = getattr(residual, 'drop_path', None)
-    if not isinstance(fn, nn.Sequential) or len(fn) != 3 or drop_path is None:
-        return None
-    conv_dw, act_dw, bn_dw = fn[0], fn[1], fn[2]
-    if type(conv_dw) is not nn.Conv2d or type(conv_pw) is not nn.Conv2d:
-        return None
-    if type(bn_dw) is not nn.BatchNorm2d or type(bn_pw) is not nn.BatchNorm2d:
-        return None
-    if type(act_dw) not in SUPPORTED_ACTS or type(act_pw) is not type(act_dw):
-        return None
-    if type(drop_path) is not nn.Identity and type(drop_path) is not DropPath:
-        return None
-    dim = conv_dw.in_channels
-    if (conv_dw.out_channels != dim or conv_dw.groups != dim or conv_dw.padding != 'same'
-            or conv_dw.stride != (1, 1) or conv_dw.dilation != (1, 1) or conv_dw.padding_mode != 'zeros'
-            or conv_dw.kernel_size[0] != conv_dw.kernel_size[1]):
-        return None
-    if (conv_pw.in_channels != dim or conv_pw.out_channels != dim or conv_pw.kernel_size != (1, 1)
-            or conv_pw.groups != 1 or conv_pw.stride != (1, 1) or conv_pw.padding != (0, 0)
-            or conv_pw.padding_mode != 'zeros'):
-        return None
-    if bn_dw.num_features != dim or bn_pw.num_features != dim:
-        return None
-    modules = (block, residual, fn, conv_dw, act_dw, bn_dw, drop_path, conv_pw, act_pw, bn_pw)
-    # the block's own hooks run around this forward anyway; its children's must see the children run
-    if any(_has_hooks(m) for m in modules[1:]):
-        return None
-    return conv_dw, act_dw, bn_dw, drop_path, conv_pw, act_pw, bn_pw
-
-
 def _is_compiling() -> bool:
     compiler = getattr(torch, 'compiler', None)
     if compiler is not None and hasattr(compiler, 'is_compiling'):
@@ -162,34 +114,109 @@ def _watched() -> bool:
     return _global_hooks()
 
 
-def _triton_forward(block: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
+def _global_hooks() -> bool:
+    m = torch.nn.modules.module
+    return any(bool(getattr(m, name, None)) for name in (
+        '_global_forward_hooks', '_global_forward_pre_hooks', '_global_backward_hooks',
+        '_global_backward_pre_hooks'))
+
+
+def _eager(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return nn.Sequential.forward(block, x)
+
+
+def _triton_forward(block: nn.Module, parts: BlockParts, x: torch.Tensor) -> Optional[torch.Tensor]:
     try:
         from .triton_ops import triton_block_forward
     except ImportError:  # the module, triton, or a GPU toolchain missing: the eager modules run
         return None
-    return triton_block_forward(block, x)
+    return triton_block_forward(block, x, parts=parts)
+
+
+def _triton_device(x: torch.Tensor) -> bool:
+    return x.device.type == 'cuda' or (x.device.type == 'cpu' and os.environ.get('TRITON_INTERPRET', '0') == '1')
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    try:
+        enabled = torch.is_autocast_enabled(x.device.type)
+        return torch.get_autocast_dtype(x.device.type) if enabled else x.dtype
+    except (TypeError, AttributeError):  # torch < 2.4
+        return x.dtype
+
+
+def _checked_eval(block: nn.Module, parts: BlockParts, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """auto's eval path on a Triton device: the fused kernels where the check on first use chose them."""
+    from . import checked
+    dtype = _compute_dtype(x)
+    key = ('triton',) + checked.case_key(parts, x, dtype)
+
+    def fused():
+        with torch.no_grad():
+            return _triton_forward(block, parts, x)
+
+    def eager():
+        with torch.no_grad():
+            return _eager(block, x)
+
+    if checked.decide(key, 'triton', block, x, fused, eager, dtype).path == 'eager':
+        return None
+    return _triton_forward(block, parts, x)
+
+
+def _checked_train(block: nn.Module, parts: BlockParts, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """auto's training path on CUDA: the lean block where the check on first use found it right and faster."""
+    from . import checked
+    dtype = _compute_dtype(x)
+    key = ('lean',) + checked.case_key(parts, x, dtype)
+    params = [p for p in block.parameters() if p.requires_grad]
+
+    def step(forward):
+        def run():
+            inp = x.detach().requires_grad_(x.requires_grad)
+            out = forward(inp)
+            if out is None:
+                return None
+            seed = torch.Generator(device=x.device).manual_seed(0)
+            grad = torch.randn(out.shape, generator=seed, device=out.device, dtype=out.dtype)
+            wrt = ([inp] if inp.requires_grad else []) + params
+            return (out,) + torch.autograd.grad(out, wrt, grad)
+        return run
+
+    if checked.decide(key, 'lean', block, x, step(lambda t: lean_block_forward(parts, t)),
+                      step(lambda t: _eager(block, t)), dtype).path == 'eager':
+        return None
+    return lean_block_forward(parts, x)
+
+
+def _fast_forward(block: nn.Module, x: torch.Tensor, backend: str):
+    """``(path, output)`` of the first fast path that answers, or ``None``."""
+    parts = block_parts(block)
+    if parts is None:
+        return None
+    if parts.mode == 'train':
+        if backend == 'lean' or (backend == 'auto' and x.device.type != 'cuda'):
+            return 'lean', lean_block_forward(parts, x)
+        if backend == 'auto':
+            return 'lean', _checked_train(block, parts, x)
+        return None
+    if x.device.type == 'cpu' and (backend == 'cpu' or (backend == 'auto' and not _triton_device(x))):
+        from . import cpu
+        return 'cpu', cpu.block_forward(parts, x)
+    if backend == 'triton':
+        return 'triton', _triton_forward(block, parts, x)
+    if backend == 'auto' and _triton_device(x):
+        return 'triton', _checked_eval(block, parts, x)
+    return None
 
 
 def block_forward(block: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
     """The block's output by a fast path, or ``None`` to let the plain modules run."""
     backend = _backend
-    if backend == 'eager' or type(x) is not torch.Tensor or _watched():
-        counters['eager'] += 1
-        return None
-    out = None
-    parts = plain_block_parts(block)
-    if parts is not None:
-        device = x.device.type
-        if device == 'cuda' and backend in ('auto', 'triton'):
-            out = _triton_forward(block, x)
-            if out is not None:
-                counters['triton'] += 1
-                return out
-        elif device == 'cpu' and backend in ('auto', 'cpu'):
-            from . import cpu
-            out = cpu.block_forward(parts, x)
-            if out is not None:
-                counters['cpu'] += 1
-                return out
+    if backend != 'eager' and type(x) is torch.Tensor and not _watched():
+        answer = _fast_forward(block, x, backend)
+        if answer is not None and answer[1] is not None:
+            counters[answer[0]] += 1
+            return answer[1]
     counters['eager'] += 1
     return None

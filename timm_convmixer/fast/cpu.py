@@ -30,6 +30,8 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from .eligibility import BlockParts, bn_scale_shift
+
 __all__ = ['available', 'block_forward', 'clear_cache']
 
 
@@ -80,28 +82,18 @@ def _bf16_supported() -> bool:
         return False
 
 
-def _act_attr(act: nn.Module) -> Tuple[str, List, str]:
-    """oneDNN post-op name, scalars and algorithm of a supported activation."""
-    if isinstance(act, nn.ReLU):
-        return 'relu', [], ''
-    if isinstance(act, nn.GELU):
-        return 'gelu', [], act.approximate  # 'none' (erf) or 'tanh', as nn.GELU
-    return 'swish', [], ''  # nn.SiLU
+# oneDNN post-op (name, scalars, algorithm) of each activation the eligibility check accepts
+_POST_OPS = {
+    'identity': ('none', [], ''),
+    'relu': ('relu', [], ''),
+    'gelu': ('gelu', [], 'none'),  # erf, as nn.GELU()
+    'gelu_tanh': ('gelu', [], 'tanh'),
+    'silu': ('swish', [], ''),
+}
 
 
-def _bn_scale_shift(bn: nn.BatchNorm2d) -> Tuple[torch.Tensor, torch.Tensor]:
-    var = bn.running_var.double()
-    scale = torch.rsqrt(var + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight.double()
-    shift = -bn.running_mean.double() * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias.double()
-    return scale, shift
-
-
-def _tensors(parts: Tuple[nn.Module, ...]) -> List[Optional[torch.Tensor]]:
-    conv_dw, _, bn_dw, _, conv_pw, _, bn_pw = parts
+def _tensors(parts: BlockParts) -> List[Optional[torch.Tensor]]:
+    conv_dw, bn_dw, conv_pw, bn_pw = parts.conv_dw, parts.bn_dw, parts.conv_pw, parts.bn_pw
     return [
         conv_dw.weight, conv_dw.bias, bn_dw.weight, bn_dw.bias, bn_dw.running_mean, bn_dw.running_var,
         conv_pw.weight, conv_pw.bias, bn_pw.weight, bn_pw.bias, bn_pw.running_mean, bn_pw.running_var,
@@ -117,13 +109,13 @@ def _pack(weight: torch.Tensor, padding: List[int], groups: int, input_size: Lis
         return weight.contiguous()
 
 
-def _fold(parts: Tuple[nn.Module, ...], key: Tuple, input_size: List[int], dtype: torch.dtype) -> _Folded:
+def _fold(parts: BlockParts, key: Tuple, input_size: List[int], dtype: torch.dtype) -> _Folded:
     """Folded (in float64) and packed weights, stored in the compute ``dtype`` (fp32, or bf16 under autocast)."""
-    conv_dw, _, bn_dw, _, conv_pw, _, bn_pw = parts
-    dim = conv_dw.in_channels
+    conv_dw, conv_pw = parts.conv_dw, parts.conv_pw
+    dim = parts.dim
     with torch.no_grad(), torch.inference_mode(False):
-        s_dw, t_dw = _bn_scale_shift(bn_dw)
-        s_pw, t_pw = _bn_scale_shift(bn_pw)
+        s_dw, t_dw = bn_scale_shift(parts.bn_dw, torch.float64)
+        s_pw, t_pw = bn_scale_shift(parts.bn_pw, torch.float64)
         w_pw = conv_pw.weight.double().reshape(dim, dim)
         b_pw = w_pw @ t_dw
         if conv_pw.bias is not None:
@@ -142,12 +134,9 @@ def _fold(parts: Tuple[nn.Module, ...], key: Tuple, input_size: List[int], dtype
         )
 
 
-def _applies(
-        parts: Tuple[nn.Module, ...], x: torch.Tensor, tensors: List[Optional[torch.Tensor]],
-) -> Optional[torch.dtype]:
+def _applies(parts: BlockParts, x: torch.Tensor, tensors: List[Optional[torch.Tensor]]) -> Optional[torch.dtype]:
     """The dtype this path computes in (fp32, or bf16 under CPU bf16 autocast), or ``None`` if it does not apply."""
-    conv_dw, _, bn_dw, drop_path, conv_pw, _, bn_pw = parts
-    if x.device.type != 'cpu' or x.layout != torch.strided or x.dim() != 4:
+    if parts.mode != 'eval' or x.device.type != 'cpu' or x.layout != torch.strided or x.dim() != 4:
         return None
     if x.is_quantized or x.is_mkldnn or x.numel() == 0 or not available():
         return None
@@ -162,14 +151,6 @@ def _applies(
         dtype = torch.float32
     else:
         return None
-    # eval-mode semantics only: BN on running stats, no stochastic depth
-    if bn_dw.training or bn_pw.training or drop_path.training:
-        return None
-    if not (bn_dw.track_running_stats and bn_pw.track_running_stats):
-        return None
-    for t in tensors[4:6] + tensors[10:12]:
-        if t is None:
-            return None
     for t in tensors:
         if t is not None and (t.device.type != 'cpu' or t.dtype != torch.float32 or type(t) not in (
                 torch.Tensor, nn.Parameter)):
@@ -179,10 +160,8 @@ def _applies(
     return dtype
 
 
-def _cached(
-        parts: Tuple[nn.Module, ...], tensors: List[Optional[torch.Tensor]], x: torch.Tensor, dtype: torch.dtype,
-) -> _Folded:
-    conv_dw, act, bn_dw, _, _, _, bn_pw = parts
+def _cached(parts: BlockParts, tensors: List[Optional[torch.Tensor]], x: torch.Tensor, dtype: torch.dtype) -> _Folded:
+    conv_dw, bn_dw, bn_pw = parts.conv_dw, parts.bn_dw, parts.bn_pw
     # the full input shape, batch included: oneDNN picks the packed weight layout for it, and a layout chosen for
     # batch 1 made the 1024-channel pointwise conv ~1.4x slower at batch 8 (measured); a new shape repacks
     input_size = list(x.shape)
@@ -200,19 +179,18 @@ def _cached(
     return folded
 
 
-def block_forward(parts: Tuple[nn.Module, ...], x: torch.Tensor) -> Optional[torch.Tensor]:
+def block_forward(parts: BlockParts, x: torch.Tensor) -> Optional[torch.Tensor]:
     """Eval-mode block output via fused oneDNN ops (channels_last), or ``None`` when this path does not apply.
 
-    ``parts`` as :func:`timm_convmixer.fast.plain_block_parts` returns them (the structural checks are done).
+    ``parts`` as :func:`.eligibility.block_parts` returns them (the structural and mode checks are done).
     """
     tensors = _tensors(parts)
     dtype = _applies(parts, x, tensors)
     if dtype is None:
         return None
-    conv_dw, act, _, _, _, _, _ = parts
     f = _cached(parts, tensors, x, dtype)
-    attr, scalars, algorithm = _act_attr(act)
-    k = conv_dw.kernel_size[0]
+    attr, scalars, algorithm = _POST_OPS[parts.act]
+    k = parts.kernel_size
     pad = k // 2
     dim = x.shape[1]
     conv = torch.ops.mkldnn._convolution_pointwise

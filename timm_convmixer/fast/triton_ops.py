@@ -27,11 +27,10 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from timm.layers import DropPath
-
 from . import triton_kernels as K
+from .eligibility import BlockParts, block_parts, bn_scale_shift
 
-__all__ = ['dw_block', 'act_affine', 'triton_block_forward', 'block_supported', 'interpreter_enabled']
+__all__ = ['dw_block', 'act_affine', 'triton_block_forward', 'interpreter_enabled']
 
 _LIB = 'timm_convmixer'
 
@@ -184,100 +183,18 @@ def _act_code(m: nn.Module) -> Optional[int]:
     return None
 
 
-def _bn_uses_running_stats(bn: nn.Module) -> bool:
-    """Plain ``nn.BatchNorm2d`` that normalises with its running statistics (eval mode, stats tracked)."""
-    return (
-        type(bn) is nn.BatchNorm2d
-        and not bn.training
-        and bn.running_mean is not None
-        and bn.running_var is not None
-    )
-
-
-def _has_hooks(m: nn.Module) -> bool:
-    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
-
-
-def _global_hooks() -> bool:
-    mod = torch.nn.modules.module
-    return bool(
-        mod._global_forward_hooks or mod._global_forward_pre_hooks or mod._global_backward_hooks
-        or mod._global_backward_pre_hooks)
-
-
-def _dw_conv_ok(conv: nn.Module, C: int) -> bool:
-    if type(conv) is not nn.Conv2d:
-        return False
-    k = conv.kernel_size[0]
-    if conv.kernel_size != (k, k) or conv.groups != C or conv.in_channels != C or conv.out_channels != C:
-        return False
-    if conv.stride != (1, 1) or conv.dilation != (1, 1) or conv.padding_mode != 'zeros':
-        return False
-    # "same": PyTorch pads (k-1)//2 top/left and the rest bottom/right; explicit symmetric padding equals it for odd k
-    return conv.padding == 'same' or (k % 2 == 1 and conv.padding == ((k - 1) // 2, (k - 1) // 2))
-
-
-def _pw_conv_ok(conv: nn.Module, C: int) -> bool:
-    return (
-        type(conv) is nn.Conv2d and conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.groups == 1
-        and conv.in_channels == C and conv.out_channels == C
-        and conv.padding in ('same', 'valid', (0, 0))
-    )
-
-
-def _drop_path_inactive(m: nn.Module) -> bool:
-    if type(m) is nn.Identity:
-        return True
-    return type(m) is DropPath and (not m.training or not m.drop_prob)
-
-
-def block_supported(block: nn.Module) -> bool:
-    """Whether ``block`` (a ``MixerBlock``) computes a function the fused ops reproduce; input checks aside."""
-    try:
-        residual, pw, act2, bn2 = block[0], block[1], block[2], block[3]
-        dw, act1, bn1 = residual.fn[0], residual.fn[1], residual.fn[2]
-    except (TypeError, IndexError, AttributeError, KeyError):
-        return False
-    if len(block) != 4 or len(residual.fn) != 3:
-        return False
-    C = getattr(dw, 'in_channels', None)
-    if C is None or not _dw_conv_ok(dw, C) or not _pw_conv_ok(pw, C):
-        return False
-    if _act_code(act1) is None or _act_code(act2) is None:
-        return False
-    if not (_bn_uses_running_stats(bn1) and _bn_uses_running_stats(bn2)):
-        return False
-    if bn1.num_features != C or bn2.num_features != C:
-        return False
-    if not _drop_path_inactive(getattr(residual, 'drop_path', None)):
-        return False
-    # hooks on any inner module would be skipped by the fused path; the block's own hooks run around it anyway
-    if any(_has_hooks(m) for m in (residual, residual.fn, dw, act1, bn1, pw, act2, bn2, residual.drop_path)):
-        return False
-    return not _global_hooks()
-
-
-def _bn_scale_shift(bn: nn.BatchNorm2d, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
-    """Eval BatchNorm as ``y = scale * x + shift``, in ``dtype``; differentiable wrt ``bn.weight``/``bn.bias``."""
-    rstd = torch.rsqrt(bn.running_var.to(dtype) + bn.eps)
-    scale = bn.weight.to(dtype) * rstd if bn.weight is not None else rstd
-    shift = -bn.running_mean.to(dtype) * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias.to(dtype)
-    return scale, shift
-
-
 def triton_block_forward(
         block: nn.Module,
         x: Tensor,
         allow_interpreter: Optional[bool] = None,
+        parts: Optional[BlockParts] = None,
 ) -> Optional[Tensor]:
     """The fused forward of a ConvMixer ``MixerBlock``, or ``None`` when the fused ops do not reproduce it.
 
     Applies to: CUDA tensors (CPU tensors only through Triton's interpreter, when ``allow_interpreter`` is true or,
-    by default, ``TRITON_INTERPRET=1`` is set), fp16/bf16/fp32/fp64, a block of plain ``nn.Conv2d`` depthwise "same"
-    and pointwise convs, ``nn.GELU()``/``nn.ReLU`` activations, ``nn.BatchNorm2d`` using running stats (eval mode),
-    drop path inactive, and no hooks on the inner modules. Gradients flow to the input and every parameter.
+    by default, ``TRITON_INTERPRET=1`` is set), fp16/bf16/fp32/fp64, a plain block in eval mode (as
+    :func:`..eligibility.block_parts` decides; ``parts`` passes its answer when the caller has it) whose activation
+    has a kernel. Gradients flow to the input and every parameter.
 
     The result has the eager block's values and memory format (channels_last in, channels_last out; the fast path is
     channels_last input, an NCHW input costs a transpose each way).
@@ -291,12 +208,13 @@ def triton_block_forward(
             return None
     elif x.device.type != 'cuda':
         return None
-    if not block_supported(block):
+    if parts is None:
+        parts = block_parts(block)
+    if parts is None or parts.mode != 'eval' or _act_code(parts.act_dw) is None:
         return None
-    residual, pw, act2, bn2 = block[0], block[1], block[2], block[3]
-    dw, act1, bn1 = residual.fn[0], residual.fn[1], residual.fn[2]
+    dw, act1, bn1, pw, act2, bn2 = parts.conv_dw, parts.act_dw, parts.bn_dw, parts.conv_pw, parts.act_pw, parts.bn_pw
     N, C, H, W = x.shape
-    if C != dw.in_channels:
+    if C != parts.dim:
         return None
 
     device_type = x.device.type
@@ -315,8 +233,8 @@ def triton_block_forward(
     def cast(t: Optional[Tensor]) -> Optional[Tensor]:
         return None if t is None else t.to(dtype)
 
-    s1, t1 = _bn_scale_shift(bn1, affine_dtype)
-    s2, t2 = _bn_scale_shift(bn2, affine_dtype)
+    s1, t1 = bn_scale_shift(bn1, affine_dtype)
+    s2, t2 = bn_scale_shift(bn2, affine_dtype)
     y = torch.ops.timm_convmixer.dw_block(
         x.to(dtype), cast(dw.weight), cast(dw.bias), s1, t1, _act_code(act1))  # channels_last [N, C, H, W]
 

@@ -1,0 +1,172 @@
+"""``auto``'s rule on devices we may never have measured: a fused path is used for a case only after checking it there.
+
+A *case* is (device, input shape, dtype, autocast, memory format, block mode, activation, kernel size). The first
+time ``auto`` meets a case it runs the fused path and the plain modules on the real input, compares the results
+(per-dtype tolerance, NaN where the other has NaN), times both, and keeps the faster, or the plain modules when the
+results differ (with a warning naming the case). The decision is cached for the process and said once
+(:class:`FastPathDecision` warning); :data:`decisions` holds them all, which benchmarks print.
+
+No side effect happens twice: in training mode the trial runs on copies of the BatchNorm buffers' state (restored
+afterwards) and under a forked random-number state, then the chosen path runs once for real, updating the running
+statistics and drawing drop-path masks exactly as an unchecked call would.
+"""
+import statistics
+import time
+import warnings
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from .eligibility import BlockParts
+
+__all__ = ['Decision', 'FastPathDecision', 'case_key', 'decide', 'decisions', 'forget', 'tolerance']
+
+
+class FastPathDecision(UserWarning):
+    """Says once per case which path ``auto`` chose and why (filter it with ``warnings`` to silence it)."""
+
+
+class Decision(NamedTuple):
+    path: str  # the fused path's name, or 'eager'
+    reason: str
+    fused_ms: Optional[float]
+    eager_ms: Optional[float]
+    max_rel_err: Optional[float]
+
+
+decisions: Dict[Tuple, Decision] = {}
+
+TIMED_REPEATS = 3
+
+
+def forget() -> None:
+    """Drop every cached decision (the next call of each case is checked again)."""
+    decisions.clear()
+
+
+def tolerance(dtype: torch.dtype, device_type: str) -> float:
+    """Relative (norm-wise) difference a correct fused path may show against the plain modules in ``dtype``.
+
+    fp32 allows TF32: cuDNN's convolutions use it by default (``torch.backends.cudnn.allow_tf32``), so the plain
+    modules themselves carry ~1e-3 relative error on a GPU.
+    """
+    if dtype == torch.float64:
+        return 1e-9
+    if dtype == torch.float32:
+        return 2e-3 if device_type == 'cuda' and torch.backends.cudnn.allow_tf32 else 1e-5
+    if dtype == torch.float16:
+        return 1e-2
+    return 4e-2  # bfloat16: 8 bits of mantissa through a depthwise and a pointwise convolution
+
+
+def case_key(parts: BlockParts, x: torch.Tensor, compute_dtype: torch.dtype) -> Tuple:
+    return (
+        x.device.type, x.device.index, tuple(x.shape), x.dtype, compute_dtype,
+        x.is_contiguous(memory_format=torch.channels_last), parts.mode, parts.act, parts.kernel_size,
+    )
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def _time_ms(fn: Callable[[], object], device: torch.device) -> float:
+    fn()  # warm-up: compilation, autotuning, allocator
+    _sync(device)
+    times = []
+    for _ in range(TIMED_REPEATS):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    if a.shape != b.shape:
+        return float('inf')
+    nan_a, nan_b = torch.isnan(a), torch.isnan(b)
+    if not torch.equal(nan_a, nan_b):
+        return float('inf')
+    a, b = a[~nan_a], b[~nan_b]
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item() if b.numel() else 0.
+
+
+def _buffers_state(block: nn.Module) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    return [(buf, buf.detach().clone()) for buf in block.buffers()]
+
+
+def _restore(state: List[Tuple[torch.Tensor, torch.Tensor]]) -> None:
+    with torch.no_grad():
+        for buf, saved in state:
+            buf.copy_(saved)
+
+
+def _forked_rng(device: torch.device):
+    return torch.random.fork_rng(devices=[device] if device.type == 'cuda' else [])
+
+
+def decide(
+        key: Tuple,
+        name: str,
+        block: nn.Module,
+        x: torch.Tensor,
+        fused: Callable[[], Optional[object]],
+        eager: Callable[[], object],
+        dtype: torch.dtype,
+) -> Decision:
+    """Check ``fused`` against ``eager`` for this case (both return a tensor or a tuple of tensors), time both, and
+    cache which to use. Neither call's side effects survive: buffers and random state are restored."""
+    cached = decisions.get(key)
+    if cached is not None:
+        return cached
+    state = _buffers_state(block)
+    try:
+        with _forked_rng(x.device):
+            reference = eager()
+        _restore(state)
+        with _forked_rng(x.device):
+            candidate = fused()
+        _restore(state)
+        if candidate is None:
+            decision = Decision('eager', f'{name} does not apply to this case', None, None, None)
+        else:
+            refs = reference if isinstance(reference, tuple) else (reference,)
+            cands = candidate if isinstance(candidate, tuple) else (candidate,)
+            err = max((_rel_err(c, r) for c, r in zip(cands, refs)), default=0.) if len(refs) == len(cands) \
+                else float('inf')
+            tol = tolerance(dtype, x.device.type)
+            if not err <= tol:
+                decision = Decision('eager', f'{name} differs from the plain modules (relative error {err:.3g} > '
+                                    f'{tol:.3g})', None, None, err)
+                warnings.warn(f'timm_convmixer: the fused {name} path gave a different result from the plain modules '
+                              f'for {_describe(key)} (relative error {err:.3g}, tolerance {tol:.3g}); using the '
+                              f'plain modules for this case', RuntimeWarning, stacklevel=3)
+            else:
+                with _forked_rng(x.device):
+                    fused_ms = _time_ms(fused, x.device)
+                    eager_ms = _time_ms(eager, x.device)
+                _restore(state)
+                faster = fused_ms < eager_ms
+                decision = Decision(
+                    name if faster else 'eager',
+                    f'{name} {fused_ms:.3f} ms vs plain modules {eager_ms:.3f} ms, relative difference {err:.2g}',
+                    fused_ms, eager_ms, err)
+    finally:
+        _restore(state)
+    decisions[key] = decision
+    if decision.path != 'eager' or decision.fused_ms is not None:
+        warnings.warn(f'timm_convmixer: using {decision.path} for {_describe(key)} ({decision.reason})',
+                      FastPathDecision, stacklevel=3)
+    return decision
+
+
+def _describe(key: Tuple) -> str:
+    device_type, index, shape, dtype, compute_dtype, channels_last, mode, act, k = key
+    device = device_type if index is None else f'{device_type}:{index}'
+    fmt = 'channels_last' if channels_last else 'NCHW'
+    return (f'{mode} blocks on {device}, input {tuple(shape)} {str(dtype).replace("torch.", "")} {fmt}, compute '
+            f'{str(compute_dtype).replace("torch.", "")}, {act}, kernel {k}')

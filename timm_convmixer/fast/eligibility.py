@@ -1,0 +1,151 @@
+"""The one question every fast path asks first: is this a plain ConvMixer block, and in which mode does it run?
+
+A fast path replaces the block's modules with a fused computation, so it may only do so when the fused computation
+is *the same function*. That is decided here, once, for every backend (oneDNN on CPU, Triton on CUDA, the lean
+training block everywhere); a backend then only adds what it alone cares about (device, dtype, activation kernels).
+
+A block is plain when it is exactly timm's layout (``Residual(Sequential(conv_dw, act, bn)), conv_pw, act, bn``) with
+``nn.Conv2d``/``nn.BatchNorm2d`` of exactly those types (not SyncBatchNorm, frozen, parametrized or quantized
+subclasses, whose forward may differ), a depthwise "same" convolution (explicit symmetric padding counts for odd
+kernels: it is the same window), a 1x1 pointwise convolution, one of the known activations on both convolutions, and
+no hooks on any child (a hook must see its module run). Its mode is:
+
+* ``'eval'``: both BatchNorms normalise with running statistics and drop path is inactive; the block is then a
+  fixed function of its input (what the inference paths fuse);
+* ``'train'``: both BatchNorms normalise with batch statistics (training mode, or no running statistics); drop path
+  may be active (what the lean training block computes);
+* anything else (one BatchNorm in each mode) has no fast path.
+
+:func:`bn_scale_shift` is the one place where an eval-mode BatchNorm becomes ``scale * x + shift``.
+"""
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+import torch.nn as nn
+from timm.layers import DropPath
+
+__all__ = ['ACT_NAMES', 'BlockParts', 'act_name', 'block_parts', 'bn_scale_shift', 'bn_uses_batch_stats']
+
+# what each supported activation is called by the backends (each maps these names to its own kernels)
+ACT_NAMES = ('identity', 'relu', 'gelu', 'gelu_tanh', 'silu')
+
+
+class BlockParts(NamedTuple):
+    """The children of a plain block, with the facts every backend needs."""
+    conv_dw: nn.Conv2d
+    act_dw: nn.Module
+    bn_dw: nn.BatchNorm2d
+    drop_path: nn.Module
+    conv_pw: nn.Conv2d
+    act_pw: nn.Module
+    bn_pw: nn.BatchNorm2d
+    act: str  # one of ACT_NAMES, the same for both activations
+    kernel_size: int
+    mode: str  # 'eval' or 'train'
+
+    @property
+    def dim(self) -> int:
+        return self.conv_dw.in_channels
+
+
+def act_name(module: nn.Module) -> Optional[str]:
+    """The backends' name for an activation module, or ``None`` when no fast path computes it."""
+    t = type(module)
+    if t is nn.ReLU:
+        return 'relu'
+    if t is nn.GELU:
+        return {'none': 'gelu', 'tanh': 'gelu_tanh'}.get(module.approximate)
+    if t is nn.SiLU:
+        return 'silu'
+    if t is nn.Identity:
+        return 'identity'
+    return None
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(
+        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+        or getattr(module, '_backward_pre_hooks', None))
+
+
+def _is_same_depthwise(conv: nn.Module, dim: int) -> bool:
+    if type(conv) is not nn.Conv2d:
+        return False
+    k = conv.kernel_size[0]
+    if conv.kernel_size != (k, k) or conv.in_channels != dim or conv.out_channels != dim or conv.groups != dim:
+        return False
+    if conv.stride != (1, 1) or conv.dilation != (1, 1) or conv.padding_mode != 'zeros':
+        return False
+    # "same" pads (k-1)//2 before and the rest after; for odd k explicit symmetric padding is that very window
+    return conv.padding == 'same' or (k % 2 == 1 and conv.padding == ((k - 1) // 2, (k - 1) // 2))
+
+
+def _is_pointwise(conv: nn.Module, dim: int) -> bool:
+    return (
+        type(conv) is nn.Conv2d and conv.kernel_size == (1, 1) and conv.in_channels == dim
+        and conv.out_channels == dim and conv.groups == 1 and conv.stride == (1, 1) and conv.dilation == (1, 1)
+        and conv.padding in ('same', 'valid', (0, 0)) and conv.padding_mode == 'zeros')
+
+
+def bn_uses_batch_stats(bn: nn.BatchNorm2d) -> bool:
+    """What ``nn.BatchNorm2d.forward`` normalises with: batch statistics in training mode or without running ones."""
+    return bn.training or bn.running_mean is None or bn.running_var is None
+
+
+def _drop_path_active(m: nn.Module) -> bool:
+    return type(m) is DropPath and m.training and m.drop_prob > 0.
+
+
+def _mode(bn_dw: nn.BatchNorm2d, bn_pw: nn.BatchNorm2d, drop_path: nn.Module) -> Optional[str]:
+    batch_dw, batch_pw = bn_uses_batch_stats(bn_dw), bn_uses_batch_stats(bn_pw)
+    if batch_dw and batch_pw:
+        return 'train'
+    if not batch_dw and not batch_pw and not _drop_path_active(drop_path):
+        return 'eval'
+    return None
+
+
+def block_parts(block: nn.Module) -> Optional[BlockParts]:
+    """The block's parts if it is a plain ConvMixer block in a mode some fast path computes, else ``None``."""
+    if len(block) != 4:
+        return None
+    residual, conv_pw, act_pw, bn_pw = block[0], block[1], block[2], block[3]
+    fn = getattr(residual, 'fn', None)
+    drop_path = getattr(residual, 'drop_path', None)
+    if not isinstance(fn, nn.Sequential) or len(fn) != 3 or drop_path is None:
+        return None
+    if type(drop_path) is not nn.Identity and type(drop_path) is not DropPath:
+        return None
+    conv_dw, act_dw, bn_dw = fn[0], fn[1], fn[2]
+    dim = getattr(conv_dw, 'in_channels', None)
+    if dim is None or not _is_same_depthwise(conv_dw, dim) or not _is_pointwise(conv_pw, dim):
+        return None
+    if type(bn_dw) is not nn.BatchNorm2d or type(bn_pw) is not nn.BatchNorm2d:
+        return None
+    if bn_dw.num_features != dim or bn_pw.num_features != dim:
+        return None
+    act = act_name(act_dw)
+    if act is None or act_name(act_pw) != act:
+        return None
+    # the block's own hooks run around any path; its children's must see the children run
+    if any(_has_hooks(m) for m in (residual, fn, conv_dw, act_dw, bn_dw, drop_path, conv_pw, act_pw, bn_pw)):
+        return None
+    mode = _mode(bn_dw, bn_pw, drop_path)
+    if mode is None:
+        return None
+    return BlockParts(conv_dw, act_dw, bn_dw, drop_path, conv_pw, act_pw, bn_pw, act, conv_dw.kernel_size[0], mode)
+
+
+def bn_scale_shift(bn: nn.BatchNorm2d, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """An eval-mode BatchNorm as ``y = scale * x + shift`` (per channel), computed in ``dtype``.
+
+    Differentiable with respect to ``bn.weight``/``bn.bias`` when gradients are enabled, so a fused path that uses
+    it still trains the affine parameters. The CPU path folds in float64 (under ``no_grad``) and stores the result
+    in its compute dtype; the Triton path keeps fp32 (fp64 for fp64).
+    """
+    rstd = torch.rsqrt(bn.running_var.to(dtype) + bn.eps)
+    scale = bn.weight.to(dtype) * rstd if bn.weight is not None else rstd
+    shift = -bn.running_mean.to(dtype) * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.to(dtype)
+    return scale, shift

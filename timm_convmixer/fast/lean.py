@@ -1,0 +1,216 @@
+"""The memory-lean training block: the eager block's exact computation, keeping a third of its activations.
+
+What autograd keeps for backward is what limits ConvMixer's batch size (locuslab/convmixer issue 13). A training
+block through the plain modules keeps about six full activation tensors: the conv inputs ``x`` and ``u``, the
+activation inputs, the BatchNorm inputs. This block keeps one or two:
+
+* the pointwise pre-activation ``p`` (recomputing it would cost the block's GEMM again);
+* its input ``x``, unless ``x`` is the untouched output of the previous lean block: then ``x`` is exactly
+  ``BN(act(p_prev))`` with batch statistics, rebuilt in backward from the ``p_prev`` that block keeps anyway;
+* the per-sample drop-path mask (``N`` numbers), and references to the parameters (for autograd's in-place checks).
+
+Forward runs the block's own modules, so values, running-statistics updates (``momentum``, including ``None``, the
+cumulative average; ``num_batches_tracked``; the unbiased variance) and drop-path's random draws are the eager
+block's. Backward recomputes the depthwise branch from ``x`` and both normalisations from batch statistics (without
+touching the running statistics), then applies autograd's own formulas to the recomputed graph; the pointwise
+convolution's gradients come from ``aten.convolution_backward`` on the saved ``p``'s gradient, so its forward GEMM is
+never repeated. Autocast is restored in backward as it was in forward, so the recomputed casts are eager's.
+
+This is plain torch: it runs on every device (it is what CPU training uses) and is what ``torch.compile`` never
+sees (the dispatcher hands tracers the plain modules).
+"""
+import contextlib
+import weakref
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .eligibility import BlockParts
+
+__all__ = ['lean_block_forward', 'under_checkpoint']
+
+# attribute on a lean block's output: how to rebuild it from the previous block's pre-activation
+_LINK = '_timm_convmixer_lean_link'
+
+_ACT_FNS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    'identity': lambda t: t,
+    'relu': torch.relu,
+    'gelu': F.gelu,
+    'gelu_tanh': lambda t: F.gelu(t, approximate='tanh'),
+    'silu': F.silu,
+}
+
+
+class _Link(NamedTuple):
+    """A lean block's output ``out = bn(act(p))`` (batch statistics), enough to rebuild ``out`` from ``p``."""
+    p: 'weakref.ref[torch.Tensor]'
+    p_version: int
+    out_version: int
+    act: str
+    bn: nn.BatchNorm2d
+    autocast: Tuple
+
+
+def under_checkpoint() -> bool:
+    """True while ``torch.utils.checkpoint`` (non-reentrant) packs or recomputes saved tensors.
+
+    Checkpointing already bounds what a block keeps, and it requires a recomputation to save exactly what the
+    original forward saved, which a link to another segment's tensor cannot promise: blocks run the plain modules.
+    """
+    top = getattr(torch._C._autograd, '_top_saved_tensors_default_hooks', None)
+    hooks = top(False) if top is not None else None
+    if not hooks:
+        return False
+    name = getattr(hooks[0], '__qualname__', '')
+    return name.startswith(('_checkpoint_hook', '_recomputation_hook'))
+
+
+def _autocast_state(device_type: str) -> Tuple:
+    try:
+        return device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+    except (TypeError, AttributeError):  # torch < 2.4
+        if device_type == 'cpu':
+            return device_type, torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()
+        return device_type, torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
+
+
+def _autocast(state: Tuple):
+    device_type, enabled, dtype = state
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=dtype)
+
+
+def _batch_norm(bn: nn.BatchNorm2d, t: torch.Tensor, weight, bias) -> torch.Tensor:
+    """``bn``'s batch-statistics normalisation of ``t`` without touching its running statistics.
+
+    Passes copies of the running buffers when the module has them, so the same kernel runs as in ``bn.forward``.
+    """
+    rm = None if bn.running_mean is None else bn.running_mean.detach().clone()
+    rv = None if bn.running_var is None else bn.running_var.detach().clone()
+    return F.batch_norm(t, rm, rv, weight, bias, True, 0., bn.eps)
+
+
+def _params(parts: BlockParts) -> List[Optional[torch.Tensor]]:
+    return [
+        parts.conv_dw.weight, parts.conv_dw.bias, parts.bn_dw.weight, parts.bn_dw.bias,
+        parts.conv_pw.weight, parts.conv_pw.bias, parts.bn_pw.weight, parts.bn_pw.bias,
+    ]
+
+
+def _live_link(x: torch.Tensor) -> Optional[Tuple[_Link, torch.Tensor]]:
+    link = getattr(x, _LINK, None)
+    if link is None or x._version != link.out_version:
+        return None
+    p = link.p()
+    if p is None or p._version != link.p_version:
+        return None
+    return link, p
+
+
+class _LeanBlock(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, x, parts: BlockParts, holder: Dict[str, Any], *params):
+        act = _ACT_FNS[parts.act]
+        a1 = act(parts.conv_dw(x))
+        y1 = parts.bn_dw(a1)  # running statistics updated here, once, as eager does
+        mask = None
+        if type(parts.drop_path) is not nn.Identity and parts.drop_path.training and parts.drop_path.drop_prob > 0.:
+            # the module's own draw on a ones tensor: exactly the mask (and random stream) eager would use
+            mask = parts.drop_path(y1.new_ones((y1.shape[0],) + (1,) * (y1.dim() - 1)))
+            y1 = y1 * mask
+        u = y1 + x
+        del a1, y1
+        p = parts.conv_pw(u)
+        del u
+        out = parts.bn_pw(act(p))
+
+        ctx.parts = parts
+        ctx.autocast = holder['autocast']
+        linked = holder.get('link')
+        ctx.link = None if linked is None else linked[0]
+        source = x if linked is None else linked[1]  # what rebuilds the input in backward
+        prev_bn = (None, None) if linked is None else (linked[0].bn.weight, linked[0].bn.bias)
+        ctx.save_for_backward(source, p, mask, *prev_bn, *params)
+        holder['p'] = p
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        parts: BlockParts = ctx.parts
+        source, p, mask, prev_w, prev_b, *params = ctx.saved_tensors
+        w_dw, b_dw, g_dw, beta_dw, w_pw, b_pw, g_pw, beta_pw = params
+        act = _ACT_FNS[parts.act]
+        needs = ctx.needs_input_grad  # (x, parts, holder, *params)
+        with torch.enable_grad(), _autocast(ctx.autocast):
+            # pointwise half: out = bn_pw(act(p))
+            p_ = p.detach().requires_grad_()
+            out = _batch_norm(parts.bn_pw, act(p_), g_pw, beta_pw)
+            wrt = [p_] + [t for t, n in ((g_pw, needs[9]), (beta_pw, needs[10])) if t is not None and n]
+            grads = torch.autograd.grad(out, wrt, grad_out)
+            del out
+            grad_p, g_bn_pw = grads[0], list(grads[1:])
+
+            # the block's input: kept, or rebuilt from the previous lean block's pre-activation
+            if ctx.link is None:
+                x = source.detach()
+            else:
+                with torch.no_grad(), _autocast(ctx.link.autocast):
+                    x = _batch_norm(ctx.link.bn, _ACT_FNS[ctx.link.act](source), prev_w, prev_b)
+            x_ = x.requires_grad_(needs[0])
+
+            # depthwise half recomputed: u = x + drop_path(bn_dw(act(conv_dw(x))))
+            conv_dw = parts.conv_dw
+            z = F.conv2d(x_, w_dw, b_dw, conv_dw.stride, conv_dw.padding, conv_dw.dilation, conv_dw.groups)
+            y1 = _batch_norm(parts.bn_dw, act(z), g_dw, beta_dw)
+            if mask is not None:
+                y1 = y1 * mask
+            u = y1 + x_
+
+            # pointwise convolution's gradients from grad_p, without repeating its forward
+            grad_u, grad_w_pw, grad_b_pw = _pointwise_backward(grad_p, u.detach(), p.dtype, w_pw, b_pw, needs[7:9])
+
+            wrt_dw = [(x_, needs[0]), (w_dw, needs[3]), (b_dw, needs[4]), (g_dw, needs[5]), (beta_dw, needs[6])]
+            wrt = [t for t, n in wrt_dw if t is not None and n]
+            grads_dw = iter(torch.autograd.grad(u, wrt, grad_u) if wrt else ())
+        result = [next(grads_dw) if t is not None and n else None for t, n in wrt_dw]
+        g_bn_pw = iter(g_bn_pw)
+        tail = [next(g_bn_pw) if t is not None and n else None for t, n in ((g_pw, needs[9]), (beta_pw, needs[10]))]
+        return (result[0], None, None, *result[1:], grad_w_pw, grad_b_pw, *tail)
+
+
+def _pointwise_backward(grad_p, u, dtype, weight, bias, needs):
+    """Gradients of ``p = conv1x1(u, weight, bias)`` (computed in ``dtype``, as autocast ran it) for ``grad_p``."""
+    need_w, need_b = needs
+    u_c = u.to(dtype)
+    w_c = weight.detach().to(dtype)
+    grad_u, grad_w, grad_b = torch.ops.aten.convolution_backward(
+        grad_p, u_c, w_c, None if bias is None else [bias.shape[0]],
+        [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [True, need_w, bias is not None and need_b])
+    grad_u = grad_u.to(u.dtype)
+    grad_w = grad_w.to(weight.dtype) if need_w else None
+    grad_b = grad_b.to(bias.dtype) if bias is not None and need_b else None
+    return grad_u, grad_w, grad_b
+
+
+def lean_block_forward(parts: BlockParts, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """The training-mode block through :class:`_LeanBlock`, or ``None`` where it does not apply (then eager runs).
+
+    Applies when the block is in ``'train'`` mode, autograd will record it, and no checkpoint is packing saved
+    tensors. The output carries a link so that the next lean block need not keep it.
+    """
+    if parts.mode != 'train' or x.dim() != 4 or x.layout != torch.strided or x.numel() == 0:
+        return None
+    params = _params(parts)
+    if not torch.is_grad_enabled() or not (x.requires_grad or any(t is not None and t.requires_grad for t in params)):
+        return None  # nothing is kept for backward anyway
+    if under_checkpoint():
+        return None
+    holder: Dict[str, Any] = {'autocast': _autocast_state(x.device.type), 'link': _live_link(x)}
+    out = _LeanBlock.apply(x, parts, holder, *params)
+    p = holder.pop('p')
+    setattr(out, _LINK, _Link(weakref.ref(p), p._version, out._version, parts.act, parts.bn_pw, holder['autocast']))
+    return out
