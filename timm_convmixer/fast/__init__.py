@@ -149,7 +149,7 @@ def _checked_eval(block: nn.Module, parts: BlockParts, x: torch.Tensor) -> Optio
     """auto's eval path on a Triton device: the fused kernels where the check on first use chose them."""
     from . import checked
     dtype = _compute_dtype(x)
-    key = ('triton',) + checked.case_key(parts, x, dtype)
+    key = checked.case_key('triton', parts, x, dtype)
 
     def fused():
         with torch.no_grad():
@@ -168,7 +168,7 @@ def _checked_train(block: nn.Module, parts: BlockParts, x: torch.Tensor) -> Opti
     """auto's training path on CUDA: the lean block where the check on first use found it right and faster."""
     from . import checked
     dtype = _compute_dtype(x)
-    key = ('lean',) + checked.case_key(parts, x, dtype)
+    key = checked.case_key('lean', parts, x, dtype)
     params = [p for p in block.parameters() if p.requires_grad]
 
     def step(forward):

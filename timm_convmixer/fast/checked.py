@@ -60,9 +60,10 @@ def tolerance(dtype: torch.dtype, device_type: str) -> float:
     return 4e-2  # bfloat16: 8 bits of mantissa through a depthwise and a pointwise convolution
 
 
-def case_key(parts: BlockParts, x: torch.Tensor, compute_dtype: torch.dtype) -> Tuple:
+def case_key(path: str, parts: BlockParts, x: torch.Tensor, compute_dtype: torch.dtype) -> Tuple:
+    """The case a decision about ``path`` (the fused path's name) holds for."""
     return (
-        x.device.type, x.device.index, tuple(x.shape), x.dtype, compute_dtype,
+        path, x.device.type, x.device.index, tuple(x.shape), x.dtype, compute_dtype,
         x.is_contiguous(memory_format=torch.channels_last), parts.mode, parts.act, parts.kernel_size,
     )
 
@@ -165,7 +166,7 @@ def decide(
 
 
 def _describe(key: Tuple) -> str:
-    device_type, index, shape, dtype, compute_dtype, channels_last, mode, act, k = key
+    _, device_type, index, shape, dtype, compute_dtype, channels_last, mode, act, k = key
     device = device_type if index is None else f'{device_type}:{index}'
     fmt = 'channels_last' if channels_last else 'NCHW'
     return (f'{mode} blocks on {device}, input {tuple(shape)} {str(dtype).replace("torch.", "")} {fmt}, compute '

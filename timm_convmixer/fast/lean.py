@@ -83,14 +83,51 @@ def _autocast(state: Tuple):
     return torch.autocast(device_type, dtype=dtype)
 
 
-def _batch_norm(bn: nn.BatchNorm2d, t: torch.Tensor, weight, bias) -> torch.Tensor:
-    """``bn``'s batch-statistics normalisation of ``t`` without touching its running statistics.
+def _act_backward(name: str, grad: torch.Tensor, pre: torch.Tensor, post: torch.Tensor) -> torch.Tensor:
+    """The activation's gradient by the very kernel autograd would use (``pre``: its input, ``post``: its output)."""
+    if name == 'relu':
+        return torch.ops.aten.threshold_backward(grad, post, 0)
+    if name in ('gelu', 'gelu_tanh'):
+        return torch.ops.aten.gelu_backward(grad, pre, approximate='tanh' if name == 'gelu_tanh' else 'none')
+    if name == 'silu':
+        return torch.ops.aten.silu_backward(grad, pre)
+    return grad
 
-    Passes copies of the running buffers when the module has them, so the same kernel runs as in ``bn.forward``.
+
+class _Norm(NamedTuple):
+    """A batch-statistics normalisation's output and what its backward kernel needs."""
+    out: torch.Tensor
+    save_mean: torch.Tensor
+    save_var: torch.Tensor  # the kernel's own form (inverse std for the native and cuDNN kernels)
+    reserve: torch.Tensor
+    impl: int
+
+
+def _batch_norm(bn: nn.BatchNorm2d, t: torch.Tensor, weight, bias, update: bool) -> _Norm:
+    """``bn.forward`` on batch statistics through the kernel ``F.batch_norm`` picks, keeping its saved statistics.
+
+    ``update``: advance the running statistics (``num_batches_tracked``, ``momentum`` or the cumulative average when
+    it is ``None``) exactly as ``nn.BatchNorm2d.forward`` does; otherwise leave the module untouched (recomputation).
     """
-    rm = None if bn.running_mean is None else bn.running_mean.detach().clone()
-    rv = None if bn.running_var is None else bn.running_var.detach().clone()
-    return F.batch_norm(t, rm, rv, weight, bias, True, 0., bn.eps)
+    if t.numel() // t.shape[1] <= 1:  # F.batch_norm's own check
+        raise ValueError(f'Expected more than 1 value per channel when training, got input size {t.size()}')
+    momentum = 0. if bn.momentum is None else bn.momentum
+    running_mean, running_var = bn.running_mean, bn.running_var
+    if update:
+        if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+            bn.num_batches_tracked.add_(1)
+            momentum = 1. / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    elif running_mean is not None:
+        running_mean, running_var = running_mean.clone(), running_var.clone()  # same kernel, nothing updated
+    return _Norm(*torch._batch_norm_impl_index(
+        t, weight, bias, running_mean, running_var, True, momentum, bn.eps, torch.backends.cudnn.enabled))
+
+
+def _batch_norm_backward(bn: nn.BatchNorm2d, norm: _Norm, t: torch.Tensor, grad: torch.Tensor, weight, needs):
+    """Gradients wrt (input, weight, bias) of a :func:`_batch_norm` of ``t``, by autograd's own kernel."""
+    return torch.ops.aten._batch_norm_impl_index_backward(
+        norm.impl, t, grad, weight, bn.running_mean, bn.running_var, norm.save_mean, norm.save_var, True, bn.eps,
+        [True, weight is not None and needs[0], weight is not None and needs[1]], norm.reserve)
 
 
 def _params(parts: BlockParts) -> List[Optional[torch.Tensor]]:
@@ -115,71 +152,82 @@ class _LeanBlock(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, parts: BlockParts, holder: Dict[str, Any], *params):
         act = _ACT_FNS[parts.act]
-        a1 = act(parts.conv_dw(x))
-        y1 = parts.bn_dw(a1)  # running statistics updated here, once, as eager does
+        y1 = _batch_norm(parts.bn_dw, act(parts.conv_dw(x)), params[2], params[3], update=True).out
         mask = None
         if type(parts.drop_path) is not nn.Identity and parts.drop_path.training and parts.drop_path.drop_prob > 0.:
             # the module's own draw on a ones tensor: exactly the mask (and random stream) eager would use
             mask = parts.drop_path(y1.new_ones((y1.shape[0],) + (1,) * (y1.dim() - 1)))
             y1 = y1 * mask
         u = y1 + x
-        del a1, y1
+        del y1
         p = parts.conv_pw(u)
         del u
-        out = parts.bn_pw(act(p))
+        norm = _batch_norm(parts.bn_pw, act(p), params[6], params[7], update=True)
 
         ctx.parts = parts
         ctx.autocast = holder['autocast']
+        ctx.impl = norm.impl
         linked = holder.get('link')
         ctx.link = None if linked is None else linked[0]
         source = x if linked is None else linked[1]  # what rebuilds the input in backward
         prev_bn = (None, None) if linked is None else (linked[0].bn.weight, linked[0].bn.bias)
-        ctx.save_for_backward(source, p, mask, *prev_bn, *params)
+        ctx.save_for_backward(source, p, mask, norm.save_mean, norm.save_var, norm.reserve, *prev_bn, *params)
         holder['p'] = p
-        return out
+        return norm.out
 
     @staticmethod
     def backward(ctx, grad_out):
         parts: BlockParts = ctx.parts
-        source, p, mask, prev_w, prev_b, *params = ctx.saved_tensors
+        source, p, mask, mean_pw, var_pw, reserve_pw, prev_w, prev_b, *params = ctx.saved_tensors
         w_dw, b_dw, g_dw, beta_dw, w_pw, b_pw, g_pw, beta_pw = params
         act = _ACT_FNS[parts.act]
         needs = ctx.needs_input_grad  # (x, parts, holder, *params)
-        with torch.enable_grad(), _autocast(ctx.autocast):
-            # pointwise half: out = bn_pw(act(p))
-            p_ = p.detach().requires_grad_()
-            out = _batch_norm(parts.bn_pw, act(p_), g_pw, beta_pw)
-            wrt = [p_] + [t for t, n in ((g_pw, needs[9]), (beta_pw, needs[10])) if t is not None and n]
-            grads = torch.autograd.grad(out, wrt, grad_out)
-            del out
-            grad_p, g_bn_pw = grads[0], list(grads[1:])
+        with torch.no_grad(), _autocast(ctx.autocast):
+            # pointwise half, out = bn_pw(act(p)): the normalisation's and activation's own backward kernels
+            a2 = act(p)
+            norm_pw = _Norm(None, mean_pw, var_pw, reserve_pw, ctx.impl)
+            grad_a2, grad_g_pw, grad_beta_pw = _batch_norm_backward(
+                parts.bn_pw, norm_pw, a2, grad_out, g_pw, needs[9:11])
+            grad_p = _act_backward(parts.act, grad_a2, p, a2)
+            del a2, grad_a2
 
             # the block's input: kept, or rebuilt from the previous lean block's pre-activation
             if ctx.link is None:
-                x = source.detach()
+                x = source
             else:
-                with torch.no_grad(), _autocast(ctx.link.autocast):
-                    x = _batch_norm(ctx.link.bn, _ACT_FNS[ctx.link.act](source), prev_w, prev_b)
-            x_ = x.requires_grad_(needs[0])
+                with _autocast(ctx.link.autocast):
+                    x = _batch_norm(ctx.link.bn, _ACT_FNS[ctx.link.act](source), prev_w, prev_b, update=False).out
 
             # depthwise half recomputed: u = x + drop_path(bn_dw(act(conv_dw(x))))
             conv_dw = parts.conv_dw
-            z = F.conv2d(x_, w_dw, b_dw, conv_dw.stride, conv_dw.padding, conv_dw.dilation, conv_dw.groups)
-            y1 = _batch_norm(parts.bn_dw, act(z), g_dw, beta_dw)
-            if mask is not None:
-                y1 = y1 * mask
-            u = y1 + x_
+            with torch.enable_grad():
+                x_ = x.detach().requires_grad_(needs[0])
+                w_dw_ = w_dw.detach().requires_grad_(needs[3])
+                b_dw_ = None if b_dw is None else b_dw.detach().requires_grad_(needs[4])
+                z = F.conv2d(x_, w_dw_, b_dw_, conv_dw.stride, conv_dw.padding, conv_dw.dilation, conv_dw.groups)
+            a1 = act(z.detach())
+            norm_dw = _batch_norm(parts.bn_dw, a1, g_dw, beta_dw, update=False)
+            y1 = norm_dw.out if mask is None else norm_dw.out * mask
+            u = y1 + x
+            del y1
 
             # pointwise convolution's gradients from grad_p, without repeating its forward
-            grad_u, grad_w_pw, grad_b_pw = _pointwise_backward(grad_p, u.detach(), p.dtype, w_pw, b_pw, needs[7:9])
-
-            wrt_dw = [(x_, needs[0]), (w_dw, needs[3]), (b_dw, needs[4]), (g_dw, needs[5]), (beta_dw, needs[6])]
-            wrt = [t for t, n in wrt_dw if t is not None and n]
-            grads_dw = iter(torch.autograd.grad(u, wrt, grad_u) if wrt else ())
-        result = [next(grads_dw) if t is not None and n else None for t, n in wrt_dw]
-        g_bn_pw = iter(g_bn_pw)
-        tail = [next(g_bn_pw) if t is not None and n else None for t, n in ((g_pw, needs[9]), (beta_pw, needs[10]))]
-        return (result[0], None, None, *result[1:], grad_w_pw, grad_b_pw, *tail)
+            grad_u, grad_w_pw, grad_b_pw = _pointwise_backward(grad_p, u, p.dtype, w_pw, b_pw, needs[7:9])
+            del u, grad_p
+            grad_y1 = grad_u if mask is None else grad_u * mask
+            grad_a1, grad_g_dw, grad_beta_dw = _batch_norm_backward(
+                parts.bn_dw, norm_dw, a1, grad_y1, g_dw, needs[5:7])
+            grad_z = _act_backward(parts.act, grad_a1, z, a1)
+            del a1, grad_a1, grad_y1
+            wrt = [t for t in (x_, w_dw_, b_dw_) if t is not None and t.requires_grad]
+            grads = iter(torch.autograd.grad(z, wrt, grad_z) if wrt else ())
+            grad_x_dw, grad_w_dw, grad_b_dw = (next(grads) if t is not None and t.requires_grad else None
+                                               for t in (x_, w_dw_, b_dw_))
+            grad_x = grad_u + grad_x_dw if needs[0] else None
+        bn_grads = lambda g, beta, need: (g if need[0] and g is not None else None,  # noqa: E731
+                                          beta if need[1] and beta is not None else None)
+        return (grad_x, None, None, grad_w_dw, grad_b_dw, *bn_grads(grad_g_dw, grad_beta_dw, needs[5:7]),
+                grad_w_pw, grad_b_pw, *bn_grads(grad_g_pw, grad_beta_pw, needs[9:11]))
 
 
 def _pointwise_backward(grad_p, u, dtype, weight, bias, needs):

@@ -1,0 +1,310 @@
+"""The memory-lean training block (``fast.lean``) and auto's check-before-trust (``fast.checked``).
+
+Lean vs eager: the same model (deep copy), the same input and seed, one side forced to the plain modules, the other to
+the lean block; ``fast.counters`` proves which path ran on each side. CPU fp32 compares exactly (the lean block calls
+the very kernels autograd would); autocast compares within bf16 precision.
+
+Memory: bytes autograd keeps for backward in one training step, unique storages seen by
+``torch.autograd.graph.saved_tensors_hooks``, not counting the model's own parameters and buffers (they exist
+whether or not a step runs); ours against timm's built-in class with the same weights.
+"""
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import timm
+from timm.models.convmixer import ConvMixer as BuiltinConvMixer
+
+from timm_convmixer import fast
+from timm_convmixer.fast import checked
+from timm_convmixer.fast.eligibility import block_parts
+
+
+def _step(model, x, backend, steps=1):
+    """``steps`` training steps' loss, gradients and buffers with ``backend`` forced, and the paths that ran."""
+    fast.reset_counters()
+    losses = []
+    with fast.use_backend(backend):
+        for _ in range(steps):
+            model.zero_grad(set_to_none=True)
+            loss = model(x).float().logsumexp(1).mean()
+            loss.backward()
+            losses.append(loss.detach())
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    return torch.stack(losses), grads, buffers, dict(fast.counters)
+
+
+def _pair(name='convmixer_256_8_ks5_p2', channels_last=False, **kwargs):
+    model = timm.create_model(name, **kwargs).train()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model, copy.deepcopy(model)
+
+
+def _input(n, size, channels_last=False):
+    x = torch.randn(n, 3, size, size)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def _assert_same_step(eager, lean, depth, steps, exact=True, rtol=0., atol=0.):
+    loss_e, grads_e, bufs_e, paths_e = eager
+    loss_l, grads_l, bufs_l, paths_l = lean
+    assert paths_e == {'eager': depth * steps}
+    assert paths_l == {'lean': depth * steps}
+    assert grads_e.keys() == grads_l.keys() and len(grads_e) == len(list(grads_e))
+    if exact:
+        assert torch.equal(loss_l, loss_e)
+        for n in grads_e:
+            assert torch.equal(grads_l[n], grads_e[n]), n
+        for n in bufs_e:
+            assert torch.equal(bufs_l[n], bufs_e[n]), n
+    else:
+        torch.testing.assert_close(loss_l, loss_e, rtol=rtol, atol=atol)
+        for n in grads_e:
+            torch.testing.assert_close(grads_l[n], grads_e[n], rtol=rtol, atol=atol, msg=n)
+        for n in bufs_e:
+            torch.testing.assert_close(bufs_l[n].float(), bufs_e[n].float(), rtol=rtol, atol=atol, msg=n)
+
+
+@pytest.mark.parametrize('act,kernel,drop_path,momentum,channels_last', [
+    ('gelu', 5, 0., 0.1, False),
+    ('relu', 7, 0.3, None, True),  # drop path masks, the cumulative running average
+    ('silu', 8, 0.2, 0.1, False),  # even kernel: asymmetric "same" padding
+    ('gelu_tanh', 3, 0., None, True),
+])
+def test_lean_training_steps_equal_eager_exactly(act, kernel, drop_path, momentum, channels_last):
+    act_layer = {'gelu': nn.GELU, 'relu': nn.ReLU, 'silu': nn.SiLU,
+                 'gelu_tanh': lambda: nn.GELU(approximate='tanh')}[act]
+    depth = 3
+    eager, lean = _pair(dim=16, depth=depth, kernel_size=kernel, act_layer=act_layer, drop_path_rate=drop_path,
+                        bn_momentum=momentum, channels_last=channels_last)
+    x = _input(4, 32, channels_last)
+    torch.manual_seed(1)
+    ref = _step(eager, x, 'eager', steps=2)
+    torch.manual_seed(1)
+    got = _step(lean, x, 'lean', steps=2)
+    _assert_same_step(ref, got, depth, steps=2)
+    assert int(lean.blocks[0][3].num_batches_tracked) == 2
+
+
+def test_auto_trains_with_the_lean_block_on_cpu():
+    eager, lean = _pair(dim=16, depth=2)
+    x = _input(2, 32)
+    ref = _step(eager, x, 'eager')
+    got = _step(lean, x, 'auto')
+    _assert_same_step(ref, got, depth=2, steps=1)
+
+
+def test_lean_under_bf16_autocast_matches_eager_autocast():
+    eager, lean = _pair(dim=16, depth=2)
+    x = _input(2, 32)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        ref = _step(eager, x, 'eager')
+        got = _step(lean, x, 'lean')
+    # the same bf16 kernels in the same order: equal to bf16 precision at worst
+    _assert_same_step(ref, got, depth=2, steps=1, exact=False, rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.parametrize('name,kwargs,size,channels_last', [
+    ('convmixer_768_32', dict(depth=4), 112, False),  # ReLU, kernel 7, patch 7
+    ('convmixer_768_32', dict(depth=4), 112, True),
+    ('convmixer_256_8_ks5_p2', dict(depth=4), 32, False),  # GELU, kernel 5, patch 2
+    ('convmixer_256_8_ks5_p2', dict(depth=4), 32, True),
+])
+def test_saved_for_backward_at_most_04x_builtin(name, kwargs, size, channels_last):
+    ours = timm.create_model(name, **kwargs).train()
+    cfg = dict(dim=ours.num_features, depth=len(ours.blocks), kernel_size=ours.kernel_size,
+               patch_size=ours.patch_size, num_classes=ours.num_classes,
+               act_layer=type(ours.stem[1]))
+    builtin = BuiltinConvMixer(**cfg).train()
+    builtin.load_state_dict(ours.state_dict())
+    if channels_last:
+        ours, builtin = ours.to(memory_format=torch.channels_last), builtin.to(memory_format=torch.channels_last)
+    x = _input(2, size, channels_last)
+
+    def saved_bytes(model):
+        own = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+        seen = {}
+
+        def pack(t):
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in own:
+                seen[storage.data_ptr()] = storage.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(x).logsumexp(1).mean()
+        loss.backward()
+        return sum(seen.values())
+
+    fast.reset_counters()
+    ours_bytes = saved_bytes(ours)
+    assert fast.counters == {'lean': len(ours.blocks)}
+    builtin_bytes = saved_bytes(builtin)
+    ratio = ours_bytes / builtin_bytes
+    print(f'\n{name} {kwargs} {size}px {"channels_last" if channels_last else "NCHW"}: saved for backward '
+          f'{ours_bytes / 2**20:.2f} MiB (ours, lean) vs {builtin_bytes / 2**20:.2f} MiB (built-in) = {ratio:.3f}x')
+    assert ratio <= 0.4
+    for p_ours, p_builtin in zip(ours.parameters(), builtin.parameters()):
+        torch.testing.assert_close(p_ours.grad, p_builtin.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_link_declined_when_the_block_output_was_modified():
+    eager, lean = _pair(dim=16, depth=3)
+    for model in (eager, lean):  # an in-place edit between blocks: the next block must keep its own input
+        model.blocks[1].register_forward_pre_hook(lambda m, args: (args[0].mul_(1.5),))
+        model.blocks[1].register_forward_pre_hook(lambda m, args: None)
+    x = _input(2, 32)
+    ref = _step(eager, x, 'eager')
+    got = _step(lean, x, 'lean')
+    _assert_same_step(ref, got, depth=3, steps=1)
+
+
+def test_forward_intermediates_keep_their_values():
+    eager, lean = _pair(dim=16, depth=3)
+    x = _input(2, 32)
+    with fast.use_backend('eager'):
+        ref_final, ref_inter = eager.forward_intermediates(x)
+    fast.reset_counters()
+    with fast.use_backend('lean'):
+        final, inter = lean.forward_intermediates(x)
+    assert fast.counters == {'lean': 3}
+    for a, b in zip(inter, ref_inter):
+        assert torch.equal(a, b)
+    trunk = lambda m: list(m.stem.parameters()) + list(m.blocks.parameters())  # noqa: E731 (the head is unused)
+    weights = [torch.randn_like(t) for t in inter + [final]]  # a plain sum of BN outputs has zero gradient
+    loss = lambda outs: sum((w * t).sum() for w, t in zip(weights, outs))  # noqa: E731
+    grads = torch.autograd.grad(loss(inter + [final]), trunk(lean))
+    ref_grads = torch.autograd.grad(loss(ref_inter + [ref_final]), trunk(eager))
+    for a, b in zip(grads, ref_grads):  # gradients of one output from several consumers: summed in another order
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-6 * b.abs().max().item())
+
+
+def test_grad_checkpointing_runs_the_plain_modules_inside_checkpoints():
+    eager, lean = _pair(dim=16, depth=3)
+    lean.set_grad_checkpointing()
+    x = _input(2, 32)
+    ref = _step(eager, x, 'eager')
+    got = _step(lean, x, 'auto')
+    assert got[3] == {'eager': 6}  # each block twice (forward, recomputation), never the lean block
+    torch.testing.assert_close(got[0], ref[0], rtol=0, atol=0)
+    for n in ref[1]:
+        torch.testing.assert_close(got[1][n], ref[1][n], rtol=1e-5, atol=1e-7)
+
+
+def test_no_grad_training_mode_and_sync_batchnorm_take_the_plain_modules():
+    model = timm.create_model('convmixer_256_8_ks5_p2', dim=16, depth=2).train()
+    x = _input(2, 32)
+    fast.reset_counters()
+    with torch.no_grad():
+        model(x)
+    assert fast.counters == {'eager': 2}
+    assert int(model.blocks[0][3].num_batches_tracked) == 1  # running statistics updated once
+    synced = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(model))
+    assert block_parts(synced.blocks[0]) is None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# auto's check before trust
+
+
+def _eval_model(dim=8, depth=2):
+    model = timm.create_model('convmixer_256_8_ks5_p2', dim=dim, depth=depth, kernel_size=3).eval()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    return model
+
+
+@pytest.fixture
+def interpreter(monkeypatch):
+    pytest.importorskip('triton', reason='triton is not importable')
+    monkeypatch.setenv('TRITON_INTERPRET', '1')
+    checked.forget()
+    yield
+    checked.forget()
+
+
+def test_auto_checks_triton_on_first_use_and_keeps_the_faster(interpreter):
+    model = _eval_model()
+    x = _input(1, 16)
+    with torch.no_grad(), fast.use_backend('eager'):
+        expected = model(x)
+    fast.reset_counters()
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad(), fast.use_backend('auto'):
+        warnings.simplefilter('always')
+        first = model(x)
+        second = model(x)
+    said = [w for w in caught if issubclass(w.category, checked.FastPathDecision)]
+    assert len(said) == 1, [str(w.message) for w in caught]  # said once, for the one case both blocks share
+    (key, decision), = checked.decisions.items()
+    assert key[:4] == ('triton', 'cpu', None, (1, 8, 8, 8)) and key[7:] == ('eval', 'gelu', 3)
+    # the interpreter is orders of magnitude slower than oneDNN/ATen: auto must keep the plain modules
+    assert decision.path == 'eager' and decision.fused_ms > decision.eager_ms, decision
+    assert decision.max_rel_err <= checked.tolerance(torch.float32, 'cpu')
+    assert 'eager' in str(said[0].message) and 'ms' in str(said[0].message)
+    assert fast.counters == {'eager': 4}
+    torch.testing.assert_close(first, expected, rtol=0, atol=0)
+    torch.testing.assert_close(second, expected, rtol=0, atol=0)
+
+
+def test_auto_falls_back_with_a_warning_when_the_fused_result_differs(interpreter, monkeypatch):
+    from timm_convmixer.fast import triton_ops
+    real = triton_ops.triton_block_forward
+
+    def off_by_a_bit(block, x, **kwargs):
+        out = real(block, x, **kwargs)
+        return None if out is None else out * 1.01
+
+    monkeypatch.setattr(triton_ops, 'triton_block_forward', off_by_a_bit)
+    model = _eval_model()
+    x = _input(1, 16)
+    fast.reset_counters()
+    with pytest.warns(RuntimeWarning, match=r'fused triton path gave a different result.*eval blocks on cpu'), \
+            torch.no_grad(), fast.use_backend('auto'):
+        model(x)
+    (decision,) = checked.decisions.values()
+    assert decision.path == 'eager' and decision.max_rel_err > 1e-3
+    assert fast.counters == {'eager': 2}
+
+
+def test_forcing_triton_skips_the_check(interpreter):
+    model = _eval_model()
+    x = _input(1, 16)
+    fast.reset_counters()
+    with torch.no_grad(), fast.use_backend('triton'):
+        model(x)
+    assert fast.counters == {'triton': 2} and not checked.decisions
+
+
+def test_training_check_updates_running_statistics_once():
+    """The CUDA training check (lean vs eager, forward and backward) run on CPU: same decision logic."""
+    model = timm.create_model('convmixer_256_8_ks5_p2', dim=8, depth=1, drop_path_rate=0.).train()
+    reference = copy.deepcopy(model)
+    block, ref_block = model.blocks[0], reference.blocks[0]
+    x = torch.randn(2, 8, 6, 6, requires_grad=True)
+    checked.forget()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', checked.FastPathDecision)
+            out = fast._checked_train(block, block_parts(block), x)
+            if out is None:  # what MixerBlock does when the check keeps the plain modules
+                out = nn.Sequential.forward(block, x)
+        with fast.use_backend('eager'):
+            ref = ref_block(x)
+        (decision,) = checked.decisions.values()
+    finally:
+        checked.forget()
+    assert decision.path in ('lean', 'eager') and decision.fused_ms is not None and decision.eager_ms is not None
+    assert decision.max_rel_err <= checked.tolerance(torch.float32, 'cpu')
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    for name, buf in block.named_buffers():  # the trial's own updates were rolled back: one step's worth
+        assert torch.equal(buf, dict(ref_block.named_buffers())[name]), name
+    assert int(block[3].num_batches_tracked) == 1
