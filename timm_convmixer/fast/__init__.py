@@ -8,11 +8,11 @@ watching (those must see the plain modules). Each backend then adds only its own
 
 Backends:
 
-* ``'auto'`` (default): training-mode blocks (BatchNorm on batch statistics) -> the memory-lean block of
-  :mod:`.lean` on every device; eval-mode CPU tensors -> the oneDNN path of :mod:`.cpu`; eval-mode CUDA tensors ->
-  the Triton kernels, but only for a case (device, shape, dtype, mode...) where :mod:`.checked` found them correct
-  and faster than the plain modules on first use. Training-mode CUDA blocks are checked the same way (lean vs
-  eager, forward and backward). With ``TRITON_INTERPRET=1`` CPU tensors count as a Triton device (tests).
+* ``'auto'`` (default): the fastest correct path, measured where it is not known. Eval-mode CPU tensors -> the
+  oneDNN path of :mod:`.cpu`. Eval-mode CUDA tensors -> the Triton kernels, and training-mode blocks (BatchNorm on
+  batch statistics) on any device -> the memory-lean block of :mod:`.lean`, each only for a case (device, shape,
+  dtype, mode...) where :mod:`.checked` found it correct and faster than the plain modules on first use. With
+  ``TRITON_INTERPRET=1`` CPU tensors count as a Triton device (tests).
 * ``'eager'``: never a fast path.
 * ``'lean'``, ``'cpu'``, ``'triton'``: only that path, unchecked, where it applies (the way to force one).
 
@@ -33,7 +33,7 @@ import torch.nn as nn
 
 from .checked import decisions
 from .eligibility import BlockParts, block_parts
-from .lean import lean_block_forward
+from .lean import lean_applies, lean_block_forward
 
 __all__ = [
     'BACKENDS', 'block_forward', 'counters', 'decisions', 'get_backend', 'reset_counters', 'set_backend',
@@ -45,6 +45,7 @@ ENV_VAR = 'TIMM_CONVMIXER_BACKEND'
 
 # which path answered each MixerBlock call since the last reset_counters()
 counters: Counter = Counter()
+
 
 def _check_name(name: str) -> str:
     if not isinstance(name, str) or name.lower() not in BACKENDS:
@@ -68,7 +69,7 @@ _backend = _backend_from_env()
 
 
 def set_backend(name: str) -> None:
-    """Select the fast path for all ConvMixer blocks: 'auto', 'eager', 'cpu' or 'triton'."""
+    """Select the fast path for all ConvMixer blocks: one of :data:`BACKENDS` (see the module docstring)."""
     global _backend
     _backend = _check_name(name)
 
@@ -165,7 +166,7 @@ def _checked_eval(block: nn.Module, parts: BlockParts, x: torch.Tensor) -> Optio
 
 
 def _checked_train(block: nn.Module, parts: BlockParts, x: torch.Tensor) -> Optional[torch.Tensor]:
-    """auto's training path on CUDA: the lean block where the check on first use found it right and faster."""
+    """auto's training path: the lean block where the check on first use found it right and faster."""
     from . import checked
     dtype = _compute_dtype(x)
     key = checked.case_key('lean', parts, x, dtype)
@@ -195,9 +196,9 @@ def _fast_forward(block: nn.Module, x: torch.Tensor, backend: str):
     if parts is None:
         return None
     if parts.mode == 'train':
-        if backend == 'lean' or (backend == 'auto' and x.device.type != 'cuda'):
+        if backend == 'lean':
             return 'lean', lean_block_forward(parts, x)
-        if backend == 'auto':
+        if backend == 'auto' and lean_applies(parts, x):
             return 'lean', _checked_train(block, parts, x)
         return None
     if x.device.type == 'cpu' and (backend == 'cpu' or (backend == 'auto' and not _triton_device(x))):

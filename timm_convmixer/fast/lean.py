@@ -1,23 +1,27 @@
-"""The memory-lean training block: the eager block's exact computation, keeping a third of its activations.
+"""The memory-lean training block: the eager block's computation, keeping a third of its activations or less.
 
 What autograd keeps for backward is what limits ConvMixer's batch size (locuslab/convmixer issue 13). A training
-block through the plain modules keeps about six full activation tensors: the conv inputs ``x`` and ``u``, the
-activation inputs, the BatchNorm inputs. This block keeps one or two:
+block through the plain modules keeps four (ReLU) to six (GELU) full activation tensors: the conv inputs ``x`` and
+``u``, the activation inputs, the BatchNorm inputs. This block keeps one or two:
 
 * the pointwise pre-activation ``p`` (recomputing it would cost the block's GEMM again);
-* its input ``x``, unless ``x`` is the untouched output of the previous lean block: then ``x`` is exactly
-  ``BN(act(p_prev))`` with batch statistics, rebuilt in backward from the ``p_prev`` that block keeps anyway;
-* the per-sample drop-path mask (``N`` numbers), and references to the parameters (for autograd's in-place checks).
+* its input ``x``, unless ``x`` is the untouched output of the previous lean block: then ``x`` is
+  ``BN(act(p_prev))`` with that block's batch statistics, rebuilt in backward from the ``p_prev`` it keeps anyway;
+* per-channel batch statistics, the per-sample drop-path mask (``N`` numbers), and references to the parameters
+  (so autograd's in-place checks still apply).
 
-Forward runs the block's own modules, so values, running-statistics updates (``momentum``, including ``None``, the
-cumulative average; ``num_batches_tracked``; the unbiased variance) and drop-path's random draws are the eager
-block's. Backward recomputes the depthwise branch from ``x`` and both normalisations from batch statistics (without
-touching the running statistics), then applies autograd's own formulas to the recomputed graph; the pointwise
-convolution's gradients come from ``aten.convolution_backward`` on the saved ``p``'s gradient, so its forward GEMM is
-never repeated. Autocast is restored in backward as it was in forward, so the recomputed casts are eager's.
+Forward is the eager block's, op for op (the module's convolutions, the kernel ``F.batch_norm`` picks, the same
+running-statistics update: ``momentum`` or the cumulative average when it is ``None``, ``num_batches_tracked``, the
+unbiased variance; drop path's own random draw), so outputs and running statistics equal eager's exactly. Backward
+recomputes the depthwise branch from ``x`` and re-applies the saved statistics (one elementwise pass each; the
+result is within an ulp of forward's), then runs the kernels autograd itself would run (BatchNorm, activation and
+convolution backward); the pointwise convolution's gradients come from ``aten.convolution_backward``, so its GEMM
+is never repeated. Autocast is restored in backward as it was in forward, so the recomputed casts are eager's.
 
-This is plain torch: it runs on every device (it is what CPU training uses) and is what ``torch.compile`` never
-sees (the dispatcher hands tracers the plain modules).
+The price is the recomputation: a depthwise convolution and a few elementwise passes per block. This is plain
+torch and runs on every device; ``auto`` times it against the plain modules on first use (:mod:`.checked`) and keeps
+the faster, ``set_backend('lean')`` asks for the memory saving whatever it costs, and ``torch.compile`` never sees
+it (the dispatcher hands tracers the plain modules).
 """
 import contextlib
 import weakref
@@ -29,7 +33,7 @@ import torch.nn.functional as F
 
 from .eligibility import BlockParts
 
-__all__ = ['lean_block_forward', 'under_checkpoint']
+__all__ = ['lean_applies', 'lean_block_forward', 'under_checkpoint']
 
 # attribute on a lean block's output: how to rebuild it from the previous block's pre-activation
 _LINK = '_timm_convmixer_lean_link'
@@ -50,6 +54,8 @@ class _Link(NamedTuple):
     out_version: int
     act: str
     bn: nn.BatchNorm2d
+    mean: torch.Tensor  # the batch statistics ``out`` was normalised with ([C] each)
+    invstd: torch.Tensor
     autocast: Tuple
 
 
@@ -123,6 +129,17 @@ def _batch_norm(bn: nn.BatchNorm2d, t: torch.Tensor, weight, bias, update: bool)
         t, weight, bias, running_mean, running_var, True, momentum, bn.eps, torch.backends.cudnn.enabled))
 
 
+def _normalize(bn: nn.BatchNorm2d, t: torch.Tensor, weight, bias, mean, invstd) -> torch.Tensor:
+    """Recompute a batch-statistics normalisation from its saved statistics: one elementwise pass.
+
+    The statistics pass is the expensive half of ``batch_norm`` on a CPU; the inference kernel applies saved
+    statistics in one pass. It takes a variance, so ``invstd`` goes back through ``1/invstd^2 - eps``: the result
+    matches the forward's within an ulp or two.
+    """
+    var = invstd.double().pow(-2).sub(bn.eps).to(invstd.dtype)
+    return torch.batch_norm(t, weight, bias, mean, var, False, 0., bn.eps, torch.backends.cudnn.enabled)
+
+
 def _batch_norm_backward(bn: nn.BatchNorm2d, norm: _Norm, t: torch.Tensor, grad: torch.Tensor, weight, needs):
     """Gradients wrt (input, weight, bias) of a :func:`_batch_norm` of ``t``, by autograd's own kernel."""
     return torch.ops.aten._batch_norm_impl_index_backward(
@@ -152,7 +169,8 @@ class _LeanBlock(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, parts: BlockParts, holder: Dict[str, Any], *params):
         act = _ACT_FNS[parts.act]
-        y1 = _batch_norm(parts.bn_dw, act(parts.conv_dw(x)), params[2], params[3], update=True).out
+        norm_dw = _batch_norm(parts.bn_dw, act(parts.conv_dw(x)), params[2], params[3], update=True)
+        y1 = norm_dw.out
         mask = None
         if type(parts.drop_path) is not nn.Identity and parts.drop_path.training and parts.drop_path.drop_prob > 0.:
             # the module's own draw on a ones tensor: exactly the mask (and random stream) eager would use
@@ -171,14 +189,19 @@ class _LeanBlock(torch.autograd.Function):
         ctx.link = None if linked is None else linked[0]
         source = x if linked is None else linked[1]  # what rebuilds the input in backward
         prev_bn = (None, None) if linked is None else (linked[0].bn.weight, linked[0].bn.bias)
-        ctx.save_for_backward(source, p, mask, norm.save_mean, norm.save_var, norm.reserve, *prev_bn, *params)
+        prev_stats = (None, None) if linked is None else (linked[0].mean, linked[0].invstd)
+        ctx.save_for_backward(source, p, mask, norm.save_mean, norm.save_var, norm.reserve, norm_dw.save_mean,
+                              norm_dw.save_var, norm_dw.reserve, *prev_bn, *prev_stats, *params)
+        ctx.impl_dw = norm_dw.impl
         holder['p'] = p
+        holder['stats'] = (norm.save_mean, norm.save_var)
         return norm.out
 
     @staticmethod
     def backward(ctx, grad_out):
         parts: BlockParts = ctx.parts
-        source, p, mask, mean_pw, var_pw, reserve_pw, prev_w, prev_b, *params = ctx.saved_tensors
+        (source, p, mask, mean_pw, var_pw, reserve_pw, mean_dw, var_dw, reserve_dw, prev_w, prev_b, prev_mean,
+         prev_invstd, *params) = ctx.saved_tensors
         w_dw, b_dw, g_dw, beta_dw, w_pw, b_pw, g_pw, beta_pw = params
         act = _ACT_FNS[parts.act]
         needs = ctx.needs_input_grad  # (x, parts, holder, *params)
@@ -196,7 +219,8 @@ class _LeanBlock(torch.autograd.Function):
                 x = source
             else:
                 with _autocast(ctx.link.autocast):
-                    x = _batch_norm(ctx.link.bn, _ACT_FNS[ctx.link.act](source), prev_w, prev_b, update=False).out
+                    x = _normalize(ctx.link.bn, _ACT_FNS[ctx.link.act](source), prev_w, prev_b, prev_mean,
+                                   prev_invstd)
 
             # depthwise half recomputed: u = x + drop_path(bn_dw(act(conv_dw(x))))
             conv_dw = parts.conv_dw
@@ -206,8 +230,9 @@ class _LeanBlock(torch.autograd.Function):
                 b_dw_ = None if b_dw is None else b_dw.detach().requires_grad_(needs[4])
                 z = F.conv2d(x_, w_dw_, b_dw_, conv_dw.stride, conv_dw.padding, conv_dw.dilation, conv_dw.groups)
             a1 = act(z.detach())
-            norm_dw = _batch_norm(parts.bn_dw, a1, g_dw, beta_dw, update=False)
-            y1 = norm_dw.out if mask is None else norm_dw.out * mask
+            y1 = _normalize(parts.bn_dw, a1, g_dw, beta_dw, mean_dw, var_dw)
+            if mask is not None:
+                y1 = y1 * mask
             u = y1 + x
             del y1
 
@@ -215,6 +240,7 @@ class _LeanBlock(torch.autograd.Function):
             grad_u, grad_w_pw, grad_b_pw = _pointwise_backward(grad_p, u, p.dtype, w_pw, b_pw, needs[7:9])
             del u, grad_p
             grad_y1 = grad_u if mask is None else grad_u * mask
+            norm_dw = _Norm(None, mean_dw, var_dw, reserve_dw, ctx.impl_dw)
             grad_a1, grad_g_dw, grad_beta_dw = _batch_norm_backward(
                 parts.bn_dw, norm_dw, a1, grad_y1, g_dw, needs[5:7])
             grad_z = _act_backward(parts.act, grad_a1, z, a1)
@@ -244,21 +270,29 @@ def _pointwise_backward(grad_p, u, dtype, weight, bias, needs):
     return grad_u, grad_w, grad_b
 
 
+def lean_applies(parts: BlockParts, x: torch.Tensor) -> bool:
+    """Training mode, autograd recording (otherwise nothing is kept anyway), and no checkpoint packing."""
+    if parts.mode != 'train' or x.dim() != 4 or x.layout != torch.strided or x.numel() == 0:
+        return False
+    if not torch.is_grad_enabled():
+        return False
+    if not (x.requires_grad or any(t is not None and t.requires_grad for t in _params(parts))):
+        return False
+    return not under_checkpoint()
+
+
 def lean_block_forward(parts: BlockParts, x: torch.Tensor) -> Optional[torch.Tensor]:
     """The training-mode block through :class:`_LeanBlock`, or ``None`` where it does not apply (then eager runs).
 
-    Applies when the block is in ``'train'`` mode, autograd will record it, and no checkpoint is packing saved
-    tensors. The output carries a link so that the next lean block need not keep it.
+    The output carries a link so that the next lean block need not keep it.
     """
-    if parts.mode != 'train' or x.dim() != 4 or x.layout != torch.strided or x.numel() == 0:
+    if not lean_applies(parts, x):
         return None
     params = _params(parts)
-    if not torch.is_grad_enabled() or not (x.requires_grad or any(t is not None and t.requires_grad for t in params)):
-        return None  # nothing is kept for backward anyway
-    if under_checkpoint():
-        return None
     holder: Dict[str, Any] = {'autocast': _autocast_state(x.device.type), 'link': _live_link(x)}
     out = _LeanBlock.apply(x, parts, holder, *params)
     p = holder.pop('p')
-    setattr(out, _LINK, _Link(weakref.ref(p), p._version, out._version, parts.act, parts.bn_pw, holder['autocast']))
+    mean, invstd = holder.pop('stats')
+    setattr(out, _LINK, _Link(
+        weakref.ref(p), p._version, out._version, parts.act, parts.bn_pw, mean, invstd, holder['autocast']))
     return out
