@@ -300,3 +300,16 @@ def test_forcing_triton_skips_the_check(interpreter):
     with torch.no_grad(), fast.use_backend('triton'):
         model(x)
     assert fast.counters == {'triton': 2} and not checked.decisions
+
+
+def test_bf16_autocast_without_native_bf16_is_said_once():
+    from timm_convmixer.fast import cpu
+    if cpu._bf16_supported():
+        pytest.skip('this CPU has native bf16: nothing to warn about')
+    model = timm.create_model('convmixer_256_8_ks5_p2', dim=8, depth=2).eval()
+    cpu._warned_slow_bf16 = False
+    with pytest.warns(RuntimeWarning, match='without native bf16 support.*15-20x slower') as caught, \
+            torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        model(_input(1, 16))
+        model(_input(1, 16))
+    assert sum('native bf16' in str(w.message) for w in caught) == 1

@@ -213,11 +213,13 @@ def _fast_forward(block: nn.Module, x: torch.Tensor, backend: str):
 
 def block_forward(block: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
     """The block's output by a fast path, or ``None`` to let the plain modules run."""
-    backend = _backend
-    if backend != 'eager' and type(x) is torch.Tensor and not _watched():
-        answer = _fast_forward(block, x, backend)
-        if answer is not None and answer[1] is not None:
-            counters[answer[0]] += 1
-            return answer[1]
+    if type(x) is torch.Tensor and not _watched():
+        from . import cpu
+        cpu.warn_if_bf16_is_emulated(x)
+        if _backend != 'eager':
+            answer = _fast_forward(block, x, _backend)
+            if answer is not None and answer[1] is not None:
+                counters[answer[0]] += 1
+                return answer[1]
     counters['eager'] += 1
     return None
