@@ -313,3 +313,23 @@ def test_bf16_autocast_without_native_bf16_is_said_once():
         model(_input(1, 16))
         model(_input(1, 16))
     assert sum('native bf16' in str(w.message) for w in caught) == 1
+
+
+def test_auto_falls_back_when_the_fused_path_raises(interpreter, monkeypatch):
+    from timm_convmixer.fast import triton_ops
+
+    def broken(block, x, **kwargs):
+        raise RuntimeError('no kernel image is available for execution on the device')
+
+    monkeypatch.setattr(triton_ops, 'triton_block_forward', broken)
+    model = _eval_model()
+    x = _input(1, 16)
+    with torch.no_grad(), fast.use_backend('eager'):
+        expected = model(x)
+    fast.reset_counters()
+    with pytest.warns(RuntimeWarning, match='fused triton path failed.*no kernel image'), torch.no_grad(), \
+            fast.use_backend('auto'):
+        got = model(x)
+    assert fast.counters == {'eager': 2} and torch.equal(got, expected)
+    (decision,) = checked.decisions.values()
+    assert decision.path == 'eager' and 'RuntimeError' in decision.reason

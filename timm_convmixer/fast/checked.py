@@ -129,10 +129,18 @@ def decide(
         with _forked_rng(x.device):
             reference = eager()
         _restore(state)
-        with _forked_rng(x.device):
-            candidate = fused()
+        try:
+            with _forked_rng(x.device):
+                candidate = fused()
+        except Exception as e:  # a kernel that fails to compile or launch on this device must not take the model down
+            candidate = e
         _restore(state)
-        if candidate is None:
+        if isinstance(candidate, Exception):
+            decision = Decision('eager', f'{name} failed: {type(candidate).__name__}: {candidate}', None, None, None)
+            warnings.warn(f'timm_convmixer: the fused {name} path failed for {_describe(key)} '
+                          f'({type(candidate).__name__}: {candidate}); using the plain modules for this case',
+                          RuntimeWarning, stacklevel=3)
+        elif candidate is None:
             decision = Decision('eager', f'{name} does not apply to this case', None, None, None)
         else:
             refs = reference if isinstance(reference, tuple) else (reference,)
