@@ -31,7 +31,8 @@ def test_cli_writes_json_and_chart(tmp_path):
     infer = result['results'][0]['modes']
     assert infer['nchw']['ours_block_paths'] == {'cpu': 2}  # our model really took the fast path
     assert infer['nchw']['max_abs_diff'] < 1e-4 and infer['channels_last']['max_abs_diff'] < 1e-4
-    assert result['results'][1]['modes']['nchw']['ours_block_paths'] == {'eager': 2}
+    # training: auto timed the lean block against the plain modules on first use and kept one for both blocks
+    assert result['results'][1]['modes']['nchw']['ours_block_paths'] in ({'eager': 2}, {'lean': 2})
     assert chart.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
 

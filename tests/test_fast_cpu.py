@@ -140,7 +140,7 @@ def test_fp16_autocast_and_tracing_run_eager():
     torch.testing.assert_close(traced(x), ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.skipif(not fast_cpu._bf16_supported(), reason='oneDNN has no bf16 kernels on this CPU')
+@pytest.mark.skipif(not fast_cpu.native_bf16(), reason='oneDNN has no bf16 kernels on this CPU')
 @pytest.mark.parametrize('kernel_size', [8, 9])
 def test_bf16_autocast_matches_eager_autocast(kernel_size):
     """Under bf16 autocast the fast path computes in bf16 as eager does, and is at least as close to fp32."""

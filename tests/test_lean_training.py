@@ -304,7 +304,7 @@ def test_forcing_triton_skips_the_check(interpreter):
 
 def test_bf16_autocast_without_native_bf16_is_said_once():
     from timm_convmixer.fast import cpu
-    if cpu._bf16_supported():
+    if cpu.native_bf16():
         pytest.skip('this CPU has native bf16: nothing to warn about')
     model = timm.create_model('convmixer_256_8_ks5_p2', dim=8, depth=2).eval()
     cpu._warned_slow_bf16 = False

@@ -30,6 +30,8 @@ from typing import Any, Callable, Dict, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from . import fast
+from .fast.cpu import native_bf16
 from ._io import atomic_write, atomic_write_json
 from .cli import ModelKwargs
 
@@ -67,17 +69,23 @@ def _hardware(device: torch.device) -> Dict[str, Any]:
     import timm
     from .version import __version__
     cpu_model = platform.processor() or platform.machine()
+    cpu_flags = []
     try:
         with open('/proc/cpuinfo') as f:
             for line in f:
                 if line.startswith('model name'):
                     cpu_model = line.split(':', 1)[1].strip()
+                elif line.startswith('flags'):
+                    # the vector extensions that decide CPU speed-ups (a win on AVX-512 can be a loss on AVX2)
+                    cpu_flags = sorted(f for f in line.split(':', 1)[1].split()
+                                       if f.startswith(('avx', 'amx', 'fma')) or f == 'f16c')
                     break
     except OSError:
         pass
     info = {
         'torch': torch.__version__, 'timm': timm.__version__, 'timm_convmixer': __version__,
         'python': platform.python_version(), 'platform': platform.platform(), 'cpu_model': cpu_model,
+        'cpu_flags': cpu_flags, 'cpu_native_bf16': native_bf16(),
         'cpu_count': os.cpu_count(), 'threads': torch.get_num_threads(), 'device': str(device),
         'cuda_device': torch.cuda.get_device_name(device) if device.type == 'cuda' else None,
         'cuda_version': torch.version.cuda, 'mkldnn': torch.backends.mkldnn.is_available(),
@@ -173,8 +181,6 @@ def _prepare(model: nn.Module, x: torch.Tensor, mode: str):
 def _bench_case(
         ours: nn.Module, builtin: nn.Module, x: torch.Tensor, task: str, dtype: str, modes: Sequence[str],
         iters: int, warmup: int, progress: Any, backend: str) -> Dict[str, Any]:
-    from . import fast
-
     device = x.device
     runners = {}
     for mode in modes:
@@ -387,8 +393,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument('--threads', type=int, default=0, help='torch.set_num_threads (0: leave as is)')
     p.add_argument('--peak-tflops', type=float, default=None,
                    help='hardware ceiling for the fraction-of-peak column (default: CUDA table, else unknown)')
-    p.add_argument('--backend', default='auto', choices=['auto', 'eager', 'cpu', 'triton'],
-                   help='timm_convmixer.fast backend for our model')
+    p.add_argument('--backend', default='auto', choices=list(fast.BACKENDS),
+                   help="timm_convmixer.fast backend for our model ('lean': the memory-lean training block)")
     p.add_argument('--model-kwargs', nargs='*', default={}, action=ModelKwargs, metavar='KEY=VALUE',
                    help='key=value overrides, e.g. depth=4 dim=256')
     p.add_argument('--out', default=None, help='JSON output path')

@@ -33,7 +33,7 @@ import torch.nn as nn
 
 from .eligibility import BlockParts, bn_scale_shift
 
-__all__ = ['available', 'block_forward', 'clear_cache']
+__all__ = ['available', 'block_forward', 'clear_cache', 'native_bf16', 'warn_if_bf16_is_emulated']
 
 
 def available() -> bool:
@@ -75,7 +75,8 @@ def _cpu_autocast_dtype() -> torch.dtype:
         return torch.get_autocast_cpu_dtype()
 
 
-def _bf16_supported() -> bool:
+def native_bf16() -> bool:
+    """oneDNN has native bf16 kernels on this CPU (AVX512-BF16/AMX); without them bf16 is emulated, 15-20x slower."""
     probe = getattr(torch.ops.mkldnn, '_is_mkldnn_bf16_supported', None)
     try:
         return bool(probe()) if probe is not None else False
@@ -95,7 +96,7 @@ def warn_if_bf16_is_emulated(x: torch.Tensor) -> None:
     global _warned_slow_bf16
     if _warned_slow_bf16 or x.device.type != 'cpu' or not _cpu_autocast():
         return
-    if _cpu_autocast_dtype() != torch.bfloat16 or _bf16_supported():
+    if _cpu_autocast_dtype() != torch.bfloat16 or native_bf16():
         return
     _warned_slow_bf16 = True
     warnings.warn(
@@ -167,7 +168,7 @@ def _applies(parts: BlockParts, x: torch.Tensor, tensors: List[Optional[torch.Te
         # eager autocast runs the convs in the autocast dtype; follow it for bf16 when oneDNN has bf16 kernels
         if _cpu_autocast_dtype() != torch.bfloat16 or x.dtype not in (torch.float32, torch.bfloat16):
             return None
-        if not _bf16_supported():
+        if not native_bf16():
             return None
         dtype = torch.bfloat16
     elif x.dtype == torch.float32:
