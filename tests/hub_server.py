@@ -6,6 +6,9 @@ It answers what huggingface_hub 2.x asks of a Hub (see its ``file_download.get_h
 * ``HEAD``/``GET /<org>/<repo>/resolve/<rev>/<file>``: ``X-Repo-Commit``, ``ETag``, ``Content-Length``, and for
   LFS-like files (``.safetensors``, ``.bin``, ``.pth``...) ``X-Linked-Etag``/``X-Linked-Size`` as the real Hub
   sends; a missing repo or file is a 404 with ``X-Error-Code`` ``RepoNotFound``/``EntryNotFound``.
+* ``GET /api/models/<org>/<repo>`` and ``.../revision/<rev>``: the repo's info (``sha``, ``siblings``), which
+  ``HfApi.repo_info``/``resolve_revision`` read; transformers' ``from_pretrained`` and ``pipeline`` resolve the
+  revision with it once, then download every file at that commit. A missing repo is a 404 ``RepoNotFound``.
 * ``GET /files/<name>``: plain static files, for timm's torch.hub ``url`` downloads (the authors' release files).
 * ``POST /api/repos/create``, ``POST /api/models/<repo>/preupload/<rev>`` (every file "regular", i.e. inline),
   ``POST /api/models/<repo>/commit/<rev>`` (NDJSON with base64 file contents), ``POST /api/validate-yaml`` (the
@@ -158,7 +161,29 @@ class _Handler(BaseHTTPRequestHandler):
     def do_HEAD(self) -> None:
         self._resolve(head_only=True)
 
+    def _repo_info(self, path: str) -> None:
+        """``/api/models/<org>/<repo>[/revision/<rev>]``: what ``HfApi.model_info`` parses into a ``ModelInfo``."""
+        hub = self.server_hub
+        parts = path.strip('/').split('/')
+        repo_id = '/'.join(parts[2:4])
+        with hub._lock:
+            repo = hub.repos.get(repo_id)
+            names = sorted(repo) if repo is not None else []
+        if repo is None:
+            return self._json(404, {'error': 'Repository not found'},
+                              {'X-Error-Code': 'RepoNotFound', 'X-Error-Message': 'Repository not found'})
+        commit = hub.commit_hash(repo_id)
+        return self._json(200, {
+            'id': repo_id, 'modelId': repo_id, 'sha': commit, 'private': False, 'disabled': False, 'gated': False,
+            'tags': [], 'siblings': [{'rfilename': n} for n in names],
+        }, {'X-Repo-Commit': commit})
+
     def do_GET(self) -> None:
+        path = unquote(urlsplit(self.path).path)
+        parts = path.strip('/').split('/')
+        if parts[:2] == ['api', 'models'] and (len(parts) == 4 or (len(parts) == 6 and parts[4] == 'revision')):
+            self._log()
+            return self._repo_info(path)
         self._resolve(head_only=False)
 
     # --- uploads -------------------------------------------------------------------------------------------

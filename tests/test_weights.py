@@ -22,8 +22,10 @@ from timm.models import adapt_input_conv, load_checkpoint
 
 from hub_server import HubLookAlike
 from timm_convmixer import cli
-from timm_convmixer.convert import convert_checkpoint
+from timm_convmixer.convert import NonFiniteWeightsError, check_finite, convert_checkpoint
+from timm_convmixer.convmixer import CIFAR10_CLASSES
 from timm_convmixer.hub import CheckpointError, read_checkpoint
+from timm_convmixer._state_dict import NonFiniteWeightsWarning, find_nonfinite
 
 SMALL = 'convmixer_256_8_ks5_p2'
 WEIGHTED = {  # variant -> (authors' release file name, an input size that is a small multiple of the patch)
@@ -395,6 +397,9 @@ def test_convert_authors_checkpoint_round_trips_through_local_dir_and_hf_hub(hub
     assert not [p for p in tmp_path.iterdir() if p.name.startswith('.converted')]  # no temp dirs left
     config = json.loads((out / 'config.json').read_text())
     assert config['architecture'] == SMALL and config['model_args']['depth'] == 2
+    # num_classes only at the top level (transformers passes its own beside model_args); class names beside it
+    assert config['num_classes'] == 10 and 'num_classes' not in config['model_args']
+    assert config['label_names'] == list(CIFAR10_CLASSES)
     card = (out / 'README.md').read_text()
     assert card.startswith('---\n') and 'library_name: timm' in card and 'license: mit' in card
     assert "authors' nn.Sequential layout" in card
@@ -433,6 +438,9 @@ def test_convert_formats_ema_force_and_failures(tmp_path):
     convert_checkpoint(pickled, tmp_path / 'tuned', SMALL, model_kwargs=dict(depth=2), unsafe_pickle=True)
     reloaded = timm.create_model(f'local-dir:{tmp_path / "tuned"}', pretrained=True)
     assert reloaded.num_classes == 3 and reloaded.in_chans == 1
+    tuned_config = json.loads((tmp_path / 'tuned' / 'config.json').read_text())
+    assert 'label_names' not in tuned_config and 'label_names' not in tuned_config['pretrained_cfg']  # not CIFAR's
+    assert not reloaded.pretrained_cfg.get('label_names')
     assert torch.equal(logits(reloaded, chans=1), logits(tuned, chans=1))
 
     # failures leave OUT as it was and no temp dirs
@@ -444,6 +452,45 @@ def test_convert_formats_ema_force_and_failures(tmp_path):
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert not (tmp_path / 'x').exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith('.')]
+
+
+def test_nonfinite_weights_refused_by_convert_allowed_with_warning_elsewhere(tmp_path, capsys):
+    """A diverged run's weights: convert names the problem and the tensors and writes nothing, unless told."""
+    ref = small_model(seed=16)
+    sd = {k: v.clone() for k, v in ref.state_dict().items()}
+    sd['blocks.1.1.weight'][0, 0] = float('nan')
+    sd['blocks.1.1.weight'][1, 0] = float('nan')
+    sd['head.bias'][3] = float('-inf')
+    src = tmp_path / 'diverged.pth.tar'
+    torch.save(train_py_checkpoint(sd), src)
+    out = tmp_path / 'out'
+    argv = ['convert', str(src), str(out), '--model', SMALL, '--model-kwargs', 'depth=2']
+
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert 'non-finite values (NaN/Inf) in 2 of' in err
+    assert 'blocks.1.1.weight (2 NaN), head.bias (1 Inf)' in err and '--allow-nonfinite' in err
+    assert 'verification failed' not in err
+    with pytest.raises(NonFiniteWeightsError, match='allow_nonfinite=True'):
+        convert_checkpoint(src, out, SMALL, model_kwargs=dict(depth=2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['diverged.pth.tar']  # nothing written, no temporaries
+
+    # the same check from Python: names the first few tensors, counts the rest
+    assert find_nonfinite(sd) == {'blocks.1.1.weight': (2, 0), 'head.bias': (0, 1)}
+    check_finite(ref.state_dict())  # finite weights pass
+    many = {f'w{i}': torch.full((2,), float('inf')) for i in range(6)}
+    with pytest.raises(NonFiniteWeightsError, match=r'6 of 6 tensors: w0 \(2 Inf\), w1 .* w3 \(2 Inf\) and 2 more'):
+        check_finite(many)
+
+    with pytest.warns(NonFiniteWeightsWarning, match='converting them anyway'):
+        assert cli.main(argv + ['--allow-nonfinite']) == 0
+    # loading stays possible (debugging a diverged run), with a warning naming the tensors
+    with pytest.warns(NonFiniteWeightsWarning, match=r'blocks\.1\.1\.weight \(2 NaN\)'):
+        reloaded = timm.create_model(f'local-dir:{out}', pretrained=True)
+    for k, v in sd.items():
+        torch.testing.assert_close(reloaded.state_dict()[k], v, rtol=0, atol=0, equal_nan=True)
+    with pytest.warns(NonFiniteWeightsWarning, match='head.bias'):
+        timm.create_model(SMALL, depth=2, checkpoint_path=str(src))
 
 
 def test_cli_convert_and_push_to_hub_look_alike(hub, hub_env, tmp_path):
@@ -479,6 +526,7 @@ def test_plugin_checkpoint_loads_into_plain_timm(tmp_path):
     torch.save(logits(ours, 64), tmp_path / 'expected.pt')
     code = f'''
         import sys, torch, timm
+        expected = torch.load({str(tmp_path / "expected.pt")!r}, weights_only=True)
         for kwargs in (dict(checkpoint_path={str(tmp_path / "ckpt.pth")!r}), dict(pretrained=True)):
             name = {name!r} if 'checkpoint_path' in kwargs else 'local-dir:' + {str(tmp_path / "folder")!r}
             model = timm.create_model(name, **kwargs).eval()
@@ -486,7 +534,18 @@ def test_plugin_checkpoint_loads_into_plain_timm(tmp_path):
             torch.manual_seed(123)
             with torch.no_grad():
                 out = model(torch.randn(2, 3, 64, 64))
-            torch.testing.assert_close(out, torch.load({str(tmp_path / "expected.pt")!r}, weights_only=True))
+            torch.testing.assert_close(out, expected)
+        try:
+            from transformers import AutoModelForImageClassification
+        except ImportError:
+            print('transformers not installed')
+        else:  # transformers on plain timm: the same folder, timm's built-in class
+            model = AutoModelForImageClassification.from_pretrained({str(tmp_path / "folder")!r}).eval()
+            assert type(model.timm_model).__module__ == 'timm.models.convmixer', type(model.timm_model)
+            assert model.config.id2label[0].startswith('tench'), model.config.id2label[0]  # ImageNet's, from timm
+            torch.manual_seed(123)
+            with torch.no_grad():
+                torch.testing.assert_close(model(pixel_values=torch.randn(2, 3, 64, 64)).logits, expected)
         assert 'timm_convmixer' not in sys.modules
         print('OK')
     '''

@@ -6,8 +6,12 @@ pip, the package also arms a start-up hook so that a plain ``import timm`` regis
 from .version import __version__
 from . import _autoload  # noqa: F401  (bound as an attribute even when the start-up hook loaded it first)
 from .convmixer import ConvMixer, MixerBlock, checkpoint_filter_fn, default_cfgs
+from ._state_dict import NonFiniteWeightsError, NonFiniteWeightsWarning, check_finite, find_nonfinite
 
-__all__ = ['ConvMixer', 'MixerBlock', 'checkpoint_filter_fn', 'default_cfgs', 'list_variants', '__version__']
+__all__ = [
+    'ConvMixer', 'MixerBlock', 'checkpoint_filter_fn', 'default_cfgs', 'list_variants', 'check_finite',
+    'find_nonfinite', 'NonFiniteWeightsError', 'NonFiniteWeightsWarning', '__version__',
+]
 
 
 def list_variants() -> list:

@@ -14,7 +14,8 @@ import torch
 
 __all__ = [
     'is_authors_layout', 'authors_to_timm', 'unwrap_checkpoint', 'to_timm_layout', 'check_state_dict',
-    'describe_state_dict',
+    'describe_state_dict', 'find_nonfinite', 'describe_nonfinite', 'check_finite', 'NonFiniteWeightsError',
+    'NonFiniteWeightsWarning',
 ]
 
 _AUTHORS_KEY = re.compile(r'^(\d+)\.(.*)$')
@@ -137,3 +138,51 @@ def check_state_dict(
                      (' ...' if len(unexpected) > 6 else ''))
     lines.append('  nothing was loaded; the model is unchanged')
     raise RuntimeError('\n'.join(lines))
+
+
+class NonFiniteWeightsError(ValueError):
+    """Weights holding NaN or Inf (a diverged training run), refused where they would be published."""
+
+
+class NonFiniteWeightsWarning(UserWarning):
+    """Weights holding NaN or Inf were loaded into a model (allowed, to debug a diverged run)."""
+
+
+def find_nonfinite(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, Tuple[int, int]]:
+    """``{name: (NaN count, Inf count)}`` for every floating-point tensor holding a NaN or an Inf, in key order.
+
+    Integer tensors (BatchNorm's ``num_batches_tracked``) cannot hold either; tensors without data (meta device)
+    are skipped.
+    """
+    found = {}
+    for name, value in state_dict.items():
+        if not isinstance(value, torch.Tensor) or value.is_meta:
+            continue
+        if not (value.is_floating_point() or value.is_complex()):
+            continue
+        if bool(torch.isfinite(value).all()):
+            continue
+        found[name] = (int(torch.isnan(value).sum()), int(torch.isinf(value).sum()))
+    return found
+
+
+def describe_nonfinite(found: Mapping[str, Tuple[int, int]], total: int, limit: int = 4) -> str:
+    """``2 of 37 tensors: blocks.3.1.weight (12 NaN), head.bias (1 Inf)``, naming the first ``limit``."""
+    def counts(nan: int, inf: int) -> str:
+        return ', '.join(f'{n} {what}' for n, what in ((nan, 'NaN'), (inf, 'Inf')) if n)
+    names = [f'{k} ({counts(*v)})' for k, v in list(found.items())[:limit]]
+    more = f' and {len(found) - limit} more' if len(found) > limit else ''
+    return f'{len(found)} of {total} tensors: {", ".join(names)}{more}'
+
+
+def check_finite(state_dict: Mapping[str, torch.Tensor], what: str = 'the weights') -> None:
+    """Raise :class:`NonFiniteWeightsError` naming the tensors (first few) that hold NaN or Inf.
+
+    The check ``timm-convmixer convert`` makes before writing anything: a diverged run's weights would otherwise be
+    published, and every forward pass of them returns NaN.
+    """
+    found = find_nonfinite(state_dict)
+    if found:
+        raise NonFiniteWeightsError(
+            f'{what} hold non-finite values (NaN/Inf) in {describe_nonfinite(found, len(state_dict))}; '
+            f'the training run that made them probably diverged')

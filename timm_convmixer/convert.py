@@ -11,22 +11,34 @@ safely (``weights_only``), load it strictly into the named model (our ``load_sta
 before copying), write into a temporary folder beside OUT, reload that folder through timm's ``local-dir:`` loader
 and compare every tensor, and only then rename it to OUT. ``--push`` uploads exactly that verified folder with
 huggingface_hub (``create_repo`` + ``upload_folder``, the calls timm's ``push_to_hf_hub`` makes).
+
+Weights holding NaN or Inf (a diverged run) are refused before anything is written, unless ``--allow-nonfinite``.
+
+The folder is for every client people use around timm, not only timm: transformers' ``TimmWrapper`` classes
+(``AutoModelForImageClassification``, ``pipeline('image-classification')``) read the same ``config.json`` and call
+``timm.create_model(architecture, num_classes=num_labels, **model_args)``. timm 1.0.31's ``save_for_hf`` always
+records ``num_classes`` in ``model_args`` too, which makes that call fail ("multiple values for keyword argument"),
+so :func:`hub_config` keeps ``num_classes`` only at the top level, where timm (every supported release) and
+transformers both read it; class names go at the top level as ``label_names`` for the same reason.
 """
 import argparse
 import hashlib
-import shutil
+import json
 import sys
-import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
 import torch
 
-from ._state_dict import is_authors_layout, to_timm_layout, unwrap_checkpoint
+from ._io import atomic_write_dir
+from ._state_dict import (
+    NonFiniteWeightsError, NonFiniteWeightsWarning, check_finite, is_authors_layout, to_timm_layout, unwrap_checkpoint)
 from .cli import ModelKwargs
 from .hub import CheckpointError, read_checkpoint
 
-__all__ = ['convert_checkpoint', 'push_folder', 'add_parser']
+__all__ = [
+    'convert_checkpoint', 'push_folder', 'hub_config', 'check_finite', 'NonFiniteWeightsError', 'add_parser']
 
 PathLike = Union[str, Path]
 
@@ -86,6 +98,13 @@ def _model_card(model, model_name: str, src: Path, digest: str, source_desc: str
         'data_config = timm.data.resolve_model_data_config(model)\n'
         'transform = timm.data.create_transform(**data_config, is_training=False)\n'
         '```\n'
+        '\n'
+        'From transformers (`timm` and `timm-convmixer` installed):\n'
+        '\n'
+        '```python\n'
+        'from transformers import pipeline\n'
+        'classify = pipeline("image-classification", model="<this repo id>")\n'
+        '```\n'
     )
     return dict(
         tags=['image-classification', 'timm', 'convmixer'],
@@ -100,6 +119,13 @@ def _model_card(model, model_name: str, src: Path, digest: str, source_desc: str
     )
 
 
+def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same dtype, shape and bytes: unlike ``torch.equal``, a NaN equals the same NaN."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
+
+
 def _verify_folder(folder: Path, expected: Dict[str, torch.Tensor]) -> None:
     """Reload ``folder`` the way users will (``local-dir:``) and demand bit-identical tensors."""
     import timm
@@ -109,8 +135,30 @@ def _verify_folder(folder: Path, expected: Dict[str, torch.Tensor]) -> None:
                            f'(missing {sorted(set(expected) - set(reloaded))[:4]}, '
                            f'extra {sorted(set(reloaded) - set(expected))[:4]})')
     for k, v in expected.items():
-        if not torch.equal(reloaded[k], v):
+        if not _bitwise_equal(reloaded[k], v):
             raise RuntimeError(f'verification failed: {k} differs after reloading the written folder')
+
+
+def hub_config(config: Dict[str, Any]) -> Dict[str, Any]:
+    """``config.json`` as written by timm's ``save_for_hf``, made loadable by transformers as well as timm.
+
+    transformers' ``TimmWrapperForImageClassification`` passes ``num_classes=config.num_labels`` beside
+    ``**model_args`` (``TimmWrapperModel`` passes ``num_classes=0``), so ``num_classes`` must not be in
+    ``model_args``; timm builds the head from the top-level ``num_classes`` (its pretrained cfg's), so nothing is
+    lost. transformers reads class names only from a top-level ``label_names``.
+    """
+    config = json.loads(json.dumps(config))  # a deep copy
+    model_args = config.get('model_args') or {}
+    num_classes = model_args.pop('num_classes', config.get('num_classes'))
+    if config.get('num_classes') != num_classes:
+        raise ValueError(f'config.json disagrees with itself: num_classes {config.get("num_classes")} at the top '
+                         f'level, {num_classes} in model_args')
+    if 'model_args' in config:
+        config['model_args'] = model_args
+    label_names = config.get('label_names') or (config.get('pretrained_cfg') or {}).get('label_names')
+    if isinstance(label_names, (list, tuple)) and len(label_names) == num_classes:
+        config['label_names'] = list(label_names)
+    return config
 
 
 def convert_checkpoint(
@@ -121,6 +169,7 @@ def convert_checkpoint(
         force: bool = False,
         use_ema: bool = False,
         unsafe_pickle: bool = False,
+        allow_nonfinite: bool = False,
         push_to: Optional[str] = None,
         token: Optional[str] = None,
         private: bool = False,
@@ -138,6 +187,8 @@ def convert_checkpoint(
         force: replace an existing ``out``.
         use_ema: take ``state_dict_ema``/``model_ema`` from a train.py checkpoint instead of ``state_dict``.
         unsafe_pickle: allow arbitrary pickled objects (``torch.load(weights_only=False)``): trusted files only.
+        allow_nonfinite: write weights holding NaN/Inf (with a warning) instead of raising
+            :class:`NonFiniteWeightsError`.
         push_to: Hub repo id to publish the verified folder to.
         token, private, commit_message: passed to huggingface_hub when pushing.
         verbose: print progress.
@@ -171,39 +222,53 @@ def convert_checkpoint(
         else 'timm\'s layout'
     state_dict = to_timm_layout(state_dict)
     source_desc = layout + (f', weights from `{wrapper}`' if wrapper else '')
+    try:
+        check_finite(state_dict, what=f'{src}: the weights')
+    except NonFiniteWeightsError as e:
+        if not allow_nonfinite:
+            raise NonFiniteWeightsError(f'{e}. Nothing was written; pass --allow-nonfinite (allow_nonfinite=True) '
+                                        f'to convert them anyway') from None
+        warnings.warn(f'{e}; converting them anyway (allow_nonfinite)', NonFiniteWeightsWarning, stacklevel=2)
 
     kwargs = dict(_infer_io(state_dict))
     kwargs.update(model_kwargs or {})
     model = timm.create_model(model_name, pretrained=False, **kwargs)
     if not isinstance(model, ConvMixer):
         raise ValueError(f'{model_name} builds a {type(model).__name__}; convert handles ConvMixer variants only')
-    model.load_state_dict(state_dict, strict=True)  # every key and shape checked before a tensor is copied
+    with warnings.catch_warnings():  # non-finite weights were reported above, once
+        warnings.simplefilter('ignore', NonFiniteWeightsWarning)
+        model.load_state_dict(state_dict, strict=True)  # every key and shape checked before a tensor is copied
     model.eval()
     log(f'loaded {src} ({source_desc}) strictly into {model_name} {kwargs}')
     expected = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    cfg = dict(model.pretrained_cfg)
     # exports always hold native timm tensors: never ask loaders for the custom (authors' file) path
-    model.pretrained_cfg = {**model.pretrained_cfg, 'custom_load': False}
+    cfg['custom_load'] = False
+    label_names = cfg.get('label_names')
+    if label_names is not None and len(label_names) != model.num_classes:
+        # a new head (fine-tuned on other classes): the variant's class names no longer apply
+        cfg.pop('label_names', None)
+        cfg.pop('label_descriptions', None)
+        label_names = None
+    model.pretrained_cfg = cfg
+    card = _model_card(model, model_name, src, _sha256(src), source_desc)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f'.{out.name}.tmp-', dir=out.parent))
-    try:
+    def write(tmp: str) -> None:
+        folder = Path(tmp)
         # model_args in config.json rebuild this exact architecture on `local-dir:`/`hf-hub:` loads (recent timm
         # infers them from the model; older releases write only what is passed)
-        save_for_hf(model, str(tmp), model_args=kwargs, safe_serialization=True)
-        card = _model_card(model, model_name, src, _sha256(src), source_desc)
-        (tmp / 'README.md').write_text(generate_readme(card, out.name if not push_to else push_to.split('/')[-1]),
-                                       encoding='utf-8')
-        _verify_folder(tmp, expected)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f'.{out.name}.old-', dir=out.parent))
-            out.replace(old / out.name)
-            tmp.replace(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.replace(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        save_for_hf(model, tmp, model_args=kwargs, safe_serialization=True,
+                    model_config=dict(label_names=list(label_names)) if label_names else None)
+        config_path = folder / 'config.json'
+        config = hub_config(json.loads(config_path.read_text(encoding='utf-8')))
+        config_path.write_text(json.dumps(config, indent=2), encoding='utf-8')
+        (folder / 'README.md').write_text(generate_readme(card, out.name if not push_to else push_to.split('/')[-1]),
+                                          encoding='utf-8')
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', NonFiniteWeightsWarning)
+            _verify_folder(folder, expected)
+
+    atomic_write_dir(str(out), write, replace=force)
     log(f'wrote {out}: ' + ', '.join(sorted(p.name for p in out.iterdir())))
     if push_to:
         url = push_folder(out, push_to, token=token, private=private, commit_message=commit_message)
@@ -250,6 +315,7 @@ def _run(args: argparse.Namespace) -> int:
             force=args.force,
             use_ema=args.use_ema,
             unsafe_pickle=args.unsafe_pickle,
+            allow_nonfinite=args.allow_nonfinite,
             push_to=args.push,
             token=args.token,
             private=args.private,
@@ -281,5 +347,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument('--token', default=None, help='Hub token (default: huggingface_hub\'s, e.g. HF_TOKEN)')
     parser.add_argument('--unsafe-pickle', action='store_true',
                         help='allow arbitrary pickled objects (torch.load weights_only=False); trusted files only')
+    parser.add_argument('--allow-nonfinite', action='store_true',
+                        help='convert weights holding NaN/Inf (refused by default: a diverged run)')
     parser.set_defaults(func=_run)
     return parser

@@ -20,6 +20,7 @@ answers with a fused computation of the same function or ``None`` (then the plai
 parameters stay in ordinary ``nn.Conv2d``/``nn.BatchNorm2d`` modules whatever path runs, so ``state_dict`` layout,
 ``convert_sync_batchnorm``, fusing tools and hooks all see a plain ConvMixer.
 """
+import warnings
 from collections import OrderedDict
 from functools import partial
 from typing import Any, Callable, Dict, List, Optional, Tuple, Type, Union
@@ -33,7 +34,8 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_no
 from timm.models._manipulate import checkpoint_seq
 
 from ._registry import register_model_replacing as register_model
-from ._state_dict import check_state_dict, to_timm_layout, unwrap_checkpoint
+from ._state_dict import (
+    NonFiniteWeightsWarning, check_state_dict, describe_nonfinite, find_nonfinite, to_timm_layout, unwrap_checkpoint)
 from . import fast
 
 __all__ = ['ConvMixer', 'MixerBlock', 'checkpoint_filter_fn']
@@ -41,6 +43,9 @@ __all__ = ['ConvMixer', 'MixerBlock', 'checkpoint_filter_fn']
 # the locuslab CIFAR-10 training script's normalisation (github.com/locuslab/convmixer-cifar10, train.py)
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4471)
 CIFAR10_STD = (0.2471, 0.2435, 0.2616)
+# CIFAR-10's classes in label order (its batches.meta), for pipelines and model cards
+CIFAR10_CLASSES = (
+    'airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
 
 ActLayer = Union[str, Type[nn.Module], Callable[..., nn.Module]]
 _ACT_BY_NAME = {'gelu': nn.GELU, 'relu': nn.ReLU}  # torch's own classes, as timm's built-in model uses
@@ -332,6 +337,12 @@ class ConvMixer(nn.Module):
             state_dict = OrderedDict(state_dict)
             state_dict._metadata = metadata  # per-module versions, e.g. BatchNorm's num_batches_tracked
         check_state_dict(self.state_dict(), state_dict, strict=strict, what=f'{type(self).__name__}')
+        nonfinite = find_nonfinite(state_dict)
+        if nonfinite:  # allowed (debugging a diverged run), but never silently
+            warnings.warn(
+                f'loading non-finite weights (NaN/Inf) into {type(self).__name__}: '
+                f'{describe_nonfinite(nonfinite, len(state_dict))}; its outputs will not be finite',
+                NonFiniteWeightsWarning, stacklevel=2)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     @torch.jit.ignore
@@ -410,7 +421,8 @@ def _cfg(url: str = '', patch_size: int = 7, **kwargs) -> Dict[str, Any]:
 def _cifar_cfg(patch_size: int, **kwargs) -> Dict[str, Any]:
     return _cfg(
         patch_size=patch_size, input_size=(3, 32, 32), num_classes=10, crop_pct=1.0, interpolation='bilinear',
-        mean=CIFAR10_MEAN, std=CIFAR10_STD, origin_url='https://github.com/locuslab/convmixer-cifar10', **kwargs)
+        mean=CIFAR10_MEAN, std=CIFAR10_STD, label_names=CIFAR10_CLASSES,
+        origin_url='https://github.com/locuslab/convmixer-cifar10', **kwargs)
 
 
 _AUTHORS_RELEASE = 'https://github.com/tmp-iclr/convmixer/releases/download/v1.0/'
