@@ -45,7 +45,7 @@ from triton.language.standard import _sum_combine
 from triton.runtime.jit import JITFunction
 
 __all__ = [
-    'ACT_IDENTITY', 'ACT_GELU', 'ACT_RELU', 'ACT_SILU', 'ACT_GELU_TANH', 'ACT_CODES',
+    'ACT_IDENTITY', 'ACT_GELU', 'ACT_RELU', 'ACT_SILU', 'ACT_GELU_TANH', 'ACT_CODES', 'ACT_BY_NAME',
     'dw_fwd', 'dw_bwd', 'act_affine_fwd', 'act_affine_bwd', 'pw_fwd', 'pw_bwd',
     'Launch', 'record_launches', 'kernels',
 ]
@@ -56,6 +56,9 @@ ACT_RELU = 2
 ACT_SILU = 3
 ACT_GELU_TANH = 4  # nn.GELU(approximate='tanh')
 ACT_CODES = (ACT_IDENTITY, ACT_GELU, ACT_RELU, ACT_SILU, ACT_GELU_TANH)
+# by the names eligibility.act_name gives the activation modules
+ACT_BY_NAME = {'identity': ACT_IDENTITY, 'gelu': ACT_GELU, 'relu': ACT_RELU, 'silu': ACT_SILU,
+               'gelu_tanh': ACT_GELU_TANH}
 
 
 class Launch(NamedTuple):
@@ -152,7 +155,12 @@ _NUM_WARPS = 4
 _TILE_ROWS = 16  # with 128-byte rows and 4 warps: one 16-byte vector per thread
 
 
-def _tile_rows(n: int, rows: int = _TILE_ROWS) -> int:
+def _tile_rows(n: int, rows: int = _TILE_ROWS, channels: int = 16) -> int:
+    """Rows of a ``[rows, channels]`` tile, at most ``n``. Half as many when ``channels`` is not a multiple of 16: the
+    JIT then knows nothing of the rows' alignment, channel loads are not vectorised and every element needs its own
+    address registers."""
+    if channels % 16:
+        rows = max(1, rows // 2)
     return min(rows, triton.next_power_of_2(n))
 
 
@@ -424,7 +432,7 @@ def dw_fwd(
     x_nhwc = _nhwc(x)
     out = torch.empty((N, C, H, W), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
     w_taps = _taps(weight)
-    BLOCK_W, BLOCK_C = _tile_rows(W), _line_c(C, x.dtype)
+    BLOCK_W, BLOCK_C = _tile_rows(W, channels=C), _line_c(C, x.dtype)
     grid = (N * H * triton.cdiv(W, BLOCK_W), triton.cdiv(C, BLOCK_C))
     _dw_fwd.launch(
         grid, x_nhwc, w_taps, bias if bias is not None else w_taps, scale.contiguous(), shift.contiguous(),
@@ -453,10 +461,10 @@ def dw_bwd(
     x_nhwc = _nhwc(x)
     gy_nhwc = _nhwc(grad_out)
     w_taps = _taps(weight)
-    BLOCK_W = _tile_rows(W)
+    BLOCK_W = _tile_rows(W, channels=C)
 
     # half the forward's tile: three running sums and act' besides the conv
-    BLOCK_W_GZ, BLOCK_C = _tile_rows(W, _TILE_ROWS // 2), _line_c(C, x.dtype)
+    BLOCK_W_GZ, BLOCK_C = _tile_rows(W, _TILE_ROWS // 2, C), _line_c(C, x.dtype)
     rows = min(_GZ_ROWS, H)
     programs = N * triton.cdiv(H, rows) * triton.cdiv(W, BLOCK_W_GZ)
     gz = torch.empty((N, H, W, C), dtype=acc_t, device=x.device)
@@ -477,7 +485,7 @@ def dw_bwd(
     # [taps, pixels, channels] tiles of 2048 elements (1024 for fp64): 16 (8) per thread
     taps = triton.next_power_of_2(k)
     BLOCK_C = min(16 if x.dtype == torch.float64 else 32, triton.next_power_of_2(C))
-    BLOCK_W_GW = _tile_rows(W, max(1, 64 // taps))
+    BLOCK_W_GW = _tile_rows(W, max(1, 64 // taps), C)
     NH = N * H
     split = max(1, min(NH, _GW_SPLIT))
     part_w = torch.empty((split, k * k, C), dtype=acc_t, device=x.device)
@@ -561,7 +569,7 @@ def act_affine_fwd(p: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, ac
     p = p.contiguous()
     out = torch.empty_like(p)
     BLOCK_C = _line_c(C, p.dtype)
-    BLOCK_M = _tile_rows(M, _BLOCK_M)
+    BLOCK_M = _tile_rows(M, _BLOCK_M, C)
     grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(C, BLOCK_C))
     _act_affine_fwd.launch(
         grid, p, scale.contiguous(), shift.contiguous(), out, M, C, act,
@@ -577,7 +585,7 @@ def _act_affine_bwd_launch(
     grad_out = grad_out.contiguous()
     gp = torch.empty_like(p)
     BLOCK_C = _line_c(C, p.dtype)
-    BLOCK_M = _tile_rows(M, _BWD_BLOCK_M)
+    BLOCK_M = _tile_rows(M, _BWD_BLOCK_M, C)
     tiles = triton.cdiv(M, BLOCK_M)
     programs = triton.cdiv(tiles, _BWD_TILES)
     part = torch.empty((3, programs, C), dtype=_torch_acc_dtype(p.dtype), device=p.device)
@@ -603,12 +611,12 @@ def act_affine_bwd(
 def _pw_fwd_kernel(
         x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, out_ptr, p_ptr,
         M, N, K, ACT, HAS_BIAS, STORE_P,
-        ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """``out = scale * act(x @ w.T + b) + shift`` (and ``p = x @ w.T + b`` when ``STORE_P``); ``x`` ``[M, K]``,
     ``w`` ``[N, K]`` (a conv weight as it is), row-major. Tiles are visited in groups of ``GROUP_M`` row tiles so
-    a group's ``w`` columns stay in L2."""
+    a group's ``w`` columns stay in L2. ``DOT_UPCAST`` (the interpreter only) multiplies in fp32."""
     pid = tl.program_id(0)
     num_m = (M + BLOCK_M - 1) // BLOCK_M
     num_n = (N + BLOCK_N - 1) // BLOCK_N
@@ -630,6 +638,9 @@ def _pw_fwd_kernel(
         mask_k = offs_k < K - k0
         a = tl.load(x_tile, mask=mask_m[:, None] & mask_k[None, :], other=0.)
         b = tl.load(w_tile, mask=mask_k[:, None] & mask_n[None, :], other=0.)
+        if DOT_UPCAST:
+            a = a.to(ACC_DTYPE)
+            b = b.to(ACC_DTYPE)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
         x_tile += BLOCK_K
         w_tile += BLOCK_K
@@ -662,8 +673,8 @@ def _fp32_dot_precision() -> str:
 
 def _pw_config(dtype: torch.dtype, precision: str, M: int, N: int, K: int) -> Dict[str, int]:
     """Tiles for the fused GEMM: 128x64 on tensor cores for 16-bit inputs and TF32 (128x128 would hold 64 accumulators
-    per thread and, with the epilogue, exceed 128 registers), smaller for ieee fp32 and fp64 (CUDA-core FMA); clipped
-    for tiny problems (tl.dot needs 16 at least)."""
+    per thread and, with the epilogue, exceed 128 registers), smaller for ieee fp32 and fp64 (CUDA-core FMA), half as
+    tall for channel counts that are not multiples of 16; clipped for tiny problems (tl.dot needs 16 at least)."""
     if dtype in (torch.float16, torch.bfloat16):
         cfg = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3)
     elif dtype == torch.float32 and precision == 'tf32':
@@ -672,6 +683,9 @@ def _pw_config(dtype: torch.dtype, precision: str, M: int, N: int, K: int) -> Di
         cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, num_warps=8, num_stages=2)
     else:
         cfg = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=2)
+    if N % 16 or K % 16:  # rows not known to be aligned: element-wise loads, an address per element (see _tile_rows)
+        cfg['BLOCK_M'] //= 2
+        cfg['BLOCK_K'] = 16
     for name, n in (('BLOCK_M', M), ('BLOCK_N', N), ('BLOCK_K', K)):
         cfg[name] = max(16, min(cfg[name], triton.next_power_of_2(n)))
     return cfg
@@ -703,7 +717,10 @@ def pw_fwd(
     _pw_fwd.launch(
         grid, x, weight, bias if bias is not None else weight, scale.contiguous(), shift.contiguous(), out,
         p if store_p else out, M, N, K, act, bias is not None, store_p,
-        ACC_DTYPE=_acc_dtype(x.dtype), DOT_PRECISION=precision, GROUP_M=8, **cfg, device=x.device)
+        ACC_DTYPE=_acc_dtype(x.dtype), DOT_PRECISION=precision, GROUP_M=8, **cfg, device=x.device,
+        # Triton 3.8's interpreter multiplies bf16 operands' bit patterns as integers; bf16 products are exact in
+        # fp32, so upcasting first gives what the GPU's bf16 dot gives
+        DOT_UPCAST=x.device.type == 'cpu' and x.dtype == torch.bfloat16)
     return out, p
 
 
