@@ -442,3 +442,33 @@ def test_meta_tensors_record_launches_and_launch_nothing():
     assert [la.kernel.name for la in launches] == ['_dw_bwd_gz_kernel', '_dw_bwd_gx_kernel', '_dw_bwd_gw_kernel']
     with pytest.raises(RuntimeError, match='record_launches'):
         K.dw_fwd(x, w, s, s, s, ACT_SILU)
+
+
+
+def test_dw_block_backward_loops_run_more_than_once(monkeypatch):
+    """Rows per weight-gradient program (64 programs on real inputs) and a partial last chunk of the 8-row programs
+    that produce gz: with fewer programs than rows, every loop of the backward kernels runs more than once."""
+    monkeypatch.setattr(K, '_GW_SPLIT', 3)
+    x, w, b, s, t = _rand_dw_args(1, 3, 10, 4, 3)
+    leaves = [v.requires_grad_() for v in (x, w, b, s, t)]
+    gy = torch.randn(x.shape, dtype=F64)
+    got = torch.autograd.grad(ops.dw_block(x, w, b, s, t, ACT_GELU_TANH), leaves, gy)
+    want = torch.autograd.grad(_ref_dw_block(x, w, b, s, t, ACT_GELU_TANH), leaves, gy)
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
+
+
+def test_act_affine_backward_several_programs(monkeypatch):
+    """Several backward programs (each walks _BWD_TILES row tiles), the last one partial."""
+    monkeypatch.setattr(K, '_BWD_TILES', 2)
+    p = torch.randn(45, 4, dtype=F64, requires_grad=True)  # 4 channels: 8-row tiles, 6 of them, 3 programs
+    s = torch.randn(4, dtype=F64, requires_grad=True)
+    t = torch.randn(4, dtype=F64, requires_grad=True)
+    gy = torch.randn(45, 4, dtype=F64)
+    with K.record_launches() as launches:
+        K.act_affine_bwd(gy.to('meta'), p.detach().to('meta'), s.detach().to('meta'), ACT_SILU)
+    assert launches[0].grid == (3, 1)
+    got = torch.autograd.grad(ops.act_affine(p, s, t, ACT_SILU), (p, s, t), gy)
+    want = torch.autograd.grad(F.silu(p) * s + t, (p, s, t), gy)
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)

@@ -19,9 +19,10 @@ Kernels (``act``: one of the ``ACT_*`` codes, a runtime argument, so one compile
   rows, optionally also writing ``p = x @ w.T + b`` for the backward (which is ``act_affine_bwd`` plus two GEMMs).
 
 Register budget: every kernel is shaped to stay within 128 registers per thread without spilling on sm_80 and sm_90
-(so an SM can hold 16 warps of a memory-bound kernel). Tiles hold one 16-byte vector per thread and tap (a tile row is
-one 128-byte line of channels), offsets inside an image are 32-bit from a 64-bit per-program base, and the depthwise
-tap loop is unrolled only along a row. ``tests/test_triton_aot.py`` compiles every specialisation the helpers launch
+(so an SM can hold 16 warps of a memory-bound kernel). Tiles hold at most one 16-byte vector per thread and tap (a
+tile row is one 128-byte line of channels; half the rows when the channel count is not a multiple of 16, as loads are
+then element-wise), offsets inside an image are 32-bit from a 64-bit per-program base, and the depthwise tap loop is
+unrolled only along a row. ``tests/test_triton_aot.py`` compiles every specialisation the helpers launch
 for sm_80 and sm_90 and checks the budget; :func:`record_launches` is how it learns what they launch.
 
 Partial sums go to ``[programs, ...]`` buffers reduced by ``torch.sum`` rather than atomics, so results are
@@ -148,7 +149,7 @@ def _torch_acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _line_c(C: int, dtype: torch.dtype) -> int:
     """Channels per tile row: one 128-byte line (8 threads x 16-byte vectors), fewer for narrow tensors."""
-    return min(128 // torch.empty((), dtype=dtype).element_size(), triton.next_power_of_2(C))
+    return min(128 // dtype.itemsize, triton.next_power_of_2(C))
 
 
 _NUM_WARPS = 4
@@ -156,9 +157,9 @@ _TILE_ROWS = 16  # with 128-byte rows and 4 warps: one 16-byte vector per thread
 
 
 def _tile_rows(n: int, rows: int = _TILE_ROWS, channels: int = 16) -> int:
-    """Rows of a ``[rows, channels]`` tile, at most ``n``. Half as many when ``channels`` is not a multiple of 16: the
-    JIT then knows nothing of the rows' alignment, channel loads are not vectorised and every element needs its own
-    address registers."""
+    """Rows (pixels) of a ``[rows, channel line]`` tile, at most ``n``. Half as many when the tensor's channel count
+    ``channels`` is not a multiple of 16: the JIT then knows nothing of the rows' alignment, channel loads are not
+    vectorised and every element needs its own address registers."""
     if channels % 16:
         rows = max(1, rows // 2)
     return min(rows, triton.next_power_of_2(n))
