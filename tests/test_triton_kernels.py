@@ -14,10 +14,13 @@ triton = pytest.importorskip('triton', reason='triton is not importable')
 
 from timm_convmixer.convmixer import MixerBlock  # noqa: E402
 from timm_convmixer.fast import triton_ops as ops  # noqa: E402
+from timm_convmixer.fast import triton_kernels as K  # noqa: E402
 from timm_convmixer.fast.triton_kernels import ACT_GELU, ACT_IDENTITY, ACT_RELU  # noqa: E402
+from timm_convmixer.fast.triton_kernels import ACT_GELU_TANH, ACT_SILU  # noqa: E402
 
 F64 = torch.float64
 ACTS = {ACT_IDENTITY: lambda z: z, ACT_GELU: F.gelu, ACT_RELU: F.relu}
+ACTS.update({ACT_SILU: F.silu, ACT_GELU_TANH: lambda z: F.gelu(z, approximate='tanh')})
 
 
 def _ref_dw_block(x, w, b, scale, shift, act):
@@ -221,8 +224,7 @@ def test_block_declines_what_it_does_not_compute():
     block[3].train()  # batch statistics + running-stat update: not fused
     assert fwd(block) is None
 
-    assert fwd(_eval_block(4, 3, act_layer=nn.SiLU)) is None
-    assert fwd(_eval_block(4, 3, act_layer=lambda: nn.GELU(approximate='tanh'))) is None
+    assert fwd(_eval_block(4, 3, act_layer=nn.Hardswish)) is None  # no kernel for it
 
     block = _eval_block(4, 3, drop_path=0.5)
     assert fwd(block) is not None  # drop path inactive in eval
@@ -237,3 +239,236 @@ def test_block_declines_what_it_does_not_compute():
 
     assert fwd(_eval_block(4, 3), x.float()) is None  # dtype mismatch without autocast: eager decides
     assert fwd(_eval_block(4, 3), x[:, :2]) is None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# every activation code, even kernels
+
+
+@pytest.mark.parametrize('act,k,shape', [
+    (ACT_SILU, 8, (1, 5, 6, 7)),  # even kernel: "same" pads 3 before, 4 after
+    (ACT_GELU_TANH, 7, (2, 3, 5, 4)),
+    (ACT_RELU, 8, (1, 4, 9, 5)),  # 9 rows: more than one row chunk in the backward
+    (ACT_IDENTITY, 5, (1, 3, 4, 6)),
+    (ACT_GELU, 9, (1, 4, 5, 5)),
+])
+def test_dw_block_every_activation_forward_backward(act, k, shape):
+    x, w, b, s, t = _rand_dw_args(*shape, k)
+    leaves = [v.requires_grad_() for v in (x, w, b, s, t)]
+    y = ops.dw_block(x, w, b, s, t, act)
+    ref = _ref_dw_block(x, w, b, s, t, act)
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    gy = torch.randn(shape, dtype=F64)
+    for g, r in zip(torch.autograd.grad(y, leaves, gy), torch.autograd.grad(ref, leaves, gy)):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
+
+
+def test_dw_block_wide_image_and_many_channels():
+    """More than one column tile and channel tile (16 columns, one 128-byte line of channels per tile)."""
+    x, w, b, s, t = _rand_dw_args(1, 20, 3, 21, 8, dtype=torch.float32)
+    x, w, b = x.half(), w.half(), b.half()
+    leaves = [v.requires_grad_() for v in (x, w)]
+    y = ops.dw_block(x, w, b, s, t, ACT_SILU)
+    args64 = [v.detach().double().requires_grad_() for v in (x, w)]
+    ref = _ref_dw_block(*args64[:1], args64[1], b.double(), s.double(), t.double(), ACT_SILU)
+    assert _rel(y, ref) < 1e-3
+    gy = torch.randn_like(ref)
+    got = torch.autograd.grad(y, leaves, gy.half())
+    want = torch.autograd.grad(ref, args64, gy)
+    assert _rel(got[0], want[0]) < 1e-3 and _rel(got[1], want[1]) < 4e-3
+
+
+@pytest.mark.parametrize('act', [ACT_SILU, ACT_GELU_TANH])
+def test_act_affine_new_activations(act):
+    p = torch.randn(37, 6, dtype=F64, requires_grad=True)
+    s = torch.randn(6, dtype=F64, requires_grad=True)
+    t = torch.randn(6, dtype=F64, requires_grad=True)
+    y = ops.act_affine(p, s, t, act)
+    ref = ACTS[act](p) * s + t
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    gy = torch.randn_like(ref)
+    for g, r in zip(torch.autograd.grad(y, (p, s, t), gy), torch.autograd.grad(ref, (p, s, t), gy)):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.filterwarnings('ignore:overflow encountered in exp:RuntimeWarning')  # numpy, in the interpreter: meant
+def test_activations_far_from_zero():
+    """Large |z| saturates exp() to inf or 0 in the sigmoid forms; values and gradients stay finite and right."""
+    p = torch.tensor([[-800., -60., -3., 0., 3., 60., 800.]], dtype=F64).repeat(3, 1).requires_grad_()
+    s, t = torch.ones(7, dtype=F64), torch.zeros(7, dtype=F64)
+    for act in (ACT_SILU, ACT_GELU_TANH, ACT_GELU):
+        y = ops.act_affine(p, s, t, act)
+        ref = ACTS[act](p)
+        torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+        g, = torch.autograd.grad(y.sum(), p)
+        r, = torch.autograd.grad(ref.sum(), p)
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize('k,act_layer,shape', [
+    (5, nn.SiLU, (1, 4, 4, 5)),
+    (8, lambda: nn.GELU(approximate='tanh'), (1, 3, 5, 4)),
+])
+def test_block_new_activations_match_eager(k, act_layer, shape):
+    block = _eval_block(shape[1], k, act_layer)
+    x = torch.randn(shape, dtype=F64).contiguous(memory_format=torch.channels_last).requires_grad_()
+    y = ops.triton_block_forward(block, x, allow_interpreter=True)
+    assert y is not None
+    ref = _eager(block, x)
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    leaves = [x] + list(block.parameters())
+    gy = torch.randn_like(ref)
+    for g, r in zip(torch.autograd.grad(y, leaves, gy), torch.autograd.grad(ref, leaves, gy)):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
+
+
+def test_act_code_covers_every_activation_name():
+    from timm_convmixer.fast.eligibility import ACT_NAMES
+    assert set(K.ACT_BY_NAME) == set(ACT_NAMES)
+    assert set(K.ACT_BY_NAME.values()) == set(K.ACT_CODES)
+    assert ops._act_code(nn.GELU(approximate='tanh')) == ACT_GELU_TANH
+    assert ops._act_code(nn.SiLU()) == ACT_SILU
+    assert ops._act_code(nn.GELU()) == ACT_GELU
+    assert ops._act_code(nn.Hardswish()) is None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# fused pointwise GEMM + epilogue
+
+
+def _ref_pw(x, w, b, s, t, act):
+    return ACTS[act](F.linear(x, w, b)) * s + t
+
+
+def _rand_pw_args(M, C_in, C_out, dtype=F64, bias=True):
+    return (torch.randn(M, C_in, dtype=dtype), torch.randn(C_out, C_in, dtype=dtype) / C_in ** 0.5,
+            torch.randn(C_out, dtype=dtype) if bias else None, torch.randn(C_out, dtype=dtype),
+            torch.randn(C_out, dtype=dtype))
+
+
+@pytest.mark.parametrize('act,bias', [
+    (ACT_GELU, True), (ACT_RELU, False), (ACT_SILU, True), (ACT_GELU_TANH, True), (ACT_IDENTITY, False),
+])
+def test_pw_block_forward_backward(act, bias):
+    x, w, b, s, t = _rand_pw_args(37, 40, 20, bias=bias)  # partial tiles in M, N and K (K: two steps of 16 + 8)
+    leaves = [v.requires_grad_() for v in (x, w, b, s, t) if v is not None]
+    y = ops.pw_block(x, w, b, s, t, act)
+    ref = _ref_pw(x, w, b, s, t, act)
+    assert y.shape == ref.shape and y.dtype == F64
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    gy = torch.randn_like(ref)
+    for g, r in zip(torch.autograd.grad(y, leaves, gy), torch.autograd.grad(ref, leaves, gy)):
+        assert g.shape == r.shape and g.dtype == r.dtype
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
+
+
+def test_pw_block_keeps_preactivation_only_for_autograd():
+    x, w, b, s, t = _rand_pw_args(9, 16, 16)
+    with torch.no_grad():
+        y, p = torch.ops.timm_convmixer.pw_block(x, w, b, s, t, ACT_GELU, False)
+    assert p.numel() == 0
+    y2, p2 = torch.ops.timm_convmixer.pw_block(x, w, b, s, t, ACT_GELU, True)
+    torch.testing.assert_close(p2, F.linear(x, w, b), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(y, y2, rtol=0, atol=0)
+    # a direct call without the saved p still differentiates (recomputing it)
+    x.requires_grad_()
+    y3, _ = torch.ops.timm_convmixer.pw_block(x, w, b, s, t, ACT_GELU, False)
+    g, = torch.autograd.grad(y3.sum(), x)
+    r, = torch.autograd.grad(_ref_pw(x, w, b, s, t, ACT_GELU).sum(), x)
+    torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
+
+
+def test_pw_block_conv_weight_and_nhwc_rows():
+    """The block's own tensors: a [C, C, 1, 1] conv weight and the rows of a channels_last activation."""
+    conv = nn.Conv2d(12, 12, 1).double()
+    a = torch.randn(2, 12, 3, 5, dtype=F64).contiguous(memory_format=torch.channels_last)
+    rows = a.permute(0, 2, 3, 1).reshape(-1, 12)
+    s, t = torch.randn(12, dtype=F64), torch.randn(12, dtype=F64)
+    y = ops.pw_block(rows, conv.weight, conv.bias, s, t, ACT_RELU)
+    ref = F.relu(conv(a)) * s[:, None, None] + t[:, None, None]
+    torch.testing.assert_close(y, ref.permute(0, 2, 3, 1).reshape(-1, 12), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize('dtype,tol', [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
+def test_pw_block_low_precision(dtype, tol):
+    x, w, b, s, t = _rand_pw_args(33, 32, 24, dtype=torch.float32)
+    x, w, b = x.to(dtype), w.to(dtype), b.to(dtype)
+    y = ops.pw_block(x, w, b, s, t, ACT_GELU)  # fp32 BN affine with low-precision activations, as autocast has it
+    assert y.dtype == dtype
+    exact = _ref_pw(x.double(), w.double(), b.double(), s.double(), t.double(), ACT_GELU)
+    assert _rel(y, exact) < tol
+    x.requires_grad_()
+    w.requires_grad_()
+    gy = torch.randn_like(y)
+    gx, gw = torch.autograd.grad(ops.pw_block(x, w, b, s, t, ACT_GELU), (x, w), gy)
+    xd, wd = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    rgx, rgw = torch.autograd.grad(_ref_pw(xd, wd, b.double(), s.double(), t.double(), ACT_GELU), (xd, wd),
+                                   gy.double())
+    assert gx.dtype == dtype and gw.dtype == dtype
+    assert _rel(gx, rgx) < 2 * tol and _rel(gw, rgw) < 2 * tol
+
+
+def test_pw_block_opcheck_and_errors():
+    x, w, b, s, t = _rand_pw_args(9, 16, 16)
+    res = torch.library.opcheck(
+        torch.ops.timm_convmixer.pw_block.default,
+        (x.requires_grad_(), w.requires_grad_(), b, s.requires_grad_(), t, ACT_SILU, True),
+        test_utils=('test_schema', 'test_faketensor', 'test_autograd_registration'))
+    assert all(v == 'SUCCESS' for v in res.values()), res
+    with pytest.raises(ValueError, match='weight'):
+        ops.pw_block(x, w[:, :8], b, s, t, ACT_GELU)
+    with pytest.raises(ValueError, match='dtype'):
+        ops.pw_block(x, w.float(), b, s, t, ACT_GELU)
+    with pytest.raises(ValueError, match='act'):
+        ops.pw_block(x, w, b, s, t, 9)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# launch recording (what the ahead-of-time compile test builds on)
+
+
+def test_meta_tensors_record_launches_and_launch_nothing():
+    x = torch.empty(2, 64, 8, 8, device='meta').contiguous(memory_format=torch.channels_last)
+    w = torch.empty(64, 1, 7, 7, device='meta')
+    s = torch.empty(64, device='meta')
+    with K.record_launches() as launches:
+        y = K.dw_fwd(x, w, s, s, s, ACT_SILU)
+    assert y.device.type == 'meta' and y.shape == x.shape
+    (launch,) = launches
+    assert launch.kernel.name == '_dw_fwd_kernel' and launch.kwargs['K'] == 7
+    assert launch.grid == (2 * 8 * 1, 2)  # 8 columns in one tile, 64 fp32 channels in two 32-channel lines
+    with K.record_launches() as launches:
+        K.dw_bwd(x, x, w, s, s, ACT_SILU)
+    assert [la.kernel.name for la in launches] == ['_dw_bwd_gz_kernel', '_dw_bwd_gx_kernel', '_dw_bwd_gw_kernel']
+    with pytest.raises(RuntimeError, match='record_launches'):
+        K.dw_fwd(x, w, s, s, s, ACT_SILU)
+
+
+
+def test_dw_block_backward_loops_run_more_than_once(monkeypatch):
+    """Rows per weight-gradient program (64 programs on real inputs) and a partial last chunk of the 8-row programs
+    that produce gz: with fewer programs than rows, every loop of the backward kernels runs more than once."""
+    monkeypatch.setattr(K, '_GW_SPLIT', 3)
+    x, w, b, s, t = _rand_dw_args(1, 3, 10, 4, 3)
+    leaves = [v.requires_grad_() for v in (x, w, b, s, t)]
+    gy = torch.randn(x.shape, dtype=F64)
+    got = torch.autograd.grad(ops.dw_block(x, w, b, s, t, ACT_GELU_TANH), leaves, gy)
+    want = torch.autograd.grad(_ref_dw_block(x, w, b, s, t, ACT_GELU_TANH), leaves, gy)
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
+
+
+def test_act_affine_backward_several_programs(monkeypatch):
+    """Several backward programs (each walks _BWD_TILES row tiles), the last one partial."""
+    monkeypatch.setattr(K, '_BWD_TILES', 2)
+    p = torch.randn(45, 4, dtype=F64, requires_grad=True)  # 4 channels: 8-row tiles, 6 of them, 3 programs
+    s = torch.randn(4, dtype=F64, requires_grad=True)
+    t = torch.randn(4, dtype=F64, requires_grad=True)
+    gy = torch.randn(45, 4, dtype=F64)
+    with K.record_launches() as launches:
+        K.act_affine_bwd(gy.to('meta'), p.detach().to('meta'), s.detach().to('meta'), ACT_SILU)
+    assert launches[0].grid == (3, 1)
+    got = torch.autograd.grad(ops.act_affine(p, s, t, ACT_SILU), (p, s, t), gy)
+    want = torch.autograd.grad(F.silu(p) * s + t, (p, s, t), gy)
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)

@@ -3,7 +3,7 @@
 Everything here works on NHWC memory (a ``channels_last`` NCHW tensor is exactly that), so channels are the
 contiguous, vectorised axis and a depthwise tap is one coalesced row load per pixel.
 
-Kernels (``ACT``: 0 identity, 1 GELU (exact, erf form), 2 ReLU):
+Kernels (``act``: one of the ``ACT_*`` codes, a runtime argument, so one compiled kernel serves every activation):
 
 * ``dw_fwd``: ``y = x + scale * act(dwconv_kxk(x) + b) + shift`` -- the whole depthwise residual branch of a block
   with eval-mode BatchNorm folded into a per-channel ``scale``/``shift``, one read of ``x`` (taps hit cache), one write.
@@ -11,38 +11,81 @@ Kernels (``ACT``: 0 identity, 1 GELU (exact, erf form), 2 ReLU):
   ``gz = gy * scale * act'(z)`` in the accumulation dtype, and per-program partial sums for the gradients of
   ``scale``, ``shift`` and ``b``.
 * ``dw_bwd_gx``: ``gx = gy + conv_transpose(gz, w)`` (the residual's gradient plus the conv's).
-* ``dw_bwd_gw``: per-tap partial sums of ``gz * shifted x``, split over rows for parallelism.
+* ``dw_bwd_gw``: per-tap partial sums of ``gz * shifted x``; a program owns one row of taps and gathers all of its
+  horizontal shifts in one ``[taps, pixels, channels]`` load, so ``gz`` is read once per tap row, not once per tap.
 * ``act_affine_fwd`` / ``act_affine_bwd``: the pointwise conv's epilogue ``scale * act(p) + shift`` on the GEMM output
   ``p`` (bias already added by ``addmm``), and its gradient.
+* ``pw_fwd``: the pointwise conv as one GEMM with that epilogue fused: ``scale * act(x @ w.T + b) + shift`` on NHWC
+  rows, optionally also writing ``p = x @ w.T + b`` for the backward (which is ``act_affine_bwd`` plus two GEMMs).
+
+Register budget: every kernel is shaped to stay within 128 registers per thread without spilling on sm_80 and sm_90
+(so an SM can hold 16 warps of a memory-bound kernel). Tiles hold at most one 16-byte vector per thread and tap (a
+tile row is one 128-byte line of channels; half the rows when the channel count is not a multiple of 16, as loads are
+then element-wise), offsets inside an image are 32-bit from a 64-bit per-program base, and the depthwise tap loop is
+unrolled only along a row. ``tests/test_triton_aot.py`` compiles every specialisation the helpers launch
+for sm_80 and sm_90 and checks the budget; :func:`record_launches` is how it learns what they launch.
 
 Partial sums go to ``[programs, ...]`` buffers reduced by ``torch.sum`` rather than atomics, so results are
 deterministic run to run.
 
 Every kernel also runs under Triton's CPU interpreter: launching with CPU tensors uses an ``InterpretedFunction`` of
 the same source, whatever ``TRITON_INTERPRET`` was at import time. That is for testing only (it is very slow).
-For that to work the kernels call only ``triton.language`` *builtins*: library functions that are themselves
-``@triton.jit`` (``tl.sum``, ``tl.cdiv``, ``tl.zeros``) stay compiled-only when triton was imported without the
-variable, so the kernels spell them out (``tl.reduce(v, 0, _sum_combine)`` is exactly what ``tl.sum`` lowers to;
-the interpreter recognises that combine function and sums with numpy).
+For that to work the kernels call only ``triton.language`` *builtins* and this module's own :func:`_device_fn`
+helpers: library functions that are themselves ``@triton.jit`` (``tl.sum``, ``tl.cdiv``, ``tl.zeros``) stay
+compiled-only when triton was imported without the variable, so the kernels spell them out
+(``tl.reduce(v, 0, _sum_combine)`` is exactly what ``tl.sum`` lowers to; the interpreter recognises that combine
+function and sums with numpy).
 """
-from typing import Any, Callable, Optional, Tuple
+import contextlib
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
 from triton.language.standard import _sum_combine
+from triton.runtime.jit import JITFunction
 
 __all__ = [
-    'ACT_IDENTITY', 'ACT_GELU', 'ACT_RELU',
-    'dw_fwd', 'dw_bwd', 'act_affine_fwd', 'act_affine_bwd',
+    'ACT_IDENTITY', 'ACT_GELU', 'ACT_RELU', 'ACT_SILU', 'ACT_GELU_TANH', 'ACT_CODES', 'ACT_BY_NAME',
+    'dw_fwd', 'dw_bwd', 'act_affine_fwd', 'act_affine_bwd', 'pw_fwd', 'pw_bwd',
+    'Launch', 'record_launches', 'kernels',
 ]
 
 ACT_IDENTITY = 0
-ACT_GELU = 1
+ACT_GELU = 1  # exact, erf form (nn.GELU())
 ACT_RELU = 2
+ACT_SILU = 3
+ACT_GELU_TANH = 4  # nn.GELU(approximate='tanh')
+ACT_CODES = (ACT_IDENTITY, ACT_GELU, ACT_RELU, ACT_SILU, ACT_GELU_TANH)
+# by the names eligibility.act_name gives the activation modules
+ACT_BY_NAME = {'identity': ACT_IDENTITY, 'gelu': ACT_GELU, 'relu': ACT_RELU, 'silu': ACT_SILU,
+               'gelu_tanh': ACT_GELU_TANH}
 
-_INV_SQRT2 = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
+
+class Launch(NamedTuple):
+    """One kernel launch as a helper would issue it: what the ahead-of-time compile test specialises."""
+    kernel: '_Kernel'
+    grid: Tuple[int, ...]
+    args: Tuple[Any, ...]
+    kwargs: Dict[str, Any]  # constexprs and compile options (num_warps, num_stages)
+
+
+_recorders: List[List[Launch]] = []
+
+
+@contextlib.contextmanager
+def record_launches() -> Iterator[List[Launch]]:
+    """Collect the launches the helpers make for ``meta`` tensors (which launch nothing).
+
+    The helpers run their ordinary code on meta tensors -- shapes, tile choices, buffers -- so the list is exactly what
+    they would launch for real tensors of those shapes and dtypes.
+    """
+    launches: List[Launch] = []
+    _recorders.append(launches)
+    try:
+        yield launches
+    finally:
+        _recorders.remove(launches)
 
 
 class _Kernel:
@@ -51,11 +94,14 @@ class _Kernel:
     ``triton.jit`` decides between compiling and interpreting when the decorator runs (reading ``TRITON_INTERPRET``),
     so a module imported before a test sets the variable would be stuck with the compiler. Keeping both lets the
     tests drive the very same source through the interpreter without subprocesses or module reloads.
+    Flags and the activation code are not specialised on (``do_not_specialize``): the JIT would otherwise compile a
+    separate kernel for the value 1.
     """
 
-    def __init__(self, fn: Callable):
+    def __init__(self, fn: Callable, do_not_specialize: Sequence[str] = ()):
         self.fn = fn
-        self.jit = triton.jit(fn)
+        self.name = fn.__name__
+        self.jit = triton.jit(fn, do_not_specialize=list(do_not_specialize))
         self._interp = None
 
     def interp(self):
@@ -65,8 +111,31 @@ class _Kernel:
         return self._interp
 
     def launch(self, grid: Tuple[int, ...], *args: Any, device: torch.device, **kwargs: Any) -> None:
+        if device.type == 'meta':
+            if not _recorders:
+                raise RuntimeError(f'{self.name}: meta tensors launch nothing; use record_launches()')
+            _recorders[-1].append(Launch(self, tuple(grid), args, kwargs))
+            return
         kernel = self.interp() if device.type == 'cpu' else self.jit
         kernel[grid](*args, **kwargs)
+
+
+class _DeviceFn(JITFunction):
+    """A ``@triton.jit`` helper that interpreted kernels can call too.
+
+    Compiled kernels see a ``JITFunction`` and inline it as usual; called from an interpreted kernel (the only way it
+    is called as a Python function) it runs its own interpreted version.
+    """
+
+    def __call__(self, *args, **kwargs):
+        if getattr(self, '_interp', None) is None:
+            from triton.runtime.interpreter import InterpretedFunction
+            self._interp = InterpretedFunction(self.fn)
+        return self._interp(*args, **kwargs)
+
+
+def _device_fn(fn: Callable) -> _DeviceFn:
+    return _DeviceFn(fn)
 
 
 def _acc_dtype(dtype: torch.dtype):
@@ -78,211 +147,263 @@ def _torch_acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _block_c(C: int) -> int:
-    return min(64, triton.next_power_of_2(C))
+def _line_c(C: int, dtype: torch.dtype) -> int:
+    """Channels per tile row: one 128-byte line (8 threads x 16-byte vectors), fewer for narrow tensors."""
+    return min(128 // dtype.itemsize, triton.next_power_of_2(C))
 
 
-def _block_w(W: int) -> int:
-    return min(32, triton.next_power_of_2(W))
+_NUM_WARPS = 4
+_TILE_ROWS = 16  # with 128-byte rows and 4 warps: one 16-byte vector per thread
+
+
+def _tile_rows(n: int, rows: int = _TILE_ROWS, channels: int = 16) -> int:
+    """Rows (pixels) of a ``[rows, channel line]`` tile, at most ``n``. Half as many when the tensor's channel count
+    ``channels`` is not a multiple of 16: the JIT then knows nothing of the rows' alignment, channel loads are not
+    vectorised and every element needs its own address registers."""
+    if channels % 16:
+        rows = max(1, rows // 2)
+    return min(rows, triton.next_power_of_2(n))
+
+
+def _check_image_fits_int32(H: int, W: int, C: int) -> None:
+    if H * W * C >= 2 ** 31:
+        raise ValueError(f'an image of {C}x{H}x{W} elements exceeds the kernels\' 32-bit in-image offsets')
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# activations (codes as ACT_*; literals here because a jit function may only read constexpr globals)
+
+
+@_device_fn
+def _act(z, ACT):
+    """``act(z)``, same dtype as ``z``."""
+    if ACT == 1:
+        a = 0.5 * z * (1. + tl.erf(z * 0.7071067811865476))
+    elif ACT == 2:
+        a = tl.maximum(z, 0.)
+    elif ACT == 3:
+        a = z / (1. + tl.exp(-z))
+    elif ACT == 4:
+        # 0.5 * z * (1 + tanh(u)) == z * sigmoid(2u), u = sqrt(2/pi) * (z + 0.044715 z^3)
+        u2 = 1.5957691216057308 * (z + 0.044715 * z * z * z)
+        a = z / (1. + tl.exp(-u2))
+    else:
+        a = z
+    return a
+
+
+@_device_fn
+def _act_and_grad(z, ACT):
+    """``(act(z), act'(z))``, same dtype as ``z``; ReLU's derivative at 0 is 0, as in PyTorch."""
+    if ACT == 1:
+        cdf = 0.5 * (1. + tl.erf(z * 0.7071067811865476))
+        a = z * cdf
+        da = cdf + z * tl.exp(-0.5 * z * z) * 0.3989422804014327
+    elif ACT == 2:
+        a = tl.maximum(z, 0.)
+        da = (z > 0.).to(z.dtype)
+    elif ACT == 3:
+        s = 1. / (1. + tl.exp(-z))
+        a = z * s
+        da = s * (1. + z * (1. - s))
+    elif ACT == 4:
+        u2 = 1.5957691216057308 * (z + 0.044715 * z * z * z)
+        s = 1. / (1. + tl.exp(-u2))  # 0.5 * (1 + tanh(u))
+        a = z * s
+        da = s + z * (2. * s * (1. - s)) * (0.7978845608028654 + 0.10703222440469236 * z * z)
+    else:
+        a = z
+        da = tl.full(z.shape, 1., z.dtype)
+    return a, da
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # depthwise conv + bias + act + affine + residual
 
 
+@_device_fn
+def _dw_conv_row(src_img, w_ptr, h, offs_w, offs_c, mask_c, H, W, C,
+                 K: tl.constexpr, TRANSPOSED: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                 BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+    """One output row tile of the "same" depthwise conv (or its transpose) of the image at ``src_img``.
+
+    Taps whose source row lies outside the image are skipped by the loop bounds rather than masked; along a row the
+    ``K`` taps are unrolled, each one coalesced ``[BLOCK_W, BLOCK_C]`` load (hitting cache) and one weight vector.
+    """
+    PAD: tl.constexpr = (K - 1) // 2  # PyTorch "same": (k-1)//2 before, k//2 after
+    acc = tl.full((BLOCK_W, BLOCK_C), 0., ACC_DTYPE)
+    if TRANSPOSED:  # x[h] fed z[h - i + PAD]: source rows h + PAD - i
+        i_lo = tl.maximum(h + PAD - (H - 1), 0)
+        i_hi = tl.minimum(h + PAD + 1, K)
+    else:  # source rows h + i - PAD
+        i_lo = tl.maximum(PAD - h, 0)
+        i_hi = tl.minimum(H + PAD - h, K)
+    for i in range(i_lo, i_hi):
+        if TRANSPOSED:
+            row = src_img + (h + PAD - i) * W * C
+        else:
+            row = src_img + (h + i - PAD) * W * C
+        for j in tl.static_range(K):
+            if TRANSPOSED:
+                ww = offs_w + (PAD - j)
+            else:
+                ww = offs_w + (j - PAD)
+            m = ((ww >= 0) & (ww < W))[:, None] & mask_c[None, :]
+            xv = tl.load(row + ww[:, None] * C + offs_c[None, :], mask=m, other=0.)
+            wv = tl.load(w_ptr + (i * K + j) * C + offs_c, mask=mask_c, other=0.)
+            acc += xv.to(ACC_DTYPE) * wv.to(ACC_DTYPE)[None, :]
+    return acc
+
+
 def _dw_fwd_kernel(
         x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, out_ptr,
-        H, W, C,
-        K: tl.constexpr, PAD: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
-        ACC_DTYPE: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+        H, W, C, ACT, HAS_BIAS,
+        K: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid_row = tl.program_id(0)  # (n, h, w-block)
     pid_c = tl.program_id(1)
     num_wb = (W + BLOCK_W - 1) // BLOCK_W
     wb = pid_row % num_wb
-    nh = (pid_row // num_wb).to(tl.int64)
+    nh = pid_row // num_wb
     h = nh % H
-    n = nh // H
+    img = (nh // H).to(tl.int64) * H * W * C  # 64-bit image base; offsets inside an image are 32-bit
     offs_w = wb * BLOCK_W + tl.arange(0, BLOCK_W)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_w = offs_w < W
     mask_c = offs_c < C
 
-    acc = tl.full((BLOCK_W, BLOCK_C), 0., ACC_DTYPE)
-    zero_w = tl.full((BLOCK_W,), 0, tl.int64)
-    for i in range(K):
-        hh = h + i - PAD
-        hh_w = zero_w + hh  # a vector: the interpreter mis-types scalar-bool & vector-bool
-        row_ok = (hh_w >= 0) & (hh_w < H)
-        row_base = (n * H + hh) * W
-        for j in tl.static_range(K):
-            ww = offs_w + (j - PAD)
-            m = (row_ok & (ww >= 0) & (ww < W))[:, None] & mask_c[None, :]
-            xv = tl.load(x_ptr + (row_base + ww)[:, None] * C + offs_c[None, :], mask=m, other=0.)
-            wv = tl.load(w_ptr + (i * K + j) * C + offs_c, mask=mask_c, other=0.)
-            acc += xv.to(ACC_DTYPE) * wv.to(ACC_DTYPE)[None, :]
+    z = _dw_conv_row(x_ptr + img, w_ptr, h, offs_w, offs_c, mask_c, H, W, C,
+                     K, False, ACC_DTYPE, BLOCK_W, BLOCK_C)
     if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_c, mask=mask_c, other=0.).to(ACC_DTYPE)[None, :]
-
-    if ACT == 1:
-        a = 0.5 * acc * (1. + tl.erf(acc * 0.7071067811865476))
-    elif ACT == 2:
-        a = tl.maximum(acc, 0.)
-    else:
-        a = acc
+        z += tl.load(b_ptr + offs_c, mask=mask_c, other=0.).to(ACC_DTYPE)[None, :]
+    a = _act(z, ACT)
     scale = tl.load(scale_ptr + offs_c, mask=mask_c, other=0.).to(ACC_DTYPE)
     shift = tl.load(shift_ptr + offs_c, mask=mask_c, other=0.).to(ACC_DTYPE)
 
-    offs = ((n * H + h) * W + offs_w)[:, None] * C + offs_c[None, :]
-    m_out = mask_w[:, None] & mask_c[None, :]
-    res = tl.load(x_ptr + offs, mask=m_out, other=0.).to(ACC_DTYPE)
+    offs = (h * W + offs_w)[:, None] * C + offs_c[None, :]
+    m_out = (offs_w < W)[:, None] & mask_c[None, :]
+    res = tl.load(x_ptr + img + offs, mask=m_out, other=0.).to(ACC_DTYPE)
     y = res + a * scale[None, :] + shift[None, :]
-    tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=m_out)
+    tl.store(out_ptr + img + offs, y.to(out_ptr.dtype.element_ty), mask=m_out)
 
 
 def _dw_bwd_gz_kernel(
         x_ptr, w_ptr, b_ptr, scale_ptr, gy_ptr, gz_ptr, part_ptr,
-        H, W, C,
-        K: tl.constexpr, PAD: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
-        ACC_DTYPE: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+        H, W, C, ROWS, ACT, HAS_BIAS,
+        K: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid_row = tl.program_id(0)
+    """Each program walks ``ROWS`` image rows of one column tile, so the partial sums are ``ROWS`` times fewer."""
+    pid_row = tl.program_id(0)  # (n, row chunk, w-block)
     pid_c = tl.program_id(1)
     num_wb = (W + BLOCK_W - 1) // BLOCK_W
+    num_hb = (H + ROWS - 1) // ROWS
     wb = pid_row % num_wb
-    nh = (pid_row // num_wb).to(tl.int64)
-    h = nh % H
-    n = nh // H
+    nhb = pid_row // num_wb
+    h0 = (nhb % num_hb) * ROWS
+    img = (nhb // num_hb).to(tl.int64) * H * W * C
     offs_w = wb * BLOCK_W + tl.arange(0, BLOCK_W)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_w = offs_w < W
     mask_c = offs_c < C
-
-    # recompute z = dwconv(x) + b: cheaper than storing it in forward for a memory-bound block
-    acc = tl.full((BLOCK_W, BLOCK_C), 0., ACC_DTYPE)
-    zero_w = tl.full((BLOCK_W,), 0, tl.int64)
-    for i in range(K):
-        hh = h + i - PAD
-        hh_w = zero_w + hh  # a vector: the interpreter mis-types scalar-bool & vector-bool
-        row_ok = (hh_w >= 0) & (hh_w < H)
-        row_base = (n * H + hh) * W
-        for j in tl.static_range(K):
-            ww = offs_w + (j - PAD)
-            m = (row_ok & (ww >= 0) & (ww < W))[:, None] & mask_c[None, :]
-            xv = tl.load(x_ptr + (row_base + ww)[:, None] * C + offs_c[None, :], mask=m, other=0.)
-            wv = tl.load(w_ptr + (i * K + j) * C + offs_c, mask=mask_c, other=0.)
-            acc += xv.to(ACC_DTYPE) * wv.to(ACC_DTYPE)[None, :]
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_c, mask=mask_c, other=0.).to(ACC_DTYPE)[None, :]
-
-    if ACT == 1:
-        cdf = 0.5 * (1. + tl.erf(acc * 0.7071067811865476))
-        a = acc * cdf
-        da = cdf + acc * tl.exp(-0.5 * acc * acc) * 0.3989422804014327
-    elif ACT == 2:
-        a = tl.maximum(acc, 0.)
-        da = tl.where(acc > 0., 1., 0.).to(ACC_DTYPE)
-    else:
-        a = acc
-        da = tl.full((BLOCK_W, BLOCK_C), 1., ACC_DTYPE)
-
-    offs = ((n * H + h) * W + offs_w)[:, None] * C + offs_c[None, :]
-    m_out = mask_w[:, None] & mask_c[None, :]
-    gy = tl.load(gy_ptr + offs, mask=m_out, other=0.).to(ACC_DTYPE)
+    m_out = (offs_w < W)[:, None] & mask_c[None, :]
     scale = tl.load(scale_ptr + offs_c, mask=mask_c, other=0.).to(ACC_DTYPE)
-    gz = gy * scale[None, :] * da
-    gz = tl.where(m_out, gz, 0.)
-    tl.store(gz_ptr + offs, gz, mask=m_out)
+
+    s_ga = tl.full((BLOCK_W, BLOCK_C), 0., ACC_DTYPE)  # d scale
+    s_gy = tl.full((BLOCK_W, BLOCK_C), 0., ACC_DTYPE)  # d shift
+    s_gz = tl.full((BLOCK_W, BLOCK_C), 0., ACC_DTYPE)  # d bias
+    for h in range(h0, tl.minimum(h0 + ROWS, H)):
+        # recompute z = dwconv(x) + b: cheaper than storing it in forward for a memory-bound block
+        z = _dw_conv_row(x_ptr + img, w_ptr, h, offs_w, offs_c, mask_c, H, W, C,
+                         K, False, ACC_DTYPE, BLOCK_W, BLOCK_C)
+        if HAS_BIAS:
+            z += tl.load(b_ptr + offs_c, mask=mask_c, other=0.).to(ACC_DTYPE)[None, :]
+        a, da = _act_and_grad(z, ACT)
+        offs = (h * W + offs_w)[:, None] * C + offs_c[None, :]
+        gy = tl.load(gy_ptr + img + offs, mask=m_out, other=0.).to(ACC_DTYPE)
+        gz = tl.where(m_out, gy * scale[None, :] * da, 0.)
+        tl.store(gz_ptr + img + offs, gz, mask=m_out)
+        s_ga += tl.where(m_out, gy * a, 0.)
+        s_gy += gy
+        s_gz += gz
 
     # partials [3, programs, C]: d scale, d shift, d bias
     num_rows = tl.num_programs(0)
     part = part_ptr + pid_row.to(tl.int64) * C + offs_c
-    tl.store(part, tl.reduce(tl.where(m_out, gy * a, 0.), 0, _sum_combine), mask=mask_c)
-    tl.store(part + num_rows * C, tl.reduce(gy, 0, _sum_combine), mask=mask_c)
-    tl.store(part + 2 * num_rows * C, tl.reduce(gz, 0, _sum_combine), mask=mask_c)
+    tl.store(part, tl.reduce(s_ga, 0, _sum_combine), mask=mask_c)
+    tl.store(part + num_rows * C, tl.reduce(s_gy, 0, _sum_combine), mask=mask_c)
+    tl.store(part + 2 * num_rows * C, tl.reduce(s_gz, 0, _sum_combine), mask=mask_c)
 
 
 def _dw_bwd_gx_kernel(
         gz_ptr, w_ptr, gy_ptr, gx_ptr,
         H, W, C,
-        K: tl.constexpr, PAD: tl.constexpr,
-        ACC_DTYPE: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+        K: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid_row = tl.program_id(0)
     pid_c = tl.program_id(1)
     num_wb = (W + BLOCK_W - 1) // BLOCK_W
     wb = pid_row % num_wb
-    nh = (pid_row // num_wb).to(tl.int64)
+    nh = pid_row // num_wb
     h = nh % H
-    n = nh // H
+    img = (nh // H).to(tl.int64) * H * W * C
     offs_w = wb * BLOCK_W + tl.arange(0, BLOCK_W)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_w = offs_w < W
     mask_c = offs_c < C
 
-    # x[h, w] fed z[h - i + PAD, w - j + PAD] through tap (i, j): the transposed convolution
-    acc = tl.full((BLOCK_W, BLOCK_C), 0., ACC_DTYPE)
-    zero_w = tl.full((BLOCK_W,), 0, tl.int64)
-    for i in range(K):
-        hh = h - i + PAD
-        hh_w = zero_w + hh  # a vector: the interpreter mis-types scalar-bool & vector-bool
-        row_ok = (hh_w >= 0) & (hh_w < H)
-        row_base = (n * H + hh) * W
-        for j in tl.static_range(K):
-            ww = offs_w - (j - PAD)
-            m = (row_ok & (ww >= 0) & (ww < W))[:, None] & mask_c[None, :]
-            gv = tl.load(gz_ptr + (row_base + ww)[:, None] * C + offs_c[None, :], mask=m, other=0.)
-            wv = tl.load(w_ptr + (i * K + j) * C + offs_c, mask=mask_c, other=0.)
-            acc += gv.to(ACC_DTYPE) * wv.to(ACC_DTYPE)[None, :]
-
-    offs = ((n * H + h) * W + offs_w)[:, None] * C + offs_c[None, :]
-    m_out = mask_w[:, None] & mask_c[None, :]
-    gy = tl.load(gy_ptr + offs, mask=m_out, other=0.).to(ACC_DTYPE)
-    tl.store(gx_ptr + offs, (acc + gy).to(gx_ptr.dtype.element_ty), mask=m_out)
+    acc = _dw_conv_row(gz_ptr + img, w_ptr, h, offs_w, offs_c, mask_c, H, W, C,
+                       K, True, ACC_DTYPE, BLOCK_W, BLOCK_C)
+    offs = (h * W + offs_w)[:, None] * C + offs_c[None, :]
+    m_out = (offs_w < W)[:, None] & mask_c[None, :]
+    gy = tl.load(gy_ptr + img + offs, mask=m_out, other=0.).to(ACC_DTYPE)
+    tl.store(gx_ptr + img + offs, (acc + gy).to(gx_ptr.dtype.element_ty), mask=m_out)
 
 
 def _dw_bwd_gw_kernel(
         gz_ptr, x_ptr, part_ptr,
         NH, H, W, C, SPLIT,
-        K: tl.constexpr, PAD: tl.constexpr,
-        ACC_DTYPE: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+        K: tl.constexpr, ACC_DTYPE: tl.constexpr, TAPS: tl.constexpr,
+        BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    tap = tl.program_id(0)
+    """Program ``(i, c-block, s)``: the taps of kernel row ``i`` over rows ``s, s + SPLIT, ...``.
+
+    The ``K`` horizontal shifts of a row are one ``[TAPS, BLOCK_W, BLOCK_C]`` gather (``TAPS``: ``K`` rounded up to a
+    power of two, the extra taps masked), multiplied by the ``gz`` tile loaded once for all of them.
+    """
+    PAD: tl.constexpr = (K - 1) // 2
+    i = tl.program_id(0)
     pid_c = tl.program_id(1)
     pid_s = tl.program_id(2)
-    i = tap // K
-    j = tap % K
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
+    taps = tl.arange(0, TAPS)
 
-    acc = tl.full((BLOCK_W, BLOCK_C), 0., ACC_DTYPE)
-    zero_w = tl.full((BLOCK_W,), 0, tl.int64)
+    acc = tl.full((TAPS, BLOCK_W, BLOCK_C), 0., ACC_DTYPE)
     zero64 = pid_s.to(tl.int64) * 0
     for r in range(pid_s, NH, SPLIT):
         r64 = r + zero64  # int64 row index (the interpreter's loop variable is a Python int, without .to)
-        h = r64 % H
-        hh = h + i - PAD
-        hh_w = zero_w + hh  # a vector: the interpreter mis-types scalar-bool & vector-bool
-        row_ok = (hh_w >= 0) & (hh_w < H)
-        src_base = (r64 + (i - PAD)) * W  # (n * H + hh) * W, same image since hh is checked against [0, H)
-        dst_base = r64 * W
+        hh = r64 % H + i - PAD
+        src = x_ptr + (r64 + (i - PAD)) * W * C  # (n * H + hh) * W * C: same image, as hh is checked below
+        dst = gz_ptr + r64 * W * C
+        hh_t = taps * 0 + hh  # a vector: the interpreter mis-types scalar-bool & vector-bool
+        tap_ok = (taps < K) & (hh_t >= 0) & (hh_t < H)
         for w0 in range(0, W, BLOCK_W):
             offs_w = w0 + tl.arange(0, BLOCK_W)
-            ww = offs_w + (j - PAD)
             m_gz = (offs_w < W)[:, None] & mask_c[None, :]
-            m_x = (row_ok & (ww >= 0) & (ww < W))[:, None] & m_gz
-            gv = tl.load(gz_ptr + (dst_base + offs_w)[:, None] * C + offs_c[None, :], mask=m_gz, other=0.)
-            xv = tl.load(x_ptr + (src_base + ww)[:, None] * C + offs_c[None, :], mask=m_x, other=0.)
-            acc += gv.to(ACC_DTYPE) * xv.to(ACC_DTYPE)
+            gv = tl.load(dst + offs_w[:, None] * C + offs_c[None, :], mask=m_gz, other=0.)
+            ww = offs_w[None, :] + taps[:, None] - PAD  # [TAPS, BLOCK_W]
+            m_x = (tap_ok[:, None] & (ww >= 0) & (ww < W))[:, :, None] & m_gz[None, :, :]
+            xv = tl.load(src + ww[:, :, None] * C + offs_c[None, None, :], mask=m_x, other=0.)
+            acc += gv.to(ACC_DTYPE)[None, :, :] * xv.to(ACC_DTYPE)
     # partials [SPLIT, K*K, C]
-    out = part_ptr + (pid_s.to(tl.int64) * K * K + tap) * C + offs_c
-    tl.store(out, tl.reduce(acc, 0, _sum_combine), mask=mask_c)
+    out = part_ptr + (pid_s.to(tl.int64) * K * K + i * K) * C + taps[:, None] * C + offs_c[None, :]
+    tl.store(out, tl.reduce(acc, 1, _sum_combine), mask=(taps < K)[:, None] & mask_c[None, :])
 
 
-_dw_fwd = _Kernel(_dw_fwd_kernel)
-_dw_bwd_gz = _Kernel(_dw_bwd_gz_kernel)
+_dw_fwd = _Kernel(_dw_fwd_kernel, do_not_specialize=('ACT', 'HAS_BIAS'))
+_dw_bwd_gz = _Kernel(_dw_bwd_gz_kernel, do_not_specialize=('ROWS', 'ACT', 'HAS_BIAS'))
 _dw_bwd_gx = _Kernel(_dw_bwd_gx_kernel)
-_dw_bwd_gw = _Kernel(_dw_bwd_gw_kernel)
+_dw_bwd_gw = _Kernel(_dw_bwd_gw_kernel, do_not_specialize=('SPLIT',))
+
+_GZ_ROWS = 8  # image rows per gz program
+_GW_SPLIT = 64  # programs along the rows for the weight gradient
 
 
 def _nhwc(x: torch.Tensor) -> torch.Tensor:
@@ -308,16 +429,17 @@ def dw_fwd(
     of ``x``'s dtype. Accumulates in fp32 (fp64 for fp64 inputs)."""
     N, C, H, W = x.shape
     k = weight.shape[-1]
+    _check_image_fits_int32(H, W, C)
     x_nhwc = _nhwc(x)
     out = torch.empty((N, C, H, W), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
     w_taps = _taps(weight)
-    BLOCK_W, BLOCK_C = _block_w(W), _block_c(C)
+    BLOCK_W, BLOCK_C = _tile_rows(W, channels=C), _line_c(C, x.dtype)
     grid = (N * H * triton.cdiv(W, BLOCK_W), triton.cdiv(C, BLOCK_C))
     _dw_fwd.launch(
         grid, x_nhwc, w_taps, bias if bias is not None else w_taps, scale.contiguous(), shift.contiguous(),
-        out.permute(0, 2, 3, 1), H, W, C,
-        K=k, PAD=(k - 1) // 2, ACT=act, HAS_BIAS=bias is not None, ACC_DTYPE=_acc_dtype(x.dtype),
-        BLOCK_W=BLOCK_W, BLOCK_C=BLOCK_C, num_warps=4, device=x.device)
+        out.permute(0, 2, 3, 1), H, W, C, act, bias is not None,
+        K=k, ACC_DTYPE=_acc_dtype(x.dtype), BLOCK_W=BLOCK_W, BLOCK_C=BLOCK_C, num_warps=_NUM_WARPS,
+        device=x.device)
     return out
 
 
@@ -334,35 +456,44 @@ def dw_bwd(
     even when ``bias`` is None (the caller drops it)."""
     N, C, H, W = x.shape
     k = weight.shape[-1]
-    pad = (k - 1) // 2
+    _check_image_fits_int32(H, W, C)
     acc_t = _torch_acc_dtype(x.dtype)
+    acc_dtype = _acc_dtype(x.dtype)
     x_nhwc = _nhwc(x)
     gy_nhwc = _nhwc(grad_out)
     w_taps = _taps(weight)
-    BLOCK_W, BLOCK_C = _block_w(W), _block_c(C)
-    rows = N * H * triton.cdiv(W, BLOCK_W)
-    grid = (rows, triton.cdiv(C, BLOCK_C))
-    acc_dtype = _acc_dtype(x.dtype)
+    BLOCK_W = _tile_rows(W, channels=C)
 
+    # half the forward's tile: three running sums and act' besides the conv
+    BLOCK_W_GZ, BLOCK_C = _tile_rows(W, _TILE_ROWS // 2, C), _line_c(C, x.dtype)
+    rows = min(_GZ_ROWS, H)
+    programs = N * triton.cdiv(H, rows) * triton.cdiv(W, BLOCK_W_GZ)
     gz = torch.empty((N, H, W, C), dtype=acc_t, device=x.device)
-    part = torch.empty((3, rows, C), dtype=acc_t, device=x.device)
+    part = torch.empty((3, programs, C), dtype=acc_t, device=x.device)
     _dw_bwd_gz.launch(
-        grid, x_nhwc, w_taps, bias if bias is not None else w_taps, scale.contiguous(), gy_nhwc, gz, part,
-        H, W, C, K=k, PAD=pad, ACT=act, HAS_BIAS=bias is not None, ACC_DTYPE=acc_dtype,
-        BLOCK_W=BLOCK_W, BLOCK_C=BLOCK_C, num_warps=4, device=x.device)
+        (programs, triton.cdiv(C, BLOCK_C)), x_nhwc, w_taps, bias if bias is not None else w_taps,
+        scale.contiguous(), gy_nhwc, gz, part, H, W, C, rows, act, bias is not None,
+        K=k, ACC_DTYPE=acc_dtype, BLOCK_W=BLOCK_W_GZ, BLOCK_C=BLOCK_C, num_warps=_NUM_WARPS, device=x.device)
     g_scale, g_shift, g_bias = part.sum(dim=1).unbind(0)
 
+    BLOCK_C = _line_c(C, acc_t)  # the conv reads gz, in the accumulation dtype
     gx = torch.empty((N, C, H, W), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
     _dw_bwd_gx.launch(
-        grid, gz, w_taps, gy_nhwc, gx.permute(0, 2, 3, 1), H, W, C,
-        K=k, PAD=pad, ACC_DTYPE=acc_dtype, BLOCK_W=BLOCK_W, BLOCK_C=BLOCK_C, num_warps=4, device=x.device)
+        (N * H * triton.cdiv(W, BLOCK_W), triton.cdiv(C, BLOCK_C)), gz, w_taps, gy_nhwc, gx.permute(0, 2, 3, 1),
+        H, W, C, K=k, ACC_DTYPE=acc_dtype, BLOCK_W=BLOCK_W, BLOCK_C=BLOCK_C, num_warps=_NUM_WARPS,
+        device=x.device)
 
+    # [taps, pixels, channels] tiles of 2048 elements (1024 for fp64): 16 (8) per thread
+    taps = triton.next_power_of_2(k)
+    BLOCK_C = min(16 if x.dtype == torch.float64 else 32, triton.next_power_of_2(C))
+    BLOCK_W_GW = _tile_rows(W, max(1, 64 // taps), C)
     NH = N * H
-    split = max(1, min(NH, 64))
+    split = max(1, min(NH, _GW_SPLIT))
     part_w = torch.empty((split, k * k, C), dtype=acc_t, device=x.device)
     _dw_bwd_gw.launch(
-        (k * k, triton.cdiv(C, BLOCK_C), split), gz, x_nhwc, part_w, NH, H, W, C, split,
-        K=k, PAD=pad, ACC_DTYPE=acc_dtype, BLOCK_W=BLOCK_W, BLOCK_C=BLOCK_C, num_warps=4, device=x.device)
+        (k, triton.cdiv(C, BLOCK_C), split), gz, x_nhwc, part_w, NH, H, W, C, split,
+        K=k, ACC_DTYPE=acc_dtype, TAPS=taps, BLOCK_W=BLOCK_W_GW, BLOCK_C=BLOCK_C, num_warps=_NUM_WARPS,
+        device=x.device)
     g_weight = part_w.sum(dim=0).t().reshape(C, 1, k, k)
     return gx, g_weight, g_bias, g_scale, g_shift
 
@@ -372,65 +503,65 @@ def dw_bwd(
 
 
 def _act_affine_fwd_kernel(
-        p_ptr, scale_ptr, shift_ptr, out_ptr, M, C,
-        ACT: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+        p_ptr, scale_ptr, shift_ptr, out_ptr, M, C, ACT,
+        ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_c = tl.program_id(1)
-    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
     m = (offs_m < M)[:, None] & mask_c[None, :]
-    offs = offs_m[:, None] * C + offs_c[None, :]
-    p = tl.load(p_ptr + offs, mask=m, other=0.).to(ACC_DTYPE)
-    if ACT == 1:
-        a = 0.5 * p * (1. + tl.erf(p * 0.7071067811865476))
-    elif ACT == 2:
-        a = tl.maximum(p, 0.)
-    else:
-        a = p
+    base = (pid_m * BLOCK_M).to(tl.int64) * C  # 64-bit tile base, 32-bit offsets inside the tile
+    offs = tl.arange(0, BLOCK_M)[:, None] * C + offs_c[None, :]
+    p = tl.load(p_ptr + base + offs, mask=m, other=0.).to(ACC_DTYPE)
+    a = _act(p, ACT)
     scale = tl.load(scale_ptr + offs_c, mask=mask_c, other=0.).to(ACC_DTYPE)
     shift = tl.load(shift_ptr + offs_c, mask=mask_c, other=0.).to(ACC_DTYPE)
     y = a * scale[None, :] + shift[None, :]
-    tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=m)
+    tl.store(out_ptr + base + offs, y.to(out_ptr.dtype.element_ty), mask=m)
 
 
 def _act_affine_bwd_kernel(
-        p_ptr, scale_ptr, gy_ptr, gp_ptr, part_ptr, M, C,
-        ACT: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+        p_ptr, scale_ptr, gy_ptr, gp_ptr, part_ptr, M, C, TILES, ACT,
+        ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    """Each program walks ``TILES`` row tiles; partial sums ``[3, programs, C]`` of ``gy * act(p)`` (d scale),
+    ``gy`` (d shift) and ``gp`` (d bias of the GEMM that made ``p``)."""
     pid_m = tl.program_id(0)
     pid_c = tl.program_id(1)
-    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
-    m = (offs_m < M)[:, None] & mask_c[None, :]
-    offs = offs_m[:, None] * C + offs_c[None, :]
-    p = tl.load(p_ptr + offs, mask=m, other=0.).to(ACC_DTYPE)
-    gy = tl.load(gy_ptr + offs, mask=m, other=0.).to(ACC_DTYPE)
-    if ACT == 1:
-        cdf = 0.5 * (1. + tl.erf(p * 0.7071067811865476))
-        a = p * cdf
-        da = cdf + p * tl.exp(-0.5 * p * p) * 0.3989422804014327
-    elif ACT == 2:
-        a = tl.maximum(p, 0.)
-        da = tl.where(p > 0., 1., 0.).to(ACC_DTYPE)
-    else:
-        a = p
-        da = tl.full((BLOCK_M, BLOCK_C), 1., ACC_DTYPE)
     scale = tl.load(scale_ptr + offs_c, mask=mask_c, other=0.).to(ACC_DTYPE)
-    gp = gy * scale[None, :] * da
-    tl.store(gp_ptr + offs, gp.to(gp_ptr.dtype.element_ty), mask=m)
+    offs = tl.arange(0, BLOCK_M)[:, None] * C + offs_c[None, :]
+    s_ga = tl.full((BLOCK_M, BLOCK_C), 0., ACC_DTYPE)
+    s_gy = tl.full((BLOCK_M, BLOCK_C), 0., ACC_DTYPE)
+    s_gp = tl.full((BLOCK_M, BLOCK_C), 0., ACC_DTYPE)
+    for t in range(pid_m * TILES, tl.minimum(pid_m * TILES + TILES, (M + BLOCK_M - 1) // BLOCK_M)):
+        row0 = t * BLOCK_M
+        m = (row0 + tl.arange(0, BLOCK_M) < M)[:, None] & mask_c[None, :]
+        base = (row0 + pid_m.to(tl.int64) * 0) * C
+        p = tl.load(p_ptr + base + offs, mask=m, other=0.).to(ACC_DTYPE)
+        gy = tl.load(gy_ptr + base + offs, mask=m, other=0.).to(ACC_DTYPE)
+        a, da = _act_and_grad(p, ACT)
+        gp = (gy * scale[None, :] * da).to(gp_ptr.dtype.element_ty)
+        tl.store(gp_ptr + base + offs, gp, mask=m)
+        s_ga += tl.where(m, gy * a, 0.)
+        s_gy += gy
+        s_gp += gp.to(ACC_DTYPE)
     num_m = tl.num_programs(0)
     part = part_ptr + pid_m.to(tl.int64) * C + offs_c
-    tl.store(part, tl.reduce(tl.where(m, gy * a, 0.), 0, _sum_combine), mask=mask_c)
-    tl.store(part + num_m * C, tl.reduce(gy, 0, _sum_combine), mask=mask_c)
+    tl.store(part, tl.reduce(s_ga, 0, _sum_combine), mask=mask_c)
+    tl.store(part + num_m * C, tl.reduce(s_gy, 0, _sum_combine), mask=mask_c)
+    tl.store(part + 2 * num_m * C, tl.reduce(s_gp, 0, _sum_combine), mask=mask_c)
 
 
-_act_affine_fwd = _Kernel(_act_affine_fwd_kernel)
-_act_affine_bwd = _Kernel(_act_affine_bwd_kernel)
+_act_affine_fwd = _Kernel(_act_affine_fwd_kernel, do_not_specialize=('ACT',))
+_act_affine_bwd = _Kernel(_act_affine_bwd_kernel, do_not_specialize=('TILES', 'ACT'))
 
-_BLOCK_M = 64
+_BLOCK_M = 32
+_BWD_BLOCK_M = 16  # three running sums besides the tile: one 16-byte vector per thread
+_BWD_TILES = 16  # row tiles per backward program
 
 
 def act_affine_fwd(p: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, act: int) -> torch.Tensor:
@@ -438,29 +569,180 @@ def act_affine_fwd(p: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, ac
     M, C = p.shape
     p = p.contiguous()
     out = torch.empty_like(p)
-    BLOCK_C = _block_c(C)
-    BLOCK_M = min(_BLOCK_M, triton.next_power_of_2(M))
+    BLOCK_C = _line_c(C, p.dtype)
+    BLOCK_M = _tile_rows(M, _BLOCK_M, C)
     grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(C, BLOCK_C))
     _act_affine_fwd.launch(
-        grid, p, scale.contiguous(), shift.contiguous(), out, M, C,
-        ACT=act, ACC_DTYPE=_acc_dtype(p.dtype), BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C, num_warps=4, device=p.device)
+        grid, p, scale.contiguous(), shift.contiguous(), out, M, C, act,
+        ACC_DTYPE=_acc_dtype(p.dtype), BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C, num_warps=_NUM_WARPS, device=p.device)
     return out
+
+
+def _act_affine_bwd_launch(
+        grad_out: torch.Tensor, p: torch.Tensor, scale: torch.Tensor, act: int,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    M, C = p.shape
+    p = p.contiguous()
+    grad_out = grad_out.contiguous()
+    gp = torch.empty_like(p)
+    BLOCK_C = _line_c(C, p.dtype)
+    BLOCK_M = _tile_rows(M, _BWD_BLOCK_M, C)
+    tiles = triton.cdiv(M, BLOCK_M)
+    programs = triton.cdiv(tiles, _BWD_TILES)
+    part = torch.empty((3, programs, C), dtype=_torch_acc_dtype(p.dtype), device=p.device)
+    _act_affine_bwd.launch(
+        (programs, triton.cdiv(C, BLOCK_C)), p, scale.contiguous(), grad_out, gp, part, M, C, _BWD_TILES, act,
+        ACC_DTYPE=_acc_dtype(p.dtype), BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C, num_warps=_NUM_WARPS, device=p.device)
+    g_scale, g_shift, g_p = part.sum(dim=1).unbind(0)
+    return gp, g_scale, g_shift, g_p
 
 
 def act_affine_bwd(
         grad_out: torch.Tensor, p: torch.Tensor, scale: torch.Tensor, act: int,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of :func:`act_affine_fwd` wrt ``(p, scale, shift)``; the last two in fp32 (fp64 for fp64)."""
-    M, C = p.shape
-    p = p.contiguous()
-    grad_out = grad_out.contiguous()
-    gp = torch.empty_like(p)
-    BLOCK_C = _block_c(C)
-    BLOCK_M = min(_BLOCK_M, triton.next_power_of_2(M))
-    grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(C, BLOCK_C))
-    part = torch.empty((2, grid[0], C), dtype=_torch_acc_dtype(p.dtype), device=p.device)
-    _act_affine_bwd.launch(
-        grid, p, scale.contiguous(), grad_out, gp, part, M, C,
-        ACT=act, ACC_DTYPE=_acc_dtype(p.dtype), BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C, num_warps=4, device=p.device)
-    g_scale, g_shift = part.sum(dim=1).unbind(0)
+    gp, g_scale, g_shift, _ = _act_affine_bwd_launch(grad_out, p, scale, act)
     return gp, g_scale, g_shift
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# pointwise conv: GEMM with the bias + act + affine epilogue fused
+
+
+def _pw_fwd_kernel(
+        x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, out_ptr, p_ptr,
+        M, N, K, ACT, HAS_BIAS, STORE_P,
+        ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """``out = scale * act(x @ w.T + b) + shift`` (and ``p = x @ w.T + b`` when ``STORE_P``); ``x`` ``[M, K]``,
+    ``w`` ``[N, K]`` (a conv weight as it is), row-major. Tiles are visited in groups of ``GROUP_M`` row tiles so
+    a group's ``w`` columns stay in L2. ``DOT_UPCAST`` (the interpreter only) multiplies in fp32."""
+    pid = tl.program_id(0)
+    num_m = (M + BLOCK_M - 1) // BLOCK_M
+    num_n = (N + BLOCK_N - 1) // BLOCK_N
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    group_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % group_m
+    pid_n = (pid % group) // group_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    x_tile = x_ptr + offs_m.to(tl.int64)[:, None] * K + offs_k[None, :]
+    w_tile = w_ptr + offs_n.to(tl.int64)[None, :] * K + offs_k[:, None]  # [BLOCK_K, BLOCK_N] of w.T
+    acc = tl.full((BLOCK_M, BLOCK_N), 0., ACC_DTYPE)
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = offs_k < K - k0
+        a = tl.load(x_tile, mask=mask_m[:, None] & mask_k[None, :], other=0.)
+        b = tl.load(w_tile, mask=mask_k[:, None] & mask_n[None, :], other=0.)
+        if DOT_UPCAST:
+            a = a.to(ACC_DTYPE)
+            b = b.to(ACC_DTYPE)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        x_tile += BLOCK_K
+        w_tile += BLOCK_K
+
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.).to(ACC_DTYPE)[None, :]
+    offs = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+    m_out = mask_m[:, None] & mask_n[None, :]
+    if STORE_P:
+        tl.store(p_ptr + offs, acc.to(p_ptr.dtype.element_ty), mask=m_out)
+    scale = tl.load(scale_ptr + offs_n, mask=mask_n, other=0.).to(ACC_DTYPE)
+    shift = tl.load(shift_ptr + offs_n, mask=mask_n, other=0.).to(ACC_DTYPE)
+    y = _act(acc, ACT) * scale[None, :] + shift[None, :]
+    tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=m_out)
+
+
+_pw_fwd = _Kernel(_pw_fwd_kernel, do_not_specialize=('ACT', 'HAS_BIAS', 'STORE_P'))
+
+
+def _fp32_dot_precision() -> str:
+    """What cuBLAS would do for an fp32 matmul: TF32 tensor cores only when PyTorch allows them."""
+    precision = getattr(torch.backends.cuda.matmul, 'fp32_precision', 'none')
+    if precision in ('tf32', 'ieee'):
+        return precision
+    try:
+        return 'tf32' if torch.backends.cuda.matmul.allow_tf32 else 'ieee'
+    except RuntimeError:  # legacy flag unreadable once the new API was used
+        return 'ieee'
+
+
+def _pw_config(dtype: torch.dtype, precision: str, M: int, N: int, K: int) -> Dict[str, int]:
+    """Tiles for the fused GEMM: 128x64 on tensor cores for 16-bit inputs and TF32 (128x128 would hold 64 accumulators
+    per thread and, with the epilogue, exceed 128 registers), smaller for ieee fp32 and fp64 (CUDA-core FMA), half as
+    tall for channel counts that are not multiples of 16; clipped for tiny problems (tl.dot needs 16 at least)."""
+    if dtype in (torch.float16, torch.bfloat16):
+        cfg = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3)
+    elif dtype == torch.float32 and precision == 'tf32':
+        cfg = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3)
+    elif dtype == torch.float32:  # FMA: operands of a whole K step sit in registers, so a short one
+        cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, num_warps=8, num_stages=2)
+    else:
+        cfg = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=2)
+    if N % 16 or K % 16:  # rows not known to be aligned: element-wise loads, an address per element (see _tile_rows)
+        cfg['BLOCK_M'] //= 2
+        cfg['BLOCK_K'] = 16
+    for name, n in (('BLOCK_M', M), ('BLOCK_N', N), ('BLOCK_K', K)):
+        cfg[name] = max(16, min(cfg[name], triton.next_power_of_2(n)))
+    return cfg
+
+
+def pw_fwd(
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: Optional[torch.Tensor],
+        scale: torch.Tensor,
+        shift: torch.Tensor,
+        act: int,
+        store_p: bool,
+        dot_precision: Optional[str] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(scale * act(x @ weight.T + bias) + shift, p)`` for ``x`` ``[M, K]`` and ``weight`` ``[N, K]``, in ``x``'s
+    dtype with fp32 accumulation (fp64 for fp64; fp32 inputs on TF32 tensor cores only when PyTorch allows TF32 for
+    matmuls). ``p = x @ weight.T + bias`` is written only when ``store_p`` (for the backward); otherwise it comes back
+    empty. ``dot_precision`` (``'ieee'``/``'tf32'``) overrides PyTorch's fp32 matmul setting."""
+    M, K = x.shape
+    N = weight.shape[0]
+    x = x.contiguous()
+    weight = weight.contiguous()
+    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    p = torch.empty((M, N) if store_p else (0,), dtype=x.dtype, device=x.device)
+    precision = (dot_precision or _fp32_dot_precision()) if x.dtype == torch.float32 else 'ieee'
+    cfg = _pw_config(x.dtype, precision, M, N, K)
+    grid = (triton.cdiv(M, cfg['BLOCK_M']) * triton.cdiv(N, cfg['BLOCK_N']),)
+    _pw_fwd.launch(
+        grid, x, weight, bias if bias is not None else weight, scale.contiguous(), shift.contiguous(), out,
+        p if store_p else out, M, N, K, act, bias is not None, store_p,
+        ACC_DTYPE=_acc_dtype(x.dtype), DOT_PRECISION=precision, GROUP_M=8, **cfg, device=x.device,
+        # Triton 3.8's interpreter multiplies bf16 operands' bit patterns as integers; bf16 products are exact in
+        # fp32, so upcasting first gives what the GPU's bf16 dot gives
+        DOT_UPCAST=x.device.type == 'cpu' and x.dtype == torch.bfloat16)
+    return out, p
+
+
+def pw_bwd(
+        grad_out: torch.Tensor,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        p: torch.Tensor,
+        scale: torch.Tensor,
+        act: int,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`pw_fwd`'s output wrt ``(x, weight, bias, scale, shift)`` from the saved pre-activation
+    ``p``: the epilogue's gradient in one kernel (``gp`` and every per-channel sum), then two GEMMs in torch. The
+    per-channel gradients come back in fp32 (fp64 for fp64)."""
+    gp, g_scale, g_shift, g_bias = _act_affine_bwd_launch(grad_out, p, scale, act)
+    gx = gp.mm(weight)
+    g_weight = gp.t().mm(x)
+    return gx, g_weight, g_bias, g_scale, g_shift
+
+
+def kernels() -> Dict[str, _Kernel]:
+    """Every kernel of this module by name (what a launch record's ``kernel.name`` refers to)."""
+    return {k.name: k for k in (_dw_fwd, _dw_bwd_gz, _dw_bwd_gx, _dw_bwd_gw, _act_affine_fwd, _act_affine_bwd,
+                                _pw_fwd)}

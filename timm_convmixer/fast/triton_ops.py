@@ -7,8 +7,15 @@ trace them as single nodes, and a backward that is itself a custom op running Tr
   depthwise residual branch with eval-mode BatchNorm as a per-channel affine. ``y`` is channels_last.
 * ``act_affine(p, scale, shift, act) -> y``: ``scale * act(p) + shift`` on a 2-D ``[M, C]`` tensor, the pointwise
   conv's epilogue after a cuBLAS ``addmm`` (bias included there, for free).
+* ``pw_block(x, weight, bias, scale, shift, act, save_preact) -> (y, p)``: the pointwise conv and that epilogue as one
+  Triton GEMM, ``y = scale * act(x @ weight.T + bias) + shift`` on NHWC rows; ``p = x @ weight.T + bias`` is written
+  too when ``save_preact`` (what its backward needs). :func:`pw_block` is the Python entry that asks for ``p`` exactly
+  when autograd will want it. Not used by ``triton_block_forward``: whether it beats cuBLAS + ``act_affine`` is for
+  a timing on the GPU at hand to decide.
 
-``act``: 0 identity, 1 GELU (exact erf form, as ``nn.GELU()``), 2 ReLU.
+``act``: ``triton_kernels.ACT_*`` -- 0 identity, 1 GELU (exact erf form, as ``nn.GELU()``), 2 ReLU, 3 SiLU, 4 GELU
+with the tanh approximation (``nn.GELU(approximate='tanh')``); ``triton_kernels.ACT_BY_NAME`` maps
+``eligibility.ACT_NAMES`` to them.
 
 dtypes and autocast: the ops compute in the dtype of ``x``/``p`` (fp16, bf16, fp32, fp64) with fp32 accumulation
 (fp64 for fp64), reading weights/scale/shift of any float dtype; they have no autocast rule, so autocast passes them
@@ -28,9 +35,9 @@ import torch.nn as nn
 from torch import Tensor
 
 from . import triton_kernels as K
-from .eligibility import BlockParts, block_parts, bn_scale_shift
+from .eligibility import BlockParts, act_name, block_parts, bn_scale_shift
 
-__all__ = ['dw_block', 'act_affine', 'triton_block_forward', 'interpreter_enabled']
+__all__ = ['dw_block', 'act_affine', 'pw_block', 'triton_block_forward', 'interpreter_enabled']
 
 _LIB = 'timm_convmixer'
 
@@ -104,8 +111,13 @@ def _check_dw_args(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Ten
     for name, t in (('bias', bias), ('scale', scale), ('shift', shift)):
         if t is not None and tuple(t.shape) != (C,):
             raise ValueError(f'dw_block: {name} must be [{C}], got {tuple(t.shape)}')
-    if act not in (K.ACT_IDENTITY, K.ACT_GELU, K.ACT_RELU):
-        raise ValueError(f'dw_block: act must be 0 (identity), 1 (gelu) or 2 (relu), got {act}')
+    _check_act('dw_block', act)
+
+
+def _check_act(op: str, act: int):
+    if act not in K.ACT_CODES:
+        names = ', '.join(f'{code} ({name})' for name, code in K.ACT_BY_NAME.items())
+        raise ValueError(f'{op}: act must be one of {names}; got {act}')
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -118,8 +130,7 @@ def act_affine(p: Tensor, scale: Tensor, shift: Tensor, act: int) -> Tensor:
     if p.dim() != 2 or tuple(scale.shape) != (p.shape[1],) or tuple(shift.shape) != (p.shape[1],):
         raise ValueError(f'act_affine: p must be [M, C] with [C] scale/shift, got {tuple(p.shape)}, '
                          f'{tuple(scale.shape)}, {tuple(shift.shape)}')
-    if act not in (K.ACT_IDENTITY, K.ACT_GELU, K.ACT_RELU):
-        raise ValueError(f'act_affine: act must be 0 (identity), 1 (gelu) or 2 (relu), got {act}')
+    _check_act('act_affine', act)
     return K.act_affine_fwd(p, scale, shift, act)
 
 
@@ -162,6 +173,98 @@ torch.library.register_autograd(
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# pointwise conv with its epilogue, one GEMM
+
+
+@torch.library.custom_op(f'{_LIB}::pw_block', mutates_args=())
+def pw_block_op(
+        x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Tensor, shift: Tensor, act: int, save_preact: bool,
+) -> Tuple[Tensor, Tensor]:
+    """``(scale * act(x @ weight.T + bias) + shift, p)`` for NHWC rows ``x`` ``[M, C_in]`` and ``weight``
+    ``[C_out, C_in]`` of ``x``'s dtype; ``p = x @ weight.T + bias`` (in ``x``'s dtype) when ``save_preact``, else an
+    empty tensor. fp32 accumulation (fp64 for fp64); fp32 inputs use TF32 exactly when PyTorch's matmuls would."""
+    _check_pw_args(x, weight, bias, scale, shift, act)
+    return K.pw_fwd(x, weight, bias, scale, shift, act, store_p=save_preact)
+
+
+@pw_block_op.register_fake
+def _pw_block_fake(x, weight, bias, scale, shift, act, save_preact):
+    M, N = x.shape[0], weight.shape[0]
+    return x.new_empty((M, N)), x.new_empty((M, N) if save_preact else (0,))
+
+
+@torch.library.custom_op(f'{_LIB}::pw_block_backward', mutates_args=())
+def pw_block_backward(
+        grad_out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], p: Tensor, scale: Tensor, act: int,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of ``pw_block``'s ``y`` wrt ``(x, weight, bias, scale, shift)``, each in its input's dtype (the bias
+    gradient in ``weight``'s dtype when there is no bias). ``p`` is the saved pre-activation; an empty ``p`` is
+    recomputed (one more GEMM)."""
+    if p.numel() == 0 and x.shape[0] * weight.shape[0]:
+        p = torch.addmm(bias.to(x.dtype), x, weight.t()) if bias is not None else x.mm(weight.t())
+    gx, gw, gb, gs, gt = K.pw_bwd(grad_out, x, weight, p, scale, act)
+    b_dtype = bias.dtype if bias is not None else weight.dtype
+    return gx, gw.to(weight.dtype), gb.to(b_dtype, copy=True), gs.to(scale.dtype, copy=True), \
+        gt.to(scale.dtype, copy=True)
+
+
+@pw_block_backward.register_fake
+def _pw_block_backward_fake(grad_out, x, weight, bias, p, scale, act):
+    N = weight.shape[0]
+    b_dtype = bias.dtype if bias is not None else weight.dtype
+    return (
+        torch.empty_like(x, memory_format=torch.contiguous_format),
+        torch.empty_like(weight, memory_format=torch.contiguous_format),
+        x.new_empty((N,), dtype=b_dtype),
+        x.new_empty((N,), dtype=scale.dtype),
+        x.new_empty((N,), dtype=scale.dtype),
+    )
+
+
+def _pw_block_setup_context(ctx, inputs, output):
+    x, weight, bias, scale, shift, act, save_preact = inputs
+    _, p = output
+    ctx.mark_non_differentiable(p)
+    ctx.save_for_backward(x, weight, bias, p, scale)
+    ctx.act = act
+
+
+def _pw_block_bwd(ctx, grad_out, _grad_p):
+    x, weight, bias, p, scale = ctx.saved_tensors
+    gx, gw, gb, gs, gt = torch.ops.timm_convmixer.pw_block_backward(grad_out, x, weight, bias, p, scale, ctx.act)
+    return gx, gw, (gb if bias is not None else None), gs, gt, None, None
+
+
+torch.library.register_autograd(
+    f'{_LIB}::pw_block', _pw_block_bwd, setup_context=_pw_block_setup_context)
+
+
+def _check_pw_args(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Tensor, shift: Tensor, act: int):
+    if x.dim() != 2 or weight.dim() != 2 or weight.shape[1] != x.shape[1]:
+        raise ValueError(f'pw_block: x must be [M, C_in] and weight [C_out, C_in], got {tuple(x.shape)} and '
+                         f'{tuple(weight.shape)}')
+    if weight.dtype != x.dtype:
+        raise ValueError(f'pw_block: weight dtype {weight.dtype} differs from x dtype {x.dtype}')
+    N = weight.shape[0]
+    for name, t in (('bias', bias), ('scale', scale), ('shift', shift)):
+        if t is not None and tuple(t.shape) != (N,):
+            raise ValueError(f'pw_block: {name} must be [{N}], got {tuple(t.shape)}')
+    _check_act('pw_block', act)
+
+
+def pw_block(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Tensor, shift: Tensor, act: int) -> Tensor:
+    """``scale * act(x @ weight.T + bias) + shift`` as one fused GEMM: the pointwise conv of a block and its
+    activation and eval-mode BatchNorm, on NHWC rows ``x`` ``[M, C_in]`` (``y.permute(0, 2, 3, 1).reshape(-1, C)`` of a
+    channels_last ``y``). ``weight`` is the conv's ``[C_out, C_in, 1, 1]`` or ``[C_out, C_in]``. Differentiable; the
+    pre-activation is kept for the backward only when autograd will run one."""
+    weight = weight.reshape(weight.shape[0], -1)
+    save = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias, scale, shift))
+    y, _ = torch.ops.timm_convmixer.pw_block(x, weight, bias, scale, shift, act, save)
+    return y
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # block-level entry
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -173,14 +276,8 @@ def interpreter_enabled() -> bool:
 
 
 def _act_code(m: nn.Module) -> Optional[int]:
-    t = type(m)
-    if t is nn.GELU and m.approximate == 'none':
-        return K.ACT_GELU
-    if t is nn.ReLU:
-        return K.ACT_RELU
-    if t is nn.Identity:
-        return K.ACT_IDENTITY
-    return None
+    """The kernels' code for an activation module (``None``: no kernel computes it)."""
+    return K.ACT_BY_NAME.get(act_name(m))
 
 
 def triton_block_forward(
