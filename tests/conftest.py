@@ -1,4 +1,16 @@
-"""Shared test set-up: small CPU thread count, the plugin imported, deterministic seeds."""
+"""Shared test set-up: small CPU thread count, the plugin imported, deterministic seeds, and the shared fixtures.
+
+Fixtures (the functions behind them live in ``tests/helpers.py``, importable by scripts and module-level code):
+
+* ``randomize_bn(model, seed=1, mean=..., var=..., weight=..., bias=...)``: non-trivial BatchNorm statistics and
+  affine parameters; negative scales by default, other distributions (``Normal``/``Uniform``) as arguments.
+* ``small_model(name, depth=2, seed=None, randomize=None, **create_model_kwargs)``: a cut-down registered variant,
+  BatchNorms randomised and in eval mode when ``randomize`` is given.
+* ``run_counted(fn, *args, backend=None)``: the result and ``timm_convmixer.fast.counters`` (which path answered
+  each block call), counters reset first.
+* ``run_python(*args, code=None, env=None, unset=(), cwd=None, timeout=300, check=True)``: a fresh interpreter of
+  this environment; a non-zero exit fails with its output.
+"""
 import os
 
 import pytest
@@ -9,8 +21,30 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 import timm  # noqa: E402  (the start-up hook registers our variants on this import)
 import timm_convmixer  # noqa: E402,F401  (explicit import registers too; harmless twice)
 
+import helpers  # noqa: E402  (tests/ is on sys.path: pytest puts a rootdir conftest's folder there)
+
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def randomize_bn():
+    return helpers.randomize_bn
+
+
+@pytest.fixture
+def small_model():
+    return helpers.small_model
+
+
+@pytest.fixture
+def run_counted():
+    return helpers.run_counted
+
+
+@pytest.fixture
+def run_python():
+    return helpers.run_python

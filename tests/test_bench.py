@@ -1,5 +1,7 @@
-"""The benchmark harness runs end to end on a tiny model and writes valid JSON (timings are not asserted)."""
+"""The benchmark harness runs end to end on a tiny model and writes JSON whose numbers agree with each other and
+with the model (timings themselves are not asserted)."""
 import json
+import statistics
 
 import pytest
 
@@ -7,6 +9,20 @@ from timm_convmixer import bench, cli
 
 TINY = ['--models', 'convmixer_256_8_ks5_p2', '--model-kwargs', 'depth=2', 'dim=16', '--img-size', '16',
         '--batch-size', '2', '--iters', '2', '--warmup', '0', '--no-progress', '--device', 'cpu']
+
+
+def _forward_flops(batch, dim, depth, img, patch, kernel, classes, in_chans=3):
+    """Multiply-adds x 2 of the convolutions and the head (what torch's FLOP counter counts), and the stem's share."""
+    tokens = (img // patch) ** 2
+    stem = 2 * batch * tokens * dim * in_chans * patch * patch
+    block = 2 * batch * tokens * dim * (kernel * kernel + dim)  # depthwise kxk, then pointwise 1x1
+    return stem + depth * block + 2 * batch * dim * classes, stem
+
+
+def _check_timings(entry, batch_size):
+    """img/s and the median follow from the recorded times (rounded to the microsecond)."""
+    assert entry['median_ms'] == pytest.approx(statistics.median(entry['times_ms']), abs=1e-3)
+    assert entry['img_s'] == pytest.approx(batch_size * 1e3 / entry['median_ms'], rel=1e-9)
 
 
 def test_cli_writes_json_and_chart(tmp_path):
@@ -19,15 +35,30 @@ def test_cli_writes_json_and_chart(tmp_path):
     for key in ('torch', 'timm', 'cpu_model', 'threads', 'device', 'memory_method'):
         assert key in meta
     assert [(c['task'], c['dtype']) for c in result['results']] == [('infer', 'fp32'), ('train', 'fp32')]
+    forward, stem = _forward_flops(batch=2, dim=16, depth=2, img=16, patch=2, kernel=5, classes=10)
+    # training: forward, then both gradients of every convolution and of the head, except the stem's input gradient
+    step_flops = {'infer': forward, 'train': 3 * forward - stem}
+    activation_bytes = 2 * 16 * 8 * 8 * 4  # one fp32 block activation at batch 2
+    peaks = {}
     for case in result['results']:
         assert set(case['modes']) == {'nchw', 'channels_last'}
         assert case['best']['builtin_mode'] in case['modes']
         assert case['fraction_of_peak'] == 'unknown'  # CPU without --peak-tflops
-        assert case['gflops_per_img'] > 0
-        for entry in case['modes'].values():
+        assert case['gflops_per_img'] == pytest.approx(step_flops[case['task']] / 2 / 1e9, rel=1e-12)
+        for mode, entry in case['modes'].items():
             for impl in ('ours', 'builtin'):
-                assert len(entry[impl]['times_ms']) == 2 and entry[impl]['img_s'] > 0
-                assert entry[impl]['peak_mem_mb'] >= 0
+                assert len(entry[impl]['times_ms']) == 2
+                _check_timings(entry[impl], batch_size=2)
+                # allocated during one step: at least one activation, far less than a megabyte for this model
+                assert activation_bytes <= entry[impl]['peak_mem_mb'] * 2 ** 20 < 2 ** 20, entry[impl]
+                peaks[case['task'], mode, impl] = entry[impl]['peak_mem_mb']
+            assert entry['ratio'] == pytest.approx(entry['ours']['img_s'] / entry['builtin']['img_s'])
+        best = case['best']
+        assert best['ours_img_s'] == max(e['ours']['img_s'] for e in case['modes'].values())
+        assert best['builtin_img_s'] == case['modes'][best['builtin_mode']]['builtin']['img_s']
+    for mode in ('nchw', 'channels_last'):
+        for impl in ('ours', 'builtin'):  # a training step keeps its activations for backward; inference does not
+            assert peaks['train', mode, impl] > peaks['infer', mode, impl], (mode, impl, peaks)
     infer = result['results'][0]['modes']
     assert infer['nchw']['ours_block_paths'] == {'cpu': 2}  # our model really took the fast path
     assert infer['nchw']['max_abs_diff'] < 1e-4 and infer['channels_last']['max_abs_diff'] < 1e-4
@@ -42,6 +73,12 @@ def test_api_peak_fraction_and_validation():
         modes=['nchw'], iters=1, warmup=0, peak_tflops=1.0, backend='eager', progress=False)
     case = result['results'][0]
     assert case['modes']['nchw']['ours_block_paths'] == {'eager': 1}
-    assert 0 < case['fraction_of_peak']['ours'] < 1
-    with pytest.raises(ValueError):
+    assert case['peak_tflops'] == 1.0
+    assert case['gflops_per_img'] == pytest.approx(
+        _forward_flops(batch=1, dim=8, depth=1, img=8, patch=2, kernel=5, classes=10)[0] / 1e9, rel=1e-12)
+    # achieved FLOP/s over the peak, from the JSON's own FLOPs, throughput and peak
+    for impl in ('ours', 'builtin'):
+        achieved = case['best'][f'{impl}_img_s'] * case['gflops_per_img'] * 1e9
+        assert case['fraction_of_peak'][impl] == pytest.approx(achieved / (case['peak_tflops'] * 1e12), rel=1e-9)
+    with pytest.raises(ValueError, match=r"modes: unknown \['nhwc'\]"):
         bench.run_benchmark(modes=['nhwc'], progress=False)

@@ -4,22 +4,26 @@ Each variant is built with its own dim, kernel, patch and activation but ``depth
 (non-square, so an H/W mix-up shows), which keeps the exports fast while exercising each kernel's padding. BatchNorm
 statistics and affine parameters are randomised so the comparisons are not of near-identity layers.
 """
+import functools
 import os
 import warnings
 
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 
 import timm
 import timm_convmixer
-from timm_convmixer import fast
+from helpers import Uniform
 from timm_convmixer.cli import main as cli_main
 from timm_convmixer.export import MIN_OPSET, check_onnx_graph, export_onnx
 
-onnx = pytest.importorskip('onnx')
-ort = pytest.importorskip('onnxruntime')
+try:
+    import onnx
+    import onnxruntime as ort
+except ImportError:  # only the ONNX tests need them; torch.export and TorchScript still run
+    onnx = ort = None
+requires_onnx = pytest.mark.skipif(ort is None, reason='onnx and onnxruntime are not installed')
 
 VARIANTS = timm.list_models('convmixer*')
 EVEN_KERNEL = 'convmixer_512_16_ks8_p7'
@@ -35,21 +39,11 @@ def _input_size(patch_size: int):
     return 3, 9 * patch_size, 10 * patch_size
 
 
-def _randomise_bn(model: nn.Module) -> nn.Module:
-    g = torch.Generator().manual_seed(1)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            n = m.num_features
-            m.running_mean.copy_(torch.rand(n, generator=g) - .5)
-            m.running_var.copy_(torch.rand(n, generator=g) + .5)
-            m.weight.data.copy_(torch.rand(n, generator=g) + .5)
-            m.bias.data.copy_(torch.rand(n, generator=g) - .5)
-    return model
-
-
-def _make(name: str, **kwargs) -> nn.Module:
-    kwargs.setdefault('depth', 2)
-    return _randomise_bn(timm.create_model(name, **kwargs)).eval()
+@pytest.fixture
+def make(small_model):
+    """A variant at depth 2 (unless given), BatchNorm statistics and affine randomised, eval mode."""
+    bn = dict(mean=Uniform(-.5, .5), var=Uniform(.5, 1.5), weight=Uniform(.5, 1.5), bias=Uniform(-.5, .5))
+    return functools.partial(small_model, randomize=bn)
 
 
 def _run_ort(path, x: torch.Tensor) -> np.ndarray:
@@ -73,9 +67,10 @@ def test_every_variant_is_covered():
     assert len(VARIANTS) == 8 and EVEN_KERNEL in VARIANTS
 
 
+@requires_onnx
 @pytest.mark.parametrize('name', VARIANTS)
-def test_onnx_matches_pytorch(name, tmp_path):
-    model = _make(name)
+def test_onnx_matches_pytorch(name, tmp_path, make):
+    model = make(name)
     size = _input_size(model.patch_size)
     path = export_onnx(model, tmp_path / f'{name}.onnx', size, opset=17)
     assert sorted(os.listdir(tmp_path)) == [f'{name}.onnx']  # no temporary file left behind
@@ -105,9 +100,10 @@ def test_onnx_matches_pytorch(name, tmp_path):
         np.testing.assert_allclose(got, expected, rtol=RTOL, atol=ATOL)
 
 
-def test_onnx_even_kernel_pads_the_pytorch_side(tmp_path):
+@requires_onnx
+def test_onnx_even_kernel_pads_the_pytorch_side(tmp_path, make):
     """Kernel 8 pads 3 before and 4 after; the same graph padded 4/3 must disagree (so the check above can fail)."""
-    model = _make(EVEN_KERNEL)
+    model = make(EVEN_KERNEL)
     size = _input_size(model.patch_size)
     path = export_onnx(model, tmp_path / 'ks8.onnx', size)
     proto = onnx.load(path)
@@ -128,8 +124,9 @@ def test_onnx_even_kernel_pads_the_pytorch_side(tmp_path):
     assert np.abs(_run_ort(mirrored, x) - expected).max() > 100 * ATOL
 
 
-def test_onnx_full_depth_small_variant(tmp_path):
-    model = _make('convmixer_256_8_ks5_p2', depth=8)
+@requires_onnx
+def test_onnx_full_depth_small_variant(tmp_path, make):
+    model = make('convmixer_256_8_ks5_p2', depth=8)
     path = export_onnx(model, tmp_path / 'full.onnx', (3, 32, 32), opset=17)
     proto = onnx.load(path)
     assert sum(1 for c in _conv_attrs(proto) if c['kernel_shape'] == [5, 5]) == 8
@@ -140,8 +137,9 @@ def test_onnx_full_depth_small_variant(tmp_path):
         np.testing.assert_allclose(_run_ort(path, x), expected, rtol=RTOL, atol=ATOL)
 
 
-def test_onnx_static_batch_and_newer_opset(tmp_path):
-    model = _make('convmixer_768_32')  # ReLU, kernel 7
+@requires_onnx
+def test_onnx_static_batch_and_newer_opset(tmp_path, make):
+    model = make('convmixer_768_32')  # ReLU, kernel 7
     path = export_onnx(model, tmp_path / 'static.onnx', 70, opset=18, dynamic_batch=False, batch_size=2)
     proto = onnx.load(path)
     assert check_onnx_graph(proto, min_opset=18) == 18
@@ -153,10 +151,11 @@ def test_onnx_static_batch_and_newer_opset(tmp_path):
     assert model.training is False
 
 
-def test_onnx_dynamo_exporter_even_kernel(tmp_path):
+@requires_onnx
+def test_onnx_dynamo_exporter_even_kernel(tmp_path, make):
     """The torch.export-based exporter (torch's default since 2.9) as the alternative route: opset 18+."""
     pytest.importorskip('onnxscript')
-    model = _make(EVEN_KERNEL)
+    model = make(EVEN_KERNEL)
     size = _input_size(model.patch_size)
     path = export_onnx(model, tmp_path / 'dynamo.onnx', size, opset=17, dynamo=True)
     proto = onnx.load(path)
@@ -169,8 +168,9 @@ def test_onnx_dynamo_exporter_even_kernel(tmp_path):
         np.testing.assert_allclose(_run_ort(path, x), expected, rtol=RTOL, atol=ATOL)
 
 
-def test_onnx_export_argument_checks(tmp_path):
-    model = _make('convmixer_256_8_ks5_p2')
+@requires_onnx
+def test_onnx_export_argument_checks(tmp_path, make):
+    model = make('convmixer_256_8_ks5_p2')
     with pytest.raises(ValueError, match='opset'):
         export_onnx(model, tmp_path / 'a.onnx', 32, opset=MIN_OPSET - 1)
     with pytest.raises(ValueError, match='in_chans'):
@@ -178,15 +178,16 @@ def test_onnx_export_argument_checks(tmp_path):
     assert not os.listdir(tmp_path)
 
 
-def test_onnx_training_mode_restored(tmp_path):
-    model = _make('convmixer_256_8_ks5_p2').train()
+@requires_onnx
+def test_onnx_training_mode_restored(tmp_path, make):
+    model = make('convmixer_256_8_ks5_p2').train()
     export_onnx(model, tmp_path / 't.onnx', 32)
     assert model.training and all(m.training for m in model.modules())
 
 
 @pytest.mark.parametrize('name', VARIANTS)
-def test_torch_export(name):
-    model = _make(name)
+def test_torch_export(name, make):
+    model = make(name)
     size = _input_size(model.patch_size)
     x = torch.randn((2,) + size)
     batch = torch.export.Dim('batch', min=1)
@@ -200,8 +201,8 @@ def test_torch_export(name):
 
 @pytest.mark.parametrize('name', VARIANTS)
 @pytest.mark.filterwarnings(r'ignore:`torch\.jit\.\w+` is deprecated:FutureWarning')
-def test_torchscript_script_and_trace(name, tmp_path):
-    model = _make(name)
+def test_torchscript_script_and_trace(name, tmp_path, make):
+    model = make(name)
     size = _input_size(model.patch_size)
     x = torch.randn((2,) + size)
     scripted = torch.jit.script(model)  # deprecated in torch 2.15 (warning filtered above), still supported
@@ -220,32 +221,34 @@ def test_torchscript_script_and_trace(name, tmp_path):
 
 
 @pytest.mark.filterwarnings(r'ignore:`torch\.jit\.\w+` is deprecated:FutureWarning')
-def test_exports_see_the_plain_modules(tmp_path):
-    """Tracers and exporters must record the plain modules, never a fused fast path (fast.counters says which ran)."""
-    if not hasattr(fast, 'counters') or not hasattr(fast, 'reset_counters'):
-        pytest.skip('this build of timm_convmixer.fast has no counters')
-    model = _make('convmixer_256_8_ks5_p2')
+def test_torch_export_and_trace_see_the_plain_modules(make, run_counted):
+    """Tracers and exporters must record the plain modules, never a fused fast path (fast.counters says which ran:
+    'eager' only, every block at least once)."""
+    model = make('convmixer_256_8_ks5_p2')
     x = torch.randn(1, 3, 32, 32)
-
-    def fast_calls():
-        return sum(v for k, v in fast.counters.items() if k != 'eager')
-
-    fast.reset_counters()
-    export_onnx(model, tmp_path / 'plain.onnx', 32)
-    assert fast_calls() == 0 and fast.counters['eager'] > 0
-    fast.reset_counters()
-    torch.export.export(model, (x,))
-    assert fast_calls() == 0 and fast.counters['eager'] > 0
-    fast.reset_counters()
-    with warnings.catch_warnings():
-        warnings.filterwarnings('ignore', category=torch.jit.TracerWarning)
-        torch.jit.trace(model, x, check_trace=False)
-    assert fast_calls() == 0 and fast.counters['eager'] > 0
+    with torch.no_grad():  # where the CPU fast path would otherwise answer
+        _, paths = run_counted(model, x)
+        assert paths == {'cpu': 2}
+        _, paths = run_counted(torch.export.export, model, (x,))
+        assert list(paths) == ['eager'] and paths['eager'] >= 2
+        with warnings.catch_warnings():
+            warnings.filterwarnings('ignore', category=torch.jit.TracerWarning)
+            _, paths = run_counted(lambda: torch.jit.trace(model, x, check_trace=False))
+        assert list(paths) == ['eager'] and paths['eager'] >= 2
 
 
-def test_cli_export_with_checkpoint(tmp_path, capsys):
+@requires_onnx
+def test_onnx_export_sees_the_plain_modules(tmp_path, make, run_counted):
+    model = make('convmixer_256_8_ks5_p2')
+    with torch.no_grad():
+        _, paths = run_counted(export_onnx, model, tmp_path / 'plain.onnx', 32)
+    assert list(paths) == ['eager'] and paths['eager'] >= 2
+
+
+@requires_onnx
+def test_cli_export_with_checkpoint(tmp_path, capsys, make):
     """``timm-convmixer export --checkpoint``: the file carries the checkpoint's weights, verified by onnxruntime."""
-    model = _make(EVEN_KERNEL, num_classes=10)
+    model = make(EVEN_KERNEL, num_classes=10)
     checkpoint = tmp_path / 'ckpt.pth'
     torch.save(model.state_dict(), checkpoint)
     out = tmp_path / 'cli' / 'ks8.onnx'

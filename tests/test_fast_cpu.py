@@ -1,53 +1,40 @@
 """The CPU fast path computes the eager function, applies only where it may, and the backend switch works."""
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn as nn
 
-import timm
 from timm_convmixer import fast
 from timm_convmixer.fast import cpu as fast_cpu
 
 pytestmark = pytest.mark.skipif(not fast_cpu.available(), reason='oneDNN fused convolution not available')
 
 
-def _randomize_bn(model: nn.Module) -> nn.Module:
-    """Non-trivial BN statistics/affine so folding mistakes show (fresh BNs are the identity)."""
-    g = torch.Generator().manual_seed(1)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            with torch.no_grad():
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.3)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.weight.copy_(torch.randn(m.num_features, generator=g))  # includes negative scales
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.3)
-    return model
+@pytest.fixture
+def make_model(small_model):
+    """This file's model: dim 24, patch 4, 7 classes, BatchNorms randomised (negative scales included) and eval
+    mode; kernel, activation, width and depth per test."""
+    def make(kernel_size: int = 5, act: str = 'gelu', dim: int = 24, depth: int = 2) -> nn.Module:
+        return small_model(dim=dim, depth=depth, kernel_size=kernel_size, patch_size=4, act_layer=act, num_classes=7,
+                           randomize={})
+    return make
 
 
-def _model(kernel_size: int = 5, act: str = 'gelu', dim: int = 24, depth: int = 2, patch: int = 4) -> nn.Module:
-    model = timm.create_model(
-        'convmixer_256_8_ks5_p2', dim=dim, depth=depth, kernel_size=kernel_size, patch_size=patch, act_layer=act,
-        num_classes=7)
-    return _randomize_bn(model).eval()
-
-
-def _run(model: nn.Module, x: torch.Tensor, backend: str):
-    fast.reset_counters()
-    with fast.use_backend(backend), torch.no_grad():
-        out = model(x)
-    return out, dict(fast.counters)
+@pytest.fixture
+def infer(run_counted):
+    """``model(x)`` under no_grad with ``backend`` forced: ``(output, {path: block calls})``."""
+    def infer(model: nn.Module, x: torch.Tensor, backend: str):
+        with torch.no_grad():
+            return run_counted(model, x, backend=backend)
+    return infer
 
 
 @pytest.mark.parametrize('kernel_size', [5, 8, 9])
 @pytest.mark.parametrize('act', ['relu', 'gelu', 'silu'])
-def test_model_matches_eager(kernel_size, act):
-    model = _model(kernel_size, act)
+def test_model_matches_eager(kernel_size, act, make_model, infer):
+    model = make_model(kernel_size, act)
     x = torch.randn(2, 3, 36, 52)  # non-square; 9x13 tokens
-    fast_out, fast_paths = _run(model, x, 'cpu')
-    eager_out, eager_paths = _run(model, x, 'eager')
+    fast_out, fast_paths = infer(model, x, 'cpu')
+    eager_out, eager_paths = infer(model, x, 'eager')
     assert fast_paths == {'cpu': 2}
     assert eager_paths == {'eager': 2}
     torch.testing.assert_close(fast_out, eager_out, rtol=1e-5, atol=1e-5)
@@ -56,103 +43,96 @@ def test_model_matches_eager(kernel_size, act):
 @pytest.mark.parametrize('kernel_size', [5, 8, 9])
 @pytest.mark.parametrize('channels_last', [False, True])
 @pytest.mark.parametrize('shape', [(1, 7, 5), (3, 6, 11)])
-def test_block_matches_eager(kernel_size, channels_last, shape):
+def test_block_matches_eager(kernel_size, channels_last, shape, make_model, infer):
     """Block level, odd/even spatial sizes and batch 1, both input layouts; the output keeps the values."""
-    block = _model(kernel_size).blocks[0]
+    block = make_model(kernel_size).blocks[0]
     n, h, w = shape
     x = torch.randn(n, 24, h, w)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    with torch.no_grad():
-        with fast.use_backend('eager'):
-            ref = block(x)
-        with fast.use_backend('cpu'):
-            out = block(x)
+    ref, ref_paths = infer(block, x, 'eager')
+    out, paths = infer(block, x, 'cpu')
+    assert ref_paths == {'eager': 1} and paths == {'cpu': 1}
     assert out.shape == ref.shape
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_inference_mode_and_auto():
-    model = _model(9)
+def test_inference_mode_and_auto(make_model, infer, run_counted):
+    model = make_model(9)
     x = torch.randn(1, 3, 32, 32)
-    with torch.no_grad(), fast.use_backend('eager'):
-        ref = model(x)
-    fast.reset_counters()
+    ref, ref_paths = infer(model, x, 'eager')
+    assert ref_paths == {'eager': 2}
     with torch.inference_mode():  # 'auto' picks the CPU path for CPU tensors
-        out = model(x)
-    assert fast.counters['cpu'] == 2
+        out, paths = run_counted(model, x, backend='auto')
+    assert paths == {'cpu': 2}
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_grad_needed_runs_eager():
+def test_grad_needed_runs_eager(make_model, run_counted):
     """Outside no_grad the parameters need gradients; the fused ops have none, so eager runs."""
-    model = _model()
-    fast.reset_counters()
-    out = model(torch.randn(1, 3, 16, 16))
+    model = make_model()
+    out, paths = run_counted(model, torch.randn(1, 3, 16, 16), backend='cpu')
     out.sum().backward()
-    assert fast.counters == {'eager': 2}
+    assert paths == {'eager': 2}
     assert model.blocks[0][1].weight.grad is not None
 
 
-def test_train_mode_runs_eager_and_updates_stats():
-    model = _model()
+def test_train_mode_runs_eager_and_updates_stats(make_model, infer):
+    model = make_model()
     model.train()
     before = model.blocks[1][3].running_mean.clone()
-    fast.reset_counters()
-    with torch.no_grad():
-        model(torch.randn(2, 3, 16, 16))
-    assert fast.counters == {'eager': 2}
+    _, paths = infer(model, torch.randn(2, 3, 16, 16), 'cpu')
+    assert paths == {'eager': 2}
     assert not torch.equal(before, model.blocks[1][3].running_mean)
 
 
-def test_not_after_convert_sync_batchnorm():
-    model = _model()
+def test_not_after_convert_sync_batchnorm(make_model, infer):
+    model = make_model()
     x = torch.randn(1, 3, 16, 16)
-    ref, _ = _run(model, x, 'eager')
+    ref, ref_paths = infer(model, x, 'eager')
     synced = nn.SyncBatchNorm.convert_sync_batchnorm(model).eval()
     assert type(synced.blocks[0][3]) is nn.SyncBatchNorm
-    out, paths = _run(synced, x, 'auto')
-    assert paths == {'eager': 2}
+    out, paths = infer(synced, x, 'auto')
+    assert ref_paths == paths == {'eager': 2}
     torch.testing.assert_close(out, ref)
 
 
-def test_hooks_disable_fast_path():
-    model = _model()
+def test_hooks_disable_fast_path(make_model, infer):
+    model = make_model()
     seen = []
     handle = model.blocks[0][1].register_forward_hook(lambda m, i, o: seen.append(o.shape))
-    _, paths = _run(model, torch.randn(1, 3, 16, 16), 'auto')
+    _, paths = infer(model, torch.randn(1, 3, 16, 16), 'auto')
     handle.remove()
     assert seen and paths == {'eager': 1, 'cpu': 1}  # only the hooked block ran its modules
 
 
-def test_fp16_autocast_and_tracing_run_eager():
-    model = _model()
+def test_fp16_autocast_and_tracing_run_eager(make_model, infer):
+    model = make_model()
     x = torch.randn(1, 3, 16, 16)
-    fast.reset_counters()
-    with torch.no_grad(), torch.autocast('cpu', dtype=torch.float16):
-        model(x)
-    assert fast.counters == {'eager': 2}
-    fast.reset_counters()
-    with torch.no_grad():
-        traced = torch.jit.trace(model, x, check_trace=False)  # the check re-runs eagerly
-    assert fast.counters == {"eager": 2}
-    ref, _ = _run(model, x, 'eager')
+    with torch.autocast('cpu', dtype=torch.float16):
+        _, paths = infer(model, x, 'cpu')
+    assert paths == {'eager': 2}
+    # the trace's own check would re-run the model eagerly, so it is off
+    traced, paths = infer(lambda inp: torch.jit.trace(model, inp, check_trace=False), x, 'cpu')
+    assert paths == {'eager': 2}
+    ref, ref_paths = infer(model, x, 'eager')
+    assert ref_paths == {'eager': 2}
     torch.testing.assert_close(traced(x), ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif(not fast_cpu.native_bf16(), reason='oneDNN has no bf16 kernels on this CPU')
 @pytest.mark.parametrize('kernel_size', [8, 9])
-def test_bf16_autocast_matches_eager_autocast(kernel_size):
+def test_bf16_autocast_matches_eager_autocast(kernel_size, make_model, infer):
     """Under bf16 autocast the fast path computes in bf16 as eager does, and is at least as close to fp32."""
-    model = _model(kernel_size=kernel_size, dim=32, depth=3)
+    model = make_model(kernel_size=kernel_size, dim=32, depth=3)
     x = torch.randn(2, 3, 20, 16)
-    ref32, _ = _run(model, x, 'eager')
+    ref32, ref_paths = infer(model, x, 'eager')
+    assert ref_paths == {'eager': 3}
     outs = {}
     for backend in ('cpu', 'eager'):
-        fast.reset_counters()
-        with fast.use_backend(backend), torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
-            outs[backend] = model(x)
-        assert dict(fast.counters) == {backend: 3}
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            outs[backend], paths = infer(model, x, backend)
+        assert paths == {backend: 3}
         assert outs[backend].dtype == torch.bfloat16  # autocast's output dtype, as eager gives it
     err_fast = (outs['cpu'].float() - ref32).abs().max().item()
     err_eager = (outs['eager'].float() - ref32).abs().max().item()
@@ -162,11 +142,12 @@ def test_bf16_autocast_matches_eager_autocast(kernel_size):
     torch.testing.assert_close(outs['cpu'].float(), outs['eager'].float(), rtol=0.05, atol=0.05 * scale)
 
 
-def test_cache_follows_weight_changes_and_state_dict_unchanged():
-    model = _model()
+def test_cache_follows_weight_changes_and_state_dict_unchanged(make_model, infer):
+    model = make_model()
     x = torch.randn(1, 3, 16, 16)
     keys = {k: v.clone() for k, v in model.state_dict().items()}
-    _run(model, x, 'cpu')
+    _, paths = infer(model, x, 'cpu')
+    assert paths == {'cpu': 2}
     assert {k: v for k, v in model.state_dict().items()}.keys() == keys.keys()
     for k, v in model.state_dict().items():
         assert torch.equal(v, keys[k]), k
@@ -174,44 +155,62 @@ def test_cache_follows_weight_changes_and_state_dict_unchanged():
     with torch.no_grad():
         model.blocks[0][0].fn[2].running_var.mul_(3)
         model.blocks[1][1].weight.add_(0.1)
-    out, paths = _run(model, x, 'cpu')
-    ref, _ = _run(model, x, 'eager')
-    assert paths == {'cpu': 2}
+    out, paths = infer(model, x, 'cpu')
+    ref, ref_paths = infer(model, x, 'eager')
+    assert paths == {'cpu': 2} and ref_paths == {'eager': 2}
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    other = _model()
-    model.load_state_dict(_randomize_bn(other).state_dict())
-    out, _ = _run(model, x, 'cpu')
-    ref, _ = _run(model, x, 'eager')
+    model.load_state_dict(make_model().state_dict())
+    out, paths = infer(model, x, 'cpu')
+    ref, ref_paths = infer(model, x, 'eager')
+    assert paths == {'cpu': 2} and ref_paths == {'eager': 2}
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_changing_batch_and_size_repacks_and_stays_exact():
+def test_changing_batch_and_size_repacks_and_stays_exact(make_model, infer):
     """Weights are packed for the input's exact shape; a new batch size or image size must repack, not misuse."""
-    model = _model(kernel_size=9)
+    model = make_model(kernel_size=9)
     for shape in ((2, 3, 16, 16), (5, 3, 16, 16), (2, 3, 16, 16), (1, 3, 20, 12)):
         x = torch.randn(*shape)
-        out, paths = _run(model, x, 'cpu')
-        ref, _ = _run(model, x, 'eager')
-        assert paths == {'cpu': 2}, shape
+        out, paths = infer(model, x, 'cpu')
+        ref, ref_paths = infer(model, x, 'eager')
+        assert paths == {'cpu': 2} and ref_paths == {'eager': 2}, shape
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     assert tuple(fast_cpu._cache[model.blocks[0][0].fn[0]].key[-2]) == (1, 24, 5, 3)  # the last shape seen
 
 
-def test_backend_switch():
-    assert fast.get_backend() in fast.BACKENDS
-    with pytest.raises(ValueError):
+def test_backend_switch(make_model, infer, monkeypatch):
+    with pytest.raises(ValueError, match=r"backend: expected one of .*got 'cuda-magic'"):
         fast.set_backend('cuda-magic')
     previous = fast.get_backend()
     with fast.use_backend('eager'):
         assert fast.get_backend() == 'eager'
     assert fast.get_backend() == previous
-    # 'triton' never applies to CPU tensors
-    _, paths = _run(_model(), torch.randn(1, 3, 16, 16), 'triton')
+    try:
+        fast.set_backend('CPU')  # case-insensitive, kept lower-case
+        assert fast.get_backend() == 'cpu'
+    finally:
+        fast.set_backend(previous)
+    assert fast.get_backend() == previous
+    # 'triton' takes CPU tensors only under Triton's interpreter (tests/test_triton_kernels.py drives that case)
+    monkeypatch.delenv('TRITON_INTERPRET', raising=False)
+    _, paths = infer(make_model(), torch.randn(1, 3, 16, 16), 'triton')
     assert paths == {'eager': 2}
 
 
-def test_env_var_selects_backend():
-    env = dict(os.environ, TIMM_CONVMIXER_BACKEND='eager')
-    code = 'import timm_convmixer.fast as f; print(f.get_backend())'
-    out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip().splitlines()[-1] == 'eager'
+def test_env_var_selects_backend(run_python):
+    """TIMM_CONVMIXER_BACKEND is read at import (re-read here by reloading the module): unset means 'auto', a typo
+    warns and keeps 'auto' rather than breaking ``import timm``."""
+    code = '''
+        import importlib, os, warnings
+        import timm_convmixer.fast as f
+        for value in (None, 'eager', ' Triton ', 'cuda-magic'):
+            if value is not None:
+                os.environ['TIMM_CONVMIXER_BACKEND'] = value
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter('always')
+                importlib.reload(f)
+            print(f.get_backend(), [str(w.message) for w in caught])
+    '''
+    lines = run_python(code=code, unset=[fast.ENV_VAR]).stdout.strip().splitlines()[-4:]
+    assert lines[:3] == ['auto []', 'eager []', 'triton []']
+    assert lines[3].startswith('auto [') and "TIMM_CONVMIXER_BACKEND=\\'cuda-magic\\' is not one of" in lines[3]

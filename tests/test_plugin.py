@@ -1,7 +1,5 @@
 """The plugin as timm sees it: registry entries, pretrained cfgs, every train.py kwarg, the model interface."""
-import subprocess
-import sys
-import textwrap
+import functools
 import warnings
 
 import pytest
@@ -12,7 +10,7 @@ import timm
 from timm.models import _registry as timm_registry
 
 import timm_convmixer
-from timm_convmixer.convmixer import ConvMixer, MixerBlock
+from timm_convmixer.convmixer import MixerBlock
 
 VARIANTS = {
     # name: (dim, depth, kernel, patch, act, input px, classes)
@@ -28,10 +26,10 @@ VARIANTS = {
 SHARED_WITH_TIMM = ('convmixer_1536_20', 'convmixer_768_32', 'convmixer_1024_20_ks9_p14')
 
 
-def _small(name: str = 'convmixer_256_8_ks5_p2', **kwargs) -> ConvMixer:
-    kwargs.setdefault('dim', 16)
-    kwargs.setdefault('depth', 3)
-    return timm.create_model(name, **kwargs)
+@pytest.fixture
+def small(small_model):
+    """``convmixer_256_8_ks5_p2`` (or the variant given) at dim 16, depth 3, as timm builds it; all overridable."""
+    return functools.partial(small_model, dim=16, depth=3)
 
 
 def test_every_variant_registered_under_module_convmixer():
@@ -70,9 +68,9 @@ def test_variant_architecture_and_cfg(name):
         assert cfg['crop_pct'] == 1.0 and cfg['mean'] == (0.4914, 0.4822, 0.4471)
 
 
-def test_train_py_kwargs_accepted():
+def test_train_py_kwargs_accepted(small):
     """Everything timm's train.py passes to create_model (None values are dropped by timm)."""
-    model = _small(
+    model = small(
         pretrained=False, in_chans=1, num_classes=7, drop_rate=0.2, drop_path_rate=0.3,
         global_pool='avgmax', bn_momentum=0.01, bn_eps=1e-3, scriptable=False, exportable=False, no_jit=False)
     assert model.in_chans == 1 and model.num_classes == 7 and model.head_drop.p == 0.2
@@ -83,15 +81,15 @@ def test_train_py_kwargs_accepted():
     assert model(torch.randn(2, 1, 16, 16)).shape == (2, 7)
 
 
-def test_drop_block_refused_with_reason():
+def test_drop_block_refused_with_reason(small):
     with pytest.raises(ValueError, match='no DropBlock'):
-        _small(drop_block_rate=0.1)
-    _small(drop_block_rate=0.)  # a zero rate asks for nothing
+        small(drop_block_rate=0.1)
+    small(drop_block_rate=0.)  # a zero rate asks for nothing
 
 
-def test_unknown_kwarg_still_a_type_error():
-    with pytest.raises(TypeError):
-        _small(not_a_model_arg=1)
+def test_unknown_kwarg_still_a_type_error(small):
+    with pytest.raises(TypeError, match="unexpected keyword argument 'not_a_model_arg'"):
+        small(not_a_model_arg=1)
 
 
 @pytest.mark.parametrize('kwargs, arg', [
@@ -104,16 +102,16 @@ def test_invalid_arch_values_name_the_argument(kwargs, arg):
         timm.create_model('convmixer_256_8_ks5_p2', **kwargs)
 
 
-def test_arch_kwargs_override_variant():
+def test_arch_kwargs_override_variant(small):
     model = timm.create_model('convmixer_768_32', depth=2, kernel_size=5, dim=32, act_layer='gelu')
     assert len(model.blocks) == 2 and model.blocks[0][0].fn[0].kernel_size == (5, 5)
     assert isinstance(model.blocks[0][2], nn.GELU) and model.num_features == 32
-    assert isinstance(_small(act_layer=nn.SiLU).stem[1], nn.SiLU)
-    assert type(_small(act_layer='hard_swish').stem[1]).__name__.lower().startswith('hardswish')
+    assert isinstance(small(act_layer=nn.SiLU).stem[1], nn.SiLU)
+    assert type(small(act_layer='hard_swish').stem[1]).__name__.lower().startswith('hardswish')
 
 
-def test_even_kernel_pads_like_pytorch_same():
-    model = _small('convmixer_512_16_ks8_p7', depth=1).eval()
+def test_even_kernel_pads_like_pytorch_same(small):
+    model = small('convmixer_512_16_ks8_p7', depth=1).eval()
     conv = model.blocks[0][0].fn[0]
     x = torch.randn(1, 16, 9, 11)
     ref = nn.functional.conv2d(nn.functional.pad(x, (3, 4, 3, 4)), conv.weight, conv.bias, groups=16)
@@ -121,8 +119,8 @@ def test_even_kernel_pads_like_pytorch_same():
 
 
 @pytest.mark.parametrize('pool', ['avg', 'max', 'avgmax', 'catavgmax', 'fast', ''])
-def test_every_global_pool(pool):
-    model = _small(global_pool=pool, num_classes=5 if pool else 0).eval()
+def test_every_global_pool(pool, small):
+    model = small(global_pool=pool, num_classes=5 if pool else 0).eval()
     x = torch.randn(2, 3, 16, 16)
     out = model(x)
     if pool:
@@ -132,8 +130,8 @@ def test_every_global_pool(pool):
         assert out.shape == (2, 16, 8, 8)  # no pooling, no classifier: the unpooled feature map
 
 
-def test_heads_features_and_classifier_reset():
-    model = _small(num_classes=5).eval()
+def test_heads_features_and_classifier_reset(small):
+    model = small(num_classes=5).eval()
     x = torch.randn(2, 3, 16, 16)
     feats = model.forward_features(x)
     assert feats.shape == (2, 16, 8, 8)
@@ -147,8 +145,8 @@ def test_heads_features_and_classifier_reset():
     assert model.forward_head(feats, pre_logits=True).shape == (2, 16, 8, 8)
 
 
-def test_forward_intermediates_and_prune():
-    model = _small(depth=4).eval()
+def test_forward_intermediates_and_prune(small):
+    model = small(depth=4).eval()
     x = torch.randn(1, 3, 16, 16)
     final, inter = model.forward_intermediates(x)
     assert len(inter) == 4 and torch.equal(final, model.forward_features(x))
@@ -172,9 +170,9 @@ def test_features_only_getter():
     assert len(sel(torch.randn(1, 3, 16, 16))) == 2
 
 
-def test_group_matcher_layer_decay_groups():
+def test_group_matcher_layer_decay_groups(small):
     from timm.models._manipulate import group_parameters
-    model = _small(depth=3)
+    model = small(depth=3)
     groups = group_parameters(model, model.group_matcher(), reverse=False)
     assert len(groups) == 1 + 3 + 1  # stem, one per block, head
     from timm.optim import create_optimizer_v2
@@ -183,35 +181,49 @@ def test_group_matcher_layer_decay_groups():
     assert len(scales) == 5 and scales[-1] == pytest.approx(1.0)
 
 
-def test_grad_checkpointing_same_output():
-    model = _small().train()
+def test_grad_checkpointing_same_output_and_recomputes(small, run_counted):
+    """Same output; with checkpointing every block runs its forward again during backward, in ``forward`` (timm's
+    checkpoint_seq) and in ``forward_intermediates`` (block by block)."""
+    model = small().train()  # depth 3
     x = torch.randn(2, 3, 16, 16)
+
+    def block_calls(fn, *args):
+        result, paths = run_counted(fn, *args)
+        return result, sum(paths.values())
+
     torch.manual_seed(1)
-    out = model(x)
+    out, calls = block_calls(model, x)
+    assert calls == 3
+    assert block_calls(out.sum().backward)[1] == 0
     model.set_grad_checkpointing(True)
     torch.manual_seed(1)
-    out2 = model(x)
+    out2, calls = block_calls(model, x)
+    assert calls == 3
     torch.testing.assert_close(out, out2)
+    assert block_calls(out2.sum().backward)[1] == 3
+    (final, intermediates), calls = block_calls(model.forward_intermediates, x)
+    assert calls == 3 and len(intermediates) == 3
+    assert block_calls(lambda: (final.sum() + sum(t.sum() for t in intermediates)).backward())[1] == 3
 
 
-def test_device_dtype_kwargs():
-    model = _small(dtype=torch.float64)
+def test_device_dtype_kwargs(small):
+    model = small(dtype=torch.float64)
     assert all(p.dtype == torch.float64 for p in model.parameters())
     with torch.device('meta'):
-        meta = _small()
+        meta = small()
     assert all(p.device.type == 'meta' for p in meta.parameters())
 
 
-def test_bad_input_named():
-    model = _small().eval()
+def test_bad_input_named(small):
+    model = small().eval()
     with pytest.raises(ValueError, match=r'\(N, 3, H, W\)'):
         model(torch.randn(3, 16, 16))
     with pytest.raises(ValueError, match=r'got \(1, 4, 16, 16\)'):
         model(torch.randn(1, 4, 16, 16))
 
 
-def test_torchscript():
-    model = _small().eval()
+def test_torchscript(small):
+    model = small().eval()
     x = torch.randn(1, 3, 16, 16)
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
@@ -219,20 +231,20 @@ def test_torchscript():
     torch.testing.assert_close(scripted(x), model(x))
 
 
-def test_block_children_keep_timm_layout():
-    blk = _small().blocks[0]
+def test_block_children_keep_timm_layout(small):
+    blk = small().blocks[0]
     assert isinstance(blk, MixerBlock) and isinstance(blk, nn.Sequential) and len(blk) == 4
-    keys = set(_small(depth=1).state_dict())
+    keys = set(small(depth=1).state_dict())
     assert {'stem.0.weight', 'stem.2.running_mean', 'blocks.0.0.fn.0.weight', 'blocks.0.0.fn.2.weight',
             'blocks.0.1.weight', 'blocks.0.3.num_batches_tracked', 'head.weight'} <= keys
 
 
-def test_registering_twice_is_harmless():
+def test_registering_twice_is_harmless(run_python):
     """Re-executing the registration module (a second plugin load, a reload) changes nothing and warns nothing.
 
     In a subprocess: a reload makes new classes, which would break ``isinstance`` checks in later tests here.
     """
-    code = textwrap.dedent('''
+    code = '''
         import importlib, warnings
         import timm, timm_convmixer, timm_convmixer.convmixer, timm_convmixer._autoload
         before = timm.list_models('convmixer*', pretrained=True)
@@ -245,9 +257,8 @@ def test_registering_twice_is_harmless():
         m = timm.create_model('convmixer_256_8_ks5_p2', dim=8, depth=1)
         assert type(m) is timm_convmixer.convmixer.ConvMixer, type(m)
         print('ok', len(before))
-    ''')
-    proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    '''
+    proc = run_python(code=code)
     assert proc.stdout.startswith('ok')
 
 

@@ -7,8 +7,6 @@ shadow the installed package. It runs in a subprocess, whose plain ``import timm
 the start-up hook, selected with ``-k convmixer`` minus the two tests that download real weights.
 """
 import os
-import subprocess
-import sys
 import tarfile
 import tempfile
 import xml.etree.ElementTree as ET
@@ -23,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SELECTION = 'convmixer and not load_pretrained and not features_pretrained'
 
 
-def _battery_dir() -> Path:
+def _battery_dir(run_python) -> Path:
     """``<cache>/<version>/tests/test_models.py``, downloading and unpacking the sdist on first use."""
     version = timm.__version__
     cache = Path(os.environ.get('TIMM_BATTERY_CACHE', ROOT / '.cache' / 'timm-battery'))
@@ -32,9 +30,8 @@ def _battery_dir() -> Path:
         return dest
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
-        proc = subprocess.run(
-            [sys.executable, '-m', 'pip', 'download', '--quiet', '--no-deps', '--no-binary', ':all:',
-             '--dest', tmp, f'timm=={version}'], capture_output=True, text=True, timeout=600)
+        proc = run_python('-m', 'pip', 'download', '--quiet', '--no-deps', '--no-binary', ':all:', '--dest', tmp,
+                          f'timm=={version}', timeout=600, check=False)
         archives = list(Path(tmp).glob('timm-*.tar.gz'))
         if proc.returncode != 0 or not archives:
             pytest.fail(f'could not fetch the timm {version} sdist from the package registry '
@@ -56,14 +53,13 @@ def _battery_dir() -> Path:
 
 @pytest.mark.timm_battery
 @pytest.mark.slow
-def test_timm_model_battery_passes_for_every_variant(tmp_path):
-    battery = _battery_dir()
+def test_timm_model_battery_passes_for_every_variant(tmp_path, run_python):
+    battery = _battery_dir(run_python)
     report = tmp_path / 'junit.xml'
-    env = {k: v for k, v in os.environ.items() if k != 'TIMM_CONVMIXER_AUTOLOAD'}  # the hook must be on
-    proc = subprocess.run(
-        [sys.executable, '-m', 'pytest', 'tests/test_models.py', '-k', SELECTION, '-q', '-p', 'no:cacheprovider',
-         f'--junitxml={report}', '--tb=short'],
-        cwd=battery, env=env, capture_output=True, text=True, timeout=3000)
+    proc = run_python(
+        '-m', 'pytest', 'tests/test_models.py', '-k', SELECTION, '-q', '-p', 'no:cacheprovider',
+        f'--junitxml={report}', '--tb=short',
+        unset=['TIMM_CONVMIXER_AUTOLOAD'], cwd=battery, timeout=3000, check=False)  # the hook must be on
     tail = proc.stdout[-6000:] + proc.stderr[-2000:]
     assert proc.returncode == 0, f"timm's battery failed:\n{tail}"
 

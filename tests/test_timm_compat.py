@@ -10,6 +10,7 @@ import torch.nn as nn
 import timm
 from timm.models.convmixer import ConvMixer as BuiltinConvMixer
 
+from helpers import Normal, Uniform
 from timm_convmixer.convmixer import ConvMixer
 
 SHARED = {
@@ -19,24 +20,15 @@ SHARED = {
 }
 
 
-def _randomize_bn(model: nn.Module, seed: int) -> None:
-    """Non-trivial BN statistics and affine parameters, so a key or channel mix-up cannot go unnoticed."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-                m.num_batches_tracked.fill_(7)
+# non-trivial BN statistics, affine parameters and counts, so a key or channel mix-up cannot go unnoticed
+BN = dict(mean=Normal(0.2), var=Uniform(0.5, 1.5), weight=Uniform(0.5, 1.5), bias=Normal(0.1), num_batches_tracked=7)
 
 
 @pytest.mark.parametrize('name', sorted(SHARED))
-def test_two_way_strict_load_same_logits(name):
+def test_two_way_strict_load_same_logits(name, randomize_bn):
     ours = timm.create_model(name).eval()
     assert isinstance(ours, ConvMixer)
-    _randomize_bn(ours, seed=len(name))
+    randomize_bn(ours, seed=len(name), **BN)
     builtin = BuiltinConvMixer(**SHARED[name]).eval()
 
     ours_sd = ours.state_dict()
@@ -52,7 +44,7 @@ def test_two_way_strict_load_same_logits(name):
     assert (ours_out - builtin_out).abs().max().item() <= 1e-5
 
     # plain timm -> plugin, strictly, with different weights this time
-    _randomize_bn(builtin, seed=len(name) + 1)
+    randomize_bn(builtin, seed=len(name) + 1, **BN)
     with torch.no_grad():
         builtin.head.weight.mul_(-1.5)
     fresh = timm.create_model(name).eval()
@@ -77,12 +69,12 @@ def test_train_mode_step_matches_builtin():
         torch.testing.assert_close(b, c, msg=n)
 
 
-def test_checkpoint_file_moves_both_ways(tmp_path):
+def test_checkpoint_file_moves_both_ways(tmp_path, randomize_bn):
     """A file saved by one side loads strictly through timm's own load_checkpoint on the other."""
     from timm.models import load_checkpoint
     kwargs = dict(dim=24, depth=2, kernel_size=9, patch_size=14)
     ours = timm.create_model('convmixer_1024_20_ks9_p14', **kwargs).eval()
-    _randomize_bn(ours, 3)
+    randomize_bn(ours, 3, **BN)
     path = tmp_path / 'ours.pth'
     torch.save({'state_dict': ours.state_dict(), 'epoch': 3}, path)
     builtin = BuiltinConvMixer(**kwargs).eval()

@@ -4,13 +4,13 @@ Mixed precision, channels_last, torch.compile, gradient checkpointing, stochasti
 CheckpointSaver/resume_checkpoint, two-process DDP, SyncBatchNorm conversion, the authors' onecycle schedule, the
 embedded shapes dataset and the demo job; and timm's real train.py when ``TIMM_TRAIN_PY`` points to one.
 """
+import argparse
 import copy
 import csv
+import functools
 import math
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -32,9 +32,10 @@ REPO_ROOT = os.path.dirname(TESTS_DIR)
 VARIANT = 'convmixer_256_8_ks5_p2'
 
 
-def _small(**kwargs) -> ConvMixer:
-    kwargs = {'dim': 32, 'depth': 2, 'num_classes': 4, **kwargs}
-    return timm.create_model(VARIANT, **kwargs)
+@pytest.fixture
+def small(small_model):
+    """This file's model: dim 32, depth 2, 4 classes, as timm builds it (train mode); any of them overridable."""
+    return functools.partial(small_model, VARIANT, dim=32, num_classes=4)
 
 
 def _batch(seed: int, n: int = 8, size: int = 16, num_classes: int = 4):
@@ -48,8 +49,8 @@ def _assert_grads_close(a: nn.Module, b: nn.Module, **tol) -> None:
         torch.testing.assert_close(pa.grad, pb.grad, msg=lambda m: f'{name}: {m}', **tol)
 
 
-def test_bf16_autocast_cpu_trains():
-    model = _small()
+def test_bf16_autocast_cpu_trains(small):
+    model = small()
     optimizer = create_optimizer_v2(model, 'adamw', lr=1e-2, weight_decay=0.)
     x, y = _batch(0, n=16)
     losses = []
@@ -67,12 +68,20 @@ def test_bf16_autocast_cpu_trains():
     assert losses[-1] < 0.7 * losses[0], losses
 
 
-def test_channels_last_matches_eager_forward_and_backward():
-    eager = _small()
+def _one_path(paths, calls: int) -> str:
+    """The single path that answered all ``calls`` block calls (training mode has more than one candidate)."""
+    assert len(paths) == 1 and sum(paths.values()) == calls, paths
+    return next(iter(paths))
+
+
+def test_channels_last_matches_eager_forward_and_backward(small, run_counted):
+    eager = small()
     cl = copy.deepcopy(eager).to(memory_format=torch.channels_last)
     x, y = _batch(1)
-    out_e = eager(x)
-    out_c = cl(x.contiguous(memory_format=torch.channels_last))
+    out_e, eager_paths = run_counted(eager, x, backend='eager')
+    out_c, cl_paths = run_counted(cl, x.contiguous(memory_format=torch.channels_last))
+    assert eager_paths == {'eager': 2}
+    _one_path(cl_paths, 2)
     torch.testing.assert_close(out_c, out_e, rtol=1e-4, atol=1e-5)
     F.cross_entropy(out_e, y).backward()
     F.cross_entropy(out_c, y).backward()
@@ -84,35 +93,44 @@ def test_channels_last_matches_eager_forward_and_backward():
 
 
 @pytest.mark.slow
-def test_torch_compile_matches_eager():
+def test_torch_compile_matches_eager(small, run_counted):
     if shutil.which(os.environ.get('CXX', 'g++')) is None and shutil.which('c++') is None:
         pytest.skip('torch.compile (inductor on CPU) needs a C++ compiler; none on PATH')
-    model = _small(dim=16).eval()
+    model = small(dim=16).eval()
     x, _ = _batch(2, n=4)
     with torch.no_grad():
-        expected = model(x)
-        compiled = torch.compile(model)
-        got = compiled(x)
+        expected, eager_paths = run_counted(model, x, backend='eager')
+        got, compiled_paths = run_counted(torch.compile(model), x)
+    assert eager_paths == {'eager': 2}
+    # under compile the dispatcher steps aside (the CPU fast path would answer these calls otherwise) and Inductor
+    # compiles the plain modules; dynamo replays the counting, so each block call still shows up once
+    assert compiled_paths == {'eager': 2}
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_gradient_checkpointing_same_loss_and_grads():
-    plain = _small(depth=3)
+def test_gradient_checkpointing_same_loss_and_grads(small, run_counted):
+    """Same loss and gradients, and the blocks really are recomputed: each runs its forward again in backward."""
+    depth = 3
+    plain = small(depth=depth)
     ckpt = copy.deepcopy(plain)
     ckpt.set_grad_checkpointing()
     assert ckpt.grad_checkpointing
     x, y = _batch(3)
-    loss_p = F.cross_entropy(plain(x), y)
-    loss_c = F.cross_entropy(ckpt(x), y)
+    loss_p, paths = run_counted(lambda: F.cross_entropy(plain(x), y), backend='eager')
+    assert paths == {'eager': depth}
+    _, paths = run_counted(loss_p.backward)
+    assert paths == {}  # without checkpointing, backward calls no block
+    loss_c, paths = run_counted(lambda: F.cross_entropy(ckpt(x), y))
+    _one_path(paths, depth)
     torch.testing.assert_close(loss_c, loss_p, rtol=0, atol=0)
-    loss_p.backward()
-    loss_c.backward()
+    _, paths = run_counted(loss_c.backward)
+    _one_path(paths, depth)  # the recomputation
     _assert_grads_close(ckpt, plain, rtol=1e-5, atol=1e-6)
 
 
-def test_stochastic_depth_schedule_and_modes():
+def test_stochastic_depth_schedule_and_modes(small):
     rate, depth = 0.3, 4
-    model = _small(depth=depth, drop_path_rate=rate)
+    model = small(depth=depth, drop_path_rate=rate)
     # per-block rate rises linearly from 0 (first block) to the given rate (last block), timm's convention
     rates = [getattr(blk[0].drop_path, 'drop_prob', 0.) for blk in model.blocks]
     torch.testing.assert_close(torch.tensor(rates), torch.linspace(0, rate, depth))
@@ -122,7 +140,7 @@ def test_stochastic_depth_schedule_and_modes():
     model.train()
     assert not torch.equal(model(x), model(x)), 'drop path inactive in train mode'
 
-    reference = _small(depth=depth, drop_path_rate=0.)
+    reference = small(depth=depth, drop_path_rate=0.)
     reference.load_state_dict(model.state_dict())
     model.eval()
     reference.eval()
@@ -148,21 +166,20 @@ def _train_epochs(model, optimizer, scheduler, model_ema, start_epoch: int, end_
         scheduler.step(epoch + 1)
 
 
-def _fresh_run(seed: int, epochs: int = 4):
-    torch.manual_seed(seed)
-    model = _small()
+def _fresh_run(small, seed: int, epochs: int = 4):
+    model = small(seed=seed)
     optimizer = create_optimizer_v2(model, 'adamw', lr=5e-3, weight_decay=0.05)
     scheduler, _ = create_scheduler_v2(optimizer, 'cosine', num_epochs=epochs, warmup_epochs=1, warmup_lr=1e-4)
     model_ema = ModelEmaV3(model, decay=0.9)
     return model, optimizer, scheduler, model_ema
 
 
-def test_resume_is_exact(tmp_path):
+def test_resume_is_exact(tmp_path, small):
     total, split = 4, 2
-    ref = _fresh_run(seed=0, epochs=total)
+    ref = _fresh_run(small, seed=0, epochs=total)
     _train_epochs(*ref, 0, total)
 
-    first = _fresh_run(seed=0, epochs=total)
+    first = _fresh_run(small, seed=0, epochs=total)
     _train_epochs(*first, 0, split)
     saver = CheckpointSaver(first[0], first[1], model_ema=first[3], checkpoint_dir=str(tmp_path),
                             recovery_dir=str(tmp_path), max_history=1)
@@ -170,7 +187,7 @@ def test_resume_is_exact(tmp_path):
     path = str(tmp_path / 'last.pth.tar')
 
     # a different initialisation: everything must come from the checkpoint
-    resumed = _fresh_run(seed=123, epochs=total)
+    resumed = _fresh_run(small, seed=123, epochs=total)
     start = resume_checkpoint(resumed[0], path, optimizer=resumed[1], log_info=False)  # weights_only=True
     load_checkpoint(resumed[3].module, path, use_ema=True)
     assert start == split
@@ -184,11 +201,8 @@ def test_resume_is_exact(tmp_path):
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_keep_replicas_identical(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, os.path.join(TESTS_DIR, '_train_ddp.py'), str(tmp_path), '3'],
-        capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+def test_ddp_two_processes_keep_replicas_identical(tmp_path, run_python):
+    run_python(os.path.join(TESTS_DIR, '_train_ddp.py'), str(tmp_path), '3', timeout=600, cwd=tmp_path)
     r0 = torch.load(tmp_path / 'rank0.pt', weights_only=True)
     r1 = torch.load(tmp_path / 'rank1.pt', weights_only=True)
     # the ranks started from different weights and saw different data...
@@ -203,9 +217,9 @@ def test_ddp_two_processes_keep_replicas_identical(tmp_path):
 
 @pytest.mark.parametrize('convert', [nn.SyncBatchNorm.convert_sync_batchnorm, convert_sync_batchnorm],
                          ids=['torch', 'timm'])
-def test_sync_batchnorm_reaches_every_norm_layer(convert):
+def test_sync_batchnorm_reaches_every_norm_layer(convert, small):
     depth = 3
-    model = _small(depth=depth)
+    model = small(depth=depth)
     before = model.state_dict()
     n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     assert n_bn == 1 + 2 * depth  # the stem's, then the depthwise and pointwise norms of every block
@@ -217,10 +231,10 @@ def test_sync_batchnorm_reaches_every_norm_layer(convert):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_onecycle_schedule_matches_authors_points():
+def test_onecycle_schedule_matches_authors_points(small):
     onecycle.register()
     onecycle.register()  # idempotent
-    model = _small()
+    model = small()
     optimizer = create_optimizer_v2(model, 'adamw', lr=0.01, weight_decay=0.05, layer_decay=0.5)
     import timm.scheduler
     scheduler, num_epochs = timm.scheduler.create_scheduler_v2(
@@ -279,7 +293,7 @@ def test_demo_end_to_end_tiny(tmp_path):
     assert all(math.isfinite(h['train_loss']) for h in res['history'])
 
 
-def test_timm_train_py(tmp_path):
+def test_timm_train_py(tmp_path, run_python):
     """timm's own train.py (unchanged) trains a ConvMixer with drop path, EMA, channels_last, AMP and mixup."""
     train_py = os.environ.get('TIMM_TRAIN_PY')
     if not train_py:
@@ -289,8 +303,8 @@ def test_timm_train_py(tmp_path):
     data = tmp_path / 'data'
     shapes.generate(str(data), train_per_class=16, val_per_class=4, image_size=32)
     out = tmp_path / 'out'
-    cmd = [
-        sys.executable, train_py, '--data-dir', str(data), '--train-split', 'train', '--val-split', 'val',
+    flags = [
+        '--data-dir', str(data), '--train-split', 'train', '--val-split', 'val',
         '--model', VARIANT, '--model-kwargs', 'dim=32', 'depth=2', '--num-classes', str(len(shapes.CLASSES)),
         '--img-size', '32', '-b', '16', '--epochs', '2', '--sched', 'cosine', '--warmup-epochs', '0',
         '--lr', '1e-3', '--drop-path', '0.1', '--model-ema', '--channels-last', '--amp', '--amp-dtype', 'bfloat16',
@@ -298,12 +312,21 @@ def test_timm_train_py(tmp_path):
         '--log-interval', '1000',
     ]
     # cwd outside the timm checkout, so its timm/ folder does not shadow the installed package
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=840, cwd=str(tmp_path))
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    run_python(train_py, *flags, timeout=840, cwd=tmp_path)
     with open(out / 'run' / 'summary.csv') as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 2
-    assert all(math.isfinite(float(r['train_loss'])) and 0 <= float(r['eval_top1']) <= 100 for r in rows)
+    assert [int(r['epoch']) for r in rows] == [0, 1]
+    assert all(math.isfinite(float(r['train_loss'])) and math.isfinite(float(r['eval_loss'])) for r in rows)
+    # top-1 over the whole val split: a whole number of its images (a partial or wrong split would not be)
+    n_val = 4 * len(shapes.CLASSES)
+    for r in rows:
+        correct = float(r['eval_top1']) * n_val / 100
+        assert abs(correct - round(correct)) < 1e-3 and 0 <= round(correct) <= n_val, (r['eval_top1'], n_val)
+    # model_best is the best epoch's (train.py saves it only on a strict improvement), with that epoch's metric
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        best = torch.load(out / 'run' / 'model_best.pth.tar', map_location='cpu', weights_only=True)
+    top1 = [float(r['eval_top1']) for r in rows]
+    assert best['epoch'] == top1.index(max(top1)) and best['metric'] == pytest.approx(max(top1))
     model = timm.create_model(VARIANT, dim=32, depth=2, num_classes=len(shapes.CLASSES),
                               checkpoint_path=str(out / 'run' / 'model_best.pth.tar'))
     assert isinstance(model, ConvMixer)

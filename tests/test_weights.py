@@ -1,9 +1,9 @@
 """ Weights: Hub download, the authors' checkpoints, conversion and publishing, and their failures
 
 Everything runs the real huggingface_hub, timm and torch code against ``hub_server.HubLookAlike`` on 127.0.0.1.
-In-process tests point huggingface_hub at it by setting ``huggingface_hub.constants`` (read at call time by its
-download and API code); the subprocess tests set ``HF_ENDPOINT``/``HF_HOME``/``HF_HUB_OFFLINE`` in the environment,
-as a user would, since huggingface_hub reads those once at import.
+Whatever goes through huggingface_hub runs in a fresh interpreter with ``HF_ENDPOINT``/``HF_HOME``/``HF_HUB_OFFLINE``
+in its environment, as a user would configure it (huggingface_hub reads those once, at import); torch.hub's url
+routes run in-process with ``TORCH_HOME`` set (read at each call).
 """
 import argparse
 import json
@@ -20,6 +20,8 @@ from safetensors.torch import save_file
 import timm
 from timm.models import adapt_input_conv, load_checkpoint
 
+import helpers as shared
+from helpers import Uniform
 from hub_server import HubLookAlike
 from timm_convmixer import cli
 from timm_convmixer.convert import NonFiniteWeightsError, check_finite, convert_checkpoint
@@ -66,19 +68,16 @@ def train_py_checkpoint(sd, ema=None, prefix='module.'):
     return ckpt
 
 
+# BN running stats drawn from the seeded global generator, affine left as built: a skipped buffer shows in the logits
+RUNNING_STATS = dict(seed=None, mean=Uniform(-0.5, 0.5), var=Uniform(0.5, 1.5), weight=None, bias=None)
+
+
 def small_model(seed=0, **kwargs):
-    torch.manual_seed(seed)
-    model = timm.create_model(SMALL, depth=2, **kwargs).eval()
-    _randomize_bn(model)
-    return model
+    return shared.small_model(SMALL, seed=seed, randomize=RUNNING_STATS, **kwargs)
 
 
 def _randomize_bn(model):
-    """Give BN running stats non-default values, so a skipped buffer would show in the logits."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 1.5)
+    shared.randomize_bn(model, **RUNNING_STATS)
 
 
 def snapshot(model):
@@ -103,14 +102,6 @@ def safetensors_bytes(sd, tmp_path, name='w.safetensors'):
     return path.read_bytes()
 
 
-def run_python(code, env_extra, timeout=240):
-    env = dict(os.environ, **env_extra)
-    result = subprocess.run([sys.executable, '-c', textwrap.dedent(code)], env=env, capture_output=True,
-                            text=True, timeout=timeout, cwd=str(REPO_ROOT))
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result.stdout
-
-
 # --- fixtures ----------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope='module')
@@ -122,17 +113,9 @@ def hub():
 
 @pytest.fixture
 def hub_env(hub, tmp_path, monkeypatch):
-    """Point the in-process huggingface_hub at the look-alike, with a fresh cache; torch.hub's cache too."""
-    from huggingface_hub import constants
-    cache = tmp_path / 'hf_cache'
-    monkeypatch.setattr(constants, 'ENDPOINT', hub.endpoint)
-    template = hub.endpoint + '/{repo_id}/resolve/{revision}/{filename}'
-    monkeypatch.setattr(constants, 'HUGGINGFACE_CO_URL_TEMPLATE', template)
-    monkeypatch.setattr(constants, 'HF_HUB_CACHE', str(cache))
-    monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', False)
+    """A fresh torch.hub cache for the url routes (torch reads ``TORCH_HOME`` at each call). huggingface_hub reads
+    its settings once, at import, so the Hub tests run it in fresh interpreters configured by ``subprocess_env``."""
     monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch_home'))
-    monkeypatch.setenv('HF_TOKEN', 'dummy-token')
-    return cache
 
 
 def subprocess_env(hub, tmp_path, **extra):
@@ -141,81 +124,103 @@ def subprocess_env(hub, tmp_path, **extra):
                 OMP_NUM_THREADS='2', **extra)
 
 
-# --- timm's Hub repos: download, cache, offline, adaptation -------------------------------------------------------
-
-@pytest.mark.parametrize('name', list(WEIGHTED))
-def test_pretrained_from_hub_cache_offline_and_adaptation(name, hub, hub_env, tmp_path, monkeypatch):
-    from huggingface_hub import constants
-    size = WEIGHTED[name][1]
-    torch.manual_seed(1)
-    ref = timm.create_model(name, depth=2).eval()  # a depth override keeps the files small; the path is the same
-    _randomize_bn(ref)
-    repo = f'timm/{name}.in1k'
-    hub.add_file(repo, 'model.safetensors', safetensors_bytes(ref.state_dict(), tmp_path))
-    assert timm.models.get_pretrained_cfg(f'{name}.in1k').hf_hub_id == repo
-
-    model = timm.create_model(name, pretrained=True, depth=2)
-    assert_same_tensors(snapshot(model), snapshot(ref))
-    assert torch.equal(logits(model, size), logits(ref, size))
-    assert hub.count('GET', f'/{repo}/resolve/main/model.safetensors') == 1
-    assert hub.count(contains='pytorch_model.bin') == 0  # safetensors first: the pickle is never asked for
-    assert list(hub_env.glob(f'models--timm--{name}.in1k/snapshots/*/model.safetensors'))
-
-    # cached: no second download; offline: not a single request, still loads
-    timm.create_model(name, pretrained=True, depth=2)
-    assert hub.count('GET', f'/{repo}/resolve/main/model.safetensors') == 1
-    monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', True)
-    before = len(hub.requests)
-    offline = timm.create_model(name, pretrained=True, depth=2)
-    assert len(hub.requests) == before
-    assert_same_tensors(snapshot(offline), snapshot(ref))
-
-    # adapt on load, as timm does: a new head, a 1- or 4-channel stem
-    head5 = timm.create_model(name, pretrained=True, depth=2, num_classes=5)
-    assert head5.head.weight.shape == (5, ref.num_features)
-    assert torch.equal(head5.blocks[1][1].weight, ref.blocks[1][1].weight)
-    for chans in (1, 4):
-        adapted = timm.create_model(name, pretrained=True, depth=2, in_chans=chans)
-        assert torch.equal(adapted.stem[0].weight, adapt_input_conv(chans, ref.stem[0].weight))
-        assert torch.equal(adapted.head.weight, ref.head.weight)
-        assert logits(adapted, size, chans).shape == (2, 1000)
-
-
-def test_offline_with_empty_cache_and_missing_repo_fail_clearly(hub, hub_env, monkeypatch):
-    from huggingface_hub import constants
-    monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', True)
-    before = len(hub.requests)
-    with pytest.raises(Exception, match='(?i)offline|cache'):
-        timm.create_model('convmixer_768_32', pretrained=True, depth=2)
-    assert len(hub.requests) == before
-    monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', False)
-    with pytest.raises(Exception, match='(?i)repository not found|RepoNotFound|401|404'):
-        timm.create_model('hf-hub:nobody/no-such-convmixer', pretrained=True)
-
-
-def test_env_configured_subprocess_downloads_then_works_offline(hub, tmp_path):
-    """A user's view: HF_ENDPOINT/HF_HOME in the environment, then HF_HUB_OFFLINE=1 served from the cache."""
-    ref = timm.create_model('convmixer_768_32', depth=2).eval()
-    _randomize_bn(ref)
-    repo = 'timm/convmixer_768_32.in1k'
-    hub.add_file(repo, 'model.safetensors', safetensors_bytes(ref.state_dict(), tmp_path))
-    torch.save(logits(ref, 14), tmp_path / 'expected.pt')
+def assert_loads_from_hub(model_id, expected_logits, tmp_path, env, run_python):
+    """``timm.create_model(model_id, pretrained=True)`` in a fresh interpreter configured by ``env`` gives our class
+    and exactly ``expected_logits`` (the ``logits`` helper's input)."""
+    torch.save(expected_logits, tmp_path / 'expected_logits.pt')
     code = f'''
-        import sys, torch, timm
-        model = timm.create_model('convmixer_768_32', pretrained=True, depth=2).eval()
+        import torch, timm
+        model = timm.create_model({model_id!r}, pretrained=True).eval()
         assert type(model).__module__ == 'timm_convmixer.convmixer', type(model)
         torch.manual_seed(123)
         with torch.no_grad():
-            out = model(torch.randn(2, 3, 14, 14))
-        assert torch.equal(out, torch.load({str(tmp_path / "expected.pt")!r}, weights_only=True))
+            out = model(torch.randn(2, 3, 32, 32))
+        assert torch.equal(out, torch.load({str(tmp_path / 'expected_logits.pt')!r}, weights_only=True))
         print('OK')
     '''
+    assert run_python(code=code, env=env, cwd=REPO_ROOT, timeout=240).stdout.strip().endswith('OK')
+
+
+# --- timm's Hub repos: download, cache, offline, adaptation -------------------------------------------------------
+
+_LOAD_AND_COMPARE = '''
+    import torch, timm
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled, RepositoryNotFoundError
+    from timm.models import adapt_input_conv
+
+    def logits(model, size, chans=3):
+        torch.manual_seed(123)
+        with torch.no_grad():
+            return model.eval()(torch.randn(2, chans, size, size))
+
+    def load_and_compare(name, **kwargs):
+        ref = torch.load(f'{DATA}/{name}.pt', weights_only=True)
+        model = timm.create_model(name, pretrained=True, depth=2, **kwargs)
+        assert type(model).__module__ == 'timm_convmixer.convmixer', type(model)
+        if not kwargs:
+            state = model.state_dict()
+            assert set(state) == set(ref['state_dict']), name
+            assert all(torch.equal(state[k], v) for k, v in ref['state_dict'].items()), name
+            assert torch.equal(logits(model, ref['size']), ref['logits']), name
+        return model, ref
+'''
+
+
+def test_pretrained_from_hub_cache_offline_and_adaptation(hub, tmp_path, run_python):
+    """A user's view, configured by huggingface_hub's environment variables: each name's ``timm/<name>.in1k`` repo
+    downloads once, is cached, loads with ``HF_HUB_OFFLINE=1`` without a single request and adapts (new head, 1- or
+    4-channel stem) as timm does; offline with nothing cached and a missing repo fail with huggingface_hub's errors."""
+    for name, (_, size) in WEIGHTED.items():
+        torch.manual_seed(1)
+        ref = timm.create_model(name, depth=2).eval()  # a depth override keeps the files small; the path is the same
+        _randomize_bn(ref)
+        repo = f'timm/{name}.in1k'
+        hub.add_file(repo, 'model.safetensors', safetensors_bytes(ref.state_dict(), tmp_path))
+        assert timm.models.get_pretrained_cfg(f'{name}.in1k').hf_hub_id == repo
+        torch.save(dict(state_dict=ref.state_dict(), logits=logits(ref, size), size=size), tmp_path / f'{name}.pt')
     env = subprocess_env(hub, tmp_path)
-    gets = hub.count('GET', repo)
-    assert 'OK' in run_python(code, env)
-    assert hub.count('GET', repo) == gets + 1
+    online = f'DATA = {str(tmp_path)!r}\nNAMES = {list(WEIGHTED)!r}\n' + textwrap.dedent(_LOAD_AND_COMPARE) + '''
+for name in NAMES:
+    load_and_compare(name)
+    load_and_compare(name)  # cached: no second download (counted by the test)
+try:
+    timm.create_model('hf-hub:nobody/no-such-convmixer', pretrained=True)
+    raise AssertionError('a missing repo loaded')
+except RepositoryNotFoundError as e:
+    assert 'nobody/no-such-convmixer' in str(e), e
+print('OK')
+'''
+    assert run_python(code=online, env=env, cwd=REPO_ROOT, timeout=240).stdout.strip().endswith('OK')
+    for name in WEIGHTED:
+        repo = f'timm/{name}.in1k'
+        assert hub.count('GET', f'/{repo}/resolve/main/model.safetensors') == 1
+        assert list((tmp_path / 'hf_home' / 'hub').glob(f'models--timm--{name}.in1k/snapshots/*/model.safetensors'))
+    assert hub.count(contains='pytorch_model.bin') == 0  # safetensors first: the pickle is never asked for
+
+    offline = f'DATA = {str(tmp_path)!r}\nNAMES = {list(WEIGHTED)!r}\n' + textwrap.dedent(_LOAD_AND_COMPARE) + '''
+for name in NAMES:
+    _, ref = load_and_compare(name)
+    head5, _ = load_and_compare(name, num_classes=5)
+    state = ref['state_dict']
+    assert head5.head.weight.shape == (5, state['head.weight'].shape[1])
+    assert torch.equal(head5.blocks[1][1].weight, state['blocks.1.1.weight'])
+    for chans in (1, 4):
+        adapted, _ = load_and_compare(name, in_chans=chans)
+        assert torch.equal(adapted.stem[0].weight, adapt_input_conv(chans, state['stem.0.weight']))
+        assert torch.equal(adapted.head.weight, state['head.weight'])
+        assert logits(adapted, ref['size'], chans).shape == (2, 1000)
+try:  # nothing cached for this name: huggingface_hub's offline refusal, not a network error
+    timm.create_model('convmixer_512_16_ks8_p7', pretrained=True, depth=2,
+                      pretrained_cfg_overlay=dict(hf_hub_id='timm/convmixer_512_16_ks8_p7.never_fetched'))
+    raise AssertionError('loaded offline with nothing cached')
+except LocalEntryNotFoundError as e:
+    assert isinstance(e.__cause__, OfflineModeIsEnabled), repr(e.__cause__)
+    assert 'HF_HUB_OFFLINE' in str(e.__cause__), e.__cause__
+print('OK')
+'''
     before = len(hub.requests)
-    assert 'OK' in run_python(code, dict(env, HF_HUB_OFFLINE='1'))
+    proc = run_python(code=offline, env=dict(env, HF_HUB_OFFLINE='1'), cwd=REPO_ROOT, timeout=240)
+    assert proc.stdout.strip().endswith('OK')
     assert len(hub.requests) == before
 
 
@@ -300,17 +305,25 @@ def test_malicious_pickle_is_never_unpickled(hub, hub_env, tmp_path):
     marker = tmp_path / 'pwned'
     evil = tmp_path / 'evil.pth.tar'
     torch.save({'state_dict': {'0.weight': torch.zeros(1)}, 'payload': _Evil(str(marker))}, evil)
-    hub.files['evil.pth.tar'] = evil.read_bytes()
+    # one name per url route: torch.hub caches by file name, so a shared name would be fetched only once
+    for name in ('evil_custom.pth.tar', 'evil_url.pth.tar'):
+        hub.files[name] = evil.read_bytes()
+    # each route must reach the unpickler and be refused there, naming the blocked global (torch's, timm's or our
+    # wording); a 404 or a "does not fit" error would not match
+    refused = r'(?is)weights.only.*mkdir'
     with pytest.raises(CheckpointError, match='unsafe-pickle'):
         read_checkpoint(evil)
-    with pytest.raises(Exception):
+    with pytest.raises(Exception, match=refused):
         timm.create_model(SMALL, depth=2, pretrained=True, pretrained_cfg_overlay=dict(file=str(evil)))
-    with pytest.raises(Exception):  # custom_load path (authors' tags)
+    with pytest.raises(CheckpointError, match=refused + '(.|\n)*unsafe-pickle'):  # custom_load path (authors' tags)
         timm.create_model('convmixer_768_32.authors_in1k', pretrained=True, depth=2,
-                          pretrained_cfg_overlay=dict(url=hub.url('evil.pth.tar'), custom_load=True))
-    with pytest.raises(Exception):  # timm's plain url path
-        timm.create_model(SMALL, depth=2, pretrained=True, pretrained_cfg_overlay=dict(url=hub.url('evil.pth.tar')))
-    with pytest.raises(Exception):
+                          pretrained_cfg_overlay=dict(url=hub.url('evil_custom.pth.tar'), custom_load=True))
+    assert hub.count('GET', '/files/evil_custom.pth.tar') == 1
+    with pytest.raises(Exception, match=refused):  # timm's plain url path
+        timm.create_model(SMALL, depth=2, pretrained=True,
+                          pretrained_cfg_overlay=dict(url=hub.url('evil_url.pth.tar')))
+    assert hub.count('GET', '/files/evil_url.pth.tar') == 1
+    with pytest.raises(Exception, match=refused):
         timm.create_model(SMALL, depth=2, checkpoint_path=str(evil))
     assert cli.main(['convert', str(evil), str(tmp_path / 'out'), '--model', SMALL]) == 1
     assert not marker.exists()
@@ -387,7 +400,7 @@ def test_unknown_architecture_in_config_and_unknown_tag(tmp_path):
 
 # --- conversion, round trips, publishing -------------------------------------------------------------------------
 
-def test_convert_authors_checkpoint_round_trips_through_local_dir_and_hf_hub(hub, hub_env, tmp_path):
+def test_convert_authors_checkpoint_round_trips_through_local_dir_and_hf_hub(hub, tmp_path, run_python):
     ref = small_model(seed=10)
     src = tmp_path / 'convmixer_authors.pth.tar'
     torch.save(train_py_checkpoint(to_authors(ref.state_dict())), src)
@@ -409,9 +422,8 @@ def test_convert_authors_checkpoint_round_trips_through_local_dir_and_hf_hub(hub
 
     for name in ('config.json', 'model.safetensors', 'README.md'):
         hub.add_file('someone/convmixer-cifar', name, (out / name).read_bytes())
-    remote = timm.create_model('hf-hub:someone/convmixer-cifar', pretrained=True)
-    assert type(remote).__module__ == 'timm_convmixer.convmixer'
-    assert torch.equal(logits(remote), logits(ref))
+    assert_loads_from_hub('hf-hub:someone/convmixer-cifar', logits(ref), tmp_path, subprocess_env(hub, tmp_path),
+                          run_python)
 
 
 def test_convert_formats_ema_force_and_failures(tmp_path):
@@ -493,7 +505,7 @@ def test_nonfinite_weights_refused_by_convert_allowed_with_warning_elsewhere(tmp
         timm.create_model(SMALL, depth=2, checkpoint_path=str(src))
 
 
-def test_cli_convert_and_push_to_hub_look_alike(hub, hub_env, tmp_path):
+def test_cli_convert_and_push_to_hub_look_alike(hub, tmp_path, run_python):
     """The installed console script, env-configured, publishes; the published repo loads via hf-hub:."""
     ref = small_model(seed=14)
     src = tmp_path / 'ckpt.pth.tar'
@@ -511,11 +523,11 @@ def test_cli_convert_and_push_to_hub_look_alike(hub, hub_env, tmp_path):
     assert sorted(hub.repos['me/convmixer-pushed']) == ['README.md', 'config.json', 'model.safetensors']
     published = hub.repos['me/convmixer-pushed']['model.safetensors']
     assert published == (tmp_path / 'pub' / 'model.safetensors').read_bytes()
-    pushed = timm.create_model('hf-hub:me/convmixer-pushed', pretrained=True)
-    assert torch.equal(logits(pushed), logits(ref))
+    assert_loads_from_hub('hf-hub:me/convmixer-pushed', logits(ref), tmp_path, subprocess_env(hub, tmp_path),
+                          run_python)
 
 
-def test_plugin_checkpoint_loads_into_plain_timm(tmp_path):
+def test_plugin_checkpoint_loads_into_plain_timm(tmp_path, run_python):
     """Checkpoints and converted folders from the plugin load into timm's built-in ConvMixer (plugin off)."""
     name = 'convmixer_1024_20_ks9_p14'  # the cheapest of the names timm itself ships
     torch.manual_seed(15)
@@ -549,4 +561,5 @@ def test_plugin_checkpoint_loads_into_plain_timm(tmp_path):
         assert 'timm_convmixer' not in sys.modules
         print('OK')
     '''
-    assert 'OK' in run_python(code, dict(TIMM_CONVMIXER_AUTOLOAD='0', OMP_NUM_THREADS='2'))
+    env = dict(TIMM_CONVMIXER_AUTOLOAD='0', OMP_NUM_THREADS='2')
+    assert 'OK' in run_python(code=code, env=env, cwd=REPO_ROOT, timeout=240).stdout
