@@ -19,6 +19,7 @@ import torch.nn as nn
 import timm
 from timm.models.convmixer import ConvMixer as BuiltinConvMixer
 
+from helpers import small_model
 from timm_convmixer import fast
 from timm_convmixer.fast import checked
 from timm_convmixer.fast.eligibility import block_parts
@@ -39,8 +40,8 @@ def _step(model, x, backend, steps=1):
     return torch.stack(losses), grads, buffers, dict(fast.counters)
 
 
-def _pair(name='convmixer_256_8_ks5_p2', channels_last=False, **kwargs):
-    model = timm.create_model(name, **kwargs).train()
+def _pair(name='convmixer_256_8_ks5_p2', channels_last=False, depth=2, **kwargs):
+    model = small_model(name, depth=depth, **kwargs).train()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model, copy.deepcopy(model)
@@ -231,14 +232,8 @@ def test_no_grad_training_mode_and_sync_batchnorm_take_the_plain_modules():
 
 
 def _eval_model(dim=8, depth=2):
-    model = timm.create_model('convmixer_256_8_ks5_p2', dim=dim, depth=depth, kernel_size=3).eval()
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-    return model
+    """Eval mode with non-trivial BatchNorm statistics (the shared randomiser), kernel 3 to keep the interpreter fast."""
+    return small_model(dim=dim, depth=depth, kernel_size=3, randomize={})
 
 
 @pytest.fixture
