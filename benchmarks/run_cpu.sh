@@ -29,3 +29,9 @@ B --models convmixer_768_32 convmixer_1024_20_ks9_p14 --batch-size 8 --img-size 
   --modes nchw channels_last --out $R/cpu_train_imagenet.json --chart $R/cpu_train_imagenet.png
 B --models convmixer_256_8_ks5_p2 --batch-size 64 --img-size 32 --task train --dtype fp32 --modes nchw channels_last \
   --out $R/cpu_train_cifar.json --chart $R/cpu_train_cifar.png
+# the memory-lean training block, forced (--backend lean), against the built-in: its throughput cost on this CPU
+# (auto keeps whichever of lean and the plain modules it measures faster; see README "Speed")
+B --models convmixer_768_32 --model-kwargs depth=8 --batch-size 8 --img-size 224 --task train --dtype fp32 \
+  --modes nchw channels_last --backend lean --out $R/cpu_train_lean_768.json --chart $R/cpu_train_lean_768.png
+B --models convmixer_256_8_ks5_p2 --batch-size 64 --img-size 32 --task train --dtype fp32 --modes nchw channels_last \
+  --backend lean --out $R/cpu_train_lean_cifar.json --chart $R/cpu_train_lean_cifar.png
