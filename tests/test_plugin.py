@@ -249,12 +249,12 @@ def test_registering_twice_is_harmless(run_python):
     """
     code = '''
         import importlib, warnings
-        import timm, timm_convmixer, timm_convmixer.convmixer, timm_convmixer._autoload
+        import timm, timm_convmixer, timm_convmixer.convmixer, _timm_convmixer_autoload
         before = timm.list_models('convmixer*', pretrained=True)
         with warnings.catch_warnings():
             warnings.simplefilter('error')  # no "Overwriting ..." warning for our own names
             importlib.reload(timm_convmixer.convmixer)
-            timm_convmixer._autoload.load_plugins()
+            _timm_convmixer_autoload.load_plugins()
         assert timm.list_models('convmixer*', pretrained=True) == before
         assert sorted(timm.list_models(module='convmixer')) == sorted(timm_convmixer.list_variants())
         m = timm.create_model('convmixer_256_8_ks5_p2', dim=8, depth=1)
