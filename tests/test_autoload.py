@@ -11,11 +11,13 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import timm
 
 import timm_convmixer
 
 ROOT = Path(__file__).resolve().parents[1]
 PTH = ROOT / 'timm_convmixer' / 'timm_convmixer_autoload.pth'
+HOOK_MODULE = '_timm_convmixer_autoload'  # the top-level module the .pth line imports
 VARIANTS = sorted(timm_convmixer.list_variants())
 
 
@@ -43,7 +45,7 @@ def test_plain_import_timm_sees_every_variant(run):
     out = run(code='''
         import sys, json, warnings
         warnings.simplefilter('error')  # no "Overwriting" noise, no plugin warnings
-        armed = 'timm_convmixer._autoload' in sys.modules
+        armed = any(type(f).__name__ == 'TimmImportHook' for f in sys.meta_path)
         heavy = [m for m in ('torch', 'timm', 'timm_convmixer') if m in sys.modules]
         import timm
         from timm.models import _registry as r
@@ -87,8 +89,29 @@ def _hook_prelude(extra_paths) -> str:
         'import sys\n'
         f'sys.path[:0] = {[str(p) for p in extra_paths]!r}\n'
         f'exec(open({str(PTH)!r}).read())\n'
-        "assert 'timm_convmixer._autoload' in sys.modules, 'hook not armed'\n"
+        "assert any(type(f).__name__ == 'TimmImportHook' for f in sys.meta_path), 'hook not armed'\n"
     )
+
+
+def _dependency_dirs() -> list:
+    """The folders timm and torch (and so their dependencies) are imported from, timm's first: a ``-S`` interpreter
+    gets them on its path without running the .pth files installed beside them."""
+    import torch
+    dirs = []
+    for module in (timm, torch):
+        d = str(Path(module.__file__).resolve().parents[1])
+        if d not in dirs:
+            dirs.append(d)
+    return dirs
+
+
+def _site_dir_with_hook(site_dir: Path, module_source=None) -> Path:
+    """A site dir laid out as the wheel installs the hook: the .pth and (unless None) the module beside it."""
+    site_dir.mkdir(parents=True, exist_ok=True)
+    (site_dir / PTH.name).write_text(PTH.read_text())
+    if module_source is not None:
+        (site_dir / f'{HOOK_MODULE}.py').write_text(module_source)
+    return site_dir
 
 
 def test_timm_missing_original_error_surfaces(tmp_path, run):
@@ -120,10 +143,49 @@ def test_timm_broken_original_error_surfaces(tmp_path, run):
 
 
 def test_hook_survives_missing_package(tmp_path, run):
-    """The .pth line itself never raises, e.g. when the package directory is gone (a half-uninstalled env)."""
-    code = f'import sys\nexec(open({str(PTH)!r}).read())\nprint("started", "timm_convmixer._autoload" in sys.modules)'
-    out = run('-S', code=code)
-    assert out.stdout.strip() == 'started False'
+    """The package directory gone (a half-uninstalled env): the hook needs nothing from it at start-up, so the .pth
+    line runs, arms the hook, and ``import timm`` later fails only for want of timm (only the hook is on the path)."""
+    hook_source = (ROOT / f'{HOOK_MODULE}.py').read_text()
+    site_dir = _site_dir_with_hook(tmp_path / 'site', hook_source)
+    code = textwrap.dedent(f'''
+        import sys, site
+        site.addsitedir({str(site_dir)!r})
+        print('armed', any(type(f).__name__ == 'TimmImportHook' for f in sys.meta_path))
+        try:
+            import timm_convmixer
+        except ModuleNotFoundError as e:
+            print('ERR', e.name)
+        try:
+            import timm
+        except ModuleNotFoundError as e:
+            print('ERR', e.name)
+        print('interpreter still runs')
+    ''')
+    out = run('-S', code=code, env={'PYTHONPATH': ''})
+    assert out.stdout.split('\n')[:4] == ['armed True', 'ERR timm_convmixer', 'ERR timm', 'interpreter still runs']
+    assert out.stderr == ''
+
+
+@pytest.mark.parametrize('module_source', [None, 'raise RuntimeError("hook module broken")\n'],
+                         ids=['module-missing', 'module-raises'])
+def test_broken_hook_never_breaks_startup(tmp_path, run, module_source):
+    """A damaged install (the hook module deleted, or not importable): ``site`` carries on, as for any failing .pth
+    line; the interpreter starts, later .pth files still run and ``import timm`` works. ``site`` reports the failing
+    line on stderr, so the damage does not go unnoticed. (The intact module never raises: ``install`` catches all.)"""
+    site_dir = _site_dir_with_hook(tmp_path / 'site', module_source)
+    (site_dir / 'zz_after.pth').write_text('import sys; sys.zz_after_ran = True\n')  # sorted after ours
+    code = textwrap.dedent(f'''
+        import sys, site
+        site.addsitedir({str(site_dir)!r})
+        sys.path.extend({_dependency_dirs()!r})
+        print('later .pth ran', getattr(sys, 'zz_after_ran', False))
+        import timm
+        print('timm imported', timm.__version__)
+    ''')
+    out = run('-S', code=code, env={'PYTHONPATH': ''})
+    later, imported = out.stdout.split('\n')[:2]
+    assert later == 'later .pth ran True' and imported.startswith('timm imported')
+    assert f'Error processing line 1 of {site_dir / PTH.name}' in out.stderr
 
 
 def test_failing_plugin_warns_and_timm_still_imports(tmp_path, run):
@@ -160,7 +222,7 @@ def test_hook_imports_nothing_heavy_and_reports_cost(run):
     new_modules, cost_ms = out.stdout.strip().splitlines()
     # under -S even `os` may be new; what matters is that nothing outside the standard library is imported
     non_stdlib = [m for m in eval(new_modules) if m.split('.')[0] not in sys.stdlib_module_names]
-    assert non_stdlib == ['timm_convmixer._autoload']
+    assert non_stdlib == [HOOK_MODULE]
     print(f'start-up hook cost: {cost_ms} ms')
 
 
@@ -177,7 +239,8 @@ def test_wheel_contains_hook_and_entry_point_and_works(tmp_path, run, run_python
         names = zf.namelist()
         assert 'timm_convmixer_autoload.pth' in names, 'the start-up hook must sit at the top of site-packages'
         assert 'timm_convmixer/timm_convmixer_autoload.pth' not in names
-        assert 'timm_convmixer/_autoload.py' in names and 'timm_convmixer/convmixer.py' in names
+        assert f'{HOOK_MODULE}.py' in names, 'the module the .pth line imports must sit at the top of site-packages'
+        assert 'timm_convmixer/convmixer.py' in names and 'timm_convmixer/_autoload.py' not in names
         ep = zf.read(next(n for n in names if n.endswith('.dist-info/entry_points.txt'))).decode()
         assert '[timm.models]' in ep and 'convmixer = timm_convmixer.convmixer' in ep
         assert 'timm-convmixer = timm_convmixer.cli:main' in ep
@@ -185,14 +248,12 @@ def test_wheel_contains_hook_and_entry_point_and_works(tmp_path, run, run_python
 
     target = tmp_path / 'site'
     run_python('-m', 'pip', 'install', '--no-deps', '--no-index', '--quiet', '--target', target, wheel, timeout=300)
-    import site
-    venv_site = [p for p in site.getsitepackages() if p.endswith('site-packages')]
     # no site processing (so the editable install's .pth files are ignored), then the wheel's site dir processed as
-    # site would, and the venv's packages (torch, timm) put on the path without running their .pth files
+    # site would, and the folders of timm and torch put on the path without running their .pth files
     code = textwrap.dedent(f'''
         import sys, site
         site.addsitedir({str(target)!r})
-        sys.path.extend({venv_site!r})
+        sys.path.extend({_dependency_dirs()!r})
         import timm, timm_convmixer
         print(timm_convmixer.__file__)
         print(len(timm.list_models(module='convmixer')))

@@ -1,10 +1,10 @@
 """timm-convmixer: the ConvMixer family as a timm plugin.
 
 Importing this package registers every variant with timm's model registry (``timm.create_model``); installed with
-pip, the package also arms a start-up hook so that a plain ``import timm`` registers them (see ``_autoload``).
+pip, the package also arms a start-up hook so that a plain ``import timm`` registers them (see the top-level
+``_timm_convmixer_autoload`` module).
 """
 from .version import __version__
-from . import _autoload  # noqa: F401  (bound as an attribute even when the start-up hook loaded it first)
 from .convmixer import ConvMixer, MixerBlock, checkpoint_filter_fn, default_cfgs
 from ._state_dict import NonFiniteWeightsError, NonFiniteWeightsWarning, check_finite, find_nonfinite
 

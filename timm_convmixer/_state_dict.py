@@ -70,7 +70,8 @@ def authors_to_timm(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.T
 
 
 def _strip_wrapper_prefixes(key: str) -> str:
-    """Drop DDP's ``module.`` and torch.compile's ``_orig_mod.`` (in either order), as timm's clean_state_dict."""
+    """Drop DDP's ``module.`` and torch.compile's ``_orig_mod.`` (in either order), as timm's clean_state_dict does
+    in newer releases; timm 1.0.26's (our floor) leaves ``module.`` on compiled-DDP keys (``_orig_mod.module.*``)."""
     for prefix in ('_orig_mod.', 'module.', '_orig_mod.'):
         if key.startswith(prefix):
             key = key[len(prefix):]

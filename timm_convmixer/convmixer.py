@@ -31,6 +31,7 @@ import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, SelectAdaptivePool2d, get_act_layer
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_notrace_module
+from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 
 from ._registry import register_model_replacing as register_model
@@ -271,7 +272,7 @@ class ConvMixer(nn.Module):
             intermediates_only: return only the intermediates.
         """
         assert output_fmt in ('NCHW',), 'Output shape must be NCHW.'
-        take_indices, max_index = _feature_take_indices(len(self.blocks), indices)
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
         intermediates = []
         x = self.stem(x)
         if torch.jit.is_scripting() or not stop_early:  # can't slice blocks in torchscript
@@ -296,7 +297,7 @@ class ConvMixer(nn.Module):
             prune_head: bool = True,
     ) -> List[int]:
         """Drop the blocks after the last kept intermediate (and the head) so no parameter goes unused."""
-        take_indices, max_index = _feature_take_indices(len(self.blocks), indices)
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
         self.blocks = self.blocks[:max_index + 1]
         self.feature_info = self.feature_info[:max_index + 1]
         if prune_head:
@@ -365,25 +366,6 @@ def _check_input(x: torch.Tensor, in_chans: int) -> None:
     if x.ndim != 4 or x.shape[1] != in_chans:
         raise ValueError(
             f'ConvMixer expects input of shape (N, {in_chans}, H, W), got {tuple(x.shape)}')
-
-
-def _feature_take_indices(num_blocks: int, indices: Optional[Union[int, List[int]]]) -> Tuple[List[int], int]:
-    """timm's ``feature_take_indices`` (int: last n, sequence: those, negative from the end), kept here so older
-    timm releases without it work the same."""
-    if indices is None:
-        indices = num_blocks
-    if isinstance(indices, int):
-        if not 0 < indices <= num_blocks:
-            raise ValueError(f'indices: last-n must be in 1..{num_blocks}, got {indices}')
-        take = [num_blocks - indices + i for i in range(indices)]
-    else:
-        take = []
-        for i in indices:
-            idx = num_blocks + i if i < 0 else i
-            if not 0 <= idx < num_blocks:
-                raise ValueError(f'indices: block index {i} out of range for {num_blocks} blocks')
-            take.append(idx)
-    return take, max(take)
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: ConvMixer) -> Dict[str, torch.Tensor]:

@@ -1,15 +1,17 @@
 """Auto-loading of timm model plugins: after ``import timm`` finishes, load every ``timm.models`` entry point.
 
-Installed with the package is ``timm_convmixer_autoload.pth``; Python's ``site`` runs its one line at start-up and
-that line runs :func:`install` from this file *without importing the package* (which would import torch). This
-module imports only the standard library, and :func:`install` only puts a small finder at the front of
-``sys.meta_path``. Nothing else happens until something imports ``timm``:
+A top-level module, not part of the ``timm_convmixer`` package, because importing that package imports torch and
+timm. The wheel puts this file and ``timm_convmixer_autoload.pth`` at the top of site-packages (an editable install
+finds it in the source tree); ``site`` runs the ``.pth`` line at start-up, which imports this module (standard
+library only) and calls :func:`install`, the shape of setuptools' ``distutils-precedence.pth``. :func:`install`
+only puts a small finder at the front of ``sys.meta_path``. Nothing else happens until something imports ``timm``:
 
 * the finder lets the normal machinery find ``timm`` and wraps that one loader's ``exec_module``;
 * once timm's ``__init__`` has run completely, every entry point in the ``timm.models`` group is loaded (each
   plugin's registration module imports and registers its models), then the finder removes itself;
 * if timm is missing or its import fails, the finder does nothing and the original error surfaces unchanged;
-* a plugin that raises is reported with a warning naming it; ``import timm`` still succeeds.
+* a plugin that raises is reported with a warning naming it; ``import timm`` still succeeds;
+* :func:`install` itself never raises: start-up must not break over the hook.
 
 ``TIMM_CONVMIXER_AUTOLOAD=0`` (or false/no/off) turns the hook off; ``import timm_convmixer`` still registers.
 """
@@ -97,12 +99,19 @@ class TimmImportHook:
 
 
 def install() -> None:
-    """Arm the hook (idempotent). If timm is already imported there is nothing to wait for: load now."""
-    if not autoload_enabled():
-        return
-    if any(isinstance(f, TimmImportHook) or type(f).__name__ == 'TimmImportHook' for f in sys.meta_path):
-        return
-    if 'timm' in sys.modules:
-        load_plugins()
-        return
-    sys.meta_path.insert(0, TimmImportHook())
+    """Arm the hook (idempotent). If timm is already imported there is nothing to wait for: load now.
+
+    Called from the ``.pth`` line at start-up, so it never raises: a broken hook costs the auto-registration (``import
+    timm_convmixer`` still registers), never the interpreter.
+    """
+    try:
+        if not autoload_enabled():
+            return
+        if any(type(f).__name__ == 'TimmImportHook' for f in sys.meta_path):
+            return
+        if 'timm' in sys.modules:
+            load_plugins()
+            return
+        sys.meta_path.insert(0, TimmImportHook())
+    except Exception:
+        pass
