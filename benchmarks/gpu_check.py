@@ -1,188 +1,938 @@
-"""Check and time the Triton ConvMixer block against eager PyTorch on a CUDA GPU; prints one JSON document.
+"""The project's GPU evidence in one command: correctness, training parity, speed, memory and train.py, as one JSON.
 
-For each (kernel size, dtype, activation): a full-size ``MixerBlock`` (default dim 1536, 32x32, batch 64, the
-ConvMixer-1536/20 block at 224px) in eval mode with random BatchNorm statistics, channels_last input, run under
-autocast as timm's ``--amp`` does. It checks the fused output (and, with ``--backward``, the input and parameter
-gradients) against a float64 reference next to eager's own error, then times fused and eager with
-``triton.testing.do_bench`` (CUDA events, median). It also times the depthwise op alone against the eager
-depthwise branch and reports its achieved bandwidth against the one-read-one-write floor.
+On one H100/H200 the default run is meant to finish in under 10 minutes (``--budget-s``; what does not fit is
+reported as skipped, never guessed). It measures, for timm_convmixer against timm's own ``timm.models.convmixer``
+classes with identical weights:
 
-    python benchmarks/gpu_check.py                      # bf16 + fp16, kernel 9, GELU, forward
-    python benchmarks/gpu_check.py --kernel-sizes 7 9 --acts relu gelu --backward --out results/h200.json
-    python benchmarks/gpu_check.py --cpu-smoke --backward --dtypes bf16   # no GPU: script logic only, interpreter
+* ``correctness``: every fused op (``dw_block``, ``act_affine``), the fused eval-mode block and the memory-lean
+  training-mode block, at full size (the block shapes of each model at ``--img-size``, batch ``--batch``), in
+  fp32/bf16/fp16, forward and backward (input and every parameter gradient; running statistics in training mode),
+  channels_last and NCHW. Each is compared, with eager PyTorch computing the same function in the same dtype, to a
+  float64 reference: the fused error must be within ``max(tolerance, 2 x eager's own error)``.
+* ``parity``: a few whole-model SGD steps, built-in vs ours (lean blocks forced), loss, gradients, weight updates
+  and BatchNorm statistics, each against a float64 run of the built-in, with the same rule.
+* ``peak``: the bf16 tensor-core peak, measured here as the best cuBLAS bf16 matmul TFLOP/s.
+* ``kernels``: the depthwise op and the pointwise epilogue alone vs their eager ops, and the depthwise op's
+  bandwidth against its one-read-one-write floor.
+* ``throughput``: img/s and memory (peak allocated in a step, and the bytes autograd keeps for backward) of each
+  model, inference and training, bf16 autocast, in each mode (NCHW, channels_last, torch.compile), ours (backend
+  ``auto`` after ``fast.checked.forget()``) vs the built-in, timed interleaved with CUDA events
+  (``timm-convmixer bench``'s machinery); the fraction of the measured peak; the auto-dispatch decisions and which
+  path every block took. ``forced``: the same with ``triton`` (inference) or ``lean`` (training) forced, where auto
+  did not already take that path.
+* ``train_py``: timm's ``train.py --amp`` for a few steps on a generated ImageFolder (``--train-py``).
+* ``targets``: the project's targets for convmixer_1536_20, each ratio computed from the numbers above.
 
-Exit status 1 when a correctness check fails, 2 when there is no CUDA device.
+    python benchmarks/gpu_check.py --train-py ~/pytorch-image-models/train.py
+    python benchmarks/gpu_check.py --models convmixer_1536_20 --modes nchw channels_last --budget-s 300
+    python benchmarks/gpu_check.py --cpu-smoke --out /tmp/smoke.json     # no GPU: tiny sizes, Triton interpreter
+
+``--cpu-smoke`` runs every section's code on the CPU at tiny sizes (the Triton kernels through Triton's interpreter,
+``TRITON_INTERPRET=1``; torch.compile left out unless ``--modes`` asks for it): it checks the script, its numbers
+mean nothing about speed. The JSON is rewritten after every section, so a run cut short keeps what it measured.
+
+Exit status: 0 when every check passed; 1 when a correctness or parity check failed, train.py failed, or a section
+raised (its error is in the JSON); 2 when there is no CUDA device (unless ``--cpu-smoke``).
 """
 import argparse
-import json
-import platform
+import copy
+import math
+import os
+import re
+import shutil
+import statistics
+import subprocess
 import sys
-from typing import Any, Callable, Dict, List
+import tempfile
+import time
+import traceback
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}
-_ACTS = {'gelu': nn.GELU, 'relu': nn.ReLU}
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results')
+MODELS = ('convmixer_1536_20', 'convmixer_768_32', 'convmixer_1024_20_ks9_p14')
+TARGET_MODEL = 'convmixer_1536_20'
+TARGET_GPUS = ('H100', 'H200')
+EAGER_MODES = ('nchw', 'channels_last')
+DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+ERROR_FACTOR = 2.  # a fused result may be at most this many times further from float64 than eager's own
+# --cpu-smoke: every model keeps its activation and patch; kernel 3 because the interpreter's cost grows with k*k
+SMOKE_MODEL_KWARGS = {'dim': 16, 'depth': 2, 'kernel_size': 3}
+# seconds a section needs to be worth starting; a section that does not fit the time left is skipped, not cut
+NEEDS_S = {'correctness': 60., 'parity': 30., 'kernels': 15., 'eager': 30., 'forced': 20., 'compile': 150.,
+           'train_py': 60.}
 
 
-def parse_args(argv: List[str] = None) -> argparse.Namespace:
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--dim', type=int, default=1536)
-    p.add_argument('--size', type=int, default=32, help='feature map height = width')
-    p.add_argument('--batch', type=int, default=64)
-    p.add_argument('--kernel-sizes', type=int, nargs='+', default=[9])
-    p.add_argument('--dtypes', nargs='+', choices=sorted(_DTYPES), default=['bf16', 'fp16'])
-    p.add_argument('--acts', nargs='+', choices=sorted(_ACTS), default=['gelu'])
-    p.add_argument('--backward', action='store_true', help='also check gradients and time forward+backward')
-    p.add_argument('--tol', type=float, default=2e-2, help='max relative error of the fused output vs float64')
-    p.add_argument('--warmup-ms', type=int, default=50)
-    p.add_argument('--rep-ms', type=int, default=300)
+    p.add_argument('--models', nargs='+', default=list(MODELS), help='in priority order (the first gets compile '
+                   'and train.py before the others are measured)')
+    p.add_argument('--batch', type=int, default=64, help='batch size of the throughput and correctness runs')
+    p.add_argument('--img-size', type=int, default=224)
+    p.add_argument('--dtypes', nargs='+', choices=list(DTYPES), default=list(DTYPES), help='correctness dtypes')
+    p.add_argument('--bench-dtype', choices=list(DTYPES), default='bf16', help='autocast dtype of the timings')
+    p.add_argument('--modes', nargs='+', choices=['nchw', 'channels_last', 'compile'], default=None,
+                   help='default: all three (without compile under --cpu-smoke)')
+    p.add_argument('--iters', type=int, default=10, help='timed steps per model and mode')
+    p.add_argument('--warmup', type=int, default=3)
+    p.add_argument('--parity-model', default=TARGET_MODEL)
+    p.add_argument('--parity-batch', type=int, default=8)
+    p.add_argument('--parity-steps', type=int, default=2)
+    p.add_argument('--parity-dtypes', nargs='+', choices=list(DTYPES), default=['fp32', 'bf16'])
+    p.add_argument('--train-py', default=os.environ.get('TIMM_TRAIN_PY') or None,
+                   help="timm's train.py (a pytorch-image-models checkout; default $TIMM_TRAIN_PY); else skipped")
+    p.add_argument('--train-py-model', default=TARGET_MODEL)
+    p.add_argument('--budget-s', type=float, default=540., help='wall-clock budget: no section starts that would '
+                   'not fit in what is left (compile ~150 s), so the run ends within about this')
     p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--out', default='', help='also write the JSON here')
+    p.add_argument('--out', default=None, help='JSON path (default benchmarks/results/gpu_check_<gpu>.json)')
     p.add_argument('--cpu-smoke', action='store_true',
-                   help='no GPU: run the correctness part on CPU through the Triton interpreter, tiny shapes, no timing')
-    return p.parse_args(argv)
+                   help='no GPU: every section on CPU at tiny sizes, Triton through its interpreter')
+    args = p.parse_args(argv)
+    args.model_kwargs = {}
+    if args.cpu_smoke:
+        args.model_kwargs = dict(SMOKE_MODEL_KWARGS)
+        args.batch, args.img_size, args.parity_batch = min(args.batch, 1), min(args.img_size, 28), 2
+        args.iters, args.warmup = min(args.iters, 2), 0  # auto's first-use check then falls in the timed steps
+        if args.modes is None:
+            args.modes = list(EAGER_MODES)
+    if args.modes is None:
+        args.modes = list(EAGER_MODES) + ['compile']
+    return args
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+def slug(name: str) -> str:
+    """A file-name-safe lower-case form of a device name ('NVIDIA H100 80GB HBM3' -> 'nvidia_h100_80gb_hbm3')."""
+    return re.sub(r'[^a-z0-9]+', '_', name.lower()).strip('_') or 'unknown'
 
 
-def _make_block(dim: int, k: int, act: str, device: torch.device) -> nn.Module:
-    from timm_convmixer.convmixer import MixerBlock
-    block = MixerBlock(dim, k, act_layer=_ACTS[act]).to(device)
-    with torch.no_grad():
-        for m in block.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_(0., 0.2)
-                m.running_var.uniform_(0.5, 2.)
-                m.weight.normal_(1., 0.2)
-                m.bias.normal_(0., 0.2)
-    return block.eval()
+def default_out_path(device_name: str) -> str:
+    return os.path.join(RESULTS_DIR, f'gpu_check_{slug(device_name)}.json')
 
 
-def _env() -> Dict[str, Any]:
-    import timm
-    import triton
-    props = torch.cuda.get_device_properties(0)
+def _sync(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def _autocast(device: torch.device, dtype: torch.dtype):
+    """Autocast to a half dtype, as ``train.py --amp`` runs; fp32/fp64 run as they are."""
+    half = dtype in (torch.float16, torch.bfloat16)
+    return torch.autocast(device.type, dtype=dtype if half else torch.bfloat16, enabled=half)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# environment and peak
+
+
+def _nvidia_smi(fields: str) -> Optional[List[str]]:
+    exe = shutil.which('nvidia-smi')
+    if exe is None:
+        return None
+    try:
+        out = subprocess.run([exe, f'--query-gpu={fields}', '--format=csv,noheader'], capture_output=True,
+                             text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = out.stdout.strip().splitlines()
+    return [v.strip() for v in lines[0].split(',')] if out.returncode == 0 and lines else None
+
+
+def environment(device: torch.device) -> Dict[str, Any]:
+    """Hardware and versions: ``timm-convmixer bench``'s set, plus the GPU's and triton's."""
+    from timm_convmixer import bench
+    env = bench._hardware(device)
+    try:
+        import triton
+        env['triton'] = triton.__version__
+    except ImportError:
+        env['triton'] = None
+    if device.type == 'cuda':
+        props = torch.cuda.get_device_properties(device)
+        env.update({
+            'gpu': props.name, 'capability': list(torch.cuda.get_device_capability(device)),
+            'sm_count': props.multi_processor_count, 'memory_gib': round(props.total_memory / 2 ** 30, 1),
+            'cudnn': torch.backends.cudnn.version(), 'cudnn_allow_tf32': torch.backends.cudnn.allow_tf32,
+            'matmul_allow_tf32': torch.backends.cuda.matmul.allow_tf32,
+        })
+        smi = _nvidia_smi('driver_version,clocks.max.sm,power.limit')
+        env['driver'], env['max_sm_clock_mhz'], env['power_limit'] = smi if smi and len(smi) == 3 else (None,) * 3
+    else:
+        env['gpu'] = None
+    return env
+
+
+def measure_peak(device: torch.device, sizes: Sequence[int], iters: int = 20) -> Dict[str, Any]:
+    """The bf16 tensor-core ceiling as measured: the best median TFLOP/s of square cuBLAS bf16 matmuls."""
+    from timm_convmixer import bench
+    by_size = {}
+    for n in sizes:
+        a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+        b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+        c = torch.empty(n, n, device=device, dtype=torch.bfloat16)
+        run = lambda: torch.mm(a, b, out=c)  # noqa: E731
+        for _ in range(3):
+            run()
+        ts = bench.time_interleaved({'mm': run}, iters, device)['mm']
+        by_size[str(n)] = 2 * n ** 3 / statistics.median(ts) / 1e12
+        del a, b, c
+    best = max(by_size, key=by_size.get)
     return {
-        'gpu': torch.cuda.get_device_name(0),
-        'capability': list(torch.cuda.get_device_capability(0)),
-        'sm_count': props.multi_processor_count,
-        'memory_gib': round(props.total_memory / 2 ** 30, 1),
-        'torch': torch.__version__, 'cuda': torch.version.cuda, 'triton': triton.__version__,
-        'timm': timm.__version__, 'python': platform.python_version(),
+        'method': 'median time of torch.mm on square bf16 matrices, CUDA events; the best size counts',
+        'tflops_by_size': by_size, 'bf16_tflops': by_size[best],
+        'table_tflops': bench._default_peak_tflops(device, 'bf16'),
     }
 
 
-def _bench(fn: Callable[[], Any], args: argparse.Namespace) -> float:
-    import triton.testing
-    return triton.testing.do_bench(fn, warmup=args.warmup_ms, rep=args.rep_ms, return_mode='median')
+# ----------------------------------------------------------------------------------------------------------------
+# correctness: each fused unit vs eager vs float64, at full size
+
+_ACT_FNS = {'gelu': F.gelu, 'relu': F.relu, 'identity': lambda t: t}
+_PARAM_NAMES = {'0.fn.0': 'conv_dw', '0.fn.2': 'bn_dw', '1': 'conv_pw', '3': 'bn_pw'}
 
 
-def run_config(args: argparse.Namespace, k: int, dtype_name: str, act: str) -> Dict[str, Any]:
-    from timm_convmixer.fast import triton_ops as ops
-    device = torch.device('cpu' if args.cpu_smoke else 'cuda')
-    dtype = _DTYPES[dtype_name]
-    torch.manual_seed(args.seed)
-    block = _make_block(args.dim, k, act, device)
-    shape = (args.batch, args.dim, args.size, args.size)
-    x = torch.randn(shape, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
-    eager = lambda inp: nn.Sequential.forward(block, inp)  # noqa: E731  (the plain modules, no fast seam)
-    fused = lambda inp: ops.triton_block_forward(block, inp)  # noqa: E731
-    amp = dict(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
-    res: Dict[str, Any] = {'kernel_size': k, 'dtype': dtype_name, 'act': act, 'shape': list(shape)}
+def _readable(name: str) -> str:
+    module, _, leaf = name.rpartition('.')
+    return f'{_PARAM_NAMES.get(module, module)}.{leaf}'
 
-    # correctness against float64 (on a slice of the batch: the float64 eager conv is slow)
-    xs = x[:8].clone().requires_grad_(args.backward)
-    with torch.autocast(**amp):
-        y_f = fused(xs)
-        y_e = eager(xs)
-    if y_f is None:
-        res['error'] = 'triton_block_forward declined the block'
-        return res
-    block64 = _make_block(args.dim, k, act, device)
-    block64.load_state_dict(block.state_dict())
-    block64 = block64.double()
-    x64 = xs.detach().double().requires_grad_(args.backward)
-    y64 = nn.Sequential.forward(block64, x64)
-    res['rel_err_fused'] = _rel(y_f, y64)
-    res['rel_err_eager'] = _rel(y_e, y64)
-    res['finite'] = bool(torch.isfinite(y_f).all())
-    ok = res['finite'] and res['rel_err_fused'] < args.tol
-    if args.backward:
-        gy = torch.randn_like(y64)
-        leaves = [xs] + list(block.parameters())
-        g_f = torch.autograd.grad(y_f, leaves, gy.to(y_f.dtype))
-        g_e = torch.autograd.grad(y_e, leaves, gy.to(y_e.dtype))
-        g_64 = torch.autograd.grad(y64, [x64] + list(block64.parameters()), gy)
-        res['grad_rel_err_fused'] = [_rel(a, b) for a, b in zip(g_f, g_64)]
-        res['grad_rel_err_eager'] = [_rel(a, b) for a, b in zip(g_e, g_64)]
-        # gradients: within 4x of eager's own error or the tolerance, whichever is looser
-        ok = ok and all(f < max(args.tol, 4 * e) for f, e in zip(res['grad_rel_err_fused'], res['grad_rel_err_eager']))
-    res['ok'] = bool(ok)
-    del block64, x64, y64
-    if args.cpu_smoke:
-        return res
 
-    # timing: whole block, forward
-    with torch.no_grad(), torch.autocast(**amp):
-        res['fwd_ms_fused'] = _bench(lambda: fused(x), args)
-        res['fwd_ms_eager'] = _bench(lambda: eager(x), args)
-        # depthwise residual branch alone: op vs eager modules
-        dw, bn1 = block[0].fn[0], block[0].fn[2]
-        s1, t1 = ops._bn_scale_shift(bn1, torch.float32)
-        w, b = dw.weight.to(dtype), dw.bias.to(dtype)
-        act_code = ops._act_code(block[0].fn[1])
-        res['dw_ms_fused'] = _bench(lambda: torch.ops.timm_convmixer.dw_block(x, w, b, s1, t1, act_code), args)
-        res['dw_ms_eager'] = _bench(lambda: block[0](x), args)
-    floor_bytes = 2 * x.numel() * x.element_size()  # read x once, write y once
-    res['dw_fused_gbps'] = floor_bytes / (res['dw_ms_fused'] * 1e-3) / 1e9
-    res['fwd_speedup'] = res['fwd_ms_eager'] / res['fwd_ms_fused']
-    res['dw_speedup'] = res['dw_ms_eager'] / res['dw_ms_fused']
+def block_config(model_name: str, model_kwargs: Dict[str, Any], img_size: int) -> Dict[str, Any]:
+    """The block shape of a model at ``img_size``: dim, kernel, activation, feature map side."""
+    import timm
+    model = timm.create_model(model_name, **{**model_kwargs, 'depth': 1})
+    return {'dim': model.num_features, 'kernel_size': model.kernel_size, 'act_layer': type(model.stem[1]),
+            'hw': img_size // model.patch_size}
 
-    if args.backward:
+
+def _random_block(cfg: Dict[str, Any], device: torch.device, gen: torch.Generator) -> nn.Module:
+    """A block with non-trivial BatchNorm statistics and affine, so folding mistakes show."""
+    from timm_convmixer.convmixer import MixerBlock
+    block = MixerBlock(cfg['dim'], cfg['kernel_size'], act_layer=cfg['act_layer'])
+    with torch.no_grad():
+        for m in block.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                c = m.num_features
+                m.running_mean.copy_(torch.randn(c, generator=gen) * 0.2)
+                m.running_var.copy_(torch.rand(c, generator=gen) * 1.5 + 0.5)
+                m.weight.copy_(torch.randn(c, generator=gen) * 0.2 + 1.)
+                m.bias.copy_(torch.randn(c, generator=gen) * 0.2)
+    return block.to(device)
+
+
+def compare(names: Sequence[str], fused: Sequence[torch.Tensor], eager: Sequence[torch.Tensor],
+            ref: Sequence[torch.Tensor], floor: float) -> Dict[str, Any]:
+    """Norm-wise errors of ``fused`` and ``eager`` against ``ref``, all relative to ``ref``'s norm (so the three
+    numbers obey the triangle inequality), and the verdict ``fused <= max(floor, ERROR_FACTOR * eager)``."""
+    per, ok = {}, True
+    for name, f, e, r in zip(names, fused, eager, ref):
+        r = r.detach().double()
+        denom = r.norm().clamp_min(1e-30)
+        f, e = f.detach().double(), e.detach().double()
+        entry = {
+            'fused_err': ((f - r).norm() / denom).item(), 'eager_err': ((e - r).norm() / denom).item(),
+            'fused_vs_eager': ((f - e).norm() / denom).item(), 'finite': bool(torch.isfinite(f).all()),
+        }
+        entry['limit'] = max(floor, ERROR_FACTOR * entry['eager_err'])
+        entry['ok'] = entry['finite'] and entry['fused_err'] <= entry['limit']
+        ok = ok and entry['ok']
+        per[name] = entry
+    worst = max(per, key=lambda n: per[n]['fused_err'] / per[n]['limit']) if per else None
+    return {'ok': ok, 'floor': floor, 'worst': worst, 'tensors': per}
+
+
+def _grads(out: torch.Tensor, wrt: Sequence[torch.Tensor], gy: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    return (out,) + torch.autograd.grad(out, list(wrt), gy.to(out.dtype))
+
+
+def _leaf(t: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    return t.detach().to(dtype or t.dtype).clone().requires_grad_()
+
+
+def _dw_eager(x, w, b, scale, shift, act: str) -> torch.Tensor:
+    """What ``dw_block`` computes, in plain torch ops (the same dtypes as the op gets)."""
+    z = F.conv2d(x, w, b, padding='same', groups=x.shape[1])
+    y = x + _ACT_FNS[act](z) * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+    return y.to(x.dtype)
+
+
+def _act_affine_eager(p, scale, shift, act: str) -> torch.Tensor:
+    return (_ACT_FNS[act](p) * scale + shift).to(p.dtype)
+
+
+def check_ops(block: nn.Module, x: torch.Tensor, dtype: torch.dtype, gy: torch.Tensor, floor: float):
+    """``dw_block`` and ``act_affine`` alone, forward and every input's gradient."""
+    from timm_convmixer.fast import triton_kernels as K
+    from timm_convmixer.fast import triton_ops  # noqa: F401  (registers torch.ops.timm_convmixer)
+    from timm_convmixer.fast.eligibility import block_parts, bn_scale_shift
+    parts = block_parts(block)
+    codes = {'identity': K.ACT_IDENTITY, 'gelu': K.ACT_GELU, 'relu': K.ACT_RELU}
+    results = {}
+    with torch.no_grad():
+        s1, t1 = bn_scale_shift(parts.bn_dw, torch.float32)
+        s2, t2 = bn_scale_shift(parts.bn_pw, torch.float32)
+    # depthwise branch: x, weight, bias in the compute dtype, scale/shift fp32 (what triton_block_forward passes)
+    names = ['out', 'x', 'weight', 'bias', 'scale', 'shift']
+    leaves = [_leaf(x, dtype), _leaf(parts.conv_dw.weight, dtype), _leaf(parts.conv_dw.bias, dtype), _leaf(s1),
+              _leaf(t1)]
+    fused = _grads(torch.ops.timm_convmixer.dw_block(*leaves, codes[parts.act]), leaves, gy)
+    eager = _grads(_dw_eager(*leaves, parts.act), leaves, gy)
+    ref_leaves = [_leaf(t, torch.float64) for t in leaves]
+    ref = _grads(_dw_eager(*ref_leaves, parts.act), ref_leaves, gy.to(dtype).double())
+    results['dw_block'] = compare(names, fused, eager, ref, floor)
+    del fused, eager, ref, leaves, ref_leaves
+    # pointwise epilogue on the GEMM output [N*H*W, C]
+    gen = torch.Generator(device=x.device).manual_seed(1)
+    p = torch.randn(x.shape[0] * x.shape[2] * x.shape[3], x.shape[1], generator=gen, device=x.device)
+    g2 = torch.randn(p.shape, generator=gen, device=x.device).to(dtype)
+    names = ['out', 'p', 'scale', 'shift']
+    leaves = [_leaf(p, dtype), _leaf(s2), _leaf(t2)]
+    fused = _grads(torch.ops.timm_convmixer.act_affine(*leaves, codes[parts.act]), leaves, g2)
+    eager = _grads(_act_affine_eager(*leaves, parts.act), leaves, g2)
+    ref_leaves = [_leaf(t, torch.float64) for t in leaves]
+    ref = _grads(_act_affine_eager(*ref_leaves, parts.act), ref_leaves, g2.double())
+    results['act_affine'] = compare(names, fused, eager, ref, floor)
+    return results
+
+
+def _block_step(block: nn.Module, forward: Callable[[nn.Module, torch.Tensor], Optional[torch.Tensor]],
+                x: torch.Tensor, gy: torch.Tensor, dtype: torch.dtype):
+    """``(names, tensors)``: the output, the gradients of the input and every parameter, and (training mode) the
+    running statistics after the step; ``None`` when ``forward`` declined."""
+    named = [(n, p) for n, p in block.named_parameters()]
+    xl = x.detach().clone().requires_grad_()
+    with _autocast(x.device, dtype):
+        out = forward(block, xl)
+    if out is None:
+        return None
+    tensors = list(_grads(out, [xl] + [p for _, p in named], gy))
+    names = ['out', 'x'] + [_readable(n) + '.grad' for n, _ in named]
+    if block.training:
+        for n, buf in block.named_buffers():
+            if buf.is_floating_point():
+                names.append(_readable(n))
+                tensors.append(buf.detach().clone())
+    return names, tensors
+
+
+def check_blocks(block: nn.Module, x: torch.Tensor, dtype: torch.dtype, gy: torch.Tensor, floor: float):
+    """The fused eval-mode block (Triton) and the lean training-mode block, channels_last and NCHW input."""
+    from timm_convmixer.fast.eligibility import block_parts
+    from timm_convmixer.fast.lean import lean_block_forward
+    from timm_convmixer.fast.triton_ops import triton_block_forward
+
+    def eager(b, t):
+        return nn.Sequential.forward(b, t)  # the plain modules, no fast seam
+
+    units = {'block_eval': (False, lambda b, t: triton_block_forward(b, t)),
+             'block_train_lean': (True, lambda b, t: lean_block_forward(block_parts(b), t))}
+    results = {}
+    xd = x.to(dtype)
+    for unit, (training, fused_fn) in units.items():
+        base = copy.deepcopy(block).train(training)
+        ref_block = copy.deepcopy(base).double()
+        ref = _block_step(ref_block, eager, xd.double(), gy.to(dtype).double(), torch.float64)
+        del ref_block
+        for layout in ('channels_last', 'nchw'):
+            xi = xd.contiguous(memory_format=torch.channels_last if layout == 'channels_last' else
+                               torch.contiguous_format)
+            fused = _block_step(copy.deepcopy(base), fused_fn, xi, gy, dtype)
+            if fused is None:
+                results[f'{unit}_{layout}'] = {'ok': False, 'error': 'the fused path declined this block'}
+                continue
+            names, fused_t = fused
+            _, eager_t = _block_step(copy.deepcopy(base), eager, xi, gy, dtype)
+            results[f'{unit}_{layout}'] = compare(names, fused_t, eager_t, ref[1], floor)
+            del fused, fused_t, eager_t
+    return results
+
+
+def run_correctness(args, device: torch.device, out_of_time: Callable[[float], bool]) -> Dict[str, Any]:
+    from timm_convmixer.fast import checked
+    section: Dict[str, Any] = {
+        'rule': f'fused error vs float64 <= max(tolerance(dtype), {ERROR_FACTOR} x eager error vs float64); '
+                'errors are norm-wise, relative to the reference norm',
+        'input_layouts': ['channels_last', 'nchw'], 'cases': []}
+    for model_name in args.models:
+        cfg = block_config(model_name, args.model_kwargs, args.img_size)
+        shape = (args.batch, cfg['dim'], cfg['hw'], cfg['hw'])
+        for dtype_name in args.dtypes:
+            case = {'model': model_name, 'dtype': dtype_name, 'shape': list(shape), 'kernel_size': cfg['kernel_size'],
+                    'act': cfg['act_layer'].__name__}
+            section['cases'].append(case)
+            if out_of_time(NEEDS_S['correctness'] / 4):
+                case['skipped'] = 'time budget'
+                continue
+            block = _random_block(cfg, device, torch.Generator().manual_seed(args.seed))
+            gen = torch.Generator(device).manual_seed(args.seed)  # drawn where they live: 100M numbers at full size
+            x = torch.randn(shape, generator=gen, device=device)
+            gy = torch.randn(shape, generator=gen, device=device)
+            dtype = DTYPES[dtype_name]
+            floor = checked.tolerance(dtype, device.type)
+            t0 = time.perf_counter()
+            try:
+                case['units'] = {**check_ops(block, x, dtype, gy, floor), **check_blocks(block, x, dtype, gy, floor)}
+                case['ok'] = all(u['ok'] for u in case['units'].values())
+            except Exception as e:  # one failing case must not hide the others
+                case.update(ok=False, error=_error_text(e))
+            case['seconds'] = time.perf_counter() - t0
+            del block, x, gy
+            _empty_cache(device)
+    done = [c for c in section['cases'] if 'skipped' not in c]
+    section['ok'] = all(c['ok'] for c in done) if done else None
+    return section
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the kernels alone: where a block's time goes
+
+
+def run_kernel_timing(args, device: torch.device, deadline: float) -> Dict[str, Any]:
+    """The depthwise op vs the eager depthwise branch (``Residual(conv, act, BN)``), and ``act_affine`` vs its eager
+    ops, at each model's block shape in the timing dtype, channels_last, forward and forward+backward; and the
+    depthwise op's achieved bandwidth against its floor (read ``x`` once, write ``y`` once)."""
+    from timm_convmixer import bench
+    from timm_convmixer.fast import triton_kernels as K
+    from timm_convmixer.fast import triton_ops  # noqa: F401  (registers torch.ops.timm_convmixer)
+    from timm_convmixer.fast.eligibility import block_parts, bn_scale_shift
+    dtype = DTYPES[args.bench_dtype]
+    codes = {'identity': K.ACT_IDENTITY, 'gelu': K.ACT_GELU, 'relu': K.ACT_RELU}
+    section: Dict[str, Any] = {'dtype': args.bench_dtype, 'layout': 'channels_last', 'iters': args.iters,
+                               'timer': 'CUDA events' if device.type == 'cuda' else 'perf_counter', 'models': {}}
+    for model_name in args.models:
+        if time.perf_counter() > deadline:
+            section['models'][model_name] = {'skipped': 'time budget'}
+            continue
+        cfg = block_config(model_name, args.model_kwargs, args.img_size)
+        shape = (args.batch, cfg['dim'], cfg['hw'], cfg['hw'])
+        block = _random_block(cfg, device, torch.Generator().manual_seed(args.seed)).eval()
+        parts = block_parts(block)
+        gen = torch.Generator(device).manual_seed(args.seed)
+        x = torch.randn(shape, generator=gen, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
+        gy = torch.randn(shape, generator=gen, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            s1, t1 = bn_scale_shift(parts.bn_dw, torch.float32)
+            s2, t2 = bn_scale_shift(parts.bn_pw, torch.float32)
+        w, b = parts.conv_dw.weight.detach().to(dtype), parts.conv_dw.bias.detach().to(dtype)
+        p = x.permute(0, 2, 3, 1).reshape(-1, shape[1])  # an [N*H*W, C] GEMM output's shape and layout
+        gp = gy.permute(0, 2, 3, 1).reshape(-1, shape[1])
+        code = codes[parts.act]
         xg = x.detach().requires_grad_()
-        gy = torch.randn_like(x)
+        pg = p.detach().requires_grad_()
 
-        def step(fn):
-            def run():
-                with torch.autocast(**amp):
-                    y = fn(xg)
-                y.backward(gy)
-            return run
-        res['fwd_bwd_ms_fused'] = _bench(step(fused), args)
-        res['fwd_bwd_ms_eager'] = _bench(step(eager), args)
-        res['fwd_bwd_speedup'] = res['fwd_bwd_ms_eager'] / res['fwd_bwd_ms_fused']
-    return res
+        def fwd_bwd(fn, inp, grad):
+            return lambda: fn(inp).backward(grad)
+
+        def eager_dw(t):
+            with _autocast(device, dtype):
+                return block[0](t)
+
+        dw_fused = lambda t: torch.ops.timm_convmixer.dw_block(t, w, b, s1, t1, code)  # noqa: E731
+        aa_fused = lambda t: torch.ops.timm_convmixer.act_affine(t, s2, t2, code)  # noqa: E731
+        aa_eager = lambda t: _act_affine_eager(t, s2, t2, parts.act)  # noqa: E731
+        with torch.no_grad():
+            fwd = {'dw_fused': lambda: dw_fused(x), 'dw_eager': lambda: eager_dw(x),
+                   'act_affine_fused': lambda: aa_fused(p), 'act_affine_eager': lambda: aa_eager(p)}
+            for run in list(fwd.values()) * args.warmup:
+                run()
+            t_fwd = bench.time_interleaved(fwd, args.iters, device, deadline=deadline)
+        both = {'dw_fused': fwd_bwd(dw_fused, xg, gy), 'dw_eager': fwd_bwd(eager_dw, xg, gy),
+                'act_affine_fused': fwd_bwd(aa_fused, pg, gp), 'act_affine_eager': fwd_bwd(aa_eager, pg, gp)}
+        for run in list(both.values()) * args.warmup:
+            run()
+        t_both = bench.time_interleaved(both, args.iters, device, deadline=deadline)
+        ms = {f'{k}_fwd': 1e3 * statistics.median(v) for k, v in t_fwd.items()}
+        ms.update({f'{k}_fwd_bwd': 1e3 * statistics.median(v) for k, v in t_both.items()})
+        floor_bytes = 2 * x.numel() * x.element_size()
+        section['models'][model_name] = {
+            'shape': list(shape), 'kernel_size': cfg['kernel_size'], 'act': parts.act, 'median_ms': ms,
+            'speedup': {f'{op}_{pass_}': ms[f'{op}_eager_{pass_}'] / ms[f'{op}_fused_{pass_}']
+                        for op in ('dw', 'act_affine') for pass_ in ('fwd', 'fwd_bwd')},
+            'dw_fwd_floor_bytes': floor_bytes, 'dw_fused_fwd_gbps': floor_bytes / (ms['dw_fused_fwd'] * 1e-3) / 1e9,
+        }
+        del block, x, gy, xg, pg, p, gp
+        _empty_cache(device)
+    return section
 
 
-def main(argv: List[str] = None) -> int:
+# ----------------------------------------------------------------------------------------------------------------
+# training-step parity: whole models, a few SGD steps
+
+
+def _train_steps(model: nn.Module, batches, dtype: torch.dtype, steps: int) -> Dict[str, Any]:
+    model.train()
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    losses, first_grads = [], None
+    for step in range(steps):
+        x, y = batches[step]
+        x = x.to(next(model.parameters()).dtype)
+        opt.zero_grad(set_to_none=True)
+        with _autocast(x.device, dtype):
+            out = model(x)
+            loss = F.cross_entropy(out if out.dtype == torch.float64 else out.float(), y)
+        loss.backward()
+        if first_grads is None:
+            first_grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+        opt.step()
+        losses.append(loss.detach())
+    return {
+        'loss': losses,
+        'grad': first_grads,
+        'update': {n: p.detach() - start[n] for n, p in model.named_parameters()},
+        'buffer': {n: b.detach().clone() for n, b in model.named_buffers() if b.is_floating_point()},
+        'steps_tracked': {n: int(b) for n, b in model.named_buffers() if not b.is_floating_point()},
+    }
+
+
+def run_parity(args, device: torch.device) -> Dict[str, Any]:
+    from timm_convmixer import bench, fast
+    from timm_convmixer.fast import checked
+    ours, builtin = bench.build_pair(args.parity_model, args.model_kwargs, str(device))
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    batches = [(torch.randn(args.parity_batch, 3, args.img_size, args.img_size, generator=gen).to(device),
+                torch.randint(0, ours.num_classes, (args.parity_batch,), generator=gen).to(device))
+               for _ in range(args.parity_steps)]
+    ref = _train_steps(copy.deepcopy(builtin).double(), batches, torch.float64, args.parity_steps)
+    section: Dict[str, Any] = {
+        'model': args.parity_model, 'batch': args.parity_batch, 'img_size': args.img_size,
+        'steps': args.parity_steps, 'optimizer': 'SGD lr 0.01 momentum 0.9', 'ours_backend': 'lean',
+        'rule': f'per tensor: ours error vs float64 built-in <= max(tolerance(dtype), {ERROR_FACTOR} x the '
+                'built-in\'s own error in that dtype)', 'dtypes': {}}
+    for dtype_name in args.parity_dtypes:
+        dtype = DTYPES[dtype_name]
+        floor = checked.tolerance(dtype, device.type)
+        got_builtin = _train_steps(copy.deepcopy(builtin), batches, dtype, args.parity_steps)
+        fast.reset_counters()
+        with fast.use_backend('lean'):
+            got_ours = _train_steps(copy.deepcopy(ours), batches, dtype, args.parity_steps)
+        entry = {'block_paths': dict(fast.counters),
+                 'losses': {'ours': [v.item() for v in got_ours['loss']],
+                            'builtin': [v.item() for v in got_builtin['loss']],
+                            'float64': [v.item() for v in ref['loss']]}}
+        ok = got_ours['steps_tracked'] == got_builtin['steps_tracked']
+        entry['steps_tracked_equal'] = ok
+        for what in ('loss', 'grad', 'update', 'buffer'):
+            if what == 'loss':
+                names = [f'step{i}' for i in range(args.parity_steps)]
+                o, b, r = got_ours['loss'], got_builtin['loss'], ref['loss']
+            else:
+                names = list(ref[what])
+                o, b, r = ([d[what][n] for n in names] for d in (got_ours, got_builtin, ref))
+            res = compare(names, o, b, r, floor)
+            worst = res['worst']
+            entry[what] = {'ok': res['ok'], 'tensors': len(names), 'worst': worst,
+                           **({k: res['tensors'][worst][k] for k in ('fused_err', 'eager_err', 'fused_vs_eager',
+                                                                     'limit')} if worst else {}),
+                           'failed': [n for n, t in res['tensors'].items() if not t['ok']]}
+            ok = ok and res['ok']
+        depth = len(ours.blocks)
+        entry['lean_ran_every_block'] = entry['block_paths'] == {'lean': depth * args.parity_steps}
+        entry['ok'] = ok and entry['lean_ran_every_block']
+        section['dtypes'][dtype_name] = entry
+        del got_builtin, got_ours
+    section['ok'] = all(e['ok'] for e in section['dtypes'].values())
+    return section
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# throughput, memory, decisions
+
+
+def _decisions_list() -> List[Dict[str, Any]]:
+    from timm_convmixer.fast import checked
+    out = []
+    for key, d in checked.decisions.items():
+        path_name, rest = key[0], key[1:]
+        entry = {'key': str(key), 'fused_path': path_name, **d._asdict()}
+        if len(rest) == 9:
+            dev, index, shape, dtype, compute, cl, mode, act, k = rest
+            entry.update(shape=list(shape), dtype=str(dtype).replace('torch.', ''),
+                         compute_dtype=str(compute).replace('torch.', ''), channels_last=cl, block_mode=mode, act=act,
+                         kernel_size=k)
+        out.append(entry)
+    return out
+
+
+class Measurements:
+    """The throughput section, filled job by job: one pair of models alive at a time."""
+
+    def __init__(self, args, device: torch.device, peak_tflops: Optional[float]):
+        self.args, self.device, self.peak = args, device, peak_tflops
+        self.results: Dict[str, Dict[str, Any]] = {}  # model -> task -> entry
+        self.forced: Dict[str, Dict[str, Any]] = {}
+        self._pair: Optional[Tuple[str, nn.Module, nn.Module, torch.Tensor]] = None
+
+    def pair(self, model_name: str):
+        from timm_convmixer import bench
+        if self._pair is None or self._pair[0] != model_name:
+            self._pair = None
+            _empty_cache(self.device)
+            ours, builtin = bench.build_pair(model_name, self.args.model_kwargs, str(self.device))
+            gen = torch.Generator().manual_seed(self.args.seed + 2)
+            x = torch.randn(self.args.batch, ours.in_chans, self.args.img_size, self.args.img_size,
+                            generator=gen).to(self.device)
+            self._pair = (model_name, ours, builtin, x)
+        return self._pair[1:]
+
+    def release(self) -> None:
+        self._pair = None
+        _empty_cache(self.device)
+
+    def _entry(self, model_name: str, task: str) -> Dict[str, Any]:
+        from timm_convmixer import bench
+        tasks = self.results.setdefault(model_name, {})
+        if task not in tasks:
+            ours, builtin, x = self.pair(model_name)
+            # FLOPs are linear in the batch: count one image (a full fp32 training batch may not fit beside the rest)
+            flops = bench._count_flops(builtin, x[:1], task)
+            tasks[task] = {'flops_per_img': flops, 'modes': {}, 'runs': [], 'missing_modes': list(self.args.modes)}
+        return tasks[task]
+
+    def _summarize(self, model_name: str, task: str) -> None:
+        from timm_convmixer import bench
+        e = self.results[model_name][task]
+        if e['modes']:
+            flops = e['flops_per_img'] * self.args.batch if e['flops_per_img'] else None
+            e['summary'] = bench.summarize_case(model_name, task, self.args.bench_dtype, self.args.batch,
+                                                self.args.img_size, flops, e['modes'], self.peak)
+            e['summary'].pop('modes')
+            e['missing_modes'] = [m for m in self.args.modes if m not in e['modes']]
+
+    def run(self, model_name: str, task: str, modes: Sequence[str], deadline: float) -> None:
+        """Ours (backend auto, decisions forgotten first) vs the built-in, interleaved, in ``modes``."""
+        from timm_convmixer import bench
+        from timm_convmixer.fast import checked
+        entry = self._entry(model_name, task)
+        ours, builtin, x = self.pair(model_name)
+        checked.forget()
+        t0 = time.perf_counter()
+        by_mode = bench._bench_case(ours, builtin, x, task, self.args.bench_dtype, modes, self.args.iters,
+                                    self.args.warmup, None, 'auto', deadline)
+        entry['modes'].update(by_mode)
+        entry['runs'].append({'modes': list(modes), 'seconds': time.perf_counter() - t0,
+                              'decisions': _decisions_list()})
+        self._summarize(model_name, task)
+
+    def run_forced(self, model_name: str, task: str, deadline: float) -> None:
+        """The fused path forced (``triton`` for inference, ``lean`` for training) where auto did not take it."""
+        from timm_convmixer import bench
+        backend = 'triton' if task == 'infer' else 'lean'
+        auto = self.results.get(model_name, {}).get(task, {}).get('modes', {})
+        ours, builtin, x = self.pair(model_name)
+        depth = len(ours.blocks)
+        entry = {'backend': backend, 'modes': {}, 'same_as_auto': {}}
+        todo = []
+        for mode in (m for m in self.args.modes if m != 'compile'):  # compilers are handed the plain modules
+            if auto.get(mode, {}).get('ours_block_paths') == {backend: depth}:
+                entry['same_as_auto'][mode] = f'auto already took {backend} for every block: see throughput'
+            else:
+                todo.append(mode)
+        if todo:
+            entry['modes'] = bench._bench_case(ours, builtin, x, task, self.args.bench_dtype, todo, self.args.iters,
+                                               self.args.warmup, None, backend, deadline)
+        self.forced.setdefault(model_name, {})[task] = entry
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# timm's train.py
+
+_LOSS_RE = re.compile(r'Loss:\s*([-+0-9.eE]+|nan|inf)', re.IGNORECASE)
+
+
+def run_train_py(args, device: torch.device, timeout_s: float) -> Dict[str, Any]:
+    if not args.train_py:
+        return {'skipped': "no --train-py given (nor TIMM_TRAIN_PY): timm's train.py is in no package; pass the "
+                           "train.py of a pytorch-image-models checkout"}
+    if not os.path.isfile(args.train_py):
+        return {'ok': False, 'error': f'--train-py {args.train_py!r} is not a file'}
+    from timm_convmixer import shapes
+    n_classes, per_class, batch = len(shapes.CLASSES), 8, 16
+    with tempfile.TemporaryDirectory() as tmp:
+        data, out = os.path.join(tmp, 'data'), os.path.join(tmp, 'out')
+        shapes.generate(data, train_per_class=per_class, val_per_class=2, image_size=64)
+        cmd = [sys.executable, os.path.abspath(args.train_py), '--data-dir', data, '--train-split', 'train',
+               '--val-split', 'val', '--model', args.train_py_model, '--num-classes', str(n_classes),
+               '--img-size', str(args.img_size), '-b', str(batch), '--epochs', '1', '--warmup-epochs', '0',
+               '--amp', '--device', device.type, '--workers', '2', '--log-interval', '1', '--output', out,
+               '--experiment', 'run']
+        if args.model_kwargs:
+            cmd += ['--model-kwargs'] + [f'{k}={v}' for k, v in args.model_kwargs.items()]
+        if device.type == 'cpu':
+            cmd += ['--amp-dtype', 'bfloat16']
+        env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
+        t0 = time.perf_counter()
+        try:
+            # cwd outside the checkout, so its timm/ folder does not shadow the installed package
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd=tmp, env=env)
+        except subprocess.TimeoutExpired:
+            return {'ok': False, 'error': f'train.py did not finish in {timeout_s:.0f} s', 'command': cmd}
+        output = proc.stdout + proc.stderr
+        loss_lines = [line.strip() for line in output.splitlines() if 'Loss:' in line]
+
+        def losses(prefix):
+            return [float(m.group(1)) for line in loss_lines if line.startswith(prefix)
+                    for m in [_LOSS_RE.search(line)] if m]
+        summary = os.path.join(out, 'run', 'summary.csv')
+        summary_text = open(summary).read() if os.path.isfile(summary) else None
+    result = {
+        'command': cmd, 'returncode': proc.returncode, 'seconds': time.perf_counter() - t0,
+        'steps_expected': n_classes * per_class // batch, 'loss_lines': loss_lines,
+        'train_losses': losses('Train:'), 'eval_losses': losses('Test:'), 'summary_csv': summary_text,
+    }
+    train_losses = result['train_losses']
+    result['ok'] = proc.returncode == 0 and bool(train_losses) and all(math.isfinite(v) for v in train_losses)
+    if not result['ok']:
+        result['output_tail'] = output[-4000:]
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# targets
+
+
+def _target(name: str, value: Optional[float], op: str, required: float, informational: bool = False,
+            **details) -> Dict[str, Any]:
+    """One check: ``pass`` is None when ``value`` was not measured; informational checks are not targets."""
+    passed = None if value is None else (value >= required if op == '>=' else value <= required)
+    return {'name': name, 'required': f'{op} {required}', 'value': value, 'pass': passed,
+            'informational': informational, **details}
+
+
+def compute_targets(args, env: Dict[str, Any], results: Dict[str, Dict[str, Any]],
+                    peak: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """The project's targets for convmixer_1536_20, from the measured numbers only (``None``: not measured)."""
+    gpu = env.get('gpu') or ''
+    scope = {'model': TARGET_MODEL, 'dtype': args.bench_dtype, 'img_size': args.img_size, 'batch': args.batch}
+    applies = {
+        'gpu_is_h100_or_h200': any(g in gpu for g in TARGET_GPUS),
+        'bf16_224px': args.bench_dtype == 'bf16' and args.img_size == 224,
+        'builtin_modes_asked': sorted(args.modes) == sorted(EAGER_MODES + ('compile',)),
+    }
+    doc: Dict[str, Any] = {'scope': scope, 'applies': applies, 'checks': []}
+    tasks = results.get(TARGET_MODEL, {})
+
+    def best(task: str) -> Optional[Dict[str, Any]]:
+        e = tasks.get(task)
+        if not e or 'summary' not in e or e['missing_modes']:
+            return None  # the built-in's best mode needs every asked mode measured
+        return e['summary']['best']
+
+    for task, required in (('train', 1.8), ('infer', 2.5)):
+        b = best(task)
+        doc['checks'].append(_target(
+            f'{task}_vs_builtin_best', b['ratio'] if b else None, '>=', required,
+            how='ours img/s in its best mode / the built-in\'s img/s in its best mode (fastest of the asked modes)',
+            **({'ours': {'mode': b['ours_mode'], 'img_s': b['ours_img_s']},
+                'builtin': {'mode': b['builtin_mode'], 'img_s': b['builtin_img_s']}} if b else {})))
+    b = best('infer')
+    e = tasks.get('infer', {})
+    fraction = None
+    if b and e.get('flops_per_img') and peak and peak.get('bf16_tflops'):
+        fraction = b['ours_img_s'] * e['flops_per_img'] / (peak['bf16_tflops'] * 1e12)
+    doc['checks'].append(_target(
+        'infer_fraction_of_bf16_peak', fraction, '>=', 0.5,
+        how='ours best-mode img/s x FLOPs per image (torch.utils.flop_counter) / measured bf16 matmul peak',
+        ours_img_s=b['ours_img_s'] if b else None, flops_per_img=e.get('flops_per_img'),
+        peak_tflops=peak.get('bf16_tflops') if peak else None))
+    t = tasks.get('train')
+    for metric, label in (('saved_mb', 'bytes autograd keeps for backward (not measured under compile)'),
+                          ('step_mem_mb', 'CUDA peak allocated during a step, above what was allocated before')):
+        value, detail = None, {}
+        if best('train'):
+            modes = t['modes']
+            ours = {m: e['ours'][metric] for m, e in modes.items() if e['ours'].get(metric) is not None}
+            builtin = {m: e['builtin'][metric] for m, e in modes.items() if e['builtin'].get(metric) is not None}
+            if ours and builtin:
+                o_mode = max(ours, key=lambda m: modes[m]['ours']['img_s'])
+                b_mode = min(builtin, key=builtin.get)
+                value = ours[o_mode] / builtin[b_mode]
+                detail = {'ours': {'mode': o_mode, metric: ours[o_mode]},
+                          'builtin': {'mode': b_mode, metric: builtin[b_mode]}}
+        # the project's memory metric is what autograd keeps; the allocator's peak is reported beside it
+        doc['checks'].append(_target(
+            f'train_memory_{metric}_ratio', value, '<=', 0.4, **detail, informational=metric != 'saved_mb',
+            how=f'{label}: ours in its fastest mode where measured / the built-in in its leanest mode'))
+    for model_name in [TARGET_MODEL] + [m for m in results if m != TARGET_MODEL]:
+        per_mode, worst = {}, None
+        for task, e in results.get(model_name, {}).items():
+            for mode, m in e['modes'].items():
+                per_mode[f'{task}/{mode}'] = m['ratio']
+        complete = bool(per_mode) and all(not e['missing_modes'] for e in results.get(model_name, {}).values()) \
+            and len(results.get(model_name, {})) == 2
+        if per_mode:
+            worst = min(per_mode, key=per_mode.get)
+        check = _target(f'every_mode_at_least_builtin{"" if model_name == TARGET_MODEL else "/" + model_name}',
+                        per_mode[worst] if worst and complete else None, '>=', 1.0,
+                        how='the lowest ours/built-in img/s ratio over tasks and modes (same mode each side)',
+                        worst=worst, ratios=per_mode, informational=model_name != TARGET_MODEL)
+        doc['checks'].append(check)
+    main = [c for c in doc['checks'] if not c['informational']]
+    doc['all_measured'] = all(c['pass'] is not None for c in main)
+    doc['all_pass'] = all(c['pass'] for c in main) if doc['all_measured'] else None
+    return doc
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# driver
+
+
+def _error_text(e: BaseException) -> str:
+    return f'{type(e).__name__}: {e}\n' + ''.join(traceback.format_exc(limit=8))[-3000:]
+
+
+def _empty_cache(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.empty_cache()
+
+
+def _write(path: str, doc: Dict[str, Any]) -> None:
+    import json
+    from timm_convmixer._io import atomic_write_json
+    atomic_write_json(path, json.loads(json.dumps(doc, default=str)))
+
+
+def _log(msg: str) -> None:
+    print(f'[gpu_check] {msg}', file=sys.stderr, flush=True)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
+    start = time.perf_counter()
+    deadline = start + args.budget_s
     if args.cpu_smoke:
-        import os
-        os.environ['TRITON_INTERPRET'] = '1'  # read by triton_block_forward's CPU gate, at call time
-        args.dim, args.size, args.batch = min(args.dim, 8), min(args.size, 5), min(args.batch, 2)
+        os.environ['TRITON_INTERPRET'] = '1'  # read at call time: CPU tensors count as a Triton device
+        device = torch.device('cpu')
     elif not torch.cuda.is_available():
-        print(json.dumps({'error': 'no CUDA device: nothing checked or timed'}))
+        print('gpu_check: no CUDA device, nothing measured (use --cpu-smoke to check the script on a CPU)',
+              file=sys.stderr)
         return 2
-    doc = {'env': {'torch': torch.__version__, 'device': 'cpu (interpreter smoke)'} if args.cpu_smoke else _env(),
-           'args': vars(args), 'results': []}
-    for k in args.kernel_sizes:
-        for dt in args.dtypes:
-            for act in args.acts:
-                doc['results'].append(run_config(args, k, dt, act))
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-    doc['all_ok'] = all(r.get('ok', False) for r in doc['results'])
-    text = json.dumps(doc, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, 'w') as f:
-            f.write(text + '\n')
-    return 0 if doc['all_ok'] else 1
+    else:
+        device = torch.device('cuda')
+    torch.manual_seed(args.seed)
+    import timm_convmixer  # noqa: F401  (registers the variants)
+
+    env = environment(device)
+    out = args.out or default_out_path('cpu_smoke' if args.cpu_smoke else env['gpu'])
+    doc: Dict[str, Any] = {
+        'kind': 'cpu-smoke (script check only: no number here is a GPU measurement)' if args.cpu_smoke
+        else 'gpu', 'complete': False, 'env': env,
+        'args': dict(vars(args)), 'command': ' '.join([sys.argv[0]] + (argv or sys.argv[1:])),
+        'sections_s': {}, 'skipped': {}, 'errors': {},
+    }
+    meas: Optional[Measurements] = None
+
+    def remaining() -> float:
+        return deadline - time.perf_counter()
+
+    def out_of_time(need: float) -> bool:
+        return remaining() < need
+
+    def save() -> None:
+        """Rewrite the JSON with everything so far (after every section: a run cut short keeps its numbers)."""
+        if meas is not None:
+            doc['throughput'], doc['forced'] = meas.results, meas.forced
+        doc['targets'] = compute_targets(args, env, doc.get('throughput', {}), doc.get('peak'))
+        doc['elapsed_s'] = time.perf_counter() - start
+        _write(out, doc)
+
+    def job(name: str, need: float, fn: Callable[[], Any]) -> None:
+        if out_of_time(need):
+            doc['skipped'][name] = f'time budget: {max(0., remaining()):.0f} s left, needs ~{need:.0f} s'
+            _log(f'skip {name}: {doc["skipped"][name]}')
+        else:
+            _log(f'{name} ({remaining():.0f} s left)')
+            t0 = time.perf_counter()
+            try:
+                fn()
+            except Exception as e:  # keep going: one section's failure must not lose the others
+                doc['errors'][name] = _error_text(e)
+                _log(f'{name} raised {type(e).__name__}: {e}')
+                _empty_cache(device)
+            doc['sections_s'][name] = time.perf_counter() - t0
+        save()
+
+    def peak_job():
+        doc['peak'] = measure_peak(device, (128,) if args.cpu_smoke else (4096, 8192), 3 if args.cpu_smoke else 20)
+
+    def correctness_job():
+        doc['correctness'] = run_correctness(args, device, out_of_time)
+
+    def parity_job():
+        doc['parity'] = run_parity(args, device)
+
+    def kernels_job():
+        doc['kernels'] = run_kernel_timing(args, device, deadline)
+
+    def train_py_job():
+        doc['train_py'] = run_train_py(args, device, max(30., min(300., remaining() - 10)))
+
+    job('peak', 5., peak_job)
+    meas = Measurements(args, device, (doc.get('peak') or {}).get('bf16_tflops'))
+    job('correctness', NEEDS_S['correctness'], correctness_job)
+    job('parity', NEEDS_S['parity'], parity_job)
+    job('kernels', NEEDS_S['kernels'], kernels_job)
+    eager_modes = [m for m in args.modes if m != 'compile']
+    late: List[Tuple[str, float, Callable[[], Any]]] = []
+    for i, model_name in enumerate(args.models):
+        for task in ('infer', 'train'):
+            if eager_modes:
+                job(f'throughput/{model_name}/{task}/eager', NEEDS_S['eager'],
+                    lambda m=model_name, t=task: meas.run(m, t, eager_modes, deadline))
+                job(f'forced/{model_name}/{task}', NEEDS_S['forced'],
+                    lambda m=model_name, t=task: meas.run_forced(m, t, deadline))
+        compile_jobs = [(f'throughput/{model_name}/{task}/compile', NEEDS_S['compile'],
+                         lambda m=model_name, t=task: meas.run(m, t, ['compile'], deadline))
+                        for task in ('infer', 'train') if 'compile' in args.modes]
+        if i == 0:  # the targets' model: complete it first
+            for name, need, fn in compile_jobs:
+                job(name, need, fn)
+            meas.release()
+            job('train_py', NEEDS_S['train_py'] if args.train_py else 0., train_py_job)
+        else:
+            late += compile_jobs
+    for name, need, fn in late:
+        job(name, need, fn)
+    meas.release()
+
+    failures = []
+    if doc.get('correctness', {}).get('ok') is False:
+        failures.append('correctness')
+    if doc.get('parity', {}).get('ok') is False:
+        failures.append('parity')
+    if doc.get('train_py', {}).get('ok') is False:
+        failures.append('train_py')
+    failures += [f'error in {name}' for name in doc['errors']]
+    doc['decisions'] = [dict(d, model=m, task=t) for m, tasks in meas.results.items() for t, e in tasks.items()
+                        for run in e['runs'] for d in run['decisions']]
+    doc['failures'] = failures
+    doc['complete'] = not doc['skipped']
+    save()
+    _print_summary(doc, out)
+    return 1 if failures else 0
+
+
+def _print_summary(doc: Dict[str, Any], path: str) -> None:
+    print(f"gpu_check ({doc['kind']}) on {doc['env'].get('gpu') or doc['env'].get('cpu_model')}, "
+          f"{doc['elapsed_s']:.0f} s -> {path}")
+    for name in ('correctness', 'parity', 'train_py'):
+        s = doc.get(name)
+        print(f"  {name:12s} {'not run' if s is None else s.get('skipped') or ('ok' if s.get('ok') else 'FAILED')}")
+    for model, tasks in doc.get('throughput', {}).items():
+        for task, e in tasks.items():
+            cells = '  '.join(f"{mode} {m['ours']['img_s']:.1f}/{m['builtin']['img_s']:.1f}"
+                              for mode, m in e['modes'].items())
+            print(f'  {model} {task}: img/s ours/built-in  {cells}')
+    for c in doc.get('targets', {}).get('checks', []):
+        value = 'not measured' if c['value'] is None else f"{c['value']:.3f}"
+        verdict = {True: 'pass', False: 'FAIL', None: '-'}[c['pass']]
+        print(f"  target {c['name']}: {value} (needs {c['required']}) {verdict}")
+    for name, reason in doc['skipped'].items():
+        print(f'  skipped {name}: {reason}')
+    for name in doc['errors']:
+        print(f'  ERROR in {name} (see the JSON)')
 
 
 if __name__ == '__main__':

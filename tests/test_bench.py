@@ -63,7 +63,16 @@ def test_cli_writes_json_and_chart(tmp_path):
     assert infer['nchw']['ours_block_paths'] == {'cpu': 2}  # our model really took the fast path
     assert infer['nchw']['max_abs_diff'] < 1e-4 and infer['channels_last']['max_abs_diff'] < 1e-4
     # training: auto timed the lean block against the plain modules on first use and kept one for both blocks
-    assert result['results'][1]['modes']['nchw']['ours_block_paths'] in ({'eager': 2}, {'lean': 2})
+    train = result['results'][1]['modes']
+    assert train['nchw']['ours_block_paths'] in ({'eager': 2}, {'lean': 2})
+    for entry in train.values():
+        ours_mb, builtin_mb = entry['ours']['saved_mb'], entry['builtin']['saved_mb']
+        if entry['ours_block_paths'] == {'lean': 2}:
+            # the lean blocks keep fewer activations for backward than the built-in's modules (same stem and head)
+            assert 0 < ours_mb < builtin_mb
+        else:  # the plain modules: the very same tensors as the built-in's
+            assert ours_mb == builtin_mb > 0
+    assert 'saved_mb' not in infer['nchw']['ours']
     assert chart.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
 

@@ -9,6 +9,11 @@ Memory: on CUDA, ``torch.cuda.max_memory_allocated`` over one step (absolute, we
 no allocator high-water mark, so the peak of "Total Allocated" in torch.profiler's memory events over one step is
 used: bytes allocated *during* the step through PyTorch's CPU allocator (activations, workspaces, any cache
 built in that step), excluding what existed before it (weights). oneDNN's internal scratchpads are not seen.
+Training cases also report ``saved_mb`` on every device: the bytes autograd keeps for backward after one forward
+(unique storages seen by ``torch.autograd.graph.saved_tensors_hooks``, the model's own parameters and buffers
+excluded since they exist anyway), the number a memory-lean training block lowers; not measured under compile.
+
+Timing: on CUDA each step is bracketed by CUDA events; elsewhere by ``time.perf_counter`` after a synchronize.
 
 FLOPs come from ``torch.utils.flop_counter.FlopCounterMode`` on the built-in model (the same function; the fused
 ops of the fast path are not in its table). The fraction of the hardware ceiling needs a peak: ``--peak-tflops``,
@@ -25,7 +30,7 @@ import statistics
 import tempfile
 import time
 from contextlib import nullcontext
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -35,7 +40,8 @@ from .fast.cpu import native_bf16
 from ._io import atomic_write, atomic_write_json
 from .cli import ModelKwargs
 
-__all__ = ['add_parser', 'run_benchmark', 'save_chart', 'build_pair']
+__all__ = ['add_parser', 'run_benchmark', 'save_chart', 'build_pair', 'summarize_case', 'saved_for_backward_bytes',
+           'time_interleaved']
 
 MODES = ('nchw', 'channels_last', 'compile')
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
@@ -146,34 +152,108 @@ def _count_flops(model: nn.Module, x: torch.Tensor, task: str) -> Optional[int]:
     return int(counter.get_total_flops())
 
 
+def _autocast(device_type: str, dtype: str):
+    return (lambda: torch.autocast(device_type, dtype=DTYPES[dtype])) if dtype != 'fp32' else nullcontext
+
+
+def _make_loss(model: nn.Module, x: torch.Tensor, dtype: str) -> Callable[[], Any]:
+    """``() -> (output, loss)``: the forward half of a training step, as timm's train.py runs it under ``--amp``."""
+    autocast = _autocast(x.device.type, dtype)
+    target = torch.randint(0, max(1, getattr(model, 'num_classes', 1) or 1), (x.shape[0],), device=x.device)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def forward():
+        with autocast():
+            out = model(x)
+            loss = loss_fn(out.float(), target) if out.ndim == 2 else out.float().mean()
+        return out, loss
+    return forward
+
+
 def _make_step(model: nn.Module, x: torch.Tensor, task: str, dtype: str) -> Callable[[], torch.Tensor]:
-    device_type = x.device.type
-    autocast = (lambda: torch.autocast(device_type, dtype=DTYPES[dtype])) if dtype != 'fp32' else nullcontext
     if task == 'infer':
+        autocast = _autocast(x.device.type, dtype)
+
         def step():
             with torch.inference_mode(), autocast():
                 return model(x)
     else:
-        target = torch.randint(0, max(1, getattr(model, 'num_classes', 1) or 1), (x.shape[0],), device=x.device)
-        loss_fn = nn.CrossEntropyLoss()
+        forward = _make_loss(model, x, dtype)
 
         def step():
             model.zero_grad(set_to_none=True)
-            with autocast():
-                out = model(x)
-                loss = loss_fn(out.float(), target) if out.ndim == 2 else out.float().mean()
+            out, loss = forward()
             loss.backward()
             return out.detach()
     return step
+
+
+def saved_for_backward_bytes(forward: Callable[[], Any], model: nn.Module) -> int:
+    """Bytes autograd keeps for backward after ``forward()`` (unique storages, ``model``'s parameters and buffers
+    excluded: they exist whether or not anything is saved).
+
+    Counted at the end of the forward, while the whole graph is alive, so every storage seen is distinct (none can
+    have been freed and its address reused); backward's own recomputations are not counted.
+    """
+    exclude = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    seen: Dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr and ptr not in exclude:
+            seen[ptr] = max(seen.get(ptr, 0), storage.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        result = forward()
+    total = sum(seen.values())
+    del result  # frees the graph without a backward
+    return total
+
+
+def time_interleaved(
+        runners: Dict[Any, Callable[[], Any]], iters: int, device: torch.device, progress: Any = None,
+        deadline: Optional[float] = None, min_iters: int = 3) -> Dict[Any, List[float]]:
+    """Seconds per call of each runner, timed interleaved (one call of each per round, in turn).
+
+    CUDA: CUDA events around each call (the GPU's time for it); elsewhere ``time.perf_counter`` after a
+    synchronize. ``deadline`` (a ``time.perf_counter()`` value): stop after the round in which it passes, once every
+    runner has ``min_iters`` samples.
+    """
+    times: Dict[Any, List[float]] = {key: [] for key in runners}
+    for i in range(iters):
+        for key, run in runners.items():
+            if device.type == 'cuda':
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                run()
+                end.record()
+                end.synchronize()
+                times[key].append(start.elapsed_time(end) / 1e3)
+            else:
+                _sync(device)
+                t0 = time.perf_counter()
+                run()
+                _sync(device)
+                times[key].append(time.perf_counter() - t0)
+            if progress is not None:
+                progress.update(1)
+        if deadline is not None and i + 1 >= min_iters and time.perf_counter() > deadline:
+            break
+    return times
 
 
 def _peak_memory(step: Callable[[], Any], device: torch.device) -> Dict[str, Any]:
     if device.type == 'cuda':
         _sync(device)
         torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
         step()
         _sync(device)
-        return {'peak_mem_mb': torch.cuda.max_memory_allocated(device) / 2 ** 20}
+        peak = torch.cuda.max_memory_allocated(device)
+        # absolute (everything alive in the process), and above what was allocated when the step began
+        return {'peak_mem_mb': peak / 2 ** 20, 'step_mem_mb': (peak - before) / 2 ** 20}
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
@@ -201,13 +281,14 @@ def _prepare(model: nn.Module, x: torch.Tensor, mode: str):
 
 def _bench_case(
         ours: nn.Module, builtin: nn.Module, x: torch.Tensor, task: str, dtype: str, modes: Sequence[str],
-        iters: int, warmup: int, progress: Any, backend: str) -> Dict[str, Any]:
+        iters: int, warmup: int, progress: Any, backend: str, deadline: Optional[float] = None) -> Dict[str, Any]:
     device = x.device
-    runners = {}
+    runners, prepared = {}, {}
     for mode in modes:
         for impl, model in (('ours', ours), ('builtin', builtin)):
             m, xm = _prepare(model, x, mode)
             m.train(task == 'train')
+            prepared[(mode, impl)] = (m, xm)
             runners[(mode, impl)] = _make_step(m, xm, task, dtype)
 
     def run(key):
@@ -222,16 +303,7 @@ def _bench_case(
         for key in runners:
             run(key)
     _sync(device)
-    times = {key: [] for key in runners}
-    for _ in range(iters):
-        for key in runners:  # interleaved: one step of each model/mode per round
-            _sync(device)
-            t0 = time.perf_counter()
-            run(key)
-            _sync(device)
-            times[key].append(time.perf_counter() - t0)
-            if progress is not None:
-                progress.update(1)
+    times = time_interleaved({key: (lambda key=key: run(key)) for key in runners}, iters, device, progress, deadline)
     # which path our blocks took, and output equality, outside the timed loop
     for mode in modes:
         fast.reset_counters()
@@ -249,6 +321,10 @@ def _bench_case(
             }
             with (fast.use_backend(backend) if impl == 'ours' else nullcontext()):
                 entry[impl].update(_peak_memory(runners[(mode, impl)], device))
+                if task == 'train':
+                    m, xm = prepared[(mode, impl)]
+                    entry[impl]['saved_mb'] = None if mode == 'compile' else \
+                        saved_for_backward_bytes(_make_loss(m, xm, dtype), m) / 2 ** 20
         entry['ratio'] = entry['ours']['img_s'] / entry['builtin']['img_s']
         entry['ours_block_paths'] = paths
         entry['max_abs_diff'] = (y_ours.float() - y_builtin.float()).abs().max().item() if task == 'infer' else None
@@ -305,30 +381,38 @@ def run_benchmark(
                             x = torch.randn(bs, ours.in_chans, img, img, device=dev)
                             flops = _count_flops(builtin, x, task)
                             by_mode = _bench_case(ours, builtin, x, task, dtype, modes, iters, warmup, bar, backend)
-                            best_ours = max(modes, key=lambda m: by_mode[m]['ours']['img_s'])
-                            best_builtin = max(modes, key=lambda m: by_mode[m]['builtin']['img_s'])
                             peak = peak_tflops if peak_tflops else _default_peak_tflops(dev, dtype)
-                            o_ips = by_mode[best_ours]['ours']['img_s']
-                            b_ips = by_mode[best_builtin]['builtin']['img_s']
-                            case = {
-                                'model': model_name, 'task': task, 'dtype': dtype, 'batch_size': bs,
-                                'img_size': img, 'gflops_per_img': flops / bs / 1e9 if flops else None,
-                                'modes': by_mode,
-                                'best': {'ours_mode': best_ours, 'ours_img_s': o_ips,
-                                         'builtin_mode': best_builtin, 'builtin_img_s': b_ips,
-                                         'ratio': o_ips / b_ips},
-                                'peak_tflops': peak,
-                                'fraction_of_peak': (
-                                    {'ours': o_ips * flops / bs / (peak * 1e12),
-                                     'builtin': b_ips * flops / bs / (peak * 1e12)}
-                                    if peak and flops else 'unknown'),
-                            }
-                            results.append(case)
+                            results.append(summarize_case(model_name, task, dtype, bs, img, flops, by_mode, peak))
             del ours, builtin
     finally:
         if bar is not None:
             bar.close()
     return {'meta': meta, 'results': results}
+
+
+def summarize_case(
+        model_name: str, task: str, dtype: str, batch_size: int, img_size: int, flops: Optional[int],
+        by_mode: Dict[str, Any], peak_tflops: Optional[float]) -> Dict[str, Any]:
+    """One result entry: the per-mode measurements, each model's best mode, their ratio and the fraction of peak.
+
+    ``flops`` is for one step on the whole batch; ``peak_tflops`` the ceiling (None: fraction 'unknown').
+    """
+    best_ours = max(by_mode, key=lambda m: by_mode[m]['ours']['img_s'])
+    best_builtin = max(by_mode, key=lambda m: by_mode[m]['builtin']['img_s'])
+    o_ips = by_mode[best_ours]['ours']['img_s']
+    b_ips = by_mode[best_builtin]['builtin']['img_s']
+    per_img = flops / batch_size if flops else None
+    return {
+        'model': model_name, 'task': task, 'dtype': dtype, 'batch_size': batch_size, 'img_size': img_size,
+        'gflops_per_img': per_img / 1e9 if per_img else None,
+        'modes': by_mode,
+        'best': {'ours_mode': best_ours, 'ours_img_s': o_ips, 'builtin_mode': best_builtin, 'builtin_img_s': b_ips,
+                 'ratio': o_ips / b_ips},
+        'peak_tflops': peak_tflops,
+        'fraction_of_peak': (
+            {'ours': o_ips * per_img / (peak_tflops * 1e12), 'builtin': b_ips * per_img / (peak_tflops * 1e12)}
+            if peak_tflops and per_img else 'unknown'),
+    }
 
 
 def save_chart(result: Dict[str, Any], path: str) -> None:
@@ -379,8 +463,11 @@ def _main(args: argparse.Namespace) -> int:
     for case in result['results']:
         print(f"{case['model']} {case['task']} {case['dtype']} b{case['batch_size']} {case['img_size']}px:")
         for mode, e in case['modes'].items():
+            saved = ''
+            if e['ours'].get('saved_mb') is not None:
+                saved = f"  saved for backward {e['ours']['saved_mb']:.1f} / {e['builtin']['saved_mb']:.1f} MB"
             print(f"  {mode:14s} ours {e['ours']['img_s']:9.2f} img/s  builtin {e['builtin']['img_s']:9.2f} img/s"
-                  f"  ratio {e['ratio']:.2f}  paths {e['ours_block_paths']}")
+                  f"  ratio {e['ratio']:.2f}  paths {e['ours_block_paths']}{saved}")
         b = case['best']
         print(f"  best: ours {b['ours_img_s']:.2f} ({b['ours_mode']}) / builtin {b['builtin_img_s']:.2f} "
               f"({b['builtin_mode']}) = {b['ratio']:.2f}x; fraction of peak: {case['fraction_of_peak']}")
