@@ -27,9 +27,11 @@ classes with identical weights:
     python benchmarks/gpu_check.py --models convmixer_1536_20 --modes nchw channels_last --budget-s 300
     python benchmarks/gpu_check.py --cpu-smoke --out /tmp/smoke.json     # no GPU: tiny sizes, Triton interpreter
 
-``--cpu-smoke`` runs every section's code on the CPU at tiny sizes (the Triton kernels through Triton's interpreter,
-``TRITON_INTERPRET=1``; torch.compile left out unless ``--modes`` asks for it): it checks the script, its numbers
-mean nothing about speed. The JSON is rewritten after every section, so a run cut short keeps what it measured.
+Run it where ``timm_convmixer`` is installed (``pip install -e .`` in this checkout): train.py finds the variants
+through the package's start-up hook. ``--cpu-smoke`` runs every section's code on the CPU at tiny sizes (the Triton
+kernels through Triton's interpreter, ``TRITON_INTERPRET=1``; torch.compile left out unless ``--modes`` asks for it):
+it checks the script, and its numbers say nothing about speed. The JSON is rewritten after every section, so a run
+cut short keeps what it measured.
 
 Exit status: 0 when every check passed; 1 when a correctness or parity check failed, train.py failed, or a section
 raised (its error is in the JSON); 2 when there is no CUDA device (unless ``--cpu-smoke``).
@@ -657,7 +659,9 @@ def run_train_py(args, device: torch.device, timeout_s: float) -> Dict[str, Any]
                '--val-split', 'val', '--model', args.train_py_model, '--num-classes', str(n_classes),
                '--img-size', str(args.img_size), '-b', str(batch), '--epochs', '1', '--warmup-epochs', '0',
                '--amp', '--device', device.type, '--workers', '2', '--log-interval', '1', '--output', out,
-               '--experiment', 'run']
+               '--experiment', 'run',
+               # timm's built-in ConvMixer cannot take a drop-path rate: this also proves train.py built ours
+               '--drop-path', '0.1']
         if args.model_kwargs:
             cmd += ['--model-kwargs'] + [f'{k}={v}' for k, v in args.model_kwargs.items()]
         if device.type == 'cpu':
