@@ -192,7 +192,9 @@ def measure_peak(device: torch.device, sizes: Sequence[int], iters: int = 20) ->
 # ----------------------------------------------------------------------------------------------------------------
 # correctness: each fused unit vs eager vs float64, at full size
 
-_ACT_FNS = {'gelu': F.gelu, 'relu': F.relu, 'identity': lambda t: t}
+# eager torch for each activation the kernels compute (eligibility.ACT_NAMES)
+_ACT_FNS = {'identity': lambda t: t, 'relu': F.relu, 'gelu': F.gelu, 'silu': F.silu,
+            'gelu_tanh': lambda t: F.gelu(t, approximate='tanh')}
 _PARAM_NAMES = {'0.fn.0': 'conv_dw', '0.fn.2': 'bn_dw', '1': 'conv_pw', '3': 'bn_pw'}
 
 
@@ -264,13 +266,18 @@ def _act_affine_eager(p, scale, shift, act: str) -> torch.Tensor:
     return (_ACT_FNS[act](p) * scale + shift).to(p.dtype)
 
 
+def _pw_eager(x, w, b, scale, shift, act: str) -> torch.Tensor:
+    """What ``pw_block`` computes: the 1x1 conv as a GEMM on NHWC rows, then the epilogue."""
+    return _act_affine_eager(F.linear(x, w, b), scale, shift, act)
+
+
 def check_ops(block: nn.Module, x: torch.Tensor, dtype: torch.dtype, gy: torch.Tensor, floor: float):
-    """``dw_block`` and ``act_affine`` alone, forward and every input's gradient."""
+    """``dw_block``, ``act_affine`` and ``pw_block`` alone, forward and every input's gradient."""
     from timm_convmixer.fast import triton_kernels as K
-    from timm_convmixer.fast import triton_ops  # noqa: F401  (registers torch.ops.timm_convmixer)
+    from timm_convmixer.fast import triton_ops
     from timm_convmixer.fast.eligibility import block_parts, bn_scale_shift
     parts = block_parts(block)
-    codes = {'identity': K.ACT_IDENTITY, 'gelu': K.ACT_GELU, 'relu': K.ACT_RELU}
+    codes = K.ACT_BY_NAME
     results = {}
     with torch.no_grad():
         s1, t1 = bn_scale_shift(parts.bn_dw, torch.float32)
@@ -296,6 +303,17 @@ def check_ops(block: nn.Module, x: torch.Tensor, dtype: torch.dtype, gy: torch.T
     ref_leaves = [_leaf(t, torch.float64) for t in leaves]
     ref = _grads(_act_affine_eager(*ref_leaves, parts.act), ref_leaves, g2.double())
     results['act_affine'] = compare(names, fused, eager, ref, floor)
+    del fused, eager, ref, leaves, ref_leaves
+    # the pointwise conv and its epilogue as one Triton GEMM, on NHWC rows of the block's input
+    rows = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+    names = ['out', 'x', 'weight', 'bias', 'scale', 'shift']
+    leaves = [_leaf(rows, dtype), _leaf(parts.conv_pw.weight.reshape(x.shape[1], -1), dtype),
+              _leaf(parts.conv_pw.bias, dtype), _leaf(s2), _leaf(t2)]
+    fused = _grads(triton_ops.pw_block(*leaves, codes[parts.act]), leaves, g2)
+    eager = _grads(_pw_eager(*leaves, parts.act), leaves, g2)
+    ref_leaves = [_leaf(t, torch.float64) for t in leaves]
+    ref = _grads(_pw_eager(*ref_leaves, parts.act), ref_leaves, g2.double())
+    results['pw_block'] = compare(names, fused, eager, ref, floor)
     return results
 
 
@@ -392,15 +410,16 @@ def run_correctness(args, device: torch.device, out_of_time: Callable[[float], b
 
 
 def run_kernel_timing(args, device: torch.device, deadline: float) -> Dict[str, Any]:
-    """The depthwise op vs the eager depthwise branch (``Residual(conv, act, BN)``), and ``act_affine`` vs its eager
-    ops, at each model's block shape in the timing dtype, channels_last, forward and forward+backward; and the
-    depthwise op's achieved bandwidth against its floor (read ``x`` once, write ``y`` once)."""
+    """Each fused op against the eager ops it replaces, at each model's block shape in the timing dtype (channels_last,
+    i.e. NHWC rows), forward and forward+backward: ``dw_block`` vs the depthwise branch ``Residual(conv, act, BN)``;
+    the pointwise half as ``pw_block`` (one Triton GEMM) and as cuBLAS ``addmm`` + ``act_affine`` (what the fused
+    block runs) vs ``conv_pw, act, BN``; ``act_affine`` vs its eager ops. Also the depthwise op's bandwidth against
+    its floor (read ``x`` once, write ``y`` once)."""
     from timm_convmixer import bench
     from timm_convmixer.fast import triton_kernels as K
-    from timm_convmixer.fast import triton_ops  # noqa: F401  (registers torch.ops.timm_convmixer)
+    from timm_convmixer.fast import triton_ops
     from timm_convmixer.fast.eligibility import block_parts, bn_scale_shift
     dtype = DTYPES[args.bench_dtype]
-    codes = {'identity': K.ACT_IDENTITY, 'gelu': K.ACT_GELU, 'relu': K.ACT_RELU}
     section: Dict[str, Any] = {'dtype': args.bench_dtype, 'layout': 'channels_last', 'iters': args.iters,
                                'timer': 'CUDA events' if device.type == 'cuda' else 'perf_counter', 'models': {}}
     for model_name in args.models:
@@ -409,52 +428,69 @@ def run_kernel_timing(args, device: torch.device, deadline: float) -> Dict[str, 
             continue
         cfg = block_config(model_name, args.model_kwargs, args.img_size)
         shape = (args.batch, cfg['dim'], cfg['hw'], cfg['hw'])
+        C = shape[1]
         block = _random_block(cfg, device, torch.Generator().manual_seed(args.seed)).eval()
         parts = block_parts(block)
+        code = K.ACT_BY_NAME[parts.act]
         gen = torch.Generator(device).manual_seed(args.seed)
         x = torch.randn(shape, generator=gen, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
         gy = torch.randn(shape, generator=gen, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
         with torch.no_grad():
             s1, t1 = bn_scale_shift(parts.bn_dw, torch.float32)
             s2, t2 = bn_scale_shift(parts.bn_pw, torch.float32)
-        w, b = parts.conv_dw.weight.detach().to(dtype), parts.conv_dw.bias.detach().to(dtype)
-        p = x.permute(0, 2, 3, 1).reshape(-1, shape[1])  # an [N*H*W, C] GEMM output's shape and layout
-        gp = gy.permute(0, 2, 3, 1).reshape(-1, shape[1])
-        code = codes[parts.act]
-        xg = x.detach().requires_grad_()
-        pg = p.detach().requires_grad_()
+        w_dw, b_dw = parts.conv_dw.weight.detach().to(dtype), parts.conv_dw.bias.detach().to(dtype)
+        w_pw, b_pw = parts.conv_pw.weight.detach().reshape(C, C).to(dtype), parts.conv_pw.bias.detach().to(dtype)
 
-        def fwd_bwd(fn, inp, grad):
-            return lambda: fn(inp).backward(grad)
+        def rows(t):  # a channels_last [N, C, H, W] as its [N*H*W, C] NHWC rows (a view)
+            return t.permute(0, 2, 3, 1).reshape(-1, C)
 
-        def eager_dw(t):
-            with _autocast(device, dtype):
-                return block[0](t)
+        def eager_modules(modules):
+            def run(t):
+                with _autocast(device, dtype):
+                    for m in modules:
+                        t = m(t)
+                return t
+            return run
 
-        dw_fused = lambda t: torch.ops.timm_convmixer.dw_block(t, w, b, s1, t1, code)  # noqa: E731
-        aa_fused = lambda t: torch.ops.timm_convmixer.act_affine(t, s2, t2, code)  # noqa: E731
-        aa_eager = lambda t: _act_affine_eager(t, s2, t2, parts.act)  # noqa: E731
+        ops = {
+            'dw': ({'fused': lambda t: torch.ops.timm_convmixer.dw_block(t, w_dw, b_dw, s1, t1, code),
+                    'eager': eager_modules([block[0]])}, x, gy),
+            'pw': ({'fused': lambda t: triton_ops.pw_block(rows(t), w_pw, b_pw, s2, t2, code),
+                    'cublas_act_affine': lambda t: torch.ops.timm_convmixer.act_affine(
+                        torch.addmm(b_pw, rows(t), w_pw.t()), s2, t2, code),
+                    'eager': eager_modules([block[1], block[2], block[3]])}, x, gy),
+            'act_affine': ({'fused': lambda t: torch.ops.timm_convmixer.act_affine(rows(t), s2, t2, code),
+                            'eager': lambda t: _act_affine_eager(rows(t), s2, t2, parts.act)}, x, gy),
+        }
+        fwd, both, op_of = {}, {}, {}
+        for op, (impls, inp, grad) in ops.items():
+            leaf = inp.detach().requires_grad_()
+            for impl, fn in impls.items():
+                op_of[f'{op}_{impl}'] = op
+                fwd[f'{op}_{impl}'] = lambda fn=fn, inp=inp: fn(inp)
+                # a flat gradient of the output's shape, whatever the output's layout
+                both[f'{op}_{impl}'] = lambda fn=fn, leaf=leaf, grad=grad: (
+                    lambda out: out.backward(grad if out.shape == grad.shape else rows(grad)))(fn(leaf))
         with torch.no_grad():
-            fwd = {'dw_fused': lambda: dw_fused(x), 'dw_eager': lambda: eager_dw(x),
-                   'act_affine_fused': lambda: aa_fused(p), 'act_affine_eager': lambda: aa_eager(p)}
             for run in list(fwd.values()) * args.warmup:
                 run()
             t_fwd = bench.time_interleaved(fwd, args.iters, device, deadline=deadline)
-        both = {'dw_fused': fwd_bwd(dw_fused, xg, gy), 'dw_eager': fwd_bwd(eager_dw, xg, gy),
-                'act_affine_fused': fwd_bwd(aa_fused, pg, gp), 'act_affine_eager': fwd_bwd(aa_eager, pg, gp)}
         for run in list(both.values()) * args.warmup:
             run()
         t_both = bench.time_interleaved(both, args.iters, device, deadline=deadline)
-        ms = {f'{k}_fwd': 1e3 * statistics.median(v) for k, v in t_fwd.items()}
-        ms.update({f'{k}_fwd_bwd': 1e3 * statistics.median(v) for k, v in t_both.items()})
+        ms = {'fwd': {k: 1e3 * statistics.median(v) for k, v in t_fwd.items()},
+              'fwd_bwd': {k: 1e3 * statistics.median(v) for k, v in t_both.items()}}
         floor_bytes = 2 * x.numel() * x.element_size()
         section['models'][model_name] = {
             'shape': list(shape), 'kernel_size': cfg['kernel_size'], 'act': parts.act, 'median_ms': ms,
-            'speedup': {f'{op}_{pass_}': ms[f'{op}_eager_{pass_}'] / ms[f'{op}_fused_{pass_}']
-                        for op in ('dw', 'act_affine') for pass_ in ('fwd', 'fwd_bwd')},
-            'dw_fwd_floor_bytes': floor_bytes, 'dw_fused_fwd_gbps': floor_bytes / (ms['dw_fused_fwd'] * 1e-3) / 1e9,
+            # eager's time / each other implementation's, per pass
+            'speedup_vs_eager': {
+                pass_: {k: t[f'{op_of[k]}_eager'] / v for k, v in t.items() if not k.endswith('_eager')}
+                for pass_, t in ms.items()},
+            'dw_fwd_floor_bytes': floor_bytes,
+            'dw_fused_fwd_gbps': floor_bytes / (ms['fwd']['dw_fused'] * 1e-3) / 1e9,
         }
-        del block, x, gy, xg, pg, p, gp
+        del block, x, gy, fwd, both, ops
         _empty_cache(device)
     return section
 

@@ -94,9 +94,10 @@ def test_smoke_correctness(smoke):
         floor = checked.tolerance(dtype, 'cpu')
         assert case['shape'] == [1, 16, 2, 2] and case['kernel_size'] == 3 and case['act'] == 'GELU'
         units = case['units']
-        assert set(units) == {'dw_block', 'act_affine', 'block_eval_channels_last', 'block_eval_nchw',
+        assert set(units) == {'dw_block', 'act_affine', 'pw_block', 'block_eval_channels_last', 'block_eval_nchw',
                               'block_train_lean_channels_last', 'block_train_lean_nchw'}
-        assert set(units['dw_block']['tensors']) == {'out', 'x', 'weight', 'bias', 'scale', 'shift'}
+        assert set(units['dw_block']['tensors']) == set(units['pw_block']['tensors']) == {
+            'out', 'x', 'weight', 'bias', 'scale', 'shift'}
         assert set(units['act_affine']['tensors']) == {'out', 'p', 'scale', 'shift'}
         for name, unit in units.items():
             _check_compare(unit, floor)
@@ -117,15 +118,18 @@ def test_smoke_kernels(smoke):
     doc, _ = smoke
     k = doc['kernels']['models'][MODEL]
     assert k['shape'] == [1, 16, 2, 2] and k['act'] == 'gelu'
-    ms = k['median_ms']
-    assert set(ms) == {f'{op}_{impl}_{p}' for op in ('dw', 'act_affine') for impl in ('fused', 'eager')
-                       for p in ('fwd', 'fwd_bwd')}
-    assert all(v > 0 for v in ms.values())
-    for name, speedup in k['speedup'].items():
-        op, _, p = name.partition('_f')
-        assert _close(speedup, ms[f'{op}_eager_f{p}'] / ms[f'{op}_fused_f{p}'])
+    impls = {'dw': ('fused', 'eager'), 'pw': ('fused', 'cublas_act_affine', 'eager'), 'act_affine': ('fused', 'eager')}
+    names = {f'{op}_{impl}' for op, these in impls.items() for impl in these}
+    for pass_, ms in k['median_ms'].items():
+        assert set(ms) == names and all(v > 0 for v in ms.values())
+        speedups = k['speedup_vs_eager'][pass_]
+        assert set(speedups) == {n for n in names if not n.endswith('_eager')}
+        for name, speedup in speedups.items():
+            op = next(op for op in impls if name.startswith(op + '_') and name[len(op) + 1:] in impls[op])
+            assert _close(speedup, ms[f'{op}_eager'] / ms[name])
+    assert set(k['median_ms']) == {'fwd', 'fwd_bwd'}
     assert k['dw_fwd_floor_bytes'] == 2 * 1 * 16 * 2 * 2 * 2  # read and write one bf16 activation
-    assert _close(k['dw_fused_fwd_gbps'], k['dw_fwd_floor_bytes'] / ms['dw_fused_fwd'] / 1e6)
+    assert _close(k['dw_fused_fwd_gbps'], k['dw_fwd_floor_bytes'] / k['median_ms']['fwd']['dw_fused'] / 1e6)
 
 
 def test_smoke_parity(smoke):
@@ -163,8 +167,7 @@ def test_smoke_throughput_decisions_and_forced(smoke):
             assert _close(m['ratio'], m['ours']['img_s'] / m['builtin']['img_s'])
             assert sum(m['ours_block_paths'].values()) == depth
             if task == 'train':
-                assert m['ours_block_paths'] == {'lean': depth}
-                assert 0 < m['ours']['saved_mb'] < m['builtin']['saved_mb']  # lean keeps less for backward
+                _check_saved(m, depth)
             else:
                 assert 'saved_mb' not in m['ours'] and m['max_abs_diff'] < 0.1
         s = e['summary']
@@ -176,28 +179,44 @@ def test_smoke_throughput_decisions_and_forced(smoke):
     # a training step costs about three forwards (forward, and two GEMMs per conv in backward)
     assert 2.5 < tasks['train']['flops_per_img'] / tasks['infer']['flops_per_img'] < 3.5
 
-    # auto checked the Triton path once per (layout) case, and the blocks then took the path it decided
+    # auto checked each fused path once per case (task, layout), and the blocks then took the path it decided
     decisions = [d for d in doc['decisions'] if d['model'] == MODEL]
-    assert {d['channels_last'] for d in decisions} == {True, False}
+    assert sorted((d['task'], d['channels_last']) for d in decisions) == [
+        ('infer', False), ('infer', True), ('train', False), ('train', True)]
+    expected = {'infer': ('triton', 'eval'), 'train': ('lean', 'train')}
     for d in decisions:
-        assert d['task'] == 'infer' and d['fused_path'] == 'triton' and d['block_mode'] == 'eval'
-        assert d['shape'] == [1, 16, 2, 2] and d['kernel_size'] == 3
+        assert (d['fused_path'], d['block_mode']) == expected[d['task']]
+        assert d['shape'] == [1, 16, 2, 2] and d['kernel_size'] == 3 and d['compute_dtype'] == 'bfloat16'
         assert d['max_rel_err'] <= checked.tolerance(torch.bfloat16, 'cpu')
-        assert d['path'] == ('triton' if d['fused_ms'] < d['eager_ms'] else 'eager')
+        assert d['path'] == (d['fused_path'] if d['fused_ms'] < d['eager_ms'] else 'eager')
         mode = 'channels_last' if d['channels_last'] else 'nchw'
-        assert tasks['infer']['modes'][mode]['ours_block_paths'] == {d['path']: depth}
+        assert tasks[d['task']]['modes'][mode]['ours_block_paths'] == {d['path']: depth}
 
+    # the forced paths ran wherever auto had not already taken them
     forced = doc['forced'][MODEL]
-    assert forced['infer']['backend'] == 'triton' and forced['train']['backend'] == 'lean'
-    for mode in ('nchw', 'channels_last'):
-        if mode in forced['infer']['modes']:  # auto chose eager there: measured with triton forced
-            m = forced['infer']['modes'][mode]
-            assert m['ours_block_paths'] == {'triton': depth} and m['max_abs_diff'] < 0.1
-        else:
-            assert tasks['infer']['modes'][mode]['ours_block_paths'] == {'triton': depth}
-    # auto trains through the lean block on CPU already: nothing more to force
-    assert forced['train']['modes'] == {} and set(forced['train']['same_as_auto']) == {'nchw', 'channels_last'}
+    for task, backend in (('infer', 'triton'), ('train', 'lean')):
+        f = forced[task]
+        assert f['backend'] == backend
+        for mode in ('nchw', 'channels_last'):
+            auto_paths = tasks[task]['modes'][mode]['ours_block_paths']
+            assert (mode in f['same_as_auto']) == (auto_paths == {backend: depth}) != (mode in f['modes'])
+            if mode in f['modes']:
+                m = f['modes'][mode]
+                assert m['ours_block_paths'] == {backend: depth}
+                if task == 'train':
+                    _check_saved(m, depth)
+                else:
+                    assert m['max_abs_diff'] < 0.1
     assert 'skipped' in doc['train_py'] and '--train-py' in doc['train_py']['skipped']
+
+
+def _check_saved(entry, depth):
+    """What autograd keeps: less than the built-in's through lean blocks, the very same through the plain modules."""
+    ours, builtin = entry['ours']['saved_mb'], entry['builtin']['saved_mb']
+    if entry['ours_block_paths'] == {'lean': depth}:
+        assert 0 < ours < builtin
+    else:
+        assert entry['ours_block_paths'] == {'eager': depth} and ours == builtin > 0
 
 
 def test_smoke_targets_recomputed(smoke):
