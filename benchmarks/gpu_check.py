@@ -94,6 +94,14 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument('--cpu-smoke', action='store_true',
                    help='no GPU: every section on CPU at tiny sizes, Triton through its interpreter')
     args = p.parse_args(argv)
+    for name in ('batch', 'img_size', 'iters', 'parity_batch', 'parity_steps'):
+        if getattr(args, name) < 1:
+            p.error(f'--{name.replace("_", "-")} must be at least 1, got {getattr(args, name)}')
+    import timm
+    import timm_convmixer  # noqa: F401  (registers the variants)
+    unknown = [m for m in set(args.models + [args.parity_model, args.train_py_model]) if not timm.is_model(m)]
+    if unknown:
+        p.error(f'unknown model(s) {sorted(unknown)}; see timm-convmixer variants')
     args.model_kwargs = {}
     if args.cpu_smoke:
         args.model_kwargs = dict(SMOKE_MODEL_KWARGS)
@@ -852,7 +860,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     else:
         device = torch.device('cuda')
     torch.manual_seed(args.seed)
-    import timm_convmixer  # noqa: F401  (registers the variants)
 
     env = environment(device)
     out = args.out or default_out_path('cpu_smoke' if args.cpu_smoke else env['gpu'])
