@@ -47,7 +47,9 @@ MODES = ('nchw', 'channels_last', 'compile')
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 TASKS = ('infer', 'train')
 
-# dense bf16/fp16 matmul TFLOP/s; H200 measured with PyTorch in this workplace, the others vendor figures
+# dense bf16/fp16 matmul TFLOP/s. H200: measured with PyTorch matmuls in this workplace (vendor: 989); H100 SXM has
+# the same tensor cores and clocks, so the same measured figure (an H100 PCIe is slower: pass --peak-tflops);
+# the others are vendor figures. gpu_check.py measures the peak on the machine itself instead.
 CUDA_PEAK_TFLOPS = {'H200': 790., 'H100': 790., 'A100': 312., 'L40S': 362., 'L4': 121., 'RTX 4090': 165.,
                     'RTX 3090': 71., 'A10': 125., 'V100': 125., 'T4': 65.}
 
