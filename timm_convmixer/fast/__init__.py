@@ -33,7 +33,7 @@ import torch.nn as nn
 
 from .checked import decisions
 from .eligibility import BlockParts, block_parts
-from .lean import lean_applies, lean_block_forward
+from .lean import _autocast_state, lean_applies, lean_block_forward
 
 __all__ = [
     'BACKENDS', 'block_forward', 'counters', 'decisions', 'get_backend', 'reset_counters', 'set_backend',
@@ -139,11 +139,9 @@ def _triton_device(x: torch.Tensor) -> bool:
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    try:
-        enabled = torch.is_autocast_enabled(x.device.type)
-        return torch.get_autocast_dtype(x.device.type) if enabled else x.dtype
-    except (TypeError, AttributeError):  # torch < 2.4
-        return x.dtype
+    """The dtype the block's convolutions compute in: autocast's, or the input's."""
+    _, enabled, dtype = _autocast_state(x.device.type)
+    return dtype if enabled else x.dtype
 
 
 def _checked_eval(block: nn.Module, parts: BlockParts, x: torch.Tensor) -> Optional[torch.Tensor]:
