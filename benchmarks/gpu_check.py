@@ -587,21 +587,6 @@ def run_parity(args, device: torch.device) -> Dict[str, Any]:
 # throughput, memory, decisions
 
 
-def _decisions_list() -> List[Dict[str, Any]]:
-    from timm_convmixer.fast import checked
-    out = []
-    for key, d in checked.decisions.items():
-        path_name, rest = key[0], key[1:]
-        entry = {'key': str(key), 'fused_path': path_name, **d._asdict()}
-        if len(rest) == 9:
-            dev, index, shape, dtype, compute, cl, mode, act, k = rest
-            entry.update(shape=list(shape), dtype=str(dtype).replace('torch.', ''),
-                         compute_dtype=str(compute).replace('torch.', ''), channels_last=cl, block_mode=mode, act=act,
-                         kernel_size=k)
-        out.append(entry)
-    return out
-
-
 class Measurements:
     """The throughput section, filled job by job: one pair of models alive at a time."""
 
@@ -659,7 +644,7 @@ class Measurements:
                                     self.args.warmup, None, 'auto', deadline)
         entry['modes'].update(by_mode)
         entry['runs'].append({'modes': list(modes), 'seconds': time.perf_counter() - t0,
-                              'decisions': _decisions_list()})
+                              'decisions': checked.decision_records()})
         self._summarize(model_name, task)
 
     def run_forced(self, model_name: str, task: str, deadline: float) -> None:

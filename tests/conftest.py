@@ -1,4 +1,5 @@
-"""Shared test set-up: small CPU thread count, the plugin imported, deterministic seeds, and the shared fixtures.
+"""Shared test set-up: small CPU thread count, the plugin imported, deterministic seeds, no cached fast-path
+decisions, and the shared fixtures.
 
 Fixtures (the functions behind them live in ``tests/helpers.py``, importable by scripts and module-level code):
 
@@ -25,8 +26,11 @@ import helpers  # noqa: E402  (tests/ is on sys.path: pytest puts a rootdir conf
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _fresh_state():
+    """Each test starts seeded and with no fast-path decision cached (auto's decisions are process-global)."""
+    from timm_convmixer.fast import checked
     torch.manual_seed(0)
+    checked.forget()
     yield
 
 

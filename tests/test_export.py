@@ -226,14 +226,14 @@ def test_torch_export_and_trace_see_the_plain_modules(make, run_counted):
     'eager' only, every block at least once)."""
     model = make('convmixer_256_8_ks5_p2')
     x = torch.randn(1, 3, 32, 32)
-    with torch.no_grad():  # where the CPU fast path would otherwise answer
-        _, paths = run_counted(model, x)
+    with torch.no_grad():  # where the CPU fast path would otherwise answer (forced: auto might time it slower)
+        _, paths = run_counted(model, x, backend='cpu')
         assert paths == {'cpu': 2}
-        _, paths = run_counted(torch.export.export, model, (x,))
+        _, paths = run_counted(torch.export.export, model, (x,), backend='cpu')
         assert list(paths) == ['eager'] and paths['eager'] >= 2
         with warnings.catch_warnings():
             warnings.filterwarnings('ignore', category=torch.jit.TracerWarning)
-            _, paths = run_counted(lambda: torch.jit.trace(model, x, check_trace=False))
+            _, paths = run_counted(lambda: torch.jit.trace(model, x, check_trace=False), backend='cpu')
         assert list(paths) == ['eager'] and paths['eager'] >= 2
 
 

@@ -4,6 +4,7 @@ import torch
 import torch.nn as nn
 
 from timm_convmixer import fast
+from timm_convmixer.fast import checked
 from timm_convmixer.fast import cpu as fast_cpu
 
 pytestmark = pytest.mark.skipif(not fast_cpu.available(), reason='oneDNN fused convolution not available')
@@ -58,14 +59,41 @@ def test_block_matches_eager(kernel_size, channels_last, shape, make_model, infe
 
 
 def test_inference_mode_and_auto(make_model, infer, run_counted):
+    """auto checks the CPU path on first use of a case (here under inference_mode), keeps the faster of it and the
+    plain modules, and every block then takes the path decided for its case."""
     model = make_model(9)
     x = torch.randn(1, 3, 32, 32)
     ref, ref_paths = infer(model, x, 'eager')
     assert ref_paths == {'eager': 2}
-    with torch.inference_mode():  # 'auto' picks the CPU path for CPU tensors
+    with torch.inference_mode():
         out, paths = run_counted(model, x, backend='auto')
-    assert paths == {'cpu': 2}
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    records = checked.decision_records()
+    first = records[0]  # the first block's case: the NCHW input
+    assert (first['fused_path'], first['shape'], first['channels_last']) == ('cpu', [1, 24, 8, 8], False)
+    for r in records:
+        assert r['max_rel_err'] <= checked.tolerance(torch.float32, 'cpu')
+        assert r['path'] == ('cpu' if r['fused_ms'] < r['eager_ms'] else 'eager')
+    # the CPU path leaves channels_last, so the second block is a new case only if the first took it
+    assert len(records) == (2 if first['path'] == 'cpu' else 1)
+    expected = {}
+    for r, calls in zip(records, (1, 1) if len(records) == 2 else (2,)):
+        expected[r['path']] = expected.get(r['path'], 0) + calls
+    assert paths == expected
+    with torch.inference_mode():  # decided once: the next call takes the same paths without checking again
+        _, again = run_counted(model, x, backend='auto')
+    assert again == paths and len(checked.decisions) == len(records)
+
+
+def test_auto_does_not_cache_a_case_the_path_declines(make_model, run_counted):
+    """With gradients needed the CPU path declines per call; that must not become the case's cached decision."""
+    model = make_model()
+    x = torch.randn(1, 3, 16, 16)
+    _, paths = run_counted(model, x, backend='auto')
+    assert paths == {'eager': 2} and not checked.decisions
+    with torch.no_grad():
+        run_counted(model, x, backend='auto')
+    assert checked.decisions
 
 
 def test_grad_needed_runs_eager(make_model, run_counted):
@@ -101,7 +129,7 @@ def test_hooks_disable_fast_path(make_model, infer):
     model = make_model()
     seen = []
     handle = model.blocks[0][1].register_forward_hook(lambda m, i, o: seen.append(o.shape))
-    _, paths = infer(model, torch.randn(1, 3, 16, 16), 'auto')
+    _, paths = infer(model, torch.randn(1, 3, 16, 16), 'cpu')
     handle.remove()
     assert seen and paths == {'eager': 1, 'cpu': 1}  # only the hooked block ran its modules
 

@@ -36,6 +36,7 @@ import torch
 import torch.nn as nn
 
 from . import fast
+from .fast import checked
 from .fast.cpu import native_bf16
 from ._io import atomic_write, atomic_write_json
 from .cli import ModelKwargs
@@ -370,6 +371,7 @@ def run_benchmark(
         except ImportError:
             bar = None
     results = []
+    checked.forget()  # auto decides afresh, as in a new process, and the decisions it takes are reported
     try:
         for model_name in models:
             ours, builtin = build_pair(model_name, model_kwargs, device)
@@ -389,7 +391,7 @@ def run_benchmark(
     finally:
         if bar is not None:
             bar.close()
-    return {'meta': meta, 'results': results}
+    return {'meta': meta, 'results': results, 'decisions': checked.decision_records()}
 
 
 def summarize_case(

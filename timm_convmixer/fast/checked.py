@@ -19,7 +19,9 @@ import torch.nn as nn
 
 from .eligibility import BlockParts
 
-__all__ = ['Decision', 'FastPathDecision', 'case_key', 'decide', 'decisions', 'forget', 'tolerance']
+__all__ = [
+    'Decision', 'FastPathDecision', 'case_key', 'decide', 'decision_records', 'decisions', 'forget', 'tolerance',
+]
 
 
 class FastPathDecision(UserWarning):
@@ -65,6 +67,20 @@ def case_key(path: str, parts: BlockParts, x: torch.Tensor, compute_dtype: torch
         path, x.device.type, x.device.index, tuple(x.shape), x.dtype, compute_dtype,
         x.is_contiguous(memory_format=torch.channels_last), parts.mode, parts.act, parts.kernel_size,
     )
+
+
+def decision_records() -> List[Dict[str, object]]:
+    """:data:`decisions` as JSON-ready dicts (what benchmarks write): the case's fields by name plus the decision."""
+    records = []
+    for key, d in decisions.items():
+        fused_path, device_type, index, shape, dtype, compute, channels_last, mode, act, k = key
+        records.append({
+            'key': str(key), 'fused_path': fused_path, **d._asdict(), 'device': device_type, 'device_index': index,
+            'shape': list(shape), 'dtype': str(dtype).replace('torch.', ''),
+            'compute_dtype': str(compute).replace('torch.', ''), 'channels_last': channels_last, 'block_mode': mode,
+            'act': act, 'kernel_size': k,
+        })
+    return records
 
 
 def _sync(device: torch.device) -> None:

@@ -33,7 +33,7 @@ import torch.nn as nn
 
 from .eligibility import BlockParts, bn_scale_shift
 
-__all__ = ['available', 'block_forward', 'clear_cache', 'native_bf16', 'warn_if_bf16_is_emulated']
+__all__ = ['applies', 'available', 'block_forward', 'clear_cache', 'native_bf16', 'warn_if_bf16_is_emulated']
 
 
 def available() -> bool:
@@ -182,6 +182,11 @@ def _applies(parts: BlockParts, x: torch.Tensor, tensors: List[Optional[torch.Te
     if torch.is_grad_enabled() and (x.requires_grad or any(t is not None and t.requires_grad for t in tensors)):
         return None  # the fused ops have no autograd; training/grad-needing calls run eagerly
     return dtype
+
+
+def applies(parts: BlockParts, x: torch.Tensor) -> bool:
+    """Whether :func:`block_forward` would answer for this block and input (cheap: no folding, no packing)."""
+    return _applies(parts, x, _tensors(parts)) is not None
 
 
 def _cached(parts: BlockParts, tensors: List[Optional[torch.Tensor]], x: torch.Tensor, dtype: torch.dtype) -> _Folded:
