@@ -18,8 +18,8 @@ classes with identical weights:
   model, inference and training, bf16 autocast, in each mode (NCHW, channels_last, torch.compile), ours (backend
   ``auto`` after ``fast.checked.forget()``) vs the built-in, timed interleaved with CUDA events
   (``timm-convmixer bench``'s machinery); the fraction of the measured peak; the auto-dispatch decisions and which
-  path every block took. ``forced``: the same with ``triton`` (inference) or ``lean`` (training) forced, where auto
-  did not already take that path.
+  path every block took. ``forced``: the same with each fused path forced (``triton`` and ``triton_gemm`` for
+  inference, ``lean`` for training), where auto did not already take that path.
 * ``train_py``: timm's ``train.py --amp`` for a few steps on a generated ImageFolder (``--train-py``).
 * ``targets``: the project's targets for convmixer_1536_20, each ratio computed from the numbers above.
 
@@ -64,6 +64,8 @@ ERROR_FACTOR = 2.  # a fused result may be at most this many times further from 
 # --cpu-smoke: every model keeps its activation and patch; kernel 3 because the interpreter's cost grows with k*k
 SMOKE_MODEL_KWARGS = {'dim': 16, 'depth': 2, 'kernel_size': 3}
 # seconds a section needs to be worth starting; a section that does not fit the time left is skipped, not cut
+# the fused paths forced one by one after auto's run, per task: both Triton eval paths, the lean training block
+FORCED = {'infer': ('triton', 'triton_gemm'), 'train': ('lean',)}
 NEEDS_S = {'correctness': 60., 'parity': 30., 'kernels': 15., 'eager': 30., 'forced': 20., 'compile': 150.,
            'train_py': 60.}
 
@@ -346,7 +348,8 @@ def _block_step(block: nn.Module, forward: Callable[[nn.Module, torch.Tensor], O
 
 
 def check_blocks(block: nn.Module, x: torch.Tensor, dtype: torch.dtype, gy: torch.Tensor, floor: float):
-    """The fused eval-mode block (Triton) and the lean training-mode block, channels_last and NCHW input."""
+    """The fused eval-mode block (Triton, pointwise on cuBLAS and as the fused Triton GEMM) and the lean training-mode
+    block, channels_last and NCHW input."""
     from timm_convmixer.fast.eligibility import block_parts
     from timm_convmixer.fast.lean import lean_block_forward
     from timm_convmixer.fast.triton_ops import triton_block_forward
@@ -355,6 +358,7 @@ def check_blocks(block: nn.Module, x: torch.Tensor, dtype: torch.dtype, gy: torc
         return nn.Sequential.forward(b, t)  # the plain modules, no fast seam
 
     units = {'block_eval': (False, lambda b, t: triton_block_forward(b, t)),
+             'block_eval_gemm': (False, lambda b, t: triton_block_forward(b, t, pointwise='triton')),
              'block_train_lean': (True, lambda b, t: lean_block_forward(block_parts(b), t))}
     results = {}
     xd = x.to(dtype)
@@ -648,23 +652,23 @@ class Measurements:
         self._summarize(model_name, task)
 
     def run_forced(self, model_name: str, task: str, deadline: float) -> None:
-        """The fused path forced (``triton`` for inference, ``lean`` for training) where auto did not take it."""
+        """Each fused path of the task forced (:data:`FORCED`) where auto did not already take it everywhere."""
         from timm_convmixer import bench
-        backend = 'triton' if task == 'infer' else 'lean'
         auto = self.results.get(model_name, {}).get(task, {}).get('modes', {})
         ours, builtin, x = self.pair(model_name)
         depth = len(ours.blocks)
-        entry = {'backend': backend, 'modes': {}, 'same_as_auto': {}}
-        todo = []
-        for mode in (m for m in self.args.modes if m != 'compile'):  # compilers are handed the plain modules
-            if auto.get(mode, {}).get('ours_block_paths') == {backend: depth}:
-                entry['same_as_auto'][mode] = f'auto already took {backend} for every block: see throughput'
-            else:
-                todo.append(mode)
-        if todo:
-            entry['modes'] = bench._bench_case(ours, builtin, x, task, self.args.bench_dtype, todo, self.args.iters,
-                                               self.args.warmup, None, backend, deadline)
-        self.forced.setdefault(model_name, {})[task] = entry
+        for backend in FORCED[task]:
+            entry = {'backend': backend, 'modes': {}, 'same_as_auto': {}}
+            todo = []
+            for mode in (m for m in self.args.modes if m != 'compile'):  # compilers are handed the plain modules
+                if auto.get(mode, {}).get('ours_block_paths') == {backend: depth}:
+                    entry['same_as_auto'][mode] = f'auto already took {backend} for every block: see throughput'
+                else:
+                    todo.append(mode)
+            if todo:
+                entry['modes'] = bench._bench_case(ours, builtin, x, task, self.args.bench_dtype, todo,
+                                                   self.args.iters, self.args.warmup, None, backend, deadline)
+            self.forced.setdefault(model_name, {}).setdefault(task, {})[backend] = entry
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -95,6 +95,7 @@ def test_smoke_correctness(smoke):
         assert case['shape'] == [1, 16, 2, 2] and case['kernel_size'] == 3 and case['act'] == 'GELU'
         units = case['units']
         assert set(units) == {'dw_block', 'act_affine', 'pw_block', 'block_eval_channels_last', 'block_eval_nchw',
+                              'block_eval_gemm_channels_last', 'block_eval_gemm_nchw',
                               'block_train_lean_channels_last', 'block_train_lean_nchw'}
         assert set(units['dw_block']['tensors']) == set(units['pw_block']['tensors']) == {
             'out', 'x', 'weight', 'bias', 'scale', 'shift'}
@@ -181,21 +182,26 @@ def test_smoke_throughput_decisions_and_forced(smoke):
 
     # auto checked each fused path once per case (task, layout), and the blocks then took the path it decided
     decisions = [d for d in doc['decisions'] if d['model'] == MODEL]
-    assert sorted((d['task'], d['channels_last']) for d in decisions) == [
-        ('infer', False), ('infer', True), ('train', False), ('train', True)]
-    expected = {'infer': ('triton', 'eval'), 'train': ('lean', 'train')}
+    assert sorted((d['task'], d['fused_path'], d['channels_last']) for d in decisions) == [
+        ('infer', 'triton', False), ('infer', 'triton', True), ('infer', 'triton_gemm', False),
+        ('infer', 'triton_gemm', True), ('train', 'lean', False), ('train', 'lean', True)]
     for d in decisions:
-        assert (d['fused_path'], d['block_mode']) == expected[d['task']]
+        assert d['block_mode'] == {'infer': 'eval', 'train': 'train'}[d['task']]
         assert d['shape'] == [1, 16, 2, 2] and d['kernel_size'] == 3 and d['compute_dtype'] == 'bfloat16'
         assert d['max_rel_err'] <= checked.tolerance(torch.bfloat16, 'cpu')
         assert d['path'] == (d['fused_path'] if d['fused_ms'] < d['eager_ms'] else 'eager')
-        mode = 'channels_last' if d['channels_last'] else 'nchw'
-        assert tasks[d['task']]['modes'][mode]['ours_block_paths'] == {d['path']: depth}
+    for task in ('infer', 'train'):
+        for channels_last, mode in ((False, 'nchw'), (True, 'channels_last')):
+            # the blocks took the fastest fused path the check accepted for their case, else the plain modules
+            accepted = {d['path']: d['fused_ms'] for d in decisions if (d['task'], d['channels_last']) == (
+                task, channels_last) and d['path'] != 'eager'}
+            taken = min(accepted, key=accepted.get) if accepted else 'eager'
+            assert tasks[task]['modes'][mode]['ours_block_paths'] == {taken: depth}
 
     # the forced paths ran wherever auto had not already taken them
     forced = doc['forced'][MODEL]
-    for task, backend in (('infer', 'triton'), ('train', 'lean')):
-        f = forced[task]
+    for task, backend in (('infer', 'triton'), ('infer', 'triton_gemm'), ('train', 'lean')):
+        f = forced[task][backend]
         assert f['backend'] == backend
         for mode in ('nchw', 'channels_last'):
             auto_paths = tasks[task]['modes'][mode]['ours_block_paths']

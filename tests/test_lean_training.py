@@ -256,13 +256,15 @@ def test_auto_checks_triton_on_first_use_and_keeps_the_faster(interpreter):
         first = model(x)
         second = model(x)
     said = [w for w in caught if issubclass(w.category, checked.FastPathDecision)]
-    assert len(said) == 1, [str(w.message) for w in caught]  # said once, for the one case both blocks share
-    (key, decision), = checked.decisions.items()
-    assert key[:4] == ('triton', 'cpu', None, (1, 8, 8, 8)) and key[7:] == ('eval', 'gelu', 3)
-    # the interpreter is orders of magnitude slower than oneDNN/ATen: auto must keep the plain modules
-    assert decision.path == 'eager' and decision.fused_ms > decision.eager_ms, decision
-    assert decision.max_rel_err <= checked.tolerance(torch.float32, 'cpu')
-    assert 'eager' in str(said[0].message) and 'ms' in str(said[0].message)
+    # said once per Triton path (cuBLAS pointwise + epilogue pass, and the fused GEMM), for the case both blocks share
+    assert len(said) == 2, [str(w.message) for w in caught]
+    assert [key[0] for key in checked.decisions] == list(fast.TRITON_PATHS) == ['triton', 'triton_gemm']
+    for (key, decision), message in zip(checked.decisions.items(), said):
+        assert key[1:4] == ('cpu', None, (1, 8, 8, 8)) and key[7:] == ('eval', 'gelu', 3)
+        # the interpreter is orders of magnitude slower than oneDNN/ATen: auto must keep the plain modules
+        assert decision.path == 'eager' and decision.fused_ms > decision.eager_ms, decision
+        assert decision.max_rel_err <= checked.tolerance(torch.float32, 'cpu')
+        assert 'eager' in str(message.message) and 'ms' in str(message.message)
     assert fast.counters == {'eager': 4}
     torch.testing.assert_close(first, expected, rtol=0, atol=0)
     torch.testing.assert_close(second, expected, rtol=0, atol=0)
@@ -283,18 +285,23 @@ def test_auto_falls_back_with_a_warning_when_the_fused_result_differs(interprete
     with pytest.warns(RuntimeWarning, match=r'fused triton path gave a different result.*eval blocks on cpu'), \
             torch.no_grad(), fast.use_backend('auto'):
         model(x)
-    (decision,) = checked.decisions.values()
-    assert decision.path == 'eager' and decision.max_rel_err > 1e-3
+    assert len(checked.decisions) == len(fast.TRITON_PATHS)  # each Triton path checked, each rejected
+    for decision in checked.decisions.values():
+        assert decision.path == 'eager' and decision.max_rel_err > 1e-3
     assert fast.counters == {'eager': 2}
 
 
-def test_forcing_triton_skips_the_check(interpreter):
+@pytest.mark.parametrize('backend', ['triton', 'triton_gemm'])
+def test_forcing_triton_skips_the_check(interpreter, backend):
     model = _eval_model()
     x = _input(1, 16)
+    with torch.no_grad(), fast.use_backend('eager'):
+        expected = model(x)
     fast.reset_counters()
-    with torch.no_grad(), fast.use_backend('triton'):
-        model(x)
-    assert fast.counters == {'triton': 2} and not checked.decisions
+    with torch.no_grad(), fast.use_backend(backend):
+        got = model(x)
+    assert fast.counters == {backend: 2} and not checked.decisions
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_bf16_autocast_without_native_bf16_is_said_once():
@@ -326,5 +333,27 @@ def test_auto_falls_back_when_the_fused_path_raises(interpreter, monkeypatch):
             fast.use_backend('auto'):
         got = model(x)
     assert fast.counters == {'eager': 2} and torch.equal(got, expected)
-    (decision,) = checked.decisions.values()
-    assert decision.path == 'eager' and 'RuntimeError' in decision.reason
+    assert len(checked.decisions) == len(fast.TRITON_PATHS)
+    for decision in checked.decisions.values():
+        assert decision.path == 'eager' and 'RuntimeError' in decision.reason
+
+
+@pytest.mark.parametrize('gemm_ms, expected', [(3.0, 'triton_gemm'), (7.0, 'triton'), (None, 'triton')])
+def test_auto_takes_the_fastest_triton_path_it_accepted(interpreter, gemm_ms, expected):
+    """Of the Triton paths the check accepted, auto runs the one it timed fastest. The decisions are placed in the
+    cache as a first-use check on a GPU would leave them (here the interpreter always loses to the plain modules)."""
+    model = _eval_model()
+    x = _input(1, 16)
+    with torch.no_grad(), fast.use_backend('eager'):
+        expected_out = model(x)
+    parts = block_parts(model.blocks[0])
+    timings = {'triton': 5.0, 'triton_gemm': gemm_ms}
+    for path, ms in timings.items():
+        accepted = ms is not None
+        checked.decisions[checked.case_key(path, parts, x.new_empty(1, 8, 8, 8), torch.float32)] = checked.Decision(
+            path if accepted else 'eager', 'placed by the test', ms, 10.0 if accepted else None, 0.0)
+    fast.reset_counters()
+    with torch.no_grad(), fast.use_backend('auto'):
+        got = model(x)
+    assert fast.counters == {expected: 2}
+    torch.testing.assert_close(got, expected_out, rtol=1e-5, atol=1e-5)

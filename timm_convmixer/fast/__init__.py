@@ -14,19 +14,21 @@ Backends:
   dtype, mode...) where :mod:`.checked` found it correct and faster than the plain modules on first use. With
   ``TRITON_INTERPRET=1`` CPU tensors count as a Triton device (tests).
 * ``'eager'``: never a fast path.
-* ``'lean'``, ``'cpu'``, ``'triton'``: only that path, unchecked, where it applies (the way to force one).
+* ``'lean'``, ``'cpu'``, ``'triton'``, ``'triton_gemm'``: only that path, unchecked, where it applies (the way to
+  force one). ``'triton'`` runs the pointwise conv on cuBLAS with a Triton epilogue pass, ``'triton_gemm'`` as one
+  Triton GEMM with the epilogue fused; auto checks and times each and keeps the fastest.
 
 Choose with :func:`set_backend`, the :func:`use_backend` context manager or the ``TIMM_CONVMIXER_BACKEND``
 environment variable (read at import). The choice is process-global.
 
-:data:`counters` counts which path answered each block call (``'lean'``, ``'cpu'``, ``'triton'``, ``'eager'``),
-which is how tests and benchmarks check what actually ran.
+:data:`counters` counts which path answered each block call (``'lean'``, ``'cpu'``, ``'triton'``, ``'triton_gemm'``,
+``'eager'``), which is how tests and benchmarks check what actually ran.
 """
 import contextlib
 import os
 import warnings
 from collections import Counter
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -40,7 +42,7 @@ __all__ = [
     'use_backend',
 ]
 
-BACKENDS = ('auto', 'eager', 'lean', 'cpu', 'triton')
+BACKENDS = ('auto', 'eager', 'lean', 'cpu', 'triton', 'triton_gemm')
 ENV_VAR = 'TIMM_CONVMIXER_BACKEND'
 
 # which path answered each MixerBlock call since the last reset_counters()
@@ -126,12 +128,17 @@ def _eager(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return nn.Sequential.forward(block, x)
 
 
-def _triton_forward(block: nn.Module, parts: BlockParts, x: torch.Tensor) -> Optional[torch.Tensor]:
+# the Triton eval paths: backend/counter name -> how triton_block_forward runs the pointwise conv and its epilogue
+TRITON_PATHS = {'triton': 'cublas', 'triton_gemm': 'triton'}
+
+
+def _triton_forward(
+        block: nn.Module, parts: BlockParts, x: torch.Tensor, path: str = 'triton') -> Optional[torch.Tensor]:
     try:
         from .triton_ops import triton_block_forward
     except ImportError:  # the module, triton, or a GPU toolchain missing: the eager modules run
         return None
-    return triton_block_forward(block, x, parts=parts)
+    return triton_block_forward(block, x, parts=parts, pointwise=TRITON_PATHS[path])
 
 
 def _triton_device(x: torch.Tensor) -> bool:
@@ -144,23 +151,31 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return dtype if enabled else x.dtype
 
 
-def _checked_eval(block: nn.Module, parts: BlockParts, x: torch.Tensor) -> Optional[torch.Tensor]:
-    """auto's eval path on a Triton device: the fused kernels where the check on first use chose them."""
+def _checked_eval(block: nn.Module, parts: BlockParts, x: torch.Tensor) -> Tuple[str, Optional[torch.Tensor]]:
+    """auto's eval path on a Triton device: ``(path, output)``, the fastest of the Triton paths the check on first
+    use found right and faster than the plain modules (each is timed against them), or ``('triton', None)``."""
     from . import checked
     dtype = _compute_dtype(x)
-    key = checked.case_key('triton', parts, x, dtype)
+    timed = {}
+    for path in TRITON_PATHS:
+        key = checked.case_key(path, parts, x, dtype)
+        if key not in checked.decisions:
+            def fused(path=path):
+                with torch.no_grad():
+                    return _triton_forward(block, parts, x, path)
 
-    def fused():
-        with torch.no_grad():
-            return _triton_forward(block, parts, x)
+            def eager():
+                with torch.no_grad():
+                    return _eager(block, x)
 
-    def eager():
-        with torch.no_grad():
-            return _eager(block, x)
-
-    if checked.decide(key, 'triton', block, x, fused, eager, dtype).path == 'eager':
-        return None
-    return _triton_forward(block, parts, x)
+            checked.decide(key, path, block, x, fused, eager, dtype)
+        decision = checked.decisions[key]
+        if decision.path != 'eager':
+            timed[path] = decision.fused_ms
+    if not timed:
+        return 'triton', None
+    path = min(timed, key=timed.get)
+    return path, _triton_forward(block, parts, x, path)
 
 
 def _checked_cpu(block: nn.Module, parts: BlockParts, x: torch.Tensor) -> Optional[torch.Tensor]:
@@ -233,10 +248,10 @@ def _fast_forward(block: nn.Module, x: torch.Tensor, backend: str):
         return 'cpu', cpu.block_forward(parts, x)
     if x.device.type == 'cpu' and backend == 'auto' and not _triton_device(x):
         return 'cpu', _checked_cpu(block, parts, x)
-    if backend == 'triton':
-        return 'triton', _triton_forward(block, parts, x)
+    if backend in TRITON_PATHS:
+        return backend, _triton_forward(block, parts, x, backend)
     if backend == 'auto' and _triton_device(x):
-        return 'triton', _checked_eval(block, parts, x)
+        return _checked_eval(block, parts, x)
     return None
 
 

@@ -10,8 +10,8 @@ trace them as single nodes, and a backward that is itself a custom op running Tr
 * ``pw_block(x, weight, bias, scale, shift, act, save_preact) -> (y, p)``: the pointwise conv and that epilogue as one
   Triton GEMM, ``y = scale * act(x @ weight.T + bias) + shift`` on NHWC rows; ``p = x @ weight.T + bias`` is written
   too when ``save_preact`` (what its backward needs). :func:`pw_block` is the Python entry that asks for ``p`` exactly
-  when autograd will want it. Not used by ``triton_block_forward``: whether it beats cuBLAS + ``act_affine`` is for
-  a timing on the GPU at hand to decide.
+  when autograd will want it. ``triton_block_forward(..., pointwise='triton')`` uses it; whether it beats cuBLAS +
+  ``act_affine`` is for a timing on the GPU at hand to decide (``auto`` times both).
 
 ``act``: ``triton_kernels.ACT_*`` -- 0 identity, 1 GELU (exact erf form, as ``nn.GELU()``), 2 ReLU, 3 SiLU, 4 GELU
 with the tanh approximation (``nn.GELU(approximate='tanh')``); ``triton_kernels.ACT_BY_NAME`` maps
@@ -268,6 +268,7 @@ def pw_block(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Tensor, s
 # block-level entry
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+POINTWISE = ('cublas', 'triton')  # triton_block_forward's ways to run the pointwise conv and its epilogue
 
 
 def interpreter_enabled() -> bool:
@@ -285,8 +286,14 @@ def triton_block_forward(
         x: Tensor,
         allow_interpreter: Optional[bool] = None,
         parts: Optional[BlockParts] = None,
+        pointwise: str = 'cublas',
 ) -> Optional[Tensor]:
     """The fused forward of a ConvMixer ``MixerBlock``, or ``None`` when the fused ops do not reproduce it.
+
+    ``pointwise``: how the 1x1 conv and its epilogue (activation, BatchNorm affine) run: ``'cublas'`` (a cuBLAS
+    ``addmm``, bias included, then the ``act_affine`` kernel: one extra pass over the activations) or ``'triton'``
+    (the ``pw_block`` GEMM with the epilogue fused, no extra pass). Which is faster depends on the GPU and the shape,
+    so ``auto`` times both on first use.
 
     Applies to: CUDA tensors (CPU tensors only through Triton's interpreter, when ``allow_interpreter`` is true or,
     by default, ``TRITON_INTERPRET=1`` is set), fp16/bf16/fp32/fp64, a plain block in eval mode (as
@@ -296,6 +303,8 @@ def triton_block_forward(
     The result has the eager block's values and memory format (channels_last in, channels_last out; the fast path is
     channels_last input, an NCHW input costs a transpose each way).
     """
+    if pointwise not in POINTWISE:
+        raise ValueError(f'pointwise: expected one of {POINTWISE}, got {pointwise!r}')
     if allow_interpreter is None:
         allow_interpreter = interpreter_enabled()
     if not isinstance(x, Tensor) or x.dim() != 4 or x.numel() == 0:
@@ -337,8 +346,11 @@ def triton_block_forward(
 
     y2d = y.permute(0, 2, 3, 1).reshape(N * H * W, C)  # a view: NHWC rows
     w_pw = cast(pw.weight).reshape(C, C)
-    p = torch.addmm(cast(pw.bias), y2d, w_pw.t()) if pw.bias is not None else torch.mm(y2d, w_pw.t())
-    out = torch.ops.timm_convmixer.act_affine(p, s2, t2, _act_code(act2))
+    if pointwise == 'triton':
+        out = pw_block(y2d, w_pw, cast(pw.bias), s2, t2, _act_code(act2))
+    else:
+        p = torch.addmm(cast(pw.bias), y2d, w_pw.t()) if pw.bias is not None else torch.mm(y2d, w_pw.t())
+        out = torch.ops.timm_convmixer.act_affine(p, s2, t2, _act_code(act2))
     out = out.view(N, H, W, C).permute(0, 3, 1, 2)
     if not x.is_contiguous(memory_format=torch.channels_last):
         out = out.contiguous()  # the eager block keeps an NCHW input's layout
