@@ -35,7 +35,8 @@ import torch.nn as nn
 
 from .checked import decisions
 from .eligibility import BlockParts, block_parts
-from .lean import _autocast_state, lean_applies, lean_block_forward
+from .lean import lean_applies, lean_block_forward
+from .runtime import autocast_state, interpreter_enabled
 
 __all__ = [
     'BACKENDS', 'block_forward', 'counters', 'decisions', 'get_backend', 'reset_counters', 'set_backend',
@@ -142,12 +143,12 @@ def _triton_forward(
 
 
 def _triton_device(x: torch.Tensor) -> bool:
-    return x.device.type == 'cuda' or (x.device.type == 'cpu' and os.environ.get('TRITON_INTERPRET', '0') == '1')
+    return x.device.type == 'cuda' or (x.device.type == 'cpu' and interpreter_enabled())
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype the block's convolutions compute in: autocast's, or the input's."""
-    _, enabled, dtype = _autocast_state(x.device.type)
+    _, enabled, dtype = autocast_state(x.device.type)
     return dtype if enabled else x.dtype
 
 

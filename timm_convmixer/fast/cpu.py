@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 
 from .eligibility import BlockParts, bn_scale_shift
+from .runtime import autocast_state
 
 __all__ = ['applies', 'available', 'block_forward', 'clear_cache', 'native_bf16', 'warn_if_bf16_is_emulated']
 
@@ -61,18 +62,9 @@ def clear_cache() -> None:
     _cache.clear()
 
 
-def _cpu_autocast() -> bool:
-    try:
-        return torch.is_autocast_enabled('cpu')
-    except TypeError:  # torch < 2.4
-        return torch.is_autocast_cpu_enabled()
-
-
-def _cpu_autocast_dtype() -> torch.dtype:
-    try:
-        return torch.get_autocast_dtype('cpu')
-    except (AttributeError, TypeError):  # torch < 2.4
-        return torch.get_autocast_cpu_dtype()
+def _cpu_autocast() -> Tuple[bool, torch.dtype]:
+    _, enabled, dtype = autocast_state('cpu')
+    return enabled, dtype
 
 
 def native_bf16() -> bool:
@@ -94,9 +86,10 @@ def warn_if_bf16_is_emulated(x: torch.Tensor) -> None:
     0.13 vs ~2.9 img/s for convmixer_768_32), which nobody asking for "mixed precision" expects.
     """
     global _warned_slow_bf16
-    if _warned_slow_bf16 or x.device.type != 'cpu' or not _cpu_autocast():
+    if _warned_slow_bf16 or x.device.type != 'cpu':
         return
-    if _cpu_autocast_dtype() != torch.bfloat16 or native_bf16():
+    enabled, dtype = _cpu_autocast()
+    if not enabled or dtype != torch.bfloat16 or native_bf16():
         return
     _warned_slow_bf16 = True
     warnings.warn(
@@ -164,9 +157,10 @@ def _applies(parts: BlockParts, x: torch.Tensor, tensors: List[Optional[torch.Te
         return None
     if x.is_quantized or x.is_mkldnn or x.numel() == 0 or not available():
         return None
-    if _cpu_autocast():
+    autocast, autocast_dtype = _cpu_autocast()
+    if autocast:
         # eager autocast runs the convs in the autocast dtype; follow it for bf16 when oneDNN has bf16 kernels
-        if _cpu_autocast_dtype() != torch.bfloat16 or x.dtype not in (torch.float32, torch.bfloat16):
+        if autocast_dtype != torch.bfloat16 or x.dtype not in (torch.float32, torch.bfloat16):
             return None
         if not native_bf16():
             return None

@@ -32,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .eligibility import BlockParts
+from .runtime import autocast_state
 
 __all__ = ['lean_applies', 'lean_block_forward', 'under_checkpoint']
 
@@ -71,15 +72,6 @@ def under_checkpoint() -> bool:
         return False
     name = getattr(hooks[0], '__qualname__', '')
     return name.startswith(('_checkpoint_hook', '_recomputation_hook'))
-
-
-def _autocast_state(device_type: str) -> Tuple:
-    try:
-        return device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
-    except (TypeError, AttributeError):  # torch < 2.4
-        if device_type == 'cpu':
-            return device_type, torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()
-        return device_type, torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
 
 
 def _autocast(state: Tuple):
@@ -289,7 +281,7 @@ def lean_block_forward(parts: BlockParts, x: torch.Tensor) -> Optional[torch.Ten
     if not lean_applies(parts, x):
         return None
     params = _params(parts)
-    holder: Dict[str, Any] = {'autocast': _autocast_state(x.device.type), 'link': _live_link(x)}
+    holder: Dict[str, Any] = {'autocast': autocast_state(x.device.type), 'link': _live_link(x)}
     out = _LeanBlock.apply(x, parts, holder, *params)
     p = holder.pop('p')
     mean, invstd = holder.pop('stats')

@@ -27,7 +27,6 @@ BatchNorm in training mode (batch statistics, running-stat updates) is not fused
 shift are computed from weight/bias/running stats with ordinary torch ops, so autograd carries their gradients back to
 the BatchNorm parameters. Double backward is not supported.
 """
-import os
 from typing import Optional, Tuple
 
 import torch
@@ -36,6 +35,7 @@ from torch import Tensor
 
 from . import triton_kernels as K
 from .eligibility import BlockParts, act_name, block_parts, bn_scale_shift
+from .runtime import autocast_state, interpreter_enabled
 
 __all__ = ['dw_block', 'act_affine', 'pw_block', 'triton_block_forward', 'interpreter_enabled']
 
@@ -271,11 +271,6 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 POINTWISE = ('cublas', 'triton')  # triton_block_forward's ways to run the pointwise conv and its epilogue
 
 
-def interpreter_enabled() -> bool:
-    """CPU tensors may take the Triton path only when the interpreter is asked for explicitly (tests)."""
-    return os.environ.get('TRITON_INTERPRET', '0') == '1'
-
-
 def _act_code(m: nn.Module) -> Optional[int]:
     """The kernels' code for an activation module (``None``: no kernel computes it)."""
     return K.ACT_BY_NAME.get(act_name(m))
@@ -323,11 +318,11 @@ def triton_block_forward(
     if C != parts.dim:
         return None
 
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
+    _, autocast, autocast_dtype = autocast_state(x.device.type)
+    if autocast:
         if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             return None  # autocast leaves fp64 alone and the eager conv would then see mixed dtypes
-        dtype = torch.get_autocast_dtype(device_type)  # what autocast gives a conv
+        dtype = autocast_dtype  # what autocast gives a conv
     else:
         dtype = x.dtype
         if dw.weight.dtype != dtype or pw.weight.dtype != dtype:
