@@ -425,8 +425,10 @@ def save_engines_chart(result: Dict[str, Any], path: str) -> None:
     ax.set_xlim(0, top * 1.45)
     ax.set_xlabel('images / s (median of one interleaved run)')
     meta = result['meta']
-    ax.set_title(f"{meta['model']} b{meta['batch_size']} {meta['img_size']}px, {meta['cpu_model']}, "
-                 f"{meta['threads']} threads, torch {meta['torch']}", fontsize=8)
+    load = meta.get('loadavg_start'), meta.get('loadavg_end')
+    load = f', load avg {load[0][0]:g} -> {load[1][0]:g}' if all(load) else ''
+    ax.set_title(f"{meta['model']} b{meta['batch_size']} {meta['img_size']}px, {meta['cpu_model']} "
+                 f"({meta['threads']} threads{load}), torch {meta['torch']}", fontsize=8)
     fig.tight_layout()
     try:
         atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120))
