@@ -512,10 +512,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument('--out', default=None, help='JSON output path')
     p.add_argument('--chart', default=None, help='PNG chart path (matplotlib)')
     p.add_argument('--no-progress', action='store_true')
+    from . import bench_engines  # --engines: every way to run one model on this CPU (its own module)
+    bench_engines.add_arguments(p)
 
     def func(args):
         import sys
         args.argv_echo = sys.argv[2:] if len(sys.argv) > 2 and sys.argv[1] == 'bench' else []
+        if args.engines is not None:
+            return bench_engines.main(args, {'modes': p.get_default('modes'), 'device': p.get_default('device')})
         return _main(args)
     p.set_defaults(func=func)
     return p
