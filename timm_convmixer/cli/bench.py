@@ -35,13 +35,13 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from . import fast
-from .fast.cpu import native_bf16
-from ._io import atomic_write, atomic_write_json
-from .cli import ModelKwargs
+from .. import fast
+from ..fast.cpu import native_bf16
+from .args import add_model_kwargs
+from .atomic import atomic_write, atomic_write_json
 
-__all__ = ['add_parser', 'run_benchmark', 'save_chart', 'build_pair', 'summarize_case', 'saved_for_backward_bytes',
-           'time_interleaved']
+__all__ = ['add_parser', 'run', 'run_benchmark', 'save_chart', 'build_pair', 'summarize_case',
+           'saved_for_backward_bytes', 'time_interleaved']
 
 MODES = ('nchw', 'channels_last', 'compile')
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
@@ -75,7 +75,7 @@ def _sync(device: torch.device) -> None:
 
 def _hardware(device: torch.device) -> Dict[str, Any]:
     import timm
-    from .version import __version__
+    from ..version import __version__
     cpu_model = platform.processor() or platform.machine()
     cpu_flags = []
     try:
@@ -453,7 +453,7 @@ def save_chart(result: Dict[str, Any], path: str) -> None:
         plt.close(fig)
 
 
-def _main(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     result = run_benchmark(
@@ -461,7 +461,7 @@ def _main(args: argparse.Namespace) -> int:
         dtypes=args.dtype, modes=args.modes, tasks=args.task, iters=args.iters, warmup=args.warmup,
         peak_tflops=args.peak_tflops, backend=args.backend, model_kwargs=args.model_kwargs,
         progress=not args.no_progress)
-    result['meta']['command'] = 'timm-convmixer bench ' + ' '.join(args.argv_echo)
+    result['meta']['command'] = 'timm-convmixer ' + ' '.join(getattr(args, 'argv', ['bench']))
     for case in result['results']:
         print(f"{case['model']} {case['task']} {case['dtype']} b{case['batch_size']} {case['img_size']}px:")
         for mode, e in case['modes'].items():
@@ -505,15 +505,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help='hardware ceiling for the fraction-of-peak column (default: CUDA table, else unknown)')
     p.add_argument('--backend', default='auto', choices=list(fast.BACKENDS),
                    help="timm_convmixer.fast backend for our model ('lean': the memory-lean training block)")
-    p.add_argument('--model-kwargs', nargs='*', default={}, action=ModelKwargs, metavar='KEY=VALUE',
-                   help='key=value overrides, e.g. depth=4 dim=256')
+    add_model_kwargs(p, help='key=value overrides, e.g. depth=4 dim=256')
     p.add_argument('--out', default=None, help='JSON output path')
     p.add_argument('--chart', default=None, help='PNG chart path (matplotlib)')
     p.add_argument('--no-progress', action='store_true')
-
-    def func(args):
-        import sys
-        args.argv_echo = sys.argv[2:] if len(sys.argv) > 2 and sys.argv[1] == 'bench' else []
-        return _main(args)
-    p.set_defaults(func=func)
+    p.set_defaults(func=run)
     return p
