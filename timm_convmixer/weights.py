@@ -1,10 +1,9 @@
-""" ConvMixer weights, one pipeline: read a file safely -> select the weights -> strip wrapper prefixes -> timm's layout
--> check, before anything is copied
+""" ConvMixer weights, one pipeline: read safely -> select -> strip wrapper prefixes -> timm's layout -> check
 
-Every loader goes through here: ``ConvMixer.load_state_dict`` (timm's ``load_checkpoint``, train.py
-``--initial-checkpoint``), the pretrained filter ``checkpoint_filter_fn`` (timm's ``load_pretrained``), the
-``custom_load`` hook of the authors' release files (:func:`load_pretrained_file`), and ``timm-convmixer
-convert``/``export``.
+Each step lives here once, and every loader goes through here: ``ConvMixer.load_state_dict`` (timm's
+``load_checkpoint``, train.py ``--initial-checkpoint``), the pretrained filter ``checkpoint_filter_fn`` (timm's
+``load_pretrained``), the ``custom_load`` hook of the authors' release files (:func:`load_pretrained_file`), and
+``timm-convmixer convert``/``export``.
 
 * :func:`read_checkpoint`: ``.safetensors`` and torch pickles, never unpickling arbitrary objects unless asked
   (``weights_only=True``; ``argparse.Namespace``, which every train.py checkpoint carries in ``args``, is the one class
