@@ -155,8 +155,8 @@ def _nvidia_smi(fields: str) -> Optional[List[str]]:
 
 def environment(device: torch.device) -> Dict[str, Any]:
     """Hardware and versions: ``timm-convmixer bench``'s set, plus the GPU's and triton's."""
-    from timm_convmixer import bench
-    env = bench._hardware(device)
+    from timm_convmixer.cli import bench
+    env = bench.hardware(device)
     try:
         import triton
         env['triton'] = triton.__version__
@@ -179,7 +179,7 @@ def environment(device: torch.device) -> Dict[str, Any]:
 
 def measure_peak(device: torch.device, sizes: Sequence[int], iters: int = 20) -> Dict[str, Any]:
     """The bf16 tensor-core ceiling as measured: the best median TFLOP/s of square cuBLAS bf16 matmuls."""
-    from timm_convmixer import bench
+    from timm_convmixer.cli import bench
     by_size = {}
     for n in sizes:
         a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
@@ -195,7 +195,7 @@ def measure_peak(device: torch.device, sizes: Sequence[int], iters: int = 20) ->
     return {
         'method': 'median time of torch.mm on square bf16 matrices, CUDA events; the best size counts',
         'tflops_by_size': by_size, 'bf16_tflops': by_size[best],
-        'table_tflops': bench._default_peak_tflops(device, 'bf16'),
+        'table_tflops': bench.default_peak_tflops(device, 'bf16'),
     }
 
 
@@ -427,7 +427,7 @@ def run_kernel_timing(args, device: torch.device, deadline: float) -> Dict[str, 
     the pointwise half as ``pw_block`` (one Triton GEMM) and as cuBLAS ``addmm`` + ``act_affine`` (what the fused
     block runs) vs ``conv_pw, act, BN``; ``act_affine`` vs its eager ops. Also the depthwise op's bandwidth against
     its floor (read ``x`` once, write ``y`` once)."""
-    from timm_convmixer import bench
+    from timm_convmixer.cli import bench
     from timm_convmixer.fast import triton_kernels as K
     from timm_convmixer.fast import triton_ops
     from timm_convmixer.fast.eligibility import block_parts, bn_scale_shift
@@ -538,7 +538,8 @@ def _train_steps(model: nn.Module, batches, dtype: torch.dtype, steps: int) -> D
 
 
 def run_parity(args, device: torch.device) -> Dict[str, Any]:
-    from timm_convmixer import bench, fast
+    from timm_convmixer import fast
+    from timm_convmixer.cli import bench
     from timm_convmixer.fast import checked
     ours, builtin = bench.build_pair(args.parity_model, args.model_kwargs, str(device))
     gen = torch.Generator().manual_seed(args.seed + 1)
@@ -601,7 +602,7 @@ class Measurements:
         self._pair: Optional[Tuple[str, nn.Module, nn.Module, torch.Tensor]] = None
 
     def pair(self, model_name: str):
-        from timm_convmixer import bench
+        from timm_convmixer.cli import bench
         if self._pair is None or self._pair[0] != model_name:
             self._pair = None
             _empty_cache(self.device)
@@ -617,17 +618,17 @@ class Measurements:
         _empty_cache(self.device)
 
     def _entry(self, model_name: str, task: str) -> Dict[str, Any]:
-        from timm_convmixer import bench
+        from timm_convmixer.cli import bench
         tasks = self.results.setdefault(model_name, {})
         if task not in tasks:
             ours, builtin, x = self.pair(model_name)
             # FLOPs are linear in the batch: count one image (a full fp32 training batch may not fit beside the rest)
-            flops = bench._count_flops(builtin, x[:1], task)
+            flops = bench.count_flops(builtin, x[:1], task)
             tasks[task] = {'flops_per_img': flops, 'modes': {}, 'runs': [], 'missing_modes': list(self.args.modes)}
         return tasks[task]
 
     def _summarize(self, model_name: str, task: str) -> None:
-        from timm_convmixer import bench
+        from timm_convmixer.cli import bench
         e = self.results[model_name][task]
         if e['modes']:
             flops = e['flops_per_img'] * self.args.batch if e['flops_per_img'] else None
@@ -638,7 +639,7 @@ class Measurements:
 
     def run(self, model_name: str, task: str, modes: Sequence[str], deadline: float) -> None:
         """Ours (backend auto, decisions forgotten first) vs the built-in, interleaved, in ``modes``."""
-        from timm_convmixer import bench
+        from timm_convmixer.cli import bench
         from timm_convmixer.fast import checked
         entry = self._entry(model_name, task)
         ours, builtin, x = self.pair(model_name)
@@ -653,7 +654,7 @@ class Measurements:
 
     def run_forced(self, model_name: str, task: str, deadline: float) -> None:
         """Each fused path of the task forced (:data:`FORCED`) where auto did not already take it everywhere."""
-        from timm_convmixer import bench
+        from timm_convmixer.cli import bench
         auto = self.results.get(model_name, {}).get(task, {}).get('modes', {})
         ours, builtin, x = self.pair(model_name)
         depth = len(ours.blocks)
@@ -683,7 +684,7 @@ def run_train_py(args, device: torch.device, timeout_s: float) -> Dict[str, Any]
                            "train.py of a pytorch-image-models checkout"}
     if not os.path.isfile(args.train_py):
         return {'ok': False, 'error': f'--train-py {args.train_py!r} is not a file'}
-    from timm_convmixer import shapes
+    from timm_convmixer.cli import shapes
     n_classes, per_class, batch = len(shapes.CLASSES), 8, 16
     with tempfile.TemporaryDirectory() as tmp:
         data, out = os.path.join(tmp, 'data'), os.path.join(tmp, 'out')
@@ -827,7 +828,7 @@ def _empty_cache(device: torch.device) -> None:
 
 def _write(path: str, doc: Dict[str, Any]) -> None:
     import json
-    from timm_convmixer._io import atomic_write_json
+    from timm_convmixer.cli.atomic import atomic_write_json
     atomic_write_json(path, json.loads(json.dumps(doc, default=str)))
 
 

@@ -3,7 +3,7 @@
 The authors trained ConvMixer with a timm fork whose extra schedule is piecewise linear (0 -> peak LR at 2/5 of
 training -> peak/20 at 4/5 -> 0 at the end). timm's scheduler factory has no equivalent (``cosine``/``poly``/``tanh``
 decay along one curve after warm-up; ``wsd`` holds the LR flat in the middle), so this launcher registers
-:class:`timm_convmixer.onecycle.OneCycleLRScheduler` into timm's ``create_scheduler_v2`` and then executes the given
+:class:`timm_convmixer.cli.onecycle.OneCycleLRScheduler` into timm's ``create_scheduler_v2`` and then executes the given
 train.py as ``__main__`` with :mod:`runpy`: no copy and no edit of train.py, every other flag unchanged.
 
 Usage (single process, or under torchrun exactly like train.py itself)::
@@ -24,7 +24,7 @@ def main() -> None:
         sys.exit(f'usage: {sys.argv[0]} /path/to/train.py [train.py arguments...]')
     train_py = os.path.abspath(sys.argv[1])
     import timm  # noqa: F401  (installed timm; the plugin's start-up hook registers the ConvMixer variants)
-    from timm_convmixer import onecycle
+    from timm_convmixer.cli import onecycle
     onecycle.register()
     sys.argv = [train_py] + sys.argv[2:]
     runpy.run_path(train_py, run_name='__main__')

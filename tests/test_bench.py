@@ -5,7 +5,8 @@ import statistics
 
 import pytest
 
-from timm_convmixer import bench, cli
+from timm_convmixer import cli
+from timm_convmixer.cli import bench
 
 TINY = ['--models', 'convmixer_256_8_ks5_p2', '--model-kwargs', 'depth=2', 'dim=16', '--img-size', '16',
         '--batch-size', '2', '--iters', '2', '--warmup', '0', '--no-progress', '--device', 'cpu']

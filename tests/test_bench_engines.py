@@ -9,7 +9,8 @@ import sys
 import pytest
 import torch
 
-from timm_convmixer import bench_engines, cli
+from timm_convmixer import cli
+from timm_convmixer.cli import bench_engines
 from timm_convmixer.fast.cpu import native_bf16
 
 BATCH, IMG, DIM, DEPTH, KERNEL, PATCH, CLASSES = 2, 32, 32, 2, 5, 2, 10

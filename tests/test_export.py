@@ -16,7 +16,7 @@ import timm
 import timm_convmixer
 from helpers import Uniform
 from timm_convmixer.cli import main as cli_main
-from timm_convmixer.export import MIN_OPSET, check_onnx_graph, export_onnx
+from timm_convmixer.cli.export import MIN_OPSET, check_onnx_graph, export_onnx
 
 try:
     import onnx

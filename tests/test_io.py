@@ -6,7 +6,7 @@ import stat
 
 import pytest
 
-from timm_convmixer._io import atomic_write, atomic_write_dir, atomic_write_json
+from timm_convmixer.cli.atomic import atomic_write, atomic_write_dir, atomic_write_json
 
 
 def test_failed_write_leaves_old_file_and_no_temporary(tmp_path):
@@ -93,7 +93,7 @@ def test_every_command_writes_with_umask_022_modes(tmp_path):
     import torch
     from safetensors.torch import save_file
     from timm_convmixer import cli
-    from timm_convmixer.export import export_onnx
+    from timm_convmixer.cli.export import export_onnx
 
     with umask(0o022):
         root = tmp_path / 'outputs'

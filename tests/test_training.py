@@ -24,7 +24,7 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import CheckpointSaver, ModelEmaV3
 
-from timm_convmixer import onecycle, shapes
+from timm_convmixer.cli import onecycle, shapes
 from timm_convmixer.convmixer import ConvMixer
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))

@@ -27,7 +27,7 @@ from timm.data import create_transform, resolve_data_config
 
 from hub_server import HubLookAlike
 from timm_convmixer import cli
-from timm_convmixer.convert import push_folder
+from timm_convmixer.cli.convert import push_folder
 from timm_convmixer.convmixer import CIFAR10_CLASSES, ConvMixer
 
 transformers = pytest.importorskip('transformers')

@@ -23,11 +23,10 @@ from timm.models import adapt_input_conv, load_checkpoint
 import helpers as shared
 from helpers import Uniform
 from hub_server import HubLookAlike
-from timm_convmixer import cli
-from timm_convmixer.convert import NonFiniteWeightsError, check_finite, convert_checkpoint
+from timm_convmixer import NonFiniteWeightsError, NonFiniteWeightsWarning, check_finite, cli, find_nonfinite
+from timm_convmixer.cli.convert import convert_checkpoint
 from timm_convmixer.convmixer import CIFAR10_CLASSES
-from timm_convmixer.hub import CheckpointError, read_checkpoint
-from timm_convmixer._state_dict import NonFiniteWeightsWarning, find_nonfinite
+from timm_convmixer.weights import CheckpointError, read_checkpoint
 
 SMALL = 'convmixer_256_8_ks5_p2'
 WEIGHTED = {  # variant -> (authors' release file name, an input size that is a small multiple of the patch)

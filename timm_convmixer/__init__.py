@@ -6,7 +6,7 @@ pip, the package also arms a start-up hook so that a plain ``import timm`` regis
 """
 from .version import __version__
 from .convmixer import ConvMixer, MixerBlock, checkpoint_filter_fn, default_cfgs
-from ._state_dict import NonFiniteWeightsError, NonFiniteWeightsWarning, check_finite, find_nonfinite
+from .weights import NonFiniteWeightsError, NonFiniteWeightsWarning, check_finite, find_nonfinite
 
 __all__ = [
     'ConvMixer', 'MixerBlock', 'checkpoint_filter_fn', 'default_cfgs', 'list_variants', 'check_finite',

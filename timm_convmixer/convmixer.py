@@ -35,8 +35,9 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 
 from ._registry import register_model_replacing as register_model
-from ._state_dict import (
-    NonFiniteWeightsWarning, check_state_dict, describe_nonfinite, find_nonfinite, to_timm_layout, unwrap_checkpoint)
+from .weights import (
+    NonFiniteWeightsWarning, check_state_dict, describe_nonfinite, find_nonfinite, load_pretrained_file,
+    unpack_checkpoint)
 from . import fast
 
 __all__ = ['ConvMixer', 'MixerBlock', 'checkpoint_filter_fn']
@@ -82,6 +83,20 @@ def _check_rate(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0. <= float(value) < 1.:
         raise ValueError(f'{name}: expected a probability in [0, 1), got {value!r}')
     return float(value)
+
+
+def _norm_layer(bn_momentum: Optional[float], bn_eps: Optional[float]) -> Callable[..., nn.Module]:
+    """``nn.BatchNorm2d`` with train.py's ``--bn-momentum``/``--bn-eps`` where given (PyTorch's defaults otherwise)."""
+    norm_kwargs = {}
+    if bn_momentum is not None:
+        if isinstance(bn_momentum, bool) or not isinstance(bn_momentum, (int, float)) or not 0 <= bn_momentum <= 1:
+            raise ValueError(f'bn_momentum: expected a number in [0, 1], got {bn_momentum!r}')
+        norm_kwargs['momentum'] = float(bn_momentum)
+    if bn_eps is not None:
+        if not isinstance(bn_eps, (int, float)) or isinstance(bn_eps, bool) or bn_eps <= 0:
+            raise ValueError(f'bn_eps: expected a positive number, got {bn_eps!r}')
+        norm_kwargs['eps'] = float(bn_eps)
+    return partial(nn.BatchNorm2d, **norm_kwargs)
 
 
 class Residual(nn.Module):
@@ -191,16 +206,7 @@ class ConvMixer(nn.Module):
         drop_rate = _check_rate('drop_rate', drop_rate)
         drop_path_rate = _check_rate('drop_path_rate', drop_path_rate)
         act_layer = _resolve_act_layer(act_layer)
-        norm_kwargs = {}
-        if bn_momentum is not None:
-            if isinstance(bn_momentum, bool) or not isinstance(bn_momentum, (int, float)) or not 0 <= bn_momentum <= 1:
-                raise ValueError(f'bn_momentum: expected a number in [0, 1], got {bn_momentum!r}')
-            norm_kwargs['momentum'] = float(bn_momentum)
-        if bn_eps is not None:
-            if not isinstance(bn_eps, (int, float)) or isinstance(bn_eps, bool) or bn_eps <= 0:
-                raise ValueError(f'bn_eps: expected a positive number, got {bn_eps!r}')
-            norm_kwargs['eps'] = float(bn_eps)
-        norm_layer = partial(nn.BatchNorm2d, **norm_kwargs)
+        norm_layer = _norm_layer(bn_momentum, bn_eps)
         dd = {'device': device, 'dtype': dtype}
 
         self.num_classes = num_classes
@@ -333,7 +339,7 @@ class ConvMixer(nn.Module):
         against the model before a single tensor is copied.
         """
         metadata = getattr(state_dict, '_metadata', None)
-        state_dict = to_timm_layout(unwrap_checkpoint(state_dict))
+        state_dict = unpack_checkpoint(state_dict).state_dict
         if metadata is not None:
             state_dict = OrderedDict(state_dict)
             state_dict._metadata = metadata  # per-module versions, e.g. BatchNorm's num_batches_tracked
@@ -349,9 +355,8 @@ class ConvMixer(nn.Module):
     @torch.jit.ignore
     def load_pretrained(self, checkpoint_path: str) -> None:
         """timm's ``custom_load`` hook (the ``.authors_in1k`` release files): read safely, load via timm's
-        ``load_pretrained`` with :func:`checkpoint_filter_fn` (see :mod:`timm_convmixer.hub`)."""
-        from .hub import load_pretrained_file
-        load_pretrained_file(self, checkpoint_path)
+        ``load_pretrained`` with :func:`checkpoint_filter_fn` (see :mod:`timm_convmixer.weights`)."""
+        load_pretrained_file(self, checkpoint_path, filter_fn=checkpoint_filter_fn)
 
 
 def _check_input(x: torch.Tensor, in_chans: int) -> None:
@@ -370,7 +375,7 @@ def _check_input(x: torch.Tensor, in_chans: int) -> None:
 
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: ConvMixer) -> Dict[str, torch.Tensor]:
     """Pretrained filter: unwrap train.py/DDP checkpoints and rename the authors' layout to timm's."""
-    return to_timm_layout(unwrap_checkpoint(state_dict))
+    return unpack_checkpoint(state_dict).state_dict
 
 
 def _create_convmixer(variant: str, pretrained: bool = False, **kwargs) -> ConvMixer:
@@ -410,7 +415,7 @@ def _cifar_cfg(patch_size: int, **kwargs) -> Dict[str, Any]:
 _AUTHORS_RELEASE = 'https://github.com/tmp-iclr/convmixer/releases/download/v1.0/'
 # The authors' files are train.py checkpoints (``args`` is an argparse.Namespace), which the plain url path's
 # torch.hub loader refuses with weights_only=True: custom_load routes them through ConvMixer.load_pretrained, which
-# reads them safely and loads them through timm's load_pretrained and checkpoint_filter_fn (timm_convmixer/hub.py).
+# reads them safely and loads them through timm's load_pretrained and checkpoint_filter_fn (timm_convmixer/weights.py).
 _AUTHORS = dict(custom_load=True)
 
 default_cfgs = generate_default_cfgs({

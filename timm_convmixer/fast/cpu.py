@@ -26,7 +26,7 @@ of the block's weights; :func:`clear_cache` drops it.
 """
 import warnings
 import weakref
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn as nn

@@ -44,10 +44,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from . import fast
-from ._io import atomic_write, atomic_write_json
-from .bench import _count_flops, _hardware, _make_step, build_pair, time_interleaved
-from .fast.cpu import native_bf16
+from .. import fast
+from ..fast.cpu import native_bf16
+from .atomic import atomic_write, atomic_write_json
+from .measure import build_pair, count_flops, hardware, make_step, time_interleaved
 
 __all__ = ['ENGINES', 'PEERS', 'TOLERANCE', 'add_arguments', 'measured_sgemm_gflops', 'run_engines',
            'save_engines_chart', 'main']
@@ -113,7 +113,7 @@ def _ours(name: str, model: nn.Module, x: torch.Tensor, layout: str, dtype: str,
     engine = _Engine(name, f'timm_convmixer (fast backend {backend!r}), {layout} input' +
                      (', bf16 autocast' if dtype == 'bf16' else ''), dtype, peer=False)
     model, x = _layout(model, x, layout)
-    step = _make_step(model, x, 'infer', dtype)
+    step = make_step(model, x, 'infer', dtype)
 
     def run():
         with fast.use_backend(backend):
@@ -132,7 +132,7 @@ def _layout(model: nn.Module, x: torch.Tensor, layout: str):
 
 def _builtin_eager(name: str, model: nn.Module, x: torch.Tensor, layout: str) -> _Engine:
     engine = _Engine(name, f'timm built-in ConvMixer, eager, {layout} input')
-    engine.run = _make_step(*_layout(model, x, layout), 'infer', 'fp32')
+    engine.run = make_step(*_layout(model, x, layout), 'infer', 'fp32')
     return engine
 
 
@@ -142,7 +142,7 @@ def _builtin_compile(model: nn.Module, x: torch.Tensor) -> _Engine:
         from torch._inductor import config as inductor_config
     except ImportError as e:
         raise _Unavailable('not installed', f'torch.compile/Inductor unavailable in this torch ({e})') from None
-    step = _make_step(torch.compile(copy.deepcopy(model)), x, 'infer', 'fp32')
+    step = make_step(torch.compile(copy.deepcopy(model)), x, 'infer', 'fp32')
     # freezing is read when the graph is compiled, i.e. on the first call; it is set for that call only
     with inductor_config.patch(freezing=True):
         t0 = time.perf_counter()
@@ -282,9 +282,9 @@ def run_engines(
     x = torch.randn(batch_size, ours.in_chans, img_size, img_size)
     with torch.inference_mode():
         reference = builtin(x).float()
-    flops = _count_flops(builtin, x, 'infer')
+    flops = count_flops(builtin, x, 'infer')
 
-    meta = _hardware(device)
+    meta = hardware(device)
     meta.update({
         'model': model_name, 'model_kwargs': model_kwargs or {}, 'batch_size': batch_size, 'img_size': img_size,
         'iters': iters, 'warmup': warmup, 'backend': backend, 'reference': REFERENCE, 'tolerance_rel': TOLERANCE,
@@ -476,7 +476,7 @@ def main(args: argparse.Namespace, parser_defaults: Dict[str, Any]) -> int:
         model_name=args.models[0], model_kwargs=args.model_kwargs, batch_size=args.batch_size[0],
         img_size=args.img_size[0], iters=args.iters, warmup=args.warmup, engines=args.engines or None,
         backend=args.backend, peak_gflops=peak, progress=not args.no_progress)
-    result['meta']['command'] = 'timm-convmixer bench ' + ' '.join(args.argv_echo)
+    result['meta']['command'] = 'timm-convmixer ' + ' '.join(getattr(args, 'argv', ['bench']))
     _print(result)
     if args.out:
         atomic_write_json(args.out, result)

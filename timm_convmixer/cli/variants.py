@@ -13,9 +13,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import timm
 
-from .convmixer import default_cfgs
+from ..convmixer import default_cfgs
 
-__all__ = ['variant_stats', 'variants_table', 'add_parser']
+__all__ = ['variant_stats', 'variants_table', 'add_parser', 'run']
 
 # accuracy is quoted only with its source; variants without a sourced number get none
 SOURCED_TOP1 = {
@@ -73,7 +73,7 @@ def variants_table(names: Optional[List[str]] = None) -> str:
     return '\n'.join(lines)
 
 
-def _run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([variant_stats(n) for n in default_cfgs.keys()], indent=2))
     else:
@@ -81,7 +81,9 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(subparsers) -> None:
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``variants`` on the ``timm-convmixer`` command line."""
     parser = subparsers.add_parser('variants', help='list every registered ConvMixer with params and GMACs')
     parser.add_argument('--json', action='store_true', help='machine-readable output')
-    parser.set_defaults(func=_run)
+    parser.set_defaults(func=run)
+    return parser

@@ -26,19 +26,24 @@ import hashlib
 import json
 import sys
 import warnings
+from functools import partial
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
+import timm
 import torch
+from huggingface_hub import HfApi
+from timm.models import get_pretrained_cfg, save_for_hf, split_model_name_tag
+from timm.models._hub import generate_readme
 
-from ._io import atomic_write_dir
-from ._state_dict import (
-    NonFiniteWeightsError, NonFiniteWeightsWarning, check_finite, is_authors_layout, to_timm_layout, unwrap_checkpoint)
-from .cli import ModelKwargs
-from .hub import CheckpointError, read_checkpoint
+from ..convmixer import ConvMixer
+from ..weights import (
+    EMA_KEYS, CheckpointError, NonFiniteWeightsError, NonFiniteWeightsWarning, UnpackedWeights, check_finite,
+    read_checkpoint, unpack_checkpoint)
+from .args import add_model_kwargs
+from .atomic import atomic_write_dir
 
-__all__ = [
-    'convert_checkpoint', 'push_folder', 'hub_config', 'check_finite', 'NonFiniteWeightsError', 'add_parser']
+__all__ = ['convert_checkpoint', 'push_folder', 'hub_config', 'add_parser', 'run']
 
 PathLike = Union[str, Path]
 
@@ -53,9 +58,6 @@ def _sha256(path: Path) -> str:
 
 def _check_model_name(model_name: str) -> None:
     """Fail before reading a byte when the name or its tag is unknown."""
-    import timm
-    from timm.models import get_pretrained_cfg, split_model_name_tag
-
     arch, tag = split_model_name_tag(model_name)
     if not timm.is_model(arch):
         known = ', '.join(timm.list_models('convmixer*'))
@@ -128,7 +130,6 @@ def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def _verify_folder(folder: Path, expected: Dict[str, torch.Tensor]) -> None:
     """Reload ``folder`` the way users will (``local-dir:``) and demand bit-identical tensors."""
-    import timm
     reloaded = timm.create_model(f'local-dir:{folder}', pretrained=True).state_dict()
     if set(reloaded) != set(expected):
         raise RuntimeError(f'verification failed: the written folder reloads with different keys '
@@ -196,51 +197,75 @@ def convert_checkpoint(
     Returns:
         The path of the written folder.
     """
-    import timm
-    from timm.models import save_for_hf
-    from timm.models._hub import generate_readme
-    from .convmixer import ConvMixer
-
     src, out = Path(src), Path(out)
-    log = print if verbose else (lambda *a, **k: None)
     _check_model_name(model_name)
+    _check_out(out, force)
+    weights = _read_weights(src, use_ema, unsafe_pickle, allow_nonfinite)
+    model, kwargs = _load_strictly(weights.state_dict, model_name, model_kwargs)
+    if verbose:
+        print(f'loaded {src} ({weights.describe()}) strictly into {model_name} {kwargs}')
+    label_names = _prepare_hub_cfg(model)
+    card = _model_card(model, model_name, src, _sha256(src), weights.describe())
+    name = push_to.split('/')[-1] if push_to else out.name
+    atomic_write_dir(str(out), partial(_write_folder, model=model, kwargs=kwargs, label_names=label_names,
+                                       card=card, name=name), replace=force)
+    if verbose:
+        print(f'wrote {out}: ' + ', '.join(sorted(p.name for p in out.iterdir())))
+    if push_to:
+        url = push_folder(out, push_to, token=token, private=private, commit_message=commit_message)
+        if verbose:
+            print(f'pushed to {url}')
+    return out
+
+
+def _check_out(out: Path, force: bool) -> None:
+    """Fail before reading a byte when OUT is there and may not be replaced."""
     if out.exists() and not force:
         raise FileExistsError(f'{out} already exists; pass --force (force=True) to replace it')
     if out.exists() and not out.is_dir():
         raise FileExistsError(f'{out} exists and is not a folder; refusing to replace it')
 
+
+def _read_weights(src: Path, use_ema: bool, unsafe_pickle: bool, allow_nonfinite: bool) -> UnpackedWeights:
+    """The weights in ``src`` in timm's layout, through the package's one weights pipeline, refusing non-finite
+    values unless ``allow_nonfinite``."""
     checkpoint = read_checkpoint(src, weights_only=not unsafe_pickle)
-    if use_ema and not any(isinstance(checkpoint.get(k), dict) for k in ('state_dict_ema', 'model_ema')):
+    weights = unpack_checkpoint(checkpoint, use_ema=use_ema)
+    if use_ema and weights.key not in EMA_KEYS:
         raise CheckpointError(f'{src}: --use-ema asked for EMA weights, but the checkpoint has no state_dict_ema/'
                               f'model_ema (keys: {", ".join(list(checkpoint)[:8])})')
-    state_dict = unwrap_checkpoint(checkpoint, use_ema=use_ema)
-    if not state_dict:
+    if not weights.state_dict:
         raise CheckpointError(f'{src}: no tensors found (keys: {", ".join(list(checkpoint)[:8])})')
-    wrapper = next((k for k in (('state_dict_ema', 'model_ema') if use_ema else ()) + ('state_dict', 'model')
-                    if isinstance(checkpoint.get(k), dict)), None)
-    layout = 'the authors\' nn.Sequential layout' if is_authors_layout(to_timm_layout_keys(state_dict)) \
-        else 'timm\'s layout'
-    state_dict = to_timm_layout(state_dict)
-    source_desc = layout + (f', weights from `{wrapper}`' if wrapper else '')
     try:
-        check_finite(state_dict, what=f'{src}: the weights')
+        check_finite(weights.state_dict, what=f'{src}: the weights')
     except NonFiniteWeightsError as e:
         if not allow_nonfinite:
             raise NonFiniteWeightsError(f'{e}. Nothing was written; pass --allow-nonfinite (allow_nonfinite=True) '
                                         f'to convert them anyway') from None
-        warnings.warn(f'{e}; converting them anyway (allow_nonfinite)', NonFiniteWeightsWarning, stacklevel=2)
+        warnings.warn(f'{e}; converting them anyway (allow_nonfinite)', NonFiniteWeightsWarning, stacklevel=3)
+    return weights
 
+
+def _load_strictly(
+        state_dict: Dict[str, torch.Tensor],
+        model_name: str,
+        model_kwargs: Optional[Dict[str, Any]],
+) -> Tuple[ConvMixer, Dict[str, Any]]:
+    """``model_name`` built for the weights (their ``num_classes``/``in_chans`` unless overridden) with them loaded
+    strictly, in eval mode; and the kwargs it was built with."""
     kwargs = dict(_infer_io(state_dict))
     kwargs.update(model_kwargs or {})
     model = timm.create_model(model_name, pretrained=False, **kwargs)
     if not isinstance(model, ConvMixer):
         raise ValueError(f'{model_name} builds a {type(model).__name__}; convert handles ConvMixer variants only')
-    with warnings.catch_warnings():  # non-finite weights were reported above, once
+    with warnings.catch_warnings():  # non-finite weights were reported already, once
         warnings.simplefilter('ignore', NonFiniteWeightsWarning)
         model.load_state_dict(state_dict, strict=True)  # every key and shape checked before a tensor is copied
-    model.eval()
-    log(f'loaded {src} ({source_desc}) strictly into {model_name} {kwargs}')
-    expected = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return model.eval(), kwargs
+
+
+def _prepare_hub_cfg(model: ConvMixer) -> Optional[List[str]]:
+    """Set the pretrained cfg the folder will carry; returns the class names that still apply (or None)."""
     cfg = dict(model.pretrained_cfg)
     # exports always hold native timm tensors: never ask loaders for the custom (authors' file) path
     cfg['custom_load'] = False
@@ -251,35 +276,32 @@ def convert_checkpoint(
         cfg.pop('label_descriptions', None)
         label_names = None
     model.pretrained_cfg = cfg
-    card = _model_card(model, model_name, src, _sha256(src), source_desc)
-
-    def write(tmp: str) -> None:
-        folder = Path(tmp)
-        # model_args in config.json rebuild this exact architecture on `local-dir:`/`hf-hub:` loads (recent timm
-        # infers them from the model; older releases write only what is passed)
-        save_for_hf(model, tmp, model_args=kwargs, safe_serialization=True,
-                    model_config=dict(label_names=list(label_names)) if label_names else None)
-        config_path = folder / 'config.json'
-        config = hub_config(json.loads(config_path.read_text(encoding='utf-8')))
-        config_path.write_text(json.dumps(config, indent=2), encoding='utf-8')
-        (folder / 'README.md').write_text(generate_readme(card, out.name if not push_to else push_to.split('/')[-1]),
-                                          encoding='utf-8')
-        with warnings.catch_warnings():
-            warnings.simplefilter('ignore', NonFiniteWeightsWarning)
-            _verify_folder(folder, expected)
-
-    atomic_write_dir(str(out), write, replace=force)
-    log(f'wrote {out}: ' + ', '.join(sorted(p.name for p in out.iterdir())))
-    if push_to:
-        url = push_folder(out, push_to, token=token, private=private, commit_message=commit_message)
-        log(f'pushed to {url}')
-    return out
+    return list(label_names) if label_names else None
 
 
-def to_timm_layout_keys(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Keys with wrapper prefixes dropped (to tell the layout apart before renaming)."""
-    from ._state_dict import _strip_wrapper_prefixes
-    return {_strip_wrapper_prefixes(k): v for k, v in state_dict.items()}
+def _write_folder(
+        tmp: str,
+        model: ConvMixer,
+        kwargs: Dict[str, Any],
+        label_names: Optional[List[str]],
+        card: Dict[str, Any],
+        name: str,
+) -> None:
+    """Write the Hub folder into ``tmp`` (timm's ``save_for_hf``, :func:`hub_config`, the model card), then reload
+    it as users will and compare every tensor."""
+    folder = Path(tmp)
+    expected = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    # model_args in config.json rebuild this exact architecture on `local-dir:`/`hf-hub:` loads (recent timm
+    # infers them from the model; older releases write only what is passed)
+    save_for_hf(model, tmp, model_args=kwargs, safe_serialization=True,
+                model_config=dict(label_names=label_names) if label_names else None)
+    config_path = folder / 'config.json'
+    config = hub_config(json.loads(config_path.read_text(encoding='utf-8')))
+    config_path.write_text(json.dumps(config, indent=2), encoding='utf-8')
+    (folder / 'README.md').write_text(generate_readme(card, name), encoding='utf-8')
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', NonFiniteWeightsWarning)
+        _verify_folder(folder, expected)
 
 
 def push_folder(
@@ -290,8 +312,6 @@ def push_folder(
         commit_message: Optional[str] = None,
 ) -> str:
     """Publish a converted folder as it is: ``create_repo(exist_ok=True)`` then ``upload_folder``."""
-    from huggingface_hub import HfApi
-
     folder = Path(folder)
     missing = [n for n in ('model.safetensors', 'config.json') if not (folder / n).is_file()]
     if missing:
@@ -307,7 +327,7 @@ def push_folder(
     return getattr(info, 'commit_url', None) or str(info)
 
 
-def _run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     try:
         out = convert_checkpoint(
             args.src, args.out, args.model,
@@ -338,8 +358,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument('src', help='checkpoint: .safetensors, .pth/.pth.tar (timm or authors\' layout, train.py)')
     parser.add_argument('out', help='folder to write (must not exist unless --force)')
     parser.add_argument('--model', required=True, help='ConvMixer name, optionally name.tag (e.g. convmixer_768_32)')
-    parser.add_argument('--model-kwargs', nargs='*', default={}, action=ModelKwargs, metavar='KEY=VALUE',
-                        help='architecture overrides, e.g. depth=2 (num_classes/in_chans default to the weights\')')
+    add_model_kwargs(
+        parser, help='architecture overrides, e.g. depth=2 (num_classes/in_chans default to the weights\')')
     parser.add_argument('--force', action='store_true', help='replace an existing OUT folder')
     parser.add_argument('--use-ema', action='store_true', help='take the EMA weights of a train.py checkpoint')
     parser.add_argument('--push', metavar='REPO_ID', default=None, help='publish the folder to this Hub repo')
@@ -349,5 +369,5 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help='allow arbitrary pickled objects (torch.load weights_only=False); trusted files only')
     parser.add_argument('--allow-nonfinite', action='store_true',
                         help='convert weights holding NaN/Inf (refused by default: a diverged run)')
-    parser.set_defaults(func=_run)
+    parser.set_defaults(func=run)
     return parser

@@ -23,17 +23,18 @@ standard ONNX-domain operators (no ATen fallbacks, no custom domains). The file 
 """
 import argparse
 import os
-import sys
 import warnings
 from typing import Optional, Sequence, Tuple, Union
 
+import timm
 import torch
 import torch.nn as nn
 
-from ._io import atomic_write
-from .cli import ModelKwargs
+from ..weights import load_checkpoint_file
+from .args import add_model_kwargs
+from .atomic import atomic_write
 
-__all__ = ['export_onnx', 'explicit_same_pads', 'check_onnx_graph', 'verify_onnx', 'add_parser', 'MIN_OPSET']
+__all__ = ['export_onnx', 'explicit_same_pads', 'check_onnx_graph', 'verify_onnx', 'add_parser', 'run', 'MIN_OPSET']
 
 MIN_OPSET = 17  # the oldest opset this exporter is verified at (issue 5 asks for 17+)
 _STANDARD_DOMAINS = ('', 'ai.onnx')
@@ -232,18 +233,13 @@ def verify_onnx(
     return worst
 
 
-def _run(args: argparse.Namespace) -> int:
-    import timm
-
+def run(args: argparse.Namespace) -> int:
     input_size = None
     if args.input_size:
         input_size = args.input_size[0] if len(args.input_size) == 1 else tuple(args.input_size)
-    model = timm.create_model(
-        args.model,
-        pretrained=args.pretrained,
-        checkpoint_path=args.checkpoint or '',
-        **args.model_kwargs,
-    )
+    model = timm.create_model(args.model, pretrained=args.pretrained, **args.model_kwargs)
+    if args.checkpoint:
+        load_checkpoint_file(model, args.checkpoint)
     size = _resolve_input_size(model, input_size)
     path = export_onnx(
         model, args.out, size, opset=args.opset, dynamic_batch=not args.static_batch,
@@ -275,7 +271,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument('--model', required=True, help='ConvMixer name, e.g. convmixer_512_16_ks8_p7')
     parser.add_argument('--out', required=True, help='the .onnx file to write')
     parser.add_argument('--checkpoint', default=None,
-                        help='weights to load (timm.create_model(checkpoint_path=...): timm or authors\' layout)')
+                        help='weights to load, as timm.create_model(checkpoint_path=...) would (timm or authors\' '
+                             'layout, train.py checkpoints: EMA weights first)')
     parser.add_argument('--pretrained', action='store_true', help='load the default pretrained weights (Hub)')
     parser.add_argument('--input-size', type=int, nargs='+', default=None, metavar='N',
                         help='H, H W or C H W (default: the model\'s pretrained_cfg input_size)')
@@ -287,12 +284,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument('--verify', action='store_true',
                         help='run the file with onnxruntime and compare with PyTorch; exit 1 if above --atol')
     parser.add_argument('--atol', type=float, default=1e-4, help='--verify tolerance (default 1e-4)')
-    parser.add_argument('--model-kwargs', nargs='*', default={}, action=ModelKwargs, metavar='KEY=VALUE',
-                        help='architecture overrides, e.g. depth=2 num_classes=10')
-    parser.set_defaults(func=_run)
+    add_model_kwargs(parser, help='architecture overrides, e.g. depth=2 num_classes=10')
+    parser.set_defaults(func=run)
     return parser
-
-
-if __name__ == '__main__':  # pragma: no cover
-    from .cli import main
-    sys.exit(main(['export'] + sys.argv[1:]))

@@ -1,0 +1,51 @@
+"""``timm-convmixer`` command line: one entry, one sub-command per module.
+
+The tools around the plugin live here, apart from what ``import timm`` loads (``convmixer``, ``weights``, ``fast``).
+Every sub-command module has the same two functions: ``add_parser(subparsers)`` adds its parser and sets
+``run`` as the handler (``func``), and ``run(args) -> int`` does the work and returns the exit code. :func:`main`
+also records the command line it parsed in ``args.argv`` (the bench writes it into its results). Shared argument
+types are in :mod:`timm_convmixer.cli.args`. A module is imported only when the command line is built, so a plain
+``import timm_convmixer`` never loads this package.
+
+The tools' modules: ``variants``, ``convert``, ``bench``, ``demo``, ``export`` (the sub-commands); ``shapes`` (the
+demo's generated dataset), ``onecycle`` (the authors' LR schedule for the demo and ``examples/train_onecycle.py``),
+``atomic`` (atomic writes of every output).
+"""
+import argparse
+import importlib
+import sys
+from typing import List, Optional
+
+# sub-command name -> module that defines it
+COMMANDS = {
+    'variants': 'timm_convmixer.cli.variants',
+    'convert': 'timm_convmixer.cli.convert',
+    'bench': 'timm_convmixer.cli.bench',
+    'demo': 'timm_convmixer.cli.demo',
+    'export': 'timm_convmixer.cli.export',
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog='timm-convmixer', description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest='command', metavar='COMMAND')
+    for name, module_name in COMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name != module_name:
+                raise
+            continue  # a command whose module is not part of this build
+        module.add_parser(subparsers)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, 'func', None):
+        parser.print_help()
+        return 2
+    args.argv = argv
+    return int(args.func(args))

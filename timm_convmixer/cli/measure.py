@@ -1,0 +1,221 @@
+"""What every benchmark here measures with: the same-weights model pair, interleaved timing, hardware and versions,
+FLOPs (with the grouped-conv weight-gradient fix) and one training or inference step.
+
+``bench`` (ours vs the built-in) and ``bench --engines`` (every way to run one model on this CPU) both build on it,
+as does ``benchmarks/gpu_check.py``.
+"""
+import os
+import platform
+import time
+from contextlib import nullcontext
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+
+from ..fast.cpu import native_bf16
+
+__all__ = ['CUDA_PEAK_TFLOPS', 'DTYPES', 'MODES', 'TASKS', 'build_pair', 'count_flops', 'default_peak_tflops',
+           'hardware', 'make_loss', 'make_step', 'saved_for_backward_bytes', 'sync', 'time_interleaved']
+
+MODES = ('nchw', 'channels_last', 'compile')
+DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+TASKS = ('infer', 'train')
+
+# dense bf16/fp16 matmul TFLOP/s. H200: measured with PyTorch matmuls in this workplace (vendor: 989); H100 SXM has
+# the same tensor cores and clocks, so the same measured figure (an H100 PCIe is slower: pass --peak-tflops);
+# the others are vendor figures. gpu_check.py measures the peak on the machine itself instead.
+CUDA_PEAK_TFLOPS = {'H200': 790., 'H100': 790., 'A100': 312., 'L40S': 362., 'L4': 121., 'RTX 4090': 165.,
+                    'RTX 3090': 71., 'A10': 125., 'V100': 125., 'T4': 65.}
+
+
+def build_pair(model_name: str, model_kwargs: Optional[Dict[str, Any]] = None, device: str = 'cpu'):
+    """(ours, builtin): our registered model and timm's built-in ConvMixer class with the same weights."""
+    import timm
+    import timm_convmixer  # noqa: F401  (registers our variants)
+    from timm.models.convmixer import ConvMixer as BuiltinConvMixer
+
+    ours = timm.create_model(model_name, pretrained=False, **(model_kwargs or {}))
+    builtin = BuiltinConvMixer(
+        dim=ours.num_features, depth=len(ours.blocks), kernel_size=ours.kernel_size, patch_size=ours.patch_size,
+        in_chans=ours.in_chans, num_classes=ours.num_classes, act_layer=type(ours.stem[1]))
+    builtin.load_state_dict(ours.state_dict())
+    return ours.to(device), builtin.to(device)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def hardware(device: torch.device) -> Dict[str, Any]:
+    import timm
+    from ..version import __version__
+    cpu_model = platform.processor() or platform.machine()
+    cpu_flags = []
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    cpu_model = line.split(':', 1)[1].strip()
+                elif line.startswith('flags'):
+                    # the vector extensions that decide CPU speed-ups (a win on AVX-512 can be a loss on AVX2)
+                    cpu_flags = sorted(f for f in line.split(':', 1)[1].split()
+                                       if f.startswith(('avx', 'amx', 'fma')) or f == 'f16c')
+                    break
+    except OSError:
+        pass
+    info = {
+        'torch': torch.__version__, 'timm': timm.__version__, 'timm_convmixer': __version__,
+        'python': platform.python_version(), 'platform': platform.platform(), 'cpu_model': cpu_model,
+        'cpu_flags': cpu_flags, 'cpu_native_bf16': native_bf16(),
+        'cpu_count': os.cpu_count(), 'threads': torch.get_num_threads(), 'device': str(device),
+        'cuda_device': torch.cuda.get_device_name(device) if device.type == 'cuda' else None,
+        'cuda_version': torch.version.cuda, 'mkldnn': torch.backends.mkldnn.is_available(),
+    }
+    return info
+
+
+def default_peak_tflops(device: torch.device, dtype: str) -> Optional[float]:
+    if device.type != 'cuda' or dtype == 'fp32':
+        return None  # CPU peaks vary with SKU/clocks; fp32 on GPU depends on TF32 settings: ask the user
+    name = torch.cuda.get_device_name(device)
+    for key, value in CUDA_PEAK_TFLOPS.items():
+        if key in name:
+            return value
+    return None
+
+
+def _conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
+                         _output_padding, _groups, output_mask, out_shape=None, **kwargs) -> int:
+    """``aten.convolution_backward``: the weight gradient and the input gradient each take as many multiply-adds as
+    the forward convolution. torch's own formula (at least to 2.14) counts the weight gradient of a grouped
+    convolution ``groups`` times over: for a depthwise 1536-channel layer that is 1536x, which would inflate a
+    training step's FLOPs (and its fraction of peak) 26.6x for ConvMixer-1536/20 (8.1 TFLOP for 0.31)."""
+    spatial = x_shape[2:] if transposed else grad_out_shape[2:]  # the forward's output positions
+    forward = 2 * x_shape[0] * _prod(spatial) * _prod(w_shape)  # w_shape already holds in_channels / groups
+    return forward * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
+
+
+def _prod(values) -> int:
+    out = 1
+    for v in values:
+        out *= int(v)
+    return out
+
+
+def count_flops(model: nn.Module, x: torch.Tensor, task: str) -> Optional[int]:
+    """FLOPs of one step on the whole batch (forward, or forward+backward for 'train')."""
+    try:
+        from torch.utils import flop_counter
+    except ImportError:
+        return None
+    # formulas take shapes since torch's shape_wrapper; an older torch keeps its own formula
+    fixes = {torch.ops.aten.convolution_backward: _conv_backward_flops}
+    counter = flop_counter.FlopCounterMode(
+        display=False, custom_mapping=fixes if hasattr(flop_counter, 'shape_wrapper') else None)
+    was_training = model.training
+    model.train(task == 'train')
+    try:
+        with counter:
+            if task == 'train':
+                model(x).float().sum().backward()
+            else:
+                with torch.no_grad():
+                    model(x)
+    finally:
+        model.train(was_training)
+        model.zero_grad(set_to_none=True)
+    return int(counter.get_total_flops())
+
+
+def _autocast(device_type: str, dtype: str):
+    return (lambda: torch.autocast(device_type, dtype=DTYPES[dtype])) if dtype != 'fp32' else nullcontext
+
+
+def make_loss(model: nn.Module, x: torch.Tensor, dtype: str) -> Callable[[], Any]:
+    """``() -> (output, loss)``: the forward half of a training step, as timm's train.py runs it under ``--amp``."""
+    autocast = _autocast(x.device.type, dtype)
+    target = torch.randint(0, max(1, getattr(model, 'num_classes', 1) or 1), (x.shape[0],), device=x.device)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def forward():
+        with autocast():
+            out = model(x)
+            loss = loss_fn(out.float(), target) if out.ndim == 2 else out.float().mean()
+        return out, loss
+    return forward
+
+
+def make_step(model: nn.Module, x: torch.Tensor, task: str, dtype: str) -> Callable[[], torch.Tensor]:
+    if task == 'infer':
+        autocast = _autocast(x.device.type, dtype)
+
+        def step():
+            with torch.inference_mode(), autocast():
+                return model(x)
+    else:
+        forward = make_loss(model, x, dtype)
+
+        def step():
+            model.zero_grad(set_to_none=True)
+            out, loss = forward()
+            loss.backward()
+            return out.detach()
+    return step
+
+
+def saved_for_backward_bytes(forward: Callable[[], Any], model: nn.Module) -> int:
+    """Bytes autograd keeps for backward after ``forward()`` (unique storages, ``model``'s parameters and buffers
+    excluded: they exist whether or not anything is saved).
+
+    Counted at the end of the forward, while the whole graph is alive, so every storage seen is distinct (none can
+    have been freed and its address reused); backward's own recomputations are not counted.
+    """
+    exclude = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    seen: Dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr and ptr not in exclude:
+            seen[ptr] = max(seen.get(ptr, 0), storage.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        result = forward()
+    total = sum(seen.values())
+    del result  # frees the graph without a backward
+    return total
+
+
+def time_interleaved(
+        runners: Dict[Any, Callable[[], Any]], iters: int, device: torch.device, progress: Any = None,
+        deadline: Optional[float] = None, min_iters: int = 3) -> Dict[Any, List[float]]:
+    """Seconds per call of each runner, timed interleaved (one call of each per round, in turn).
+
+    CUDA: CUDA events around each call (the GPU's time for it); elsewhere ``time.perf_counter`` after a
+    synchronize. ``deadline`` (a ``time.perf_counter()`` value): stop after the round in which it passes, once every
+    runner has ``min_iters`` samples.
+    """
+    times: Dict[Any, List[float]] = {key: [] for key in runners}
+    for i in range(iters):
+        for key, run in runners.items():
+            if device.type == 'cuda':
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                run()
+                end.record()
+                end.synchronize()
+                times[key].append(start.elapsed_time(end) / 1e3)
+            else:
+                sync(device)
+                t0 = time.perf_counter()
+                run()
+                sync(device)
+                times[key].append(time.perf_counter() - t0)
+            if progress is not None:
+                progress.update(1)
+        if deadline is not None and i + 1 >= min_iters and time.perf_counter() > deadline:
+            break
+    return times
