@@ -4,6 +4,7 @@ import json
 import statistics
 
 import pytest
+import torch
 
 from timm_convmixer import cli
 from timm_convmixer.cli import bench
@@ -96,3 +97,15 @@ def test_api_peak_fraction_and_validation():
         assert case['fraction_of_peak'][impl] == pytest.approx(achieved / (case['peak_tflops'] * 1e12), rel=1e-9)
     with pytest.raises(ValueError, match=r"modes: unknown \['nhwc'\]"):
         bench.run_benchmark(modes=['nhwc'], progress=False)
+
+
+def test_time_interleaved_rotates_the_order():
+    """One call of each runner per round, each round starting one runner later: nobody always follows the same one
+    (an engine that keeps its threads spinning after it returns would slow its follower in every round)."""
+    from timm_convmixer.cli.measure import time_interleaved
+    calls = []
+    runners = {name: (lambda name=name: calls.append(name)) for name in 'abc'}
+    times = time_interleaved(runners, iters=4, device=torch.device('cpu'))
+    assert {k: len(v) for k, v in times.items()} == {'a': 4, 'b': 4, 'c': 4}
+    rounds = [calls[i:i + 3] for i in range(0, 12, 3)]
+    assert rounds == [list('abc'), list('bca'), list('cab'), list('abc')]

@@ -37,10 +37,10 @@ from .. import fast
 from ..fast import checked
 from . import bench_engines
 from .args import add_model_kwargs
-from .atomic import atomic_write, atomic_write_json
+from .atomic import atomic_write
 from .measure import (
     DTYPES, MODES, TASKS, build_pair, count_flops, default_peak_tflops, hardware, make_loss, make_step,
-    saved_for_backward_bytes, sync, time_interleaved)
+    saved_for_backward_bytes, sync, time_interleaved, write_outputs)
 
 __all__ = ['add_parser', 'run', 'run_benchmark', 'save_chart', 'build_pair', 'summarize_case',
            'saved_for_backward_bytes', 'time_interleaved']
@@ -279,15 +279,7 @@ def run(args: argparse.Namespace) -> int:
         b = case['best']
         print(f"  best: ours {b['ours_img_s']:.2f} ({b['ours_mode']}) / builtin {b['builtin_img_s']:.2f} "
               f"({b['builtin_mode']}) = {b['ratio']:.2f}x; fraction of peak: {case['fraction_of_peak']}")
-    if args.out:
-        atomic_write_json(args.out, result)
-        print(f'wrote {args.out}')
-    if args.chart:
-        try:
-            save_chart(result, args.chart)
-            print(f'wrote {args.chart}')
-        except ImportError:
-            print('matplotlib not installed: no chart (pip install timm-convmixer[plot])')
+    write_outputs(result, args.out, args.chart, save_chart)
     return 0
 
 

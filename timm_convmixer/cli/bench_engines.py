@@ -46,8 +46,8 @@ import torch.nn as nn
 
 from .. import fast
 from ..fast.cpu import native_bf16
-from .atomic import atomic_write, atomic_write_json
-from .measure import build_pair, count_flops, hardware, make_step, time_interleaved
+from .atomic import atomic_write
+from .measure import build_pair, count_flops, hardware, make_step, time_interleaved, write_outputs
 
 __all__ = ['ENGINES', 'PEERS', 'TOLERANCE', 'add_arguments', 'measured_sgemm_gflops', 'run_engines',
            'save_engines_chart', 'main']
@@ -478,15 +478,7 @@ def main(args: argparse.Namespace, parser_defaults: Dict[str, Any]) -> int:
         backend=args.backend, peak_gflops=peak, progress=not args.no_progress)
     result['meta']['command'] = 'timm-convmixer ' + ' '.join(getattr(args, 'argv', ['bench']))
     _print(result)
-    if args.out:
-        atomic_write_json(args.out, result)
-        print(f'wrote {args.out}')
-    if args.chart:
-        try:
-            save_engines_chart(result, args.chart)
-            print(f'wrote {args.chart}')
-        except ImportError:
-            print('matplotlib not installed: no chart (pip install timm-convmixer[plot])')
+    write_outputs(result, args.out, args.chart, save_engines_chart)
     failed = [n for n, e in result['engines'].items() if e['status'] == 'failed']
     return 1 if failed or result['summary']['failed_correctness'] else 0
 

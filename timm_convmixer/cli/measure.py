@@ -14,9 +14,11 @@ import torch
 import torch.nn as nn
 
 from ..fast.cpu import native_bf16
+from .atomic import atomic_write_json
 
 __all__ = ['CUDA_PEAK_TFLOPS', 'DTYPES', 'MODES', 'TASKS', 'build_pair', 'count_flops', 'default_peak_tflops',
-           'hardware', 'make_loss', 'make_step', 'saved_for_backward_bytes', 'sync', 'time_interleaved']
+           'hardware', 'make_loss', 'make_step', 'saved_for_backward_bytes', 'sync', 'time_interleaved',
+           'write_outputs']
 
 MODES = ('nchw', 'channels_last', 'compile')
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
@@ -194,13 +196,19 @@ def time_interleaved(
         deadline: Optional[float] = None, min_iters: int = 3) -> Dict[Any, List[float]]:
     """Seconds per call of each runner, timed interleaved (one call of each per round, in turn).
 
+    Each round starts one runner later than the last, so no runner always follows the same one: an engine whose
+    threads keep spinning after it returns (onnxruntime's default) slows whichever runs next, and a fixed order
+    would charge that to one runner every round.
+
     CUDA: CUDA events around each call (the GPU's time for it); elsewhere ``time.perf_counter`` after a
     synchronize. ``deadline`` (a ``time.perf_counter()`` value): stop after the round in which it passes, once every
     runner has ``min_iters`` samples.
     """
     times: Dict[Any, List[float]] = {key: [] for key in runners}
+    order = list(runners.items())
     for i in range(iters):
-        for key, run in runners.items():
+        shift = i % len(order) if order else 0
+        for key, run in order[shift:] + order[:shift]:
             if device.type == 'cuda':
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
@@ -219,3 +227,18 @@ def time_interleaved(
         if deadline is not None and i + 1 >= min_iters and time.perf_counter() > deadline:
             break
     return times
+
+
+def write_outputs(result: Dict[str, Any], out: Optional[str], chart: Optional[str],
+                  draw: Callable[[Dict[str, Any], str], None]) -> None:
+    """Write a benchmark's JSON to ``out`` and its chart to ``chart`` (each when given, atomically); a missing
+    matplotlib costs the chart only."""
+    if out:
+        atomic_write_json(out, result)
+        print(f'wrote {out}')
+    if chart:
+        try:
+            draw(result, chart)
+            print(f'wrote {chart}')
+        except ImportError:
+            print('matplotlib not installed: no chart (pip install timm-convmixer[plot])')
