@@ -22,7 +22,6 @@ else a small table for known CUDA devices (bf16/fp16 dense matmul), else 'unknow
 Python API: :func:`run_benchmark` returns the result dict; :func:`save_chart` draws it.
 """
 import argparse
-import copy
 import json
 import os
 import statistics
@@ -40,7 +39,7 @@ from .args import add_model_kwargs
 from .atomic import atomic_write
 from .measure import (
     DTYPES, MODES, TASKS, build_pair, count_flops, default_peak_tflops, hardware, make_loss, make_step,
-    saved_for_backward_bytes, sync, time_interleaved, write_outputs)
+    prepare, saved_for_backward_bytes, sync, time_interleaved, write_outputs)
 
 __all__ = ['add_parser', 'run', 'run_benchmark', 'save_chart', 'build_pair', 'summarize_case',
            'saved_for_backward_bytes', 'time_interleaved']
@@ -70,16 +69,6 @@ def _peak_memory(step: Callable[[], Any], device: torch.device) -> Dict[str, Any
     return {'peak_mem_mb': max(totals, default=0) / 2 ** 20}
 
 
-def _prepare(model: nn.Module, x: torch.Tensor, mode: str):
-    """Each mode gets its own copy: ``.to(memory_format=...)`` converts in place, and modes must not leak."""
-    if mode == 'channels_last':
-        return copy.deepcopy(model).to(memory_format=torch.channels_last), x.contiguous(
-            memory_format=torch.channels_last)
-    if mode == 'compile':
-        return torch.compile(copy.deepcopy(model)), x
-    return model, x
-
-
 def _bench_case(
         ours: nn.Module, builtin: nn.Module, x: torch.Tensor, task: str, dtype: str, modes: Sequence[str],
         iters: int, warmup: int, progress: Any, backend: str, deadline: Optional[float] = None) -> Dict[str, Any]:
@@ -87,7 +76,7 @@ def _bench_case(
     runners, prepared = {}, {}
     for mode in modes:
         for impl, model in (('ours', ours), ('builtin', builtin)):
-            m, xm = _prepare(model, x, mode)
+            m, xm = prepare(model, x, mode)
             m.train(task == 'train')
             prepared[(mode, impl)] = (m, xm)
             runners[(mode, impl)] = make_step(m, xm, task, dtype)

@@ -32,7 +32,6 @@ recorded with it.
 Python API: :func:`run_engines` returns the result dict, :func:`save_engines_chart` draws it.
 """
 import argparse
-import copy
 import importlib
 import os
 import statistics
@@ -47,7 +46,7 @@ import torch.nn as nn
 from .. import fast
 from ..fast.cpu import native_bf16
 from .atomic import atomic_write
-from .measure import build_pair, count_flops, hardware, make_step, time_interleaved, write_outputs
+from .measure import build_pair, count_flops, hardware, make_step, prepare, time_interleaved, write_outputs
 
 __all__ = ['ENGINES', 'PEERS', 'TOLERANCE', 'add_arguments', 'measured_sgemm_gflops', 'run_engines',
            'save_engines_chart', 'main']
@@ -112,7 +111,7 @@ class _Engine:
 def _ours(name: str, model: nn.Module, x: torch.Tensor, layout: str, dtype: str, backend: str) -> _Engine:
     engine = _Engine(name, f'timm_convmixer (fast backend {backend!r}), {layout} input' +
                      (', bf16 autocast' if dtype == 'bf16' else ''), dtype, peer=False)
-    model, x = _layout(model, x, layout)
+    model, x = prepare(model, x, layout)
     step = make_step(model, x, 'infer', dtype)
 
     def run():
@@ -123,16 +122,9 @@ def _ours(name: str, model: nn.Module, x: torch.Tensor, layout: str, dtype: str,
     return engine
 
 
-def _layout(model: nn.Module, x: torch.Tensor, layout: str):
-    if layout == 'channels_last':  # a copy: .to(memory_format=) converts in place and engines must not share it
-        return copy.deepcopy(model).to(memory_format=torch.channels_last), x.contiguous(
-            memory_format=torch.channels_last)
-    return model, x
-
-
 def _builtin_eager(name: str, model: nn.Module, x: torch.Tensor, layout: str) -> _Engine:
     engine = _Engine(name, f'timm built-in ConvMixer, eager, {layout} input')
-    engine.run = make_step(*_layout(model, x, layout), 'infer', 'fp32')
+    engine.run = make_step(*prepare(model, x, layout), 'infer', 'fp32')
     return engine
 
 
@@ -142,7 +134,7 @@ def _builtin_compile(model: nn.Module, x: torch.Tensor) -> _Engine:
         from torch._inductor import config as inductor_config
     except ImportError as e:
         raise _Unavailable('not installed', f'torch.compile/Inductor unavailable in this torch ({e})') from None
-    step = make_step(torch.compile(copy.deepcopy(model)), x, 'infer', 'fp32')
+    step = make_step(*prepare(model, x, 'compile'), 'infer', 'fp32')
     # freezing is read when the graph is compiled, i.e. on the first call; it is set for that call only
     with inductor_config.patch(freezing=True):
         t0 = time.perf_counter()

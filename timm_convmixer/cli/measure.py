@@ -4,6 +4,7 @@ FLOPs (with the grouped-conv weight-gradient fix) and one training or inference 
 ``bench`` (ours vs the built-in) and ``bench --engines`` (every way to run one model on this CPU) both build on it,
 as does ``benchmarks/gpu_check.py``.
 """
+import copy
 import os
 import platform
 import time
@@ -17,7 +18,7 @@ from ..fast.cpu import native_bf16
 from .atomic import atomic_write_json
 
 __all__ = ['CUDA_PEAK_TFLOPS', 'DTYPES', 'MODES', 'TASKS', 'build_pair', 'count_flops', 'default_peak_tflops',
-           'hardware', 'make_loss', 'make_step', 'saved_for_backward_bytes', 'sync', 'time_interleaved',
+           'hardware', 'make_loss', 'make_step', 'prepare', 'saved_for_backward_bytes', 'sync', 'time_interleaved',
            'write_outputs']
 
 MODES = ('nchw', 'channels_last', 'compile')
@@ -147,6 +148,16 @@ def make_loss(model: nn.Module, x: torch.Tensor, dtype: str) -> Callable[[], Any
             loss = loss_fn(out.float(), target) if out.ndim == 2 else out.float().mean()
         return out, loss
     return forward
+
+
+def prepare(model: nn.Module, x: torch.Tensor, mode: str):
+    """Each mode gets its own copy: ``.to(memory_format=...)`` converts in place, and modes must not leak."""
+    if mode == 'channels_last':
+        return copy.deepcopy(model).to(memory_format=torch.channels_last), x.contiguous(
+            memory_format=torch.channels_last)
+    if mode == 'compile':
+        return torch.compile(copy.deepcopy(model)), x
+    return model, x
 
 
 def make_step(model: nn.Module, x: torch.Tensor, task: str, dtype: str) -> Callable[[], torch.Tensor]:

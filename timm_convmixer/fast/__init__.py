@@ -129,6 +129,12 @@ def _eager(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return nn.Sequential.forward(block, x)
 
 
+def _eager_no_grad(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The plain modules as an eval-mode check compares against them."""
+    with torch.no_grad():
+        return _eager(block, x)
+
+
 # the Triton eval paths: backend/counter name -> how triton_block_forward runs the pointwise conv and its epilogue
 TRITON_PATHS = {'triton': 'cublas', 'triton_gemm': 'triton'}
 
@@ -165,11 +171,7 @@ def _checked_eval(block: nn.Module, parts: BlockParts, x: torch.Tensor) -> Tuple
                 with torch.no_grad():
                     return _triton_forward(block, parts, x, path)
 
-            def eager():
-                with torch.no_grad():
-                    return _eager(block, x)
-
-            checked.decide(key, path, block, x, fused, eager, dtype)
+            checked.decide(key, path, block, x, fused, lambda: _eager_no_grad(block, x), dtype)
         decision = checked.decisions[key]
         if decision.path != 'eager':
             timed[path] = decision.fused_ms
@@ -188,24 +190,17 @@ def _checked_cpu(block: nn.Module, parts: BlockParts, x: torch.Tensor) -> Option
     the path if the first one's decision counted it.
     """
     from . import checked, cpu
-    if not cpu.applies(parts, x):
-        return None  # decided per call (grad mode, dtypes), so not cached as a case's decision
     dtype = _compute_dtype(x)
     key = checked.case_key('cpu', parts, x, dtype)
-    if key not in checked.decisions:
+    decision = checked.decisions.get(key)
+    if decision is None:
+        if not cpu.applies(parts, x):
+            return None  # decided per call (grad mode, dtypes), so not cached as a case's decision
         x_cl = x.contiguous(memory_format=torch.channels_last)
-
-        def fused():
-            return cpu.block_forward(parts, x_cl)
-
-        def eager():
-            with torch.no_grad():
-                return _eager(block, x)
-
-        checked.decide(key, 'cpu', block, x, fused, eager, dtype)
-    if checked.decisions[key].path == 'eager':
-        return None
-    return cpu.block_forward(parts, x)
+        decision = checked.decide(key, 'cpu', block, x, lambda: cpu.block_forward(parts, x_cl),
+                                  lambda: _eager_no_grad(block, x), dtype)
+    # block_forward checks applicability itself (None: the plain modules run), so a decided case asks only once
+    return None if decision.path == 'eager' else cpu.block_forward(parts, x)
 
 
 def _checked_train(block: nn.Module, parts: BlockParts, x: torch.Tensor) -> Optional[torch.Tensor]:

@@ -62,11 +62,6 @@ def clear_cache() -> None:
     _cache.clear()
 
 
-def _cpu_autocast() -> Tuple[bool, torch.dtype]:
-    _, enabled, dtype = autocast_state('cpu')
-    return enabled, dtype
-
-
 def native_bf16() -> bool:
     """oneDNN has native bf16 kernels on this CPU (AVX512-BF16/AMX); without them bf16 is emulated, 15-20x slower."""
     probe = getattr(torch.ops.mkldnn, '_is_mkldnn_bf16_supported', None)
@@ -88,7 +83,7 @@ def warn_if_bf16_is_emulated(x: torch.Tensor) -> None:
     global _warned_slow_bf16
     if _warned_slow_bf16 or x.device.type != 'cpu':
         return
-    enabled, dtype = _cpu_autocast()
+    _, enabled, dtype = autocast_state('cpu')
     if not enabled or dtype != torch.bfloat16 or native_bf16():
         return
     _warned_slow_bf16 = True
@@ -157,7 +152,7 @@ def _applies(parts: BlockParts, x: torch.Tensor, tensors: List[Optional[torch.Te
         return None
     if x.is_quantized or x.is_mkldnn or x.numel() == 0 or not available():
         return None
-    autocast, autocast_dtype = _cpu_autocast()
+    _, autocast, autocast_dtype = autocast_state('cpu')
     if autocast:
         # eager autocast runs the convs in the autocast dtype; follow it for bf16 when oneDNN has bf16 kernels
         if autocast_dtype != torch.bfloat16 or x.dtype not in (torch.float32, torch.bfloat16):
