@@ -9,8 +9,9 @@ classes with identical weights:
   fp32/bf16/fp16, forward and backward (input and every parameter gradient; running statistics in training mode),
   channels_last and NCHW. Each is compared, with eager PyTorch computing the same function in the same dtype, to a
   float64 reference: the fused error must be within ``max(tolerance, 2 x eager's own error)``.
-* ``parity``: a few whole-model SGD steps, built-in vs ours (lean blocks forced), loss, gradients, weight updates
-  and BatchNorm statistics, each against a float64 run of the built-in, with the same rule.
+* ``parity``: a few whole-model SGD steps, built-in vs ours (lean blocks forced, each implementation: ``lean`` on
+  torch's kernels, ``lean_triton`` on the fused ones), loss, gradients, weight updates and BatchNorm statistics,
+  each against a float64 run of the built-in, with the same rule.
 * ``peak``: the bf16 tensor-core peak, measured here as the best cuBLAS bf16 matmul TFLOP/s.
 * ``kernels``: the depthwise op and the pointwise epilogue alone vs their eager ops, and the depthwise op's
   bandwidth against its one-read-one-write floor.
@@ -19,7 +20,7 @@ classes with identical weights:
   ``auto`` after ``fast.checked.forget()``) vs the built-in, timed interleaved with CUDA events
   (``timm-convmixer bench``'s machinery); the fraction of the measured peak; the auto-dispatch decisions and which
   path every block took. ``forced``: the same with each fused path forced (``triton`` and ``triton_gemm`` for
-  inference, ``lean`` for training), where auto did not already take that path.
+  inference, ``lean`` and ``lean_triton`` for training), where auto did not already take that path.
 * ``train_py``: timm's ``train.py --amp`` for a few steps on a generated ImageFolder (``--train-py``).
 * ``targets``: the project's targets for convmixer_1536_20, each ratio computed from the numbers above.
 
@@ -65,7 +66,9 @@ ERROR_FACTOR = 2.  # a fused result may be at most this many times further from 
 SMOKE_MODEL_KWARGS = {'dim': 16, 'depth': 2, 'kernel_size': 3}
 # seconds a section needs to be worth starting; a section that does not fit the time left is skipped, not cut
 # the fused paths forced one by one after auto's run, per task: both Triton eval paths, the lean training block
-FORCED = {'infer': ('triton', 'triton_gemm'), 'train': ('lean',)}
+FORCED = {'infer': ('triton', 'triton_gemm'), 'train': ('lean', 'lean_triton')}
+# the lean block's two implementations of its normalisations: torch's kernels, the fused Triton ones
+LEAN_BACKENDS = ('lean', 'lean_triton')
 NEEDS_S = {'correctness': 60., 'parity': 30., 'kernels': 15., 'eager': 30., 'forced': 20., 'compile': 150.,
            'train_py': 60.}
 
@@ -349,9 +352,10 @@ def _block_step(block: nn.Module, forward: Callable[[nn.Module, torch.Tensor], O
 
 def check_blocks(block: nn.Module, x: torch.Tensor, dtype: torch.dtype, gy: torch.Tensor, floor: float):
     """The fused eval-mode block (Triton, pointwise on cuBLAS and as the fused Triton GEMM) and the lean training-mode
-    block, channels_last and NCHW input."""
+    block (normalisations on torch's kernels and on the fused Triton ones), channels_last and NCHW input."""
     from timm_convmixer.fast.eligibility import block_parts
     from timm_convmixer.fast.lean import lean_block_forward
+    from timm_convmixer.fast.lean_triton import TritonNorm
     from timm_convmixer.fast.triton_ops import triton_block_forward
 
     def eager(b, t):
@@ -359,7 +363,8 @@ def check_blocks(block: nn.Module, x: torch.Tensor, dtype: torch.dtype, gy: torc
 
     units = {'block_eval': (False, lambda b, t: triton_block_forward(b, t)),
              'block_eval_gemm': (False, lambda b, t: triton_block_forward(b, t, pointwise='triton')),
-             'block_train_lean': (True, lambda b, t: lean_block_forward(block_parts(b), t))}
+             'block_train_lean': (True, lambda b, t: lean_block_forward(block_parts(b), t)),
+             'block_train_lean_triton': (True, lambda b, t: lean_block_forward(block_parts(b), t, TritonNorm))}
     results = {}
     xd = x.to(dtype)
     for unit, (training, fused_fn) in units.items():
@@ -549,43 +554,54 @@ def run_parity(args, device: torch.device) -> Dict[str, Any]:
     ref = _train_steps(copy.deepcopy(builtin).double(), batches, torch.float64, args.parity_steps)
     section: Dict[str, Any] = {
         'model': args.parity_model, 'batch': args.parity_batch, 'img_size': args.img_size,
-        'steps': args.parity_steps, 'optimizer': 'SGD lr 0.01 momentum 0.9', 'ours_backend': 'lean',
+        'steps': args.parity_steps, 'optimizer': 'SGD lr 0.01 momentum 0.9',
         'rule': f'per tensor: ours error vs float64 built-in <= max(tolerance(dtype), {ERROR_FACTOR} x the '
-                'built-in\'s own error in that dtype)', 'dtypes': {}}
+                'built-in\'s own error in that dtype)', 'backends': {}}
     for dtype_name in args.parity_dtypes:
         dtype = DTYPES[dtype_name]
         floor = checked.tolerance(dtype, device.type)
         got_builtin = _train_steps(copy.deepcopy(builtin), batches, dtype, args.parity_steps)
-        fast.reset_counters()
-        with fast.use_backend('lean'):
-            got_ours = _train_steps(copy.deepcopy(ours), batches, dtype, args.parity_steps)
-        entry = {'block_paths': dict(fast.counters),
-                 'losses': {'ours': [v.item() for v in got_ours['loss']],
-                            'builtin': [v.item() for v in got_builtin['loss']],
-                            'float64': [v.item() for v in ref['loss']]}}
-        ok = got_ours['steps_tracked'] == got_builtin['steps_tracked']
-        entry['steps_tracked_equal'] = ok
-        for what in ('loss', 'grad', 'update', 'buffer'):
-            if what == 'loss':
-                names = [f'step{i}' for i in range(args.parity_steps)]
-                o, b, r = got_ours['loss'], got_builtin['loss'], ref['loss']
-            else:
-                names = list(ref[what])
-                o, b, r = ([d[what][n] for n in names] for d in (got_ours, got_builtin, ref))
-            res = compare(names, o, b, r, floor)
-            worst = res['worst']
-            entry[what] = {'ok': res['ok'], 'tensors': len(names), 'worst': worst,
-                           **({k: res['tensors'][worst][k] for k in ('fused_err', 'eager_err', 'fused_vs_eager',
-                                                                     'limit')} if worst else {}),
-                           'failed': [n for n, t in res['tensors'].items() if not t['ok']]}
-            ok = ok and res['ok']
-        depth = len(ours.blocks)
-        entry['lean_ran_every_block'] = entry['block_paths'] == {'lean': depth * args.parity_steps}
-        entry['ok'] = ok and entry['lean_ran_every_block']
-        section['dtypes'][dtype_name] = entry
-        del got_builtin, got_ours
-    section['ok'] = all(e['ok'] for e in section['dtypes'].values())
+        for backend in LEAN_BACKENDS:
+            fast.reset_counters()
+            with fast.use_backend(backend):
+                got_ours = _train_steps(copy.deepcopy(ours), batches, dtype, args.parity_steps)
+            entry = _parity_entry(args, got_ours, got_builtin, ref, floor)
+            depth = len(ours.blocks)
+            entry['block_paths'] = dict(fast.counters)
+            entry['lean_ran_every_block'] = entry['block_paths'] == {backend: depth * args.parity_steps}
+            entry['ok'] = entry['ok'] and entry['lean_ran_every_block']
+            section['backends'].setdefault(backend, {'dtypes': {}})['dtypes'][dtype_name] = entry
+            del got_ours
+        del got_builtin
+    for b in section['backends'].values():
+        b['ok'] = all(e['ok'] for e in b['dtypes'].values())
+    section['ok'] = all(b['ok'] for b in section['backends'].values())
     return section
+
+
+def _parity_entry(args, got_ours, got_builtin, ref, floor: float) -> Dict[str, Any]:
+    """One parity run's comparison: losses, and the worst loss, gradient, update and buffer against float64."""
+    entry: Dict[str, Any] = {'losses': {'ours': [v.item() for v in got_ours['loss']],
+                                        'builtin': [v.item() for v in got_builtin['loss']],
+                                        'float64': [v.item() for v in ref['loss']]}}
+    ok = got_ours['steps_tracked'] == got_builtin['steps_tracked']
+    entry['steps_tracked_equal'] = ok
+    for what in ('loss', 'grad', 'update', 'buffer'):
+        if what == 'loss':
+            names = [f'step{i}' for i in range(args.parity_steps)]
+            o, b, r = got_ours['loss'], got_builtin['loss'], ref['loss']
+        else:
+            names = list(ref[what])
+            o, b, r = ([d[what][n] for n in names] for d in (got_ours, got_builtin, ref))
+        res = compare(names, o, b, r, floor)
+        worst = res['worst']
+        entry[what] = {'ok': res['ok'], 'tensors': len(names), 'worst': worst,
+                       **({k: res['tensors'][worst][k] for k in ('fused_err', 'eager_err', 'fused_vs_eager',
+                                                                 'limit')} if worst else {}),
+                       'failed': [n for n, t in res['tensors'].items() if not t['ok']]}
+        ok = ok and res['ok']
+    entry['ok'] = ok
+    return entry
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -11,6 +11,8 @@ Fixtures (the functions behind them live in ``tests/helpers.py``, importable by 
   each block call), counters reset first.
 * ``run_python(*args, code=None, env=None, unset=(), cwd=None, timeout=300, check=True)``: a fresh interpreter of
   this environment; a non-zero exit fails with its output.
+* ``interpreter``: ``TRITON_INTERPRET=1`` for the test (CPU tensors count as a Triton device, so the Triton paths
+  run through Triton's CPU interpreter); skips where triton is not importable.
 """
 import os
 
@@ -52,3 +54,10 @@ def run_counted():
 @pytest.fixture
 def run_python():
     return helpers.run_python
+
+
+@pytest.fixture
+def interpreter(monkeypatch):
+    pytest.importorskip('triton', reason='triton is not importable')
+    monkeypatch.setenv('TRITON_INTERPRET', '1')
+    yield

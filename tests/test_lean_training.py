@@ -52,13 +52,13 @@ def _input(n, size, channels_last=False):
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-def _assert_same_step(eager, lean, depth, steps, rtol=1e-5, atol=2e-6, forward_exact=True):
+def _assert_same_step(eager, lean, depth, steps, rtol=1e-5, atol=2e-6, forward_exact=True, path='lean'):
     """Forward (losses, running statistics) equal eager's exactly; gradients to ``rtol`` and ``atol`` times each
     gradient's largest magnitude (backward re-applies saved statistics, within an ulp of forward's)."""
     loss_e, grads_e, bufs_e, paths_e = eager
     loss_l, grads_l, bufs_l, paths_l = lean
     assert paths_e == {'eager': depth * steps}
-    assert paths_l == {'lean': depth * steps}
+    assert paths_l == {path: depth * steps}
     assert grads_e.keys() == grads_l.keys() and grads_e
     close = dict(rtol=0., atol=0.) if forward_exact else dict(rtol=rtol, atol=atol)
     torch.testing.assert_close(loss_l, loss_e, **close)
@@ -127,13 +127,17 @@ def test_lean_under_bf16_autocast_matches_eager_autocast():
     _assert_same_step(ref, got, depth=2, steps=1, rtol=2e-2, atol=1e-2, forward_exact=False)
 
 
-@pytest.mark.parametrize('name,kwargs,size,channels_last', [
-    ('convmixer_768_32', dict(depth=4), 112, False),  # ReLU, kernel 7, patch 7
-    ('convmixer_768_32', dict(depth=4), 112, True),
-    ('convmixer_256_8_ks5_p2', dict(depth=4), 32, False),  # GELU, kernel 5, patch 2
-    ('convmixer_256_8_ks5_p2', dict(depth=4), 32, True),
+@pytest.mark.parametrize('name,kwargs,size,channels_last,backend', [
+    ('convmixer_768_32', dict(depth=4), 112, False, 'lean'),  # ReLU, kernel 7, patch 7
+    ('convmixer_768_32', dict(depth=4), 112, True, 'lean'),
+    ('convmixer_256_8_ks5_p2', dict(depth=4), 32, False, 'lean'),  # GELU, kernel 5, patch 2
+    ('convmixer_256_8_ks5_p2', dict(depth=4), 32, True, 'lean'),
+    # the fused normalisations (through the interpreter) keep what the torch-kernel lean block keeps
+    ('convmixer_256_8_ks5_p2', dict(depth=4), 32, True, 'lean_triton'),
 ])
-def test_saved_for_backward_at_most_04x_builtin(name, kwargs, size, channels_last):
+def test_saved_for_backward_at_most_04x_builtin(name, kwargs, size, channels_last, backend, request):
+    if backend == 'lean_triton':
+        request.getfixturevalue('interpreter')
     ours = timm.create_model(name, **kwargs).train()
     cfg = dict(dim=ours.num_features, depth=len(ours.blocks), kernel_size=ours.kernel_size,
                patch_size=ours.patch_size, num_classes=ours.num_classes,
@@ -160,13 +164,14 @@ def test_saved_for_backward_at_most_04x_builtin(name, kwargs, size, channels_las
         return sum(seen.values())
 
     fast.reset_counters()
-    with fast.use_backend('lean'):  # the memory-saving path, asked for
+    with fast.use_backend(backend):  # the memory-saving path, asked for
         ours_bytes = saved_bytes(ours)
-    assert fast.counters == {'lean': len(ours.blocks)}
+    assert fast.counters == {backend: len(ours.blocks)}
     builtin_bytes = saved_bytes(builtin)
     ratio = ours_bytes / builtin_bytes
     print(f'\n{name} {kwargs} {size}px {"channels_last" if channels_last else "NCHW"}: saved for backward '
-          f'{ours_bytes / 2**20:.2f} MiB (ours, lean) vs {builtin_bytes / 2**20:.2f} MiB (built-in) = {ratio:.3f}x')
+          f'{ours_bytes / 2**20:.2f} MiB (ours, {backend}) vs {builtin_bytes / 2**20:.2f} MiB (built-in) '
+          f'= {ratio:.3f}x')
     assert ratio <= 0.4
     for p_ours, p_builtin in zip(ours.parameters(), builtin.parameters()):
         torch.testing.assert_close(p_ours.grad, p_builtin.grad, rtol=1e-4, atol=1e-6)
@@ -234,15 +239,6 @@ def test_no_grad_training_mode_and_sync_batchnorm_take_the_plain_modules():
 def _eval_model(dim=8, depth=2):
     """Eval mode with non-trivial BatchNorm statistics (the shared randomiser), kernel 3 to keep the interpreter fast."""
     return small_model(dim=dim, depth=depth, kernel_size=3, randomize={})
-
-
-@pytest.fixture
-def interpreter(monkeypatch):
-    pytest.importorskip('triton', reason='triton is not importable')
-    monkeypatch.setenv('TRITON_INTERPRET', '1')
-    checked.forget()
-    yield
-    checked.forget()
 
 
 def test_auto_checks_triton_on_first_use_and_keeps_the_faster(interpreter):
@@ -357,3 +353,117 @@ def test_auto_takes_the_fastest_triton_path_it_accepted(interpreter, gemm_ms, ex
         got = model(x)
     assert fast.counters == {expected: 2}
     torch.testing.assert_close(got, expected_out, rtol=1e-5, atol=1e-5)
+
+
+# the lean block with its normalisations fused in Triton kernels (``lean_triton``), through Triton's interpreter
+
+@pytest.mark.parametrize('dtype,act,kernel,drop_path,momentum,channels_last', [
+    (torch.float64, 'gelu', 5, 0.3, None, False),  # drop path masks, the cumulative running average, NCHW input
+    (torch.float64, 'silu', 8, 0., 0.1, True),  # even kernel
+    (torch.float32, 'relu', 3, 0.2, 0.1, True),
+])
+def test_lean_triton_training_steps_match_eager(interpreter, dtype, act, kernel, drop_path, momentum,
+                                                channels_last):
+    act_layer = {'gelu': nn.GELU, 'relu': nn.ReLU, 'silu': nn.SiLU}[act]
+    depth = 2
+    eager, lean = _pair(dim=16, depth=depth, kernel_size=kernel, act_layer=act_layer, drop_path_rate=drop_path,
+                        bn_momentum=momentum, channels_last=channels_last)
+    eager, lean = eager.to(dtype), lean.to(dtype)
+    x = _input(4, 16, channels_last).to(dtype)
+    torch.manual_seed(1)
+    ref = _step(eager, x, 'eager', steps=2)
+    torch.manual_seed(1)
+    got = _step(lean, x, 'lean_triton', steps=2)
+    # fused kernels round once where eager rounds after each op: exact in fp64 up to rounding, fp32 within fp32
+    tol = dict(rtol=1e-9, atol=1e-10) if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-4)
+    _assert_same_step(ref, got, depth, steps=2, forward_exact=False, path='lean_triton', **tol)
+    assert int(lean.blocks[0][3].num_batches_tracked) == 2
+
+
+def test_lean_triton_under_bf16_autocast_is_as_accurate_as_eager_autocast(interpreter):
+    """Under bf16 autocast both round differently (eager after every op, the kernels once, from fp32 sums), so each
+    is held to an fp32 step instead: every gradient of ours is as close to it as eager's is (eager's bf16 BatchNorm
+    backward is the less accurate one: some of its bias gradients are off by more than 100%)."""
+    eager, lean = _pair(dim=16, depth=2)
+    fp32 = copy.deepcopy(eager)
+    x = _input(2, 16, channels_last=True)
+    ref = _step(fp32, x, 'eager')
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        bf16_eager = _step(eager, x, 'eager')
+        ours = _step(lean, x, 'lean_triton')
+    assert ours[3] == {'lean_triton': 2}
+
+    def rel(a, b):
+        return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+    torch.testing.assert_close(ours[0], ref[0], rtol=2e-2, atol=1e-2)
+    for n in ref[2]:
+        if ref[2][n].is_floating_point():
+            assert rel(ours[2][n], ref[2][n]) <= max(1.25 * rel(bf16_eager[2][n], ref[2][n]), 2e-2), n
+    for n in ref[1]:
+        assert rel(ours[1][n], ref[1][n]) <= max(1.25 * rel(bf16_eager[1][n], ref[1][n]), 6e-2), n
+
+
+def test_auto_checks_both_lean_paths_and_keeps_the_fastest_correct_one(interpreter):
+    eager, model = _pair(dim=16, depth=2)
+    x = _input(2, 16)
+    ref = _step(eager, x, 'eager')
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        got = _step(model, x, 'auto')
+    said = [w for w in caught if issubclass(w.category, checked.FastPathDecision)]
+    assert [key[0] for key in checked.decisions] == ['lean', 'lean_triton'] and len(said) == 2
+    triton_decision = checked.decisions[next(k for k in checked.decisions if k[0] == 'lean_triton')]
+    # correct, but the interpreter is far slower than torch's kernels: auto must not take it
+    assert triton_decision.max_rel_err <= checked.tolerance(torch.float32, 'cpu')
+    assert triton_decision.path == 'eager' and triton_decision.fused_ms > triton_decision.eager_ms
+    lean_decision = checked.decisions[next(k for k in checked.decisions if k[0] == 'lean')]
+    assert got[3] == {lean_decision.path: 2}
+    torch.testing.assert_close(got[0], ref[0], rtol=0, atol=0)  # the trials left no trace in the step
+    for n in ref[2]:
+        assert torch.equal(got[2][n], ref[2][n]), n
+
+
+def test_auto_rejects_a_lean_triton_result_that_differs(interpreter, monkeypatch):
+    from timm_convmixer.fast import lean_triton
+    real = lean_triton.TritonNorm.forward
+
+    def off_by_a_bit(*args, **kwargs):
+        out, norm = real(*args, **kwargs)
+        return out * 1.01, norm
+
+    monkeypatch.setattr(lean_triton.TritonNorm, 'forward', staticmethod(off_by_a_bit))
+    _, model = _pair(dim=16, depth=2)
+    with pytest.warns(RuntimeWarning, match=r'fused lean_triton path gave a different result'):
+        _step(model, _input(2, 16), 'auto')
+    decision = checked.decisions[next(k for k in checked.decisions if k[0] == 'lean_triton')]
+    assert decision.path == 'eager' and decision.max_rel_err > 1e-3
+
+
+def test_forcing_lean_triton_without_a_triton_device_runs_the_plain_modules(monkeypatch):
+    monkeypatch.delenv('TRITON_INTERPRET', raising=False)
+    _, model = _pair(dim=16, depth=2)
+    assert _step(model, _input(2, 16), 'lean_triton')[3] == {'eager': 2}
+
+
+def test_check_under_16_bit_autocast_judges_each_tensor_against_fp32():
+    """With an fp32 reference, each result tensor of the fused path may be off by max(tolerance, 2x the plain
+    modules' own error on that tensor): a tensor the plain modules get right must stay right."""
+    block, x = nn.BatchNorm2d(2), torch.zeros(1, 2, 1, 1)
+    exact = (torch.ones(100), torch.ones(100))
+    plain = (torch.ones(100), torch.full((100,), 1.3))  # 30% off on the second tensor (say, a bias gradient)
+    tol = checked.tolerance(torch.bfloat16, 'cpu')
+
+    def decide(case, fused):
+        key = ('fused', 'cpu', None, (1, 2, 1, 1), torch.float32, torch.bfloat16, False, 'eval', 'gelu', case)
+        return checked.decide(key, 'fused', block, x, lambda: fused, lambda: plain, torch.bfloat16, lambda: exact)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        close = decide(1, (torch.ones(100), torch.full((100,), 1.5)))  # 50% <= 2 x 30%
+        assert close.max_rel_err == pytest.approx(0.5) and close.limit == pytest.approx(0.6)
+        assert close.fused_ms is not None  # accepted, then timed
+        with pytest.warns(RuntimeWarning, match='different result from the plain modules in fp32'):
+            far = decide(2, (torch.full((100,), 1.1), torch.ones(100)))  # 10% where the plain modules are exact
+    assert far.path == 'eager' and far.fused_ms is None
+    assert far.max_rel_err == pytest.approx(0.1) and far.limit == tol

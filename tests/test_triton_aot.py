@@ -157,6 +157,12 @@ def _launches(dtype: torch.dtype, kernel_sizes=KERNEL_SIZES, C=C, H=H, W=W) -> L
                     K.dw_bwd(x, x, w_dw, bias, s, act)
             K.act_affine_fwd(rows, s, s, act)
             K.act_affine_bwd(rows, rows, s, act)
+            # training-mode BatchNorm (the lean block's fused normalisations), with and without drop path's mask
+            K.act_stats(rows, act)
+            for mask in (None, torch.empty(N, device='meta', dtype=dtype)):
+                K.act_affine_fwd(rows, s, s, act, residual=None if mask is None else rows, mask=mask,
+                                 rows_per_sample=H * W)
+                K.bn_train_bwd(rows, rows, act, s, s, s, mask, H * W)
             for precision in precisions:
                 for bias in (b, None):
                     for training in (False, True):

@@ -10,32 +10,34 @@ Backends:
 
 * ``'auto'`` (default): the fastest correct path, measured where it is not known. Eval-mode CPU tensors -> the
   oneDNN path of :mod:`.cpu`, eval-mode CUDA tensors -> the Triton kernels, and training-mode blocks (BatchNorm on
-  batch statistics) on any device -> the memory-lean block of :mod:`.lean`, each only for a case (device, shape,
-  dtype, mode...) where :mod:`.checked` found it correct and faster than the plain modules on first use. With
+  batch statistics) on any device -> the memory-lean block of :mod:`.lean` (on a Triton device also its fused
+  normalisations, :mod:`.lean_triton`), each only for a case (device, shape, dtype, mode...) where :mod:`.checked`
+  found it correct and faster than the plain modules on first use; where several paths pass, the fastest. With
   ``TRITON_INTERPRET=1`` CPU tensors count as a Triton device (tests).
 * ``'eager'``: never a fast path.
-* ``'lean'``, ``'cpu'``, ``'triton'``, ``'triton_gemm'``: only that path, unchecked, where it applies (the way to
-  force one). ``'triton'`` runs the pointwise conv on cuBLAS with a Triton epilogue pass, ``'triton_gemm'`` as one
-  Triton GEMM with the epilogue fused; auto checks and times each and keeps the fastest.
+* ``'lean'``, ``'lean_triton'``, ``'cpu'``, ``'triton'``, ``'triton_gemm'``: only that path, unchecked, where it
+  applies (the way to force one). ``'lean'`` runs the lean block's normalisations on torch's kernels,
+  ``'lean_triton'`` on fused Triton kernels (the same memory kept); ``'triton'`` runs the pointwise conv on cuBLAS
+  with a Triton epilogue pass, ``'triton_gemm'`` as one Triton GEMM with the epilogue fused.
 
 Choose with :func:`set_backend`, the :func:`use_backend` context manager or the ``TIMM_CONVMIXER_BACKEND``
 environment variable (read at import). The choice is process-global.
 
-:data:`counters` counts which path answered each block call (``'lean'``, ``'cpu'``, ``'triton'``, ``'triton_gemm'``,
-``'eager'``), which is how tests and benchmarks check what actually ran.
+:data:`counters` counts which path answered each block call (a backend's name, or ``'eager'``), which is how tests
+and benchmarks check what actually ran.
 """
 import contextlib
 import os
 import warnings
 from collections import Counter
-from typing import Iterator, Optional, Tuple
+from typing import Callable, Iterator, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
 from .checked import decisions
 from .eligibility import BlockParts, block_parts
-from .lean import lean_applies, lean_block_forward
+from .lean import TorchNorm, lean_applies, lean_block_forward
 from .runtime import autocast_state, interpreter_enabled
 
 __all__ = [
@@ -43,7 +45,7 @@ __all__ = [
     'use_backend',
 ]
 
-BACKENDS = ('auto', 'eager', 'lean', 'cpu', 'triton', 'triton_gemm')
+BACKENDS = ('auto', 'eager', 'lean', 'lean_triton', 'cpu', 'triton', 'triton_gemm')
 ENV_VAR = 'TIMM_CONVMIXER_BACKEND'
 
 # which path answered each MixerBlock call since the last reset_counters()
@@ -158,6 +160,19 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return dtype if enabled else x.dtype
 
 
+def _fp32_reference(x: torch.Tensor, run: Callable[[torch.Tensor], object]) -> Optional[Callable[[], object]]:
+    """What a check compares both paths with under fp16/bf16 autocast (:func:`.checked.decide`): ``run`` on the
+    input in fp32 with autocast off. ``None`` otherwise (the plain modules are then the yardstick themselves)."""
+    _, enabled, dtype = autocast_state(x.device.type)
+    if not enabled or dtype not in (torch.float16, torch.bfloat16) or x.dtype == torch.float64:
+        return None
+
+    def reference():
+        with torch.autocast(x.device.type, enabled=False):
+            return run(x.float())
+    return reference
+
+
 def _checked_eval(block: nn.Module, parts: BlockParts, x: torch.Tensor) -> Tuple[str, Optional[torch.Tensor]]:
     """auto's eval path on a Triton device: ``(path, output)``, the fastest of the Triton paths the check on first
     use found right and faster than the plain modules (each is timed against them), or ``('triton', None)``."""
@@ -171,7 +186,8 @@ def _checked_eval(block: nn.Module, parts: BlockParts, x: torch.Tensor) -> Tuple
                 with torch.no_grad():
                     return _triton_forward(block, parts, x, path)
 
-            checked.decide(key, path, block, x, fused, lambda: _eager_no_grad(block, x), dtype)
+            checked.decide(key, path, block, x, fused, lambda: _eager_no_grad(block, x), dtype,
+                           _fp32_reference(x, lambda t: _eager_no_grad(block, t)))
         decision = checked.decisions[key]
         if decision.path != 'eager':
             timed[path] = decision.fused_ms
@@ -198,34 +214,61 @@ def _checked_cpu(block: nn.Module, parts: BlockParts, x: torch.Tensor) -> Option
             return None  # decided per call (grad mode, dtypes), so not cached as a case's decision
         x_cl = x.contiguous(memory_format=torch.channels_last)
         decision = checked.decide(key, 'cpu', block, x, lambda: cpu.block_forward(parts, x_cl),
-                                  lambda: _eager_no_grad(block, x), dtype)
+                                  lambda: _eager_no_grad(block, x), dtype,
+                                  _fp32_reference(x, lambda t: _eager_no_grad(block, t)))
     # block_forward checks applicability itself (None: the plain modules run), so a decided case asks only once
     return None if decision.path == 'eager' else cpu.block_forward(parts, x)
 
 
-def _checked_train(block: nn.Module, parts: BlockParts, x: torch.Tensor) -> Optional[torch.Tensor]:
-    """auto's training path: the lean block where the check on first use found it right and faster."""
+def _lean_norms(parts: BlockParts, x: torch.Tensor):
+    """The lean block's implementations that apply here by path name: torch's kernels everywhere, the fused Triton
+    ones on a Triton device."""
+    norms = {'lean': TorchNorm}
+    if _triton_device(x):
+        try:
+            from . import lean_triton
+        except ImportError:  # triton or a GPU toolchain missing: torch's kernels only
+            return norms
+        if lean_triton.applies(parts, x):
+            norms['lean_triton'] = lean_triton.TritonNorm
+    return norms
+
+
+def _checked_train(block: nn.Module, parts: BlockParts, x: torch.Tensor) -> Tuple[str, Optional[torch.Tensor]]:
+    """auto's training path: ``(path, output)``, the fastest lean implementation the check on first use found right
+    and faster than the plain modules (each is timed against them), or ``('lean', None)``."""
     from . import checked
     dtype = _compute_dtype(x)
-    key = checked.case_key('lean', parts, x, dtype)
     params = [p for p in block.parameters() if p.requires_grad]
 
-    def step(forward):
+    def step(forward, source=x):
         def run():
-            inp = x.detach().requires_grad_(x.requires_grad)
+            inp = source.detach().requires_grad_(x.requires_grad)
             out = forward(inp)
             if out is None:
                 return None
             seed = torch.Generator(device=x.device).manual_seed(0)
-            grad = torch.randn(out.shape, generator=seed, device=out.device, dtype=out.dtype)
+            # drawn in fp32 whatever the output's dtype, so the fp32 reference gets the same gradient
+            grad = torch.randn(out.shape, generator=seed, device=out.device).to(out.dtype)
             wrt = ([inp] if inp.requires_grad else []) + params
             return (out,) + torch.autograd.grad(out, wrt, grad)
         return run
 
-    if checked.decide(key, 'lean', block, x, step(lambda t: lean_block_forward(parts, t)),
-                      step(lambda t: _eager(block, t)), dtype).path == 'eager':
-        return None
-    return lean_block_forward(parts, x)
+    norms = _lean_norms(parts, x)
+    timed = {}
+    for path, norm in norms.items():
+        key = checked.case_key(path, parts, x, dtype)
+        if key not in checked.decisions:
+            checked.decide(key, path, block, x, step(lambda t, norm=norm: lean_block_forward(parts, t, norm)),
+                           step(lambda t: _eager(block, t)), dtype,
+                           _fp32_reference(x, lambda t: step(lambda u: _eager(block, u), t)()))
+        decision = checked.decisions[key]
+        if decision.path != 'eager':
+            timed[path] = decision.fused_ms
+    if not timed:
+        return 'lean', None
+    path = min(timed, key=timed.get)
+    return path, lean_block_forward(parts, x, norms[path])
 
 
 def _fast_forward(block: nn.Module, x: torch.Tensor, backend: str):
@@ -236,8 +279,11 @@ def _fast_forward(block: nn.Module, x: torch.Tensor, backend: str):
     if parts.mode == 'train':
         if backend == 'lean':
             return 'lean', lean_block_forward(parts, x)
+        if backend == 'lean_triton':
+            norm = _lean_norms(parts, x).get('lean_triton')
+            return 'lean_triton', None if norm is None else lean_block_forward(parts, x, norm)
         if backend == 'auto' and lean_applies(parts, x):
-            return 'lean', _checked_train(block, parts, x)
+            return _checked_train(block, parts, x)
         return None
     if x.device.type == 'cpu' and backend == 'cpu':
         from . import cpu

@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from .eligibility import BlockParts
 from .runtime import autocast_state
 
-__all__ = ['lean_applies', 'lean_block_forward', 'under_checkpoint']
+__all__ = ['SavedNorm', 'TorchNorm', 'advance_running_stats', 'check_batch_size', 'lean_applies', 'lean_block_forward',
+           'under_checkpoint']
 
 # attribute on a lean block's output: how to rebuild it from the previous block's pre-activation
 _LINK = '_timm_convmixer_lean_link'
@@ -92,8 +93,9 @@ def _act_backward(name: str, grad: torch.Tensor, pre: torch.Tensor, post: torch.
     return grad
 
 
-class _Norm(NamedTuple):
-    """A batch-statistics normalisation's output and what its backward kernel needs."""
+class SavedNorm(NamedTuple):
+    """A batch-statistics normalisation's output and what its backward needs (``impl`` and ``reserve``: torch's
+    kernel choice and workspace; the Triton implementation leaves them empty)."""
     out: torch.Tensor
     save_mean: torch.Tensor
     save_var: torch.Tensor  # the kernel's own form (inverse std for the native and cuDNN kernels)
@@ -101,24 +103,35 @@ class _Norm(NamedTuple):
     impl: int
 
 
-def _batch_norm(bn: nn.BatchNorm2d, t: torch.Tensor, weight, bias, update: bool) -> _Norm:
+def advance_running_stats(bn: nn.BatchNorm2d, update: bool) -> float:
+    """The momentum a batch-statistics normalisation updates ``bn``'s running statistics with, advancing
+    ``num_batches_tracked`` first when ``update`` (and ``bn`` tracks them) exactly as ``nn.BatchNorm2d.forward`` does:
+    ``momentum``, or the cumulative average ``1 / num_batches_tracked`` when it is ``None``."""
+    momentum = 0. if bn.momentum is None else bn.momentum
+    if update and bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        momentum = 1. / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    return momentum
+
+
+def _batch_norm(bn: nn.BatchNorm2d, t: torch.Tensor, weight, bias, update: bool) -> SavedNorm:
     """``bn.forward`` on batch statistics through the kernel ``F.batch_norm`` picks, keeping its saved statistics.
 
     ``update``: advance the running statistics (``num_batches_tracked``, ``momentum`` or the cumulative average when
     it is ``None``) exactly as ``nn.BatchNorm2d.forward`` does; otherwise leave the module untouched (recomputation).
     """
+    check_batch_size(bn, t)
+    momentum = advance_running_stats(bn, update)
+    running_mean, running_var = bn.running_mean, bn.running_var
+    if not update and running_mean is not None:
+        running_mean, running_var = running_mean.clone(), running_var.clone()  # same kernel, nothing updated
+    return SavedNorm(*torch._batch_norm_impl_index(
+        t, weight, bias, running_mean, running_var, True, momentum, bn.eps, torch.backends.cudnn.enabled))
+
+
+def check_batch_size(bn: nn.BatchNorm2d, t: torch.Tensor) -> None:
     if t.numel() // t.shape[1] <= 1:  # F.batch_norm's own check
         raise ValueError(f'Expected more than 1 value per channel when training, got input size {t.size()}')
-    momentum = 0. if bn.momentum is None else bn.momentum
-    running_mean, running_var = bn.running_mean, bn.running_var
-    if update:
-        if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-            bn.num_batches_tracked.add_(1)
-            momentum = 1. / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-    elif running_mean is not None:
-        running_mean, running_var = running_mean.clone(), running_var.clone()  # same kernel, nothing updated
-    return _Norm(*torch._batch_norm_impl_index(
-        t, weight, bias, running_mean, running_var, True, momentum, bn.eps, torch.backends.cudnn.enabled))
 
 
 def _normalize(bn: nn.BatchNorm2d, t: torch.Tensor, weight, bias, mean, invstd) -> torch.Tensor:
@@ -132,11 +145,57 @@ def _normalize(bn: nn.BatchNorm2d, t: torch.Tensor, weight, bias, mean, invstd) 
     return torch.batch_norm(t, weight, bias, mean, var, False, 0., bn.eps, torch.backends.cudnn.enabled)
 
 
-def _batch_norm_backward(bn: nn.BatchNorm2d, norm: _Norm, t: torch.Tensor, grad: torch.Tensor, weight, needs):
+def _batch_norm_backward(bn: nn.BatchNorm2d, norm: SavedNorm, t: torch.Tensor, grad: torch.Tensor, weight,
+                         needs):
     """Gradients wrt (input, weight, bias) of a :func:`_batch_norm` of ``t``, by autograd's own kernel."""
     return torch.ops.aten._batch_norm_impl_index_backward(
         norm.impl, t, grad, weight, bn.running_mean, bn.running_var, norm.save_mean, norm.save_var, True, bn.eps,
         [True, weight is not None and needs[0], weight is not None and needs[1]], norm.reserve)
+
+
+class TorchNorm:
+    """A block's two ``out = residual + mask * bn(act(t))`` steps (batch statistics) through torch's own kernels:
+    what every device runs. :class:`.lean_triton.TritonNorm` is the same interface with fused Triton kernels; the
+    autograd function below is written against it once."""
+    name = 'lean'
+
+    @staticmethod
+    def prepare(x: torch.Tensor) -> torch.Tensor:
+        """The block's input as this implementation computes on it (as it is: torch's kernels take any layout)."""
+        return x
+
+    @staticmethod
+    def forward(bn, t, act: str, weight, bias, mask=None, residual=None) -> Tuple[torch.Tensor, SavedNorm]:
+        """The training forward: batch statistics of ``act(t)``, running statistics advanced as eager does; returns
+        the output and the statistics backward needs."""
+        norm = _batch_norm(bn, _ACT_FNS[act](t), weight, bias, update=True)
+        out = norm.out
+        if mask is not None:
+            out = out * mask
+        if residual is not None:
+            out = out + residual
+        return out, norm._replace(out=None)  # the statistics only: BN's own output may be freed now
+
+    @staticmethod
+    def again(bn, t, act: str, weight, bias, mean, invstd, mask=None, residual=None):
+        """``forward``'s output recomputed from its saved statistics: ``(out, act(t))`` (the second for
+        ``backward``)."""
+        a = _ACT_FNS[act](t)
+        out = _normalize(bn, a, weight, bias, mean, invstd)
+        if mask is not None:
+            out = out * mask
+        if residual is not None:
+            out = out + residual
+        return out, a
+
+    @staticmethod
+    def backward(bn, norm: SavedNorm, t, act: str, grad, weight, needs, mask=None, act_out=None):
+        """Gradients wrt ``(t, weight, bias)`` for the output's gradient ``grad`` (``act_out``: ``act(t)`` if known)."""
+        a = _ACT_FNS[act](t) if act_out is None else act_out
+        if mask is not None:
+            grad = grad * mask
+        grad_a, grad_w, grad_b = _batch_norm_backward(bn, norm, a, grad, weight, needs)
+        return _act_backward(act, grad_a, t, a), grad_w, grad_b
 
 
 def _params(parts: BlockParts) -> List[Optional[torch.Tensor]]:
@@ -160,21 +219,21 @@ class _LeanBlock(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, parts: BlockParts, holder: Dict[str, Any], *params):
-        act = _ACT_FNS[parts.act]
-        norm_dw = _batch_norm(parts.bn_dw, act(parts.conv_dw(x)), params[2], params[3], update=True)
-        y1 = norm_dw.out
+        norm_ops = holder['norm']
+        x = norm_ops.prepare(x)
+        z = parts.conv_dw(x)
         mask = None
         if type(parts.drop_path) is not nn.Identity and parts.drop_path.training and parts.drop_path.drop_prob > 0.:
             # the module's own draw on a ones tensor: exactly the mask (and random stream) eager would use
-            mask = parts.drop_path(y1.new_ones((y1.shape[0],) + (1,) * (y1.dim() - 1)))
-            y1 = y1 * mask
-        u = y1 + x
-        del y1
+            mask = parts.drop_path(z.new_ones((z.shape[0],) + (1,) * (z.dim() - 1)))
+        u, norm_dw = norm_ops.forward(parts.bn_dw, z, parts.act, params[2], params[3], mask, x)
+        del z
         p = parts.conv_pw(u)
         del u
-        norm = _batch_norm(parts.bn_pw, act(p), params[6], params[7], update=True)
+        out, norm = norm_ops.forward(parts.bn_pw, p, parts.act, params[6], params[7])
 
         ctx.parts = parts
+        ctx.norm_ops = norm_ops
         ctx.autocast = holder['autocast']
         ctx.impl = norm.impl
         linked = holder.get('link')
@@ -187,32 +246,28 @@ class _LeanBlock(torch.autograd.Function):
         ctx.impl_dw = norm_dw.impl
         holder['p'] = p
         holder['stats'] = (norm.save_mean, norm.save_var)
-        return norm.out
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
         parts: BlockParts = ctx.parts
+        norm_ops = ctx.norm_ops
         (source, p, mask, mean_pw, var_pw, reserve_pw, mean_dw, var_dw, reserve_dw, prev_w, prev_b, prev_mean,
          prev_invstd, *params) = ctx.saved_tensors
         w_dw, b_dw, g_dw, beta_dw, w_pw, b_pw, g_pw, beta_pw = params
-        act = _ACT_FNS[parts.act]
         needs = ctx.needs_input_grad  # (x, parts, holder, *params)
         with torch.no_grad(), _autocast(ctx.autocast):
-            # pointwise half, out = bn_pw(act(p)): the normalisation's and activation's own backward kernels
-            a2 = act(p)
-            norm_pw = _Norm(None, mean_pw, var_pw, reserve_pw, ctx.impl)
-            grad_a2, grad_g_pw, grad_beta_pw = _batch_norm_backward(
-                parts.bn_pw, norm_pw, a2, grad_out, g_pw, needs[9:11])
-            grad_p = _act_backward(parts.act, grad_a2, p, a2)
-            del a2, grad_a2
+            # pointwise half, out = bn_pw(act(p))
+            norm_pw = SavedNorm(None, mean_pw, var_pw, reserve_pw, ctx.impl)
+            grad_p, grad_g_pw, grad_beta_pw = norm_ops.backward(
+                parts.bn_pw, norm_pw, p, parts.act, grad_out, g_pw, needs[9:11])
 
             # the block's input: kept, or rebuilt from the previous lean block's pre-activation
             if ctx.link is None:
                 x = source
             else:
                 with _autocast(ctx.link.autocast):
-                    x = _normalize(ctx.link.bn, _ACT_FNS[ctx.link.act](source), prev_w, prev_b, prev_mean,
-                                   prev_invstd)
+                    x, _ = norm_ops.again(ctx.link.bn, source, ctx.link.act, prev_w, prev_b, prev_mean, prev_invstd)
 
             # depthwise half recomputed: u = x + drop_path(bn_dw(act(conv_dw(x))))
             conv_dw = parts.conv_dw
@@ -221,22 +276,15 @@ class _LeanBlock(torch.autograd.Function):
                 w_dw_ = w_dw.detach().requires_grad_(needs[3])
                 b_dw_ = None if b_dw is None else b_dw.detach().requires_grad_(needs[4])
                 z = F.conv2d(x_, w_dw_, b_dw_, conv_dw.stride, conv_dw.padding, conv_dw.dilation, conv_dw.groups)
-            a1 = act(z.detach())
-            y1 = _normalize(parts.bn_dw, a1, g_dw, beta_dw, mean_dw, var_dw)
-            if mask is not None:
-                y1 = y1 * mask
-            u = y1 + x
-            del y1
+            u, a1 = norm_ops.again(parts.bn_dw, z.detach(), parts.act, g_dw, beta_dw, mean_dw, var_dw, mask, x)
 
             # pointwise convolution's gradients from grad_p, without repeating its forward
             grad_u, grad_w_pw, grad_b_pw = _pointwise_backward(grad_p, u, p.dtype, w_pw, b_pw, needs[7:9])
             del u, grad_p
-            grad_y1 = grad_u if mask is None else grad_u * mask
-            norm_dw = _Norm(None, mean_dw, var_dw, reserve_dw, ctx.impl_dw)
-            grad_a1, grad_g_dw, grad_beta_dw = _batch_norm_backward(
-                parts.bn_dw, norm_dw, a1, grad_y1, g_dw, needs[5:7])
-            grad_z = _act_backward(parts.act, grad_a1, z, a1)
-            del a1, grad_a1, grad_y1
+            norm_dw = SavedNorm(None, mean_dw, var_dw, reserve_dw, ctx.impl_dw)
+            grad_z, grad_g_dw, grad_beta_dw = norm_ops.backward(
+                parts.bn_dw, norm_dw, z.detach(), parts.act, grad_u, g_dw, needs[5:7], mask, a1)
+            del a1
             wrt = [t for t in (x_, w_dw_, b_dw_) if t is not None and t.requires_grad]
             grads = iter(torch.autograd.grad(z, wrt, grad_z) if wrt else ())
             grad_x_dw, grad_w_dw, grad_b_dw = (next(grads) if t is not None and t.requires_grad else None
@@ -273,15 +321,17 @@ def lean_applies(parts: BlockParts, x: torch.Tensor) -> bool:
     return not under_checkpoint()
 
 
-def lean_block_forward(parts: BlockParts, x: torch.Tensor) -> Optional[torch.Tensor]:
+def lean_block_forward(parts: BlockParts, x: torch.Tensor, norm=TorchNorm) -> Optional[torch.Tensor]:
     """The training-mode block through :class:`_LeanBlock`, or ``None`` where it does not apply (then eager runs).
 
-    The output carries a link so that the next lean block need not keep it.
+    ``norm``: which implementation runs the block's normalisations (:class:`TorchNorm`, or
+    :class:`.lean_triton.TritonNorm` where :func:`.lean_triton.applies`). The output carries a link so that the next
+    lean block need not keep it.
     """
     if not lean_applies(parts, x):
         return None
     params = _params(parts)
-    holder: Dict[str, Any] = {'autocast': autocast_state(x.device.type), 'link': _live_link(x)}
+    holder: Dict[str, Any] = {'autocast': autocast_state(x.device.type), 'link': _live_link(x), 'norm': norm}
     out = _LeanBlock.apply(x, parts, holder, *params)
     p = holder.pop('p')
     mean, invstd = holder.pop('stats')

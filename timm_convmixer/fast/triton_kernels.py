@@ -47,7 +47,7 @@ from triton.runtime.jit import JITFunction
 
 __all__ = [
     'ACT_IDENTITY', 'ACT_GELU', 'ACT_RELU', 'ACT_SILU', 'ACT_GELU_TANH', 'ACT_CODES', 'ACT_BY_NAME',
-    'dw_fwd', 'dw_bwd', 'act_affine_fwd', 'act_affine_bwd', 'pw_fwd', 'pw_bwd',
+    'dw_fwd', 'dw_bwd', 'act_affine_fwd', 'act_affine_bwd', 'act_stats', 'bn_train_bwd', 'pw_fwd', 'pw_bwd',
     'Launch', 'record_launches', 'kernels',
 ]
 
@@ -503,9 +503,12 @@ def dw_bwd(
 
 
 def _act_affine_fwd_kernel(
-        p_ptr, scale_ptr, shift_ptr, out_ptr, M, C, ACT,
+        p_ptr, scale_ptr, shift_ptr, res_ptr, mask_ptr, out_ptr, M, C, HW, ACT,
         ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+        HAS_RES: tl.constexpr, HAS_MASK: tl.constexpr,
 ):
+    """``scale * act(p) + shift``, times ``mask[row // HW]`` (a per-sample drop-path factor) and plus ``res`` (the
+    residual) where asked: a training-mode BatchNorm applied with its batch statistics folded into scale/shift."""
     pid_m = tl.program_id(0)
     pid_c = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -519,6 +522,10 @@ def _act_affine_fwd_kernel(
     scale = tl.load(scale_ptr + offs_c, mask=mask_c, other=0.).to(ACC_DTYPE)
     shift = tl.load(shift_ptr + offs_c, mask=mask_c, other=0.).to(ACC_DTYPE)
     y = a * scale[None, :] + shift[None, :]
+    if HAS_MASK:
+        y = y * tl.load(mask_ptr + offs_m // HW, mask=offs_m < M, other=0.).to(ACC_DTYPE)[:, None]
+    if HAS_RES:
+        y += tl.load(res_ptr + base + offs, mask=m, other=0.).to(ACC_DTYPE)
     tl.store(out_ptr + base + offs, y.to(out_ptr.dtype.element_ty), mask=m)
 
 
@@ -556,7 +563,7 @@ def _act_affine_bwd_kernel(
     tl.store(part + 2 * num_m * C, tl.reduce(s_gp, 0, _sum_combine), mask=mask_c)
 
 
-_act_affine_fwd = _Kernel(_act_affine_fwd_kernel, do_not_specialize=('ACT',))
+_act_affine_fwd = _Kernel(_act_affine_fwd_kernel, do_not_specialize=('HW', 'ACT'))
 _act_affine_bwd = _Kernel(_act_affine_bwd_kernel, do_not_specialize=('TILES', 'ACT'))
 
 _BLOCK_M = 32
@@ -564,17 +571,27 @@ _BWD_BLOCK_M = 16  # three running sums besides the tile: one 16-byte vector per
 _BWD_TILES = 16  # row tiles per backward program
 
 
-def act_affine_fwd(p: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, act: int) -> torch.Tensor:
-    """``scale * act(p) + shift`` for a row-major ``[M, C]`` ``p``, in ``p``'s dtype (fp32 math)."""
+def act_affine_fwd(
+        p: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, act: int,
+        residual: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None, rows_per_sample: int = 1,
+        out_dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """``scale * act(p) + shift`` for a row-major ``[M, C]`` ``p`` (fp32 math), in ``out_dtype`` (``p``'s by default).
+
+    Training-mode BatchNorm uses the optional terms: ``mask`` (``[M // rows_per_sample]``, one factor per sample,
+    drop path) multiplies the result and ``residual`` (``[M, C]``) is added to it, in the same pass.
+    """
     M, C = p.shape
     p = p.contiguous()
-    out = torch.empty_like(p)
+    out = torch.empty((M, C), dtype=out_dtype or p.dtype, device=p.device)
     BLOCK_C = _line_c(C, p.dtype)
     BLOCK_M = _tile_rows(M, _BLOCK_M, C)
     grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(C, BLOCK_C))
     _act_affine_fwd.launch(
-        grid, p, scale.contiguous(), shift.contiguous(), out, M, C, act,
-        ACC_DTYPE=_acc_dtype(p.dtype), BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C, num_warps=_NUM_WARPS, device=p.device)
+        grid, p, scale.contiguous(), shift.contiguous(), p if residual is None else residual.contiguous(),
+        p if mask is None else mask.contiguous(), out, M, C, rows_per_sample, act,
+        ACC_DTYPE=_acc_dtype(p.dtype), BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C, HAS_RES=residual is not None,
+        HAS_MASK=mask is not None, num_warps=_NUM_WARPS, device=p.device)
     return out
 
 
@@ -603,6 +620,157 @@ def act_affine_bwd(
     """Gradients of :func:`act_affine_fwd` wrt ``(p, scale, shift)``; the last two in fp32 (fp64 for fp64)."""
     gp, g_scale, g_shift, _ = _act_affine_bwd_launch(grad_out, p, scale, act)
     return gp, g_scale, g_shift
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# training-mode BatchNorm of act(t): batch statistics, and the backward's two passes
+
+
+def _act_stats_kernel(
+        t_ptr, part_ptr, M, C, TILES, ACT,
+        ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Partial sums ``[3, programs, C]`` of ``a = act(t)`` over each program's ``TILES`` row tiles: a shift (``a`` of
+    the program's first row), ``sum(a - shift)`` and ``sum((a - shift)^2)``. Shifting by a value from the data keeps
+    the variance free of the cancellation ``E[a^2] - E[a]^2`` suffers when the mean is large; the programs' partials
+    are combined exactly (Chan's formula, float64) by the launcher."""
+    pid_m = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    offs = tl.arange(0, BLOCK_M)[:, None] * C + offs_c[None, :]
+    first = (pid_m * TILES * BLOCK_M).to(tl.int64) * C
+    k = _act(tl.load(t_ptr + first + offs_c, mask=mask_c, other=0.).to(ACC_DTYPE), ACT)
+    s1 = tl.full((BLOCK_M, BLOCK_C), 0., ACC_DTYPE)
+    s2 = tl.full((BLOCK_M, BLOCK_C), 0., ACC_DTYPE)
+    for t in range(pid_m * TILES, tl.minimum(pid_m * TILES + TILES, (M + BLOCK_M - 1) // BLOCK_M)):
+        row0 = t * BLOCK_M
+        m = (row0 + tl.arange(0, BLOCK_M) < M)[:, None] & mask_c[None, :]
+        base = (row0 + pid_m.to(tl.int64) * 0) * C
+        v = tl.load(t_ptr + base + offs, mask=m, other=0.).to(ACC_DTYPE)
+        d = tl.where(m, _act(v, ACT) - k[None, :], 0.)
+        s1 += d
+        s2 += d * d
+    num_m = tl.num_programs(0)
+    part = part_ptr + pid_m.to(tl.int64) * C + offs_c
+    tl.store(part, k, mask=mask_c)
+    tl.store(part + num_m * C, tl.reduce(s1, 0, _sum_combine), mask=mask_c)
+    tl.store(part + 2 * num_m * C, tl.reduce(s2, 0, _sum_combine), mask=mask_c)
+
+
+def _bn_train_bwd_kernel(
+        t_ptr, gy_ptr, mask_ptr, coef_ptr, gt_ptr, part_ptr, M, C, HW, TILES, ACT,
+        ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+        HAS_MASK: tl.constexpr, REDUCE: tl.constexpr,
+):
+    """Backward of ``y = bn(act(t))`` on batch statistics, ``dy = gy * mask[row // HW]``; ``coef`` is ``[5, C]``:
+    mean, invstd, and (second pass) ``alpha = weight * invstd``, ``c1 = sum(dy) / M``, ``c2 = invstd * sum(dy * xhat)
+    / M``.
+
+    ``REDUCE`` (first pass): partial sums ``[2, programs, C]`` of ``dy`` and ``dy * xhat``, ``xhat = (a - mean) *
+    invstd``. Otherwise: ``gt = act'(t) * alpha * (dy - c1 - (a - mean) * c2)``, BatchNorm's input gradient.
+    """
+    pid_m = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    offs = tl.arange(0, BLOCK_M)[:, None] * C + offs_c[None, :]
+    mean = tl.load(coef_ptr + offs_c, mask=mask_c, other=0.).to(ACC_DTYPE)
+    invstd = tl.load(coef_ptr + C + offs_c, mask=mask_c, other=0.).to(ACC_DTYPE)
+    if REDUCE:
+        s_dy = tl.full((BLOCK_M, BLOCK_C), 0., ACC_DTYPE)
+        s_dyx = tl.full((BLOCK_M, BLOCK_C), 0., ACC_DTYPE)
+    else:
+        alpha = tl.load(coef_ptr + 2 * C + offs_c, mask=mask_c, other=0.).to(ACC_DTYPE)
+        c1 = tl.load(coef_ptr + 3 * C + offs_c, mask=mask_c, other=0.).to(ACC_DTYPE)
+        c2 = tl.load(coef_ptr + 4 * C + offs_c, mask=mask_c, other=0.).to(ACC_DTYPE)
+    for t in range(pid_m * TILES, tl.minimum(pid_m * TILES + TILES, (M + BLOCK_M - 1) // BLOCK_M)):
+        row0 = t * BLOCK_M
+        rows = row0 + tl.arange(0, BLOCK_M)
+        m = (rows < M)[:, None] & mask_c[None, :]
+        base = (row0 + pid_m.to(tl.int64) * 0) * C
+        v = tl.load(t_ptr + base + offs, mask=m, other=0.).to(ACC_DTYPE)
+        dy = tl.load(gy_ptr + base + offs, mask=m, other=0.).to(ACC_DTYPE)
+        if HAS_MASK:
+            dy = dy * tl.load(mask_ptr + rows // HW, mask=rows < M, other=0.).to(ACC_DTYPE)[:, None]
+        if REDUCE:
+            centred = _act(v, ACT) - mean[None, :]
+            s_dy += dy
+            s_dyx += tl.where(m, dy * centred * invstd[None, :], 0.)
+        else:
+            a, da = _act_and_grad(v, ACT)
+            g = da * alpha[None, :] * (dy - c1[None, :] - (a - mean[None, :]) * c2[None, :])
+            tl.store(gt_ptr + base + offs, g.to(gt_ptr.dtype.element_ty), mask=m)
+    if REDUCE:
+        num_m = tl.num_programs(0)
+        part = part_ptr + pid_m.to(tl.int64) * C + offs_c
+        tl.store(part, tl.reduce(s_dy, 0, _sum_combine), mask=mask_c)
+        tl.store(part + num_m * C, tl.reduce(s_dyx, 0, _sum_combine), mask=mask_c)
+
+
+_act_stats = _Kernel(_act_stats_kernel, do_not_specialize=('TILES', 'ACT'))
+_bn_train_bwd = _Kernel(_bn_train_bwd_kernel, do_not_specialize=('HW', 'TILES', 'ACT'))
+
+
+def _row_programs(M: int, C: int, dtype: torch.dtype) -> Tuple[int, int, int]:
+    """``(BLOCK_M, BLOCK_C, programs along the rows)`` of the row-walking kernels (``_BWD_TILES`` tiles each)."""
+    BLOCK_M = _tile_rows(M, _BWD_BLOCK_M, C)
+    return BLOCK_M, _line_c(C, dtype), triton.cdiv(triton.cdiv(M, BLOCK_M), _BWD_TILES)
+
+
+def act_stats(t: torch.Tensor, act: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Batch mean and biased variance ``[C]`` of ``act(t)`` over the rows of a row-major ``[M, C]`` ``t``, in fp32
+    (fp64 for fp64): one read of ``t``."""
+    M, C = t.shape
+    t = t.contiguous()
+    BLOCK_M, BLOCK_C, programs = _row_programs(M, C, t.dtype)
+    part = torch.empty((3, programs, C), dtype=_torch_acc_dtype(t.dtype), device=t.device)
+    _act_stats.launch(
+        (programs, triton.cdiv(C, BLOCK_C)), t, part, M, C, _BWD_TILES, act,
+        ACC_DTYPE=_acc_dtype(t.dtype), BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C, num_warps=_NUM_WARPS, device=t.device)
+    # Chan's parallel combination of the programs' (count, mean, M2), in float64 on [programs, C]
+    shift, s1, s2 = part.double().unbind(0)
+    rows = BLOCK_M * _BWD_TILES
+    n = (M - torch.arange(programs, device=t.device, dtype=torch.float64) * rows).clamp(max=rows)[:, None]
+    mean_p = shift + s1 / n
+    mean = (n * mean_p).sum(0) / M
+    m2 = (s2 - s1 * s1 / n).sum(0) + (n * (mean_p - mean).square()).sum(0)
+    return mean.to(part.dtype), (m2 / M).clamp(min=0).to(part.dtype)
+
+
+def bn_train_bwd(
+        grad_out: torch.Tensor, t: torch.Tensor, act: int, mean: torch.Tensor, invstd: torch.Tensor,
+        weight: Optional[torch.Tensor], mask: Optional[torch.Tensor] = None, rows_per_sample: int = 1,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward of ``y = weight * (act(t) - mean) * invstd + bias`` where mean and invstd are ``act(t)``'s batch
+    statistics, for ``[M, C]`` rows, with ``grad_out`` first multiplied by the per-sample ``mask`` (drop path).
+
+    Returns ``(grad_t, grad_weight, grad_bias)``: ``grad_t`` in ``t``'s dtype; ``sum(dy * xhat)`` and ``sum(dy)``
+    in fp32 (fp64 for fp64) -- ``weight``'s and ``bias``'s gradients. Two reads of ``t`` and ``grad_out``.
+    """
+    M, C = t.shape
+    t = t.contiguous()
+    grad_out = grad_out.contiguous()
+    acc_t = _torch_acc_dtype(t.dtype)
+    BLOCK_M, BLOCK_C, programs = _row_programs(M, C, t.dtype)
+    grid = (programs, triton.cdiv(C, BLOCK_C))
+    mean, invstd = mean.to(acc_t), invstd.to(acc_t)
+    mask_arg = t if mask is None else mask.contiguous()
+    coef = torch.zeros((5, C), dtype=acc_t, device=t.device)
+    coef[0], coef[1] = mean, invstd
+    part = torch.empty((2, programs, C), dtype=acc_t, device=t.device)
+    meta = dict(ACC_DTYPE=_acc_dtype(t.dtype), BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C, HAS_MASK=mask is not None,
+                num_warps=_NUM_WARPS, device=t.device)
+    _bn_train_bwd.launch(grid, t, grad_out, mask_arg, coef, t, part, M, C, rows_per_sample, _BWD_TILES, act,
+                         REDUCE=True, **meta)
+    s_dy, s_dyx = part.sum(dim=1).unbind(0)
+    coef[2] = invstd if weight is None else invstd * weight.to(acc_t)
+    coef[3] = s_dy / M
+    coef[4] = invstd * s_dyx / M
+    grad_t = torch.empty_like(t)
+    _bn_train_bwd.launch(grid, t, grad_out, mask_arg, coef, grad_t, part, M, C, rows_per_sample, _BWD_TILES, act,
+                         REDUCE=False, **meta)
+    return grad_t, s_dyx, s_dy
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -745,4 +913,4 @@ def pw_bwd(
 def kernels() -> Dict[str, _Kernel]:
     """Every kernel of this module by name (what a launch record's ``kernel.name`` refers to)."""
     return {k.name: k for k in (_dw_fwd, _dw_bwd_gz, _dw_bwd_gx, _dw_bwd_gw, _act_affine_fwd, _act_affine_bwd,
-                                _pw_fwd)}
+                                _act_stats, _bn_train_bwd, _pw_fwd)}

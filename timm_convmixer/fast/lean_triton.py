@@ -1,0 +1,138 @@
+"""The lean training block's normalisations as fused Triton kernels: fewer passes over the activations on a GPU.
+
+The lean block (:mod:`.lean`) keeps what it keeps whichever implementation runs its two ``residual + mask *
+bn(act(t))`` steps; this one changes how many times they read and write memory. Per step, on ``[N*H*W, C]`` rows in
+channels_last order:
+
+* forward: one read of ``t`` for the batch statistics of ``act(t)`` (:func:`.triton_kernels.act_stats`, shifted sums
+  combined exactly), then one pass that applies activation, normalisation, the per-sample drop-path factor and the
+  residual add (:func:`.triton_kernels.act_affine_fwd`). torch's kernels make an activation pass, BatchNorm's two,
+  a drop-path multiply and a residual add: 5-6 reads or writes of a full tensor more per step;
+* backward: two passes (:func:`.triton_kernels.bn_train_bwd`: the per-channel sums, then the input gradient with the
+  activation's derivative and the drop-path factor folded in) instead of an activation recompute, BatchNorm's
+  backward and the activation's backward as separate kernels; the recomputed ``u`` is one more pass of
+  ``act_affine_fwd``.
+
+The convolutions stay the module's own (cuDNN/cuBLAS on CUDA) and the running statistics are advanced in torch ops
+on ``[C]`` vectors with eager's rule (momentum or cumulative average, unbiased variance, ``num_batches_tracked``).
+Statistics accumulate in fp32 whatever the activations' dtype, as cuDNN's BatchNorm does; results match eager
+within the dtype's precision, not bit for bit (one rounding instead of several).
+
+Whether this beats torch's kernels on a given GPU is not assumed: ``auto`` times it against the plain modules (and
+against the torch-ops lean block) on first use, like every fused path. Under ``TRITON_INTERPRET=1`` it runs on CPU
+tensors, which is how the tests check it.
+"""
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from . import triton_kernels as K
+from .eligibility import BlockParts
+from .lean import SavedNorm, advance_running_stats, check_batch_size, lean_applies
+from .runtime import autocast_state, interpreter_enabled
+
+__all__ = ['TritonNorm', 'applies']
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``[N, C, H, W]`` -> ``[N*H*W, C]`` rows (a view of a channels_last tensor, a copy otherwise)."""
+    N, C, H, W = t.shape
+    return t.permute(0, 2, 3, 1).reshape(N * H * W, C)
+
+
+def _image(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Rows back to a channels_last ``[N, C, H, W]`` tensor of ``like``'s shape (a view)."""
+    N, C, H, W = like.shape
+    return rows.view(N, H, W, C).permute(0, 3, 1, 2)
+
+
+def _scale_shift(weight, bias, mean, invstd) -> Tuple[torch.Tensor, torch.Tensor]:
+    scale = invstd if weight is None else weight.to(invstd.dtype) * invstd
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias.to(invstd.dtype)
+    return scale, shift
+
+
+def _out_dtype(t: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.dtype:
+    """What eager's ``residual + bn(act(t))`` gives: BatchNorm keeps ``t``'s dtype, the add promotes."""
+    return t.dtype if residual is None else torch.promote_types(t.dtype, residual.dtype)
+
+
+def _mask_vector(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if mask is None else mask.reshape(-1)
+
+
+class TritonNorm:
+    """:class:`.lean.TorchNorm`'s interface on the Triton kernels (channels_last in, channels_last out)."""
+    name = 'lean_triton'
+
+    @staticmethod
+    def prepare(x: torch.Tensor) -> torch.Tensor:
+        """channels_last, the kernels' row layout: an NCHW input is converted once, at the first block (its output
+        stays channels_last, like the CPU fast path's; values are unchanged)."""
+        return x.contiguous(memory_format=torch.channels_last)
+
+    @staticmethod
+    def forward(bn: nn.BatchNorm2d, t, act: str, weight, bias, mask=None,
+                residual=None) -> Tuple[torch.Tensor, SavedNorm]:
+        check_batch_size(bn, t)
+        t = t.contiguous(memory_format=torch.channels_last)
+        code = K.ACT_BY_NAME[act]
+        rows = _rows(t)
+        mean, var = K.act_stats(rows, code)
+        momentum = advance_running_stats(bn, update=True)
+        if bn.running_mean is not None and momentum:
+            n = rows.shape[0]
+            # eager's update: the unbiased variance, in the running buffers' dtype
+            bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), momentum)
+            bn.running_var.lerp_((var * (n / max(n - 1, 1))).to(bn.running_var.dtype), momentum)
+        invstd = (var + bn.eps).rsqrt()
+        out = TritonNorm._apply(t, code, weight, bias, mean, invstd, mask, residual)
+        return out, SavedNorm(None, mean, invstd, mean.new_empty(0), -1)
+
+    @staticmethod
+    def again(bn, t, act: str, weight, bias, mean, invstd, mask=None, residual=None):
+        t = t.contiguous(memory_format=torch.channels_last)
+        return TritonNorm._apply(t, K.ACT_BY_NAME[act], weight, bias, mean, invstd, mask, residual), None
+
+    @staticmethod
+    def _apply(t, code: int, weight, bias, mean, invstd, mask, residual) -> torch.Tensor:
+        scale, shift = _scale_shift(weight, bias, mean.to(invstd.dtype), invstd)
+        res = None if residual is None else _rows(residual.contiguous(memory_format=torch.channels_last))
+        out = K.act_affine_fwd(_rows(t), scale, shift, code, residual=res, mask=_mask_vector(mask),
+                               rows_per_sample=t.shape[2] * t.shape[3], out_dtype=_out_dtype(t, residual))
+        return _image(out, t)
+
+    @staticmethod
+    def backward(bn, norm: SavedNorm, t, act: str, grad, weight, needs, mask=None, act_out=None):
+        t = t.contiguous(memory_format=torch.channels_last)
+        grad = grad.contiguous(memory_format=torch.channels_last)
+        grad_t, grad_w, grad_b = K.bn_train_bwd(
+            _rows(grad), _rows(t), K.ACT_BY_NAME[act], norm.save_mean, norm.save_var, weight,
+            _mask_vector(mask), t.shape[2] * t.shape[3])
+        grad_w = grad_w.to(weight.dtype) if weight is not None and needs[0] else None
+        grad_b = grad_b.to(bn.bias.dtype) if bn.bias is not None and needs[1] else None
+        return _image(grad_t, t), grad_w, grad_b
+
+
+def applies(parts: BlockParts, x: torch.Tensor) -> bool:
+    """Where the fused normalisations may run: what the lean block needs, on a Triton device (CUDA, or CPU tensors
+    under ``TRITON_INTERPRET=1``), in a floating dtype the kernels take, images within 32-bit offsets."""
+    if not lean_applies(parts, x):
+        return False
+    if not (x.device.type == 'cuda' or (x.device.type == 'cpu' and interpreter_enabled())):
+        return False
+    _, autocast, autocast_dtype = autocast_state(x.device.type)
+    dtype = autocast_dtype if autocast and x.dtype != torch.float64 else x.dtype
+    if dtype not in _FLOAT_DTYPES or x.dtype not in _FLOAT_DTYPES:
+        return False
+    for bn in (parts.bn_dw, parts.bn_pw):
+        for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var):
+            if t is not None and (t.device != x.device or t.dtype not in (torch.float32, torch.float64)):
+                return False
+    _, C, H, W = x.shape
+    return H * W * C < 2 ** 31
