@@ -467,3 +467,19 @@ def test_check_under_16_bit_autocast_judges_each_tensor_against_fp32():
             far = decide(2, (torch.full((100,), 1.1), torch.ones(100)))  # 10% where the plain modules are exact
     assert far.path == 'eager' and far.fused_ms is None
     assert far.max_rel_err == pytest.approx(0.1) and far.limit == tol
+
+
+def test_check_without_an_fp32_run_judges_against_the_plain_modules():
+    """A bf16 model under bf16 autocast cannot run in fp32 (its weights are bf16): the check still decides, against
+    the plain modules with bf16's tolerance, instead of failing the user's step."""
+    eager, model = _pair(dim=16, depth=2)
+    eager, model = eager.bfloat16(), model.bfloat16()
+    x = _input(2, 16).bfloat16()
+    with torch.autocast('cpu', dtype=torch.bfloat16), warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        ref = _step(eager, x, 'eager')
+        got = _step(model, x, 'auto')
+    (key, decision), = checked.decisions.items()
+    assert key[0] == 'lean' and decision.limit == checked.tolerance(torch.bfloat16, 'cpu')
+    assert decision.max_rel_err <= decision.limit and got[3] == {decision.path: 2}
+    torch.testing.assert_close(got[0], ref[0], rtol=0, atol=0)
