@@ -178,22 +178,18 @@ def _checked_eval(block: nn.Module, parts: BlockParts, x: torch.Tensor) -> Tuple
     use found right and faster than the plain modules (each is timed against them), or ``('triton', None)``."""
     from . import checked
     dtype = _compute_dtype(x)
-    timed = {}
-    for path in TRITON_PATHS:
-        key = checked.case_key(path, parts, x, dtype)
-        if key not in checked.decisions:
-            def fused(path=path):
-                with torch.no_grad():
-                    return _triton_forward(block, parts, x, path)
 
-            checked.decide(key, path, block, x, fused, lambda: _eager_no_grad(block, x), dtype,
-                           _fp32_reference(x, lambda t: _eager_no_grad(block, t)))
-        decision = checked.decisions[key]
-        if decision.path != 'eager':
-            timed[path] = decision.fused_ms
-    if not timed:
+    def fused(path):
+        def run():
+            with torch.no_grad():
+                return _triton_forward(block, parts, x, path)
+        return run
+
+    eager = lambda: _eager_no_grad(block, x)  # noqa: E731
+    reference = _fp32_reference(x, lambda t: _eager_no_grad(block, t))
+    path = checked.fastest({path: (fused(path), eager, reference) for path in TRITON_PATHS}, parts, block, x, dtype)
+    if path is None:
         return 'triton', None
-    path = min(timed, key=timed.get)
     return path, _triton_forward(block, parts, x, path)
 
 
@@ -255,19 +251,13 @@ def _checked_train(block: nn.Module, parts: BlockParts, x: torch.Tensor) -> Tupl
         return run
 
     norms = _lean_norms(parts, x)
-    timed = {}
-    for path, norm in norms.items():
-        key = checked.case_key(path, parts, x, dtype)
-        if key not in checked.decisions:
-            checked.decide(key, path, block, x, step(lambda t, norm=norm: lean_block_forward(parts, t, norm)),
-                           step(lambda t: _eager(block, t)), dtype,
-                           _fp32_reference(x, lambda t: step(lambda u: _eager(block, u), t)()))
-        decision = checked.decisions[key]
-        if decision.path != 'eager':
-            timed[path] = decision.fused_ms
-    if not timed:
+    eager = step(lambda t: _eager(block, t))
+    reference = _fp32_reference(x, lambda t: step(lambda u: _eager(block, u), t)())
+    trials = {path: (step(lambda t, norm=norm: lean_block_forward(parts, t, norm)), eager, reference)
+              for path, norm in norms.items()}
+    path = checked.fastest(trials, parts, block, x, dtype)
+    if path is None:
         return 'lean', None
-    path = min(timed, key=timed.get)
     return path, lean_block_forward(parts, x, norms[path])
 
 

@@ -26,8 +26,8 @@ import torch.nn as nn
 from .eligibility import BlockParts
 
 __all__ = [
-    'Decision', 'ERROR_FACTOR', 'FastPathDecision', 'case_key', 'decide', 'decision_records', 'decisions', 'forget',
-    'tolerance',
+    'Decision', 'ERROR_FACTOR', 'FastPathDecision', 'case_key', 'decide', 'decision_records', 'decisions', 'fastest',
+    'forget', 'tolerance',
 ]
 
 
@@ -229,6 +229,24 @@ def decide(
         warnings.warn(f'timm_convmixer: using {decision.path} for {_describe(key)} ({decision.reason})',
                       FastPathDecision, stacklevel=3)
     return decision
+
+
+def fastest(
+        trials: Dict[str, Tuple[Callable[[], Optional[object]], Callable[[], object], Optional[Callable[[], object]]]],
+        parts: BlockParts,
+        block: nn.Module,
+        x: torch.Tensor,
+        dtype: torch.dtype,
+) -> Optional[str]:
+    """The fastest of several fused paths for one case, each checked with :func:`decide` on first use: ``trials``
+    maps a path's name to its ``(fused, eager, reference)`` callables. ``None`` when the check accepted none."""
+    timed = {}
+    for path, (fused, eager, reference) in trials.items():
+        key = case_key(path, parts, x, dtype)
+        decision = decisions.get(key) or decide(key, path, block, x, fused, eager, dtype, reference)
+        if decision.path != 'eager':
+            timed[path] = decision.fused_ms
+    return min(timed, key=timed.get) if timed else None
 
 
 def _describe(key: Tuple) -> str:

@@ -498,6 +498,15 @@ def dw_bwd(
     return gx, g_weight, g_bias, g_scale, g_shift
 
 
+@_device_fn
+def _row_tile(t, M, C, mask_c, pid_m, BLOCK_M: tl.constexpr):
+    """Row tile ``t`` of a row-walking kernel over ``[M, C]`` rows: its first row, its ``[BLOCK_M, BLOCK_C]`` mask and
+    its 64-bit element base (``pid_m`` only lends its 64-bit type: the loop index may be a plain int)."""
+    row0 = t * BLOCK_M
+    m = (row0 + tl.arange(0, BLOCK_M) < M)[:, None] & mask_c[None, :]
+    return row0, m, (row0 + pid_m.to(tl.int64) * 0) * C
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # pointwise conv epilogue: scale * act(p) + shift on the GEMM output
 
@@ -545,9 +554,7 @@ def _act_affine_bwd_kernel(
     s_gy = tl.full((BLOCK_M, BLOCK_C), 0., ACC_DTYPE)
     s_gp = tl.full((BLOCK_M, BLOCK_C), 0., ACC_DTYPE)
     for t in range(pid_m * TILES, tl.minimum(pid_m * TILES + TILES, (M + BLOCK_M - 1) // BLOCK_M)):
-        row0 = t * BLOCK_M
-        m = (row0 + tl.arange(0, BLOCK_M) < M)[:, None] & mask_c[None, :]
-        base = (row0 + pid_m.to(tl.int64) * 0) * C
+        _, m, base = _row_tile(t, M, C, mask_c, pid_m, BLOCK_M)
         p = tl.load(p_ptr + base + offs, mask=m, other=0.).to(ACC_DTYPE)
         gy = tl.load(gy_ptr + base + offs, mask=m, other=0.).to(ACC_DTYPE)
         a, da = _act_and_grad(p, ACT)
@@ -644,9 +651,7 @@ def _act_stats_kernel(
     s1 = tl.full((BLOCK_M, BLOCK_C), 0., ACC_DTYPE)
     s2 = tl.full((BLOCK_M, BLOCK_C), 0., ACC_DTYPE)
     for t in range(pid_m * TILES, tl.minimum(pid_m * TILES + TILES, (M + BLOCK_M - 1) // BLOCK_M)):
-        row0 = t * BLOCK_M
-        m = (row0 + tl.arange(0, BLOCK_M) < M)[:, None] & mask_c[None, :]
-        base = (row0 + pid_m.to(tl.int64) * 0) * C
+        _, m, base = _row_tile(t, M, C, mask_c, pid_m, BLOCK_M)
         v = tl.load(t_ptr + base + offs, mask=m, other=0.).to(ACC_DTYPE)
         d = tl.where(m, _act(v, ACT) - k[None, :], 0.)
         s1 += d
@@ -685,10 +690,8 @@ def _bn_train_bwd_kernel(
         c1 = tl.load(coef_ptr + 3 * C + offs_c, mask=mask_c, other=0.).to(ACC_DTYPE)
         c2 = tl.load(coef_ptr + 4 * C + offs_c, mask=mask_c, other=0.).to(ACC_DTYPE)
     for t in range(pid_m * TILES, tl.minimum(pid_m * TILES + TILES, (M + BLOCK_M - 1) // BLOCK_M)):
-        row0 = t * BLOCK_M
+        row0, m, base = _row_tile(t, M, C, mask_c, pid_m, BLOCK_M)
         rows = row0 + tl.arange(0, BLOCK_M)
-        m = (rows < M)[:, None] & mask_c[None, :]
-        base = (row0 + pid_m.to(tl.int64) * 0) * C
         v = tl.load(t_ptr + base + offs, mask=m, other=0.).to(ACC_DTYPE)
         dy = tl.load(gy_ptr + base + offs, mask=m, other=0.).to(ACC_DTYPE)
         if HAS_MASK:
