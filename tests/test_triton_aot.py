@@ -66,6 +66,7 @@ def _jit_binder_available() -> bool:
 
 
 pytestmark = [
+    pytest.mark.kernels,
     pytest.mark.skipif(not _nvidia_backend_ok(), reason="triton's nvidia backend is not available"),
     pytest.mark.skipif(not _jit_binder_available(),
                        reason="this triton's JIT has no create_function_from_signature/_pack_args (written for 3.8)"),

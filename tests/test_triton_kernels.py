@@ -12,6 +12,8 @@ import torch.nn.functional as F
 
 triton = pytest.importorskip('triton', reason='triton is not importable')
 
+pytestmark = pytest.mark.kernels  # timm plays no part: ./run.sh test-min leaves these out
+
 from helpers import Normal, Uniform, randomize_bn  # noqa: E402
 from timm_convmixer.convmixer import MixerBlock  # noqa: E402
 from timm_convmixer.fast import triton_ops as ops  # noqa: E402
