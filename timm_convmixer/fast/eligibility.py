@@ -16,7 +16,8 @@ no hooks on any child (a hook must see its module run). Its mode is:
   may be active (what the lean training block computes);
 * anything else (one BatchNorm in each mode) has no fast path.
 
-:func:`bn_scale_shift` is the one place where an eval-mode BatchNorm becomes ``scale * x + shift``.
+:func:`bn_scale_shift` is the one place where an eval-mode BatchNorm becomes ``scale * x + shift`` (:func:`scale_shift`
+the fold itself, which the lean block's Triton normalisations apply to batch statistics).
 """
 from typing import NamedTuple, Optional, Tuple
 
@@ -24,7 +25,8 @@ import torch
 import torch.nn as nn
 from timm.layers import DropPath
 
-__all__ = ['ACT_NAMES', 'BlockParts', 'act_name', 'block_parts', 'bn_scale_shift', 'bn_uses_batch_stats']
+__all__ = ['ACT_NAMES', 'BlockParts', 'act_name', 'block_parts', 'bn_scale_shift', 'bn_uses_batch_stats',
+           'scale_shift']
 
 # what each supported activation is called by the backends (each maps these names to its own kernels)
 ACT_NAMES = ('identity', 'relu', 'gelu', 'gelu_tanh', 'silu')
@@ -144,8 +146,15 @@ def bn_scale_shift(bn: nn.BatchNorm2d, dtype: torch.dtype) -> Tuple[torch.Tensor
     in its compute dtype; the Triton path keeps fp32 (fp64 for fp64).
     """
     rstd = torch.rsqrt(bn.running_var.to(dtype) + bn.eps)
-    scale = bn.weight.to(dtype) * rstd if bn.weight is not None else rstd
-    shift = -bn.running_mean.to(dtype) * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias.to(dtype)
+    return scale_shift(bn.weight, bn.bias, bn.running_mean.to(dtype), rstd)
+
+
+def scale_shift(weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], mean: torch.Tensor,
+                rstd: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``weight * (x - mean) * rstd + bias`` as ``scale * x + shift``, in ``rstd``'s dtype: the fold itself, for
+    running statistics (:func:`bn_scale_shift`) or a batch's (the lean block's Triton normalisations)."""
+    scale = weight.to(rstd.dtype) * rstd if weight is not None else rstd
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias.to(rstd.dtype)
     return scale, shift

@@ -28,33 +28,13 @@ import torch
 import torch.nn as nn
 
 from . import triton_kernels as K
-from .eligibility import BlockParts
+from .eligibility import BlockParts, scale_shift
 from .lean import SavedNorm, advance_running_stats, check_batch_size, lean_applies
 from .runtime import autocast_state, interpreter_enabled
 
 __all__ = ['TritonNorm', 'applies']
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """``[N, C, H, W]`` -> ``[N*H*W, C]`` rows (a view of a channels_last tensor, a copy otherwise)."""
-    N, C, H, W = t.shape
-    return t.permute(0, 2, 3, 1).reshape(N * H * W, C)
-
-
-def _image(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Rows back to a channels_last ``[N, C, H, W]`` tensor of ``like``'s shape (a view)."""
-    N, C, H, W = like.shape
-    return rows.view(N, H, W, C).permute(0, 3, 1, 2)
-
-
-def _scale_shift(weight, bias, mean, invstd) -> Tuple[torch.Tensor, torch.Tensor]:
-    scale = invstd if weight is None else weight.to(invstd.dtype) * invstd
-    shift = -mean * scale
-    if bias is not None:
-        shift = shift + bias.to(invstd.dtype)
-    return scale, shift
 
 
 def _out_dtype(t: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.dtype:
@@ -82,7 +62,7 @@ class TritonNorm:
         check_batch_size(bn, t)
         t = t.contiguous(memory_format=torch.channels_last)
         code = K.ACT_BY_NAME[act]
-        rows = _rows(t)
+        rows = K.rows(t)
         mean, var = K.act_stats(rows, code)
         momentum = advance_running_stats(bn, update=True)
         if bn.running_mean is not None and momentum:
@@ -101,22 +81,22 @@ class TritonNorm:
 
     @staticmethod
     def _apply(t, code: int, weight, bias, mean, invstd, mask, residual) -> torch.Tensor:
-        scale, shift = _scale_shift(weight, bias, mean.to(invstd.dtype), invstd)
-        res = None if residual is None else _rows(residual.contiguous(memory_format=torch.channels_last))
-        out = K.act_affine_fwd(_rows(t), scale, shift, code, residual=res, mask=_mask_vector(mask),
+        scale, shift = scale_shift(weight, bias, mean.to(invstd.dtype), invstd)
+        res = None if residual is None else K.rows(residual.contiguous(memory_format=torch.channels_last))
+        out = K.act_affine_fwd(K.rows(t), scale, shift, code, residual=res, mask=_mask_vector(mask),
                                rows_per_sample=t.shape[2] * t.shape[3], out_dtype=_out_dtype(t, residual))
-        return _image(out, t)
+        return K.image(out, t)
 
     @staticmethod
     def backward(bn, norm: SavedNorm, t, act: str, grad, weight, needs, mask=None, act_out=None):
         t = t.contiguous(memory_format=torch.channels_last)
         grad = grad.contiguous(memory_format=torch.channels_last)
         grad_t, grad_w, grad_b = K.bn_train_bwd(
-            _rows(grad), _rows(t), K.ACT_BY_NAME[act], norm.save_mean, norm.save_var, weight,
+            K.rows(grad), K.rows(t), K.ACT_BY_NAME[act], norm.save_mean, norm.save_var, weight,
             _mask_vector(mask), t.shape[2] * t.shape[3])
         grad_w = grad_w.to(weight.dtype) if weight is not None and needs[0] else None
         grad_b = grad_b.to(bn.bias.dtype) if bn.bias is not None and needs[1] else None
-        return _image(grad_t, t), grad_w, grad_b
+        return K.image(grad_t, t), grad_w, grad_b
 
 
 def applies(parts: BlockParts, x: torch.Tensor) -> bool:

@@ -48,7 +48,7 @@ from triton.runtime.jit import JITFunction
 __all__ = [
     'ACT_IDENTITY', 'ACT_GELU', 'ACT_RELU', 'ACT_SILU', 'ACT_GELU_TANH', 'ACT_CODES', 'ACT_BY_NAME',
     'dw_fwd', 'dw_bwd', 'act_affine_fwd', 'act_affine_bwd', 'act_stats', 'bn_train_bwd', 'pw_fwd', 'pw_bwd',
-    'Launch', 'record_launches', 'kernels',
+    'Launch', 'record_launches', 'kernels', 'rows', 'image',
 ]
 
 ACT_IDENTITY = 0
@@ -409,6 +409,19 @@ _GW_SPLIT = 64  # programs along the rows for the weight gradient
 def _nhwc(x: torch.Tensor) -> torch.Tensor:
     """NCHW tensor -> contiguous NHWC tensor (free for a ``channels_last`` input)."""
     return x.permute(0, 2, 3, 1).contiguous()
+
+
+def rows(t: torch.Tensor) -> torch.Tensor:
+    """``[N, C, H, W]`` -> its ``[N*H*W, C]`` NHWC rows, what the row kernels take (a view of a channels_last
+    tensor, a copy otherwise)."""
+    N, C, H, W = t.shape
+    return t.permute(0, 2, 3, 1).reshape(N * H * W, C)
+
+
+def image(rows_: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """:func:`rows` back to a channels_last ``[N, C, H, W]`` tensor of ``like``'s shape (a view)."""
+    N, C, H, W = like.shape
+    return rows_.view(N, H, W, C).permute(0, 3, 1, 2)
 
 
 def _taps(weight: torch.Tensor) -> torch.Tensor:

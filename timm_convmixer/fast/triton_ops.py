@@ -339,14 +339,14 @@ def triton_block_forward(
     y = torch.ops.timm_convmixer.dw_block(
         x.to(dtype), cast(dw.weight), cast(dw.bias), s1, t1, _act_code(act1))  # channels_last [N, C, H, W]
 
-    y2d = y.permute(0, 2, 3, 1).reshape(N * H * W, C)  # a view: NHWC rows
+    y2d = K.rows(y)  # a view: y is channels_last
     w_pw = cast(pw.weight).reshape(C, C)
     if pointwise == 'triton':
         out = pw_block(y2d, w_pw, cast(pw.bias), s2, t2, _act_code(act2))
     else:
         p = torch.addmm(cast(pw.bias), y2d, w_pw.t()) if pw.bias is not None else torch.mm(y2d, w_pw.t())
         out = torch.ops.timm_convmixer.act_affine(p, s2, t2, _act_code(act2))
-    out = out.view(N, H, W, C).permute(0, 3, 1, 2)
+    out = K.image(out, x)
     if not x.is_contiguous(memory_format=torch.channels_last):
         out = out.contiguous()  # the eager block keeps an NCHW input's layout
     return out
