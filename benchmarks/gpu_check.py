@@ -318,7 +318,7 @@ def check_ops(block: nn.Module, x: torch.Tensor, dtype: torch.dtype, gy: torch.T
     results['act_affine'] = compare(names, fused, eager, ref, floor)
     del fused, eager, ref, leaves, ref_leaves
     # the pointwise conv and its epilogue as one Triton GEMM, on NHWC rows of the block's input
-    rows = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+    rows = K.rows(x)
     names = ['out', 'x', 'weight', 'bias', 'scale', 'shift']
     leaves = [_leaf(rows, dtype), _leaf(parts.conv_pw.weight.reshape(x.shape[1], -1), dtype),
               _leaf(parts.conv_pw.bias, dtype), _leaf(s2), _leaf(t2)]
@@ -386,37 +386,40 @@ def check_blocks(block: nn.Module, x: torch.Tensor, dtype: torch.dtype, gy: torc
     return results
 
 
-def run_correctness(args, device: torch.device, out_of_time: Callable[[float], bool]) -> Dict[str, Any]:
+def run_correctness(args, device: torch.device, out_of_time: Callable[[float], bool], model_name: str,
+                    section: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """One model's cases (each dtype), appended to ``section`` (a new one when None): each model's correctness runs
+    just before its throughput, so a run cut short has both for the models it reached."""
     from timm_convmixer.fast import checked
-    section: Dict[str, Any] = {
-        'rule': f'fused error vs float64 <= max(tolerance(dtype), {ERROR_FACTOR} x eager error vs float64); '
-                'errors are norm-wise, relative to the reference norm',
-        'input_layouts': ['channels_last', 'nchw'], 'cases': []}
-    for model_name in args.models:
-        cfg = block_config(model_name, args.model_kwargs, args.img_size)
-        shape = (args.batch, cfg['dim'], cfg['hw'], cfg['hw'])
-        for dtype_name in args.dtypes:
-            case = {'model': model_name, 'dtype': dtype_name, 'shape': list(shape), 'kernel_size': cfg['kernel_size'],
-                    'act': cfg['act_layer'].__name__}
-            section['cases'].append(case)
-            if out_of_time(NEEDS_S['correctness'] / 4):
-                case['skipped'] = 'time budget'
-                continue
-            block = _random_block(cfg, device, torch.Generator().manual_seed(args.seed))
-            gen = torch.Generator(device).manual_seed(args.seed)  # drawn where they live: 100M numbers at full size
-            x = torch.randn(shape, generator=gen, device=device)
-            gy = torch.randn(shape, generator=gen, device=device)
-            dtype = DTYPES[dtype_name]
-            floor = checked.tolerance(dtype, device.type)
-            t0 = time.perf_counter()
-            try:
-                case['units'] = {**check_ops(block, x, dtype, gy, floor), **check_blocks(block, x, dtype, gy, floor)}
-                case['ok'] = all(u['ok'] for u in case['units'].values())
-            except Exception as e:  # one failing case must not hide the others
-                case.update(ok=False, error=_error_text(e))
-            case['seconds'] = time.perf_counter() - t0
-            del block, x, gy
-            _empty_cache(device)
+    if section is None:
+        section = {
+            'rule': f'fused error vs float64 <= max(tolerance(dtype), {ERROR_FACTOR} x eager error vs float64); '
+                    'errors are norm-wise, relative to the reference norm',
+            'input_layouts': ['channels_last', 'nchw'], 'cases': []}
+    cfg = block_config(model_name, args.model_kwargs, args.img_size)
+    shape = (args.batch, cfg['dim'], cfg['hw'], cfg['hw'])
+    for dtype_name in args.dtypes:
+        case = {'model': model_name, 'dtype': dtype_name, 'shape': list(shape), 'kernel_size': cfg['kernel_size'],
+                'act': cfg['act_layer'].__name__}
+        section['cases'].append(case)
+        if out_of_time(NEEDS_S['correctness'] / 4):
+            case['skipped'] = 'time budget'
+            continue
+        block = _random_block(cfg, device, torch.Generator().manual_seed(args.seed))
+        gen = torch.Generator(device).manual_seed(args.seed)  # drawn where they live: 100M numbers at full size
+        x = torch.randn(shape, generator=gen, device=device)
+        gy = torch.randn(shape, generator=gen, device=device)
+        dtype = DTYPES[dtype_name]
+        floor = checked.tolerance(dtype, device.type)
+        t0 = time.perf_counter()
+        try:
+            case['units'] = {**check_ops(block, x, dtype, gy, floor), **check_blocks(block, x, dtype, gy, floor)}
+            case['ok'] = all(u['ok'] for u in case['units'].values())
+        except Exception as e:  # one failing case must not hide the others
+            case.update(ok=False, error=_error_text(e))
+        case['seconds'] = time.perf_counter() - t0
+        del block, x, gy
+        _empty_cache(device)
     done = [c for c in section['cases'] if 'skipped' not in c]
     section['ok'] = all(c['ok'] for c in done) if done else None
     return section
@@ -458,9 +461,6 @@ def run_kernel_timing(args, device: torch.device, deadline: float) -> Dict[str, 
         w_dw, b_dw = parts.conv_dw.weight.detach().to(dtype), parts.conv_dw.bias.detach().to(dtype)
         w_pw, b_pw = parts.conv_pw.weight.detach().reshape(C, C).to(dtype), parts.conv_pw.bias.detach().to(dtype)
 
-        def rows(t):  # a channels_last [N, C, H, W] as its [N*H*W, C] NHWC rows (a view)
-            return t.permute(0, 2, 3, 1).reshape(-1, C)
-
         def eager_modules(modules):
             def run(t):
                 with _autocast(device, dtype):
@@ -472,12 +472,12 @@ def run_kernel_timing(args, device: torch.device, deadline: float) -> Dict[str, 
         ops = {
             'dw': ({'fused': lambda t: torch.ops.timm_convmixer.dw_block(t, w_dw, b_dw, s1, t1, code),
                     'eager': eager_modules([block[0]])}, x, gy),
-            'pw': ({'fused': lambda t: triton_ops.pw_block(rows(t), w_pw, b_pw, s2, t2, code),
+            'pw': ({'fused': lambda t: triton_ops.pw_block(K.rows(t), w_pw, b_pw, s2, t2, code),
                     'cublas_act_affine': lambda t: torch.ops.timm_convmixer.act_affine(
-                        torch.addmm(b_pw, rows(t), w_pw.t()), s2, t2, code),
+                        torch.addmm(b_pw, K.rows(t), w_pw.t()), s2, t2, code),
                     'eager': eager_modules([block[1], block[2], block[3]])}, x, gy),
-            'act_affine': ({'fused': lambda t: torch.ops.timm_convmixer.act_affine(rows(t), s2, t2, code),
-                            'eager': lambda t: _act_affine_eager(rows(t), s2, t2, parts.act)}, x, gy),
+            'act_affine': ({'fused': lambda t: torch.ops.timm_convmixer.act_affine(K.rows(t), s2, t2, code),
+                            'eager': lambda t: _act_affine_eager(K.rows(t), s2, t2, parts.act)}, x, gy),
         }
         fwd, both, op_of = {}, {}, {}
         for op, (impls, inp, grad) in ops.items():
@@ -487,7 +487,7 @@ def run_kernel_timing(args, device: torch.device, deadline: float) -> Dict[str, 
                 fwd[f'{op}_{impl}'] = lambda fn=fn, inp=inp: fn(inp)
                 # a flat gradient of the output's shape, whatever the output's layout
                 both[f'{op}_{impl}'] = lambda fn=fn, leaf=leaf, grad=grad: (
-                    lambda out: out.backward(grad if out.shape == grad.shape else rows(grad)))(fn(leaf))
+                    lambda out: out.backward(grad if out.shape == grad.shape else K.rows(grad)))(fn(leaf))
         with torch.no_grad():
             for run in list(fwd.values()) * args.warmup:
                 run()
@@ -873,7 +873,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         'kind': 'cpu-smoke (script check only: no number here is a GPU measurement)' if args.cpu_smoke
         else 'gpu', 'complete': False, 'env': env,
         'args': dict(vars(args)), 'command': ' '.join([sys.argv[0]] + (argv or sys.argv[1:])),
-        'sections_s': {}, 'skipped': {}, 'errors': {},
+        'sections_s': {}, 'allocated_mib_at_start': {}, 'skipped': {}, 'errors': {},
     }
     meas: Optional[Measurements] = None
 
@@ -897,6 +897,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             _log(f'skip {name}: {doc["skipped"][name]}')
         else:
             _log(f'{name} ({remaining():.0f} s left)')
+            if device.type == 'cuda':  # what the sections before left allocated: a leak shows here
+                doc['allocated_mib_at_start'][name] = torch.cuda.memory_allocated(device) / 2 ** 20
             t0 = time.perf_counter()
             try:
                 fn()
@@ -910,8 +912,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     def peak_job():
         doc['peak'] = measure_peak(device, (128,) if args.cpu_smoke else (4096, 8192), 3 if args.cpu_smoke else 20)
 
-    def correctness_job():
-        doc['correctness'] = run_correctness(args, device, out_of_time)
+    def correctness_job(model_name: str):
+        doc['correctness'] = run_correctness(args, device, out_of_time, model_name, doc.get('correctness'))
 
     def parity_job():
         doc['parity'] = run_parity(args, device)
@@ -924,12 +926,13 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     job('peak', 5., peak_job)
     meas = Measurements(args, device, (doc.get('peak') or {}).get('bf16_tflops'))
-    job('correctness', NEEDS_S['correctness'], correctness_job)
-    job('parity', NEEDS_S['parity'], parity_job)
-    job('kernels', NEEDS_S['kernels'], kernels_job)
     eager_modes = [m for m in args.modes if m != 'compile']
     late: List[Tuple[str, float, Callable[[], Any]]] = []
     for i, model_name in enumerate(args.models):
+        job(f'correctness/{model_name}', NEEDS_S['correctness'], lambda m=model_name: correctness_job(m))
+        if i == 0:
+            job('parity', NEEDS_S['parity'], parity_job)
+            job('kernels', NEEDS_S['kernels'], kernels_job)
         for task in ('infer', 'train'):
             if eager_modes:
                 job(f'throughput/{model_name}/{task}/eager', NEEDS_S['eager'],
@@ -939,11 +942,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         compile_jobs = [(f'throughput/{model_name}/{task}/compile', NEEDS_S['compile'],
                          lambda m=model_name, t=task: meas.run(m, t, ['compile'], deadline))
                         for task in ('infer', 'train') if 'compile' in args.modes]
-        if i == 0:  # the targets' model: complete it first
-            for name, need, fn in compile_jobs:
-                job(name, need, fn)
+        if i == 0:  # the targets' model: complete it first (train.py before the compilers, which take longest)
             meas.release()
             job('train_py', NEEDS_S['train_py'] if args.train_py else 0., train_py_job)
+            for name, need, fn in compile_jobs:
+                job(name, need, fn)
         else:
             late += compile_jobs
     for name, need, fn in late:

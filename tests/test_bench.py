@@ -109,3 +109,23 @@ def test_time_interleaved_rotates_the_order():
     assert {k: len(v) for k, v in times.items()} == {'a': 4, 'b': 4, 'c': 4}
     rounds = [calls[i:i + 3] for i in range(0, 12, 3)]
     assert rounds == [list('abc'), list('bca'), list('cab'), list('abc')]
+
+
+@pytest.mark.parametrize('backend', ['eager', 'lean'])
+def test_saved_for_backward_bytes_frees_the_graph(backend):
+    """Counting what autograd keeps leaves nothing alive and the gradients as they were: its pack hook hands every
+    tensor back as itself, so outputs saved by their own node form cycles inside autograd's graph that only a
+    backward breaks (the whole forward's activations once leaked per call: an H200 ran out of memory)."""
+    import weakref
+    import timm
+    from timm_convmixer import fast
+    from timm_convmixer.cli import measure
+    model = timm.create_model('convmixer_256_8_ks5_p2', dim=16, depth=2, num_classes=5).train()
+    outputs = []
+    model.blocks[0].register_forward_hook(lambda m, args, out: outputs.append(weakref.ref(out)))
+    x = torch.randn(2, 3, 16, 16)
+    with fast.use_backend(backend):
+        n = measure.saved_for_backward_bytes(measure.make_loss(model, x, 'fp32'), model)
+    assert n > 0 and len(outputs) == 1
+    assert outputs[0]() is None
+    assert all(p.grad is None for p in model.parameters())

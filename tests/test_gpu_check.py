@@ -274,7 +274,7 @@ def test_no_cuda_exit_status_and_budget_skips(tmp_path, monkeypatch, capsys):
     out = tmp_path / 'partial.json'
     assert gc.main([*SMOKE, '--budget-s', '0', '--out', str(out)]) == 0
     doc = json.loads(out.read_text())
-    assert not doc['complete'] and 'correctness' in doc['skipped'] and 'parity' in doc['skipped']
+    assert not doc['complete'] and f'correctness/{MODEL}' in doc['skipped'] and 'parity' in doc['skipped']
     assert all('time budget' in reason for reason in doc['skipped'].values())
     # peak, correctness, parity, kernels, 2 x (eager, forced), train_py
     assert len(doc['skipped']) == 4 + 2 * 2 + 1

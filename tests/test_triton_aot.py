@@ -156,6 +156,11 @@ def _launches(dtype: torch.dtype, kernel_sizes=KERNEL_SIZES, C=C, H=H, W=W) -> L
                 for bias in (b, None):
                     K.dw_fwd(x, w_dw, bias, s, s, act)
                     K.dw_bwd(x, x, w_dw, bias, s, act)
+                    if act == K.ACT_IDENTITY:  # the training block's bare conv (launched with the identity code)
+                        K.dw_conv(x, w_dw, bias)
+                        # the residual's gradient (and so the input's) may be fp32 beside half-precision activations
+                        for g_res in {x, x.float()}:
+                            K.dw_conv_bwd(x, x, w_dw, g_res, (True, True, bias is not None))
             K.act_affine_fwd(rows, s, s, act)
             K.act_affine_bwd(rows, rows, s, act)
             # training-mode BatchNorm (the lean block's fused normalisations), with and without drop path's mask

@@ -114,6 +114,53 @@ def test_dw_block_low_precision(dtype, tol):
     assert _rel(gx, rgx) < tol and _rel(gw, rgw) < 4 * tol  # gw: fp32 sums of bf16 products, rounded once
 
 
+def _ref_dw_conv(x, w, b):
+    k = w.shape[-1]
+    lo = (k - 1) // 2
+    return F.conv2d(F.pad(x, (lo, k - 1 - lo, lo, k - 1 - lo)), w, b, groups=x.shape[1])
+
+
+@pytest.mark.parametrize('k,shape,bias,needs', [
+    (3, (2, 5, 4, 6), True, (True, True, True)), (4, (1, 3, 5, 5), False, (True, True, False)),
+    (5, (1, 4, 3, 7), True, (False, True, True)), (3, (1, 2, 4, 4), True, (True, False, False))])
+def test_dw_conv_forward_backward(k, shape, bias, needs, monkeypatch):
+    """The training block's bare depthwise conv and its gradients (the input's with the residual's added), against
+    autograd in float64; even k pads as "same" does. Few weight-gradient programs, so its loop runs several times."""
+    monkeypatch.setattr(K, '_GW_SPLIT', 3)
+    x, w, b, _, _ = _rand_dw_args(*shape, k, bias=bias)
+    x = _poisoned(x)  # an NCHW view
+    z = K.dw_conv(x, w, b)
+    assert z.dtype == F64 and z.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(z, _ref_dw_conv(x, w, b), rtol=1e-10, atol=1e-10)
+    gz = torch.randn(shape, dtype=F64).contiguous(memory_format=torch.channels_last)
+    g_res = torch.randn(shape, dtype=F64).contiguous(memory_format=torch.channels_last)
+    gx, gw, gb = K.dw_conv_bwd(gz, x, w, g_res, needs)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w) + ((b,) if bias else ())]
+    want = torch.autograd.grad(_ref_dw_conv(*leaves, *(() if bias else (None,))), leaves, gz)
+    for got, ref, need in zip((gx, gw, gb), (want[0] + g_res, want[1], want[2] if bias else None), needs):
+        if not need:
+            assert got is None
+            continue
+        torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_dw_conv_low_precision():
+    """bf16 in, bf16 out, fp32 accumulation: within bf16 rounding of float64; gradients in fp32 (weight, bias) and
+    the residual gradient's dtype (input)."""
+    x, w, b, _, _ = _rand_dw_args(2, 8, 5, 6, 5, dtype=torch.float32)
+    xb, wb, bb = x.bfloat16(), w.bfloat16(), b.bfloat16()
+    z = K.dw_conv(xb, wb, bb)
+    assert z.dtype == torch.bfloat16
+    assert _rel(z, _ref_dw_conv(xb.double(), wb.double(), bb.double())) < 8e-3
+    gz = torch.randn(z.shape).bfloat16().contiguous(memory_format=torch.channels_last)
+    g_res = torch.randn(z.shape).contiguous(memory_format=torch.channels_last)
+    gx, gw, gb = K.dw_conv_bwd(gz, xb, wb, g_res, (True, True, True))
+    assert (gx.dtype, gw.dtype, gb.dtype) == (torch.float32, torch.float32, torch.float32)
+    leaves = [t.double().requires_grad_() for t in (xb, wb, bb)]
+    rx, rw, rb = torch.autograd.grad(_ref_dw_conv(*leaves), leaves, gz.double())
+    assert _rel(gx, rx + g_res) < 1e-5 and _rel(gw, rw) < 1e-5 and _rel(gb, rb) < 1e-5
+
+
 @pytest.mark.parametrize('act', [ACT_GELU, ACT_RELU, ACT_IDENTITY, ACT_SILU, ACT_GELU_TANH])
 def test_act_affine_forward_backward(act):
     p = torch.randn(37, 6, dtype=F64, requires_grad=True)  # 37 rows: a partial tile

@@ -10,21 +10,23 @@ Backends:
 
 * ``'auto'`` (default): the fastest correct path, measured where it is not known. Eval-mode CPU tensors -> the
   oneDNN path of :mod:`.cpu`, eval-mode CUDA tensors -> the Triton kernels, and training-mode blocks (BatchNorm on
-  batch statistics) on any device -> the memory-lean block of :mod:`.lean` (on a Triton device also its fused
-  normalisations, :mod:`.lean_triton`), each only for a case (device, shape, dtype, mode...) where :mod:`.checked`
+  batch statistics) on any device -> the memory-lean block of :mod:`.lean` (on a Triton device also its Triton
+  implementation, :mod:`.lean_triton`), each only for a case (device, shape, dtype, mode...) where :mod:`.checked`
   found it correct and faster than the plain modules on first use; where several paths pass, the fastest. With
   ``TRITON_INTERPRET=1`` CPU tensors count as a Triton device (tests).
 * ``'eager'``: never a fast path.
 * ``'lean'``, ``'lean_triton'``, ``'cpu'``, ``'triton'``, ``'triton_gemm'``: only that path, unchecked, where it
   applies (the way to force one). ``'lean'`` runs the lean block's normalisations on torch's kernels,
-  ``'lean_triton'`` on fused Triton kernels (the same memory kept); ``'triton'`` runs the pointwise conv on cuBLAS
-  with a Triton epilogue pass, ``'triton_gemm'`` as one Triton GEMM with the epilogue fused.
+  ``'lean_triton'`` its normalisations and depthwise conv on Triton kernels (the same memory kept); ``'triton'``
+  runs the pointwise conv on cuBLAS with a Triton epilogue pass, ``'triton_gemm'`` as one Triton GEMM with the
+  epilogue fused.
 
 Choose with :func:`set_backend`, the :func:`use_backend` context manager or the ``TIMM_CONVMIXER_BACKEND``
 environment variable (read at import). The choice is process-global.
 
 :data:`counters` counts which path answered each block call (a backend's name, or ``'eager'``), which is how tests
-and benchmarks check what actually ran.
+and benchmarks check what actually ran. Calls traced by ``torch.compile`` or ``torch.export`` are not counted (they
+always get the plain modules; a counter bumped while tracing would be guarded on, one recompilation per call).
 """
 import contextlib
 import os
@@ -289,6 +291,11 @@ def _fast_forward(block: nn.Module, x: torch.Tensor, backend: str):
 
 def block_forward(block: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
     """The block's output by a fast path, or ``None`` to let the plain modules run."""
+    if _is_compiling():
+        # compilers trace the plain modules, and nothing is counted: a global bumped inside a traced function is
+        # guarded on, so each call recompiled until torch.compile's recompile limit, after which the whole forward
+        # ran uncompiled (seen on an H200 after 8 calls)
+        return None
     if type(x) is torch.Tensor and not _watched():
         from . import cpu
         cpu.warn_if_bf16_is_emulated(x)

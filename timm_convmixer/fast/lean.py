@@ -165,6 +165,31 @@ class TorchNorm:
         return x
 
     @staticmethod
+    def conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+        """The depthwise convolution's forward (the module's own)."""
+        return conv(x)
+
+    @staticmethod
+    def conv_again(conv: nn.Conv2d, x, weight, bias, needs) -> Tuple[torch.Tensor, Any]:
+        """The depthwise convolution recomputed in backward: ``(z, saved)``, ``saved`` for :meth:`conv_backward`
+        (here the recomputation's own autograd graph; ``needs``: gradients wanted for x, weight, bias)."""
+        with torch.enable_grad():
+            x_ = x.detach().requires_grad_(needs[0])
+            w_ = weight.detach().requires_grad_(needs[1])
+            b_ = None if bias is None else bias.detach().requires_grad_(needs[2])
+            z = F.conv2d(x_, w_, b_, conv.stride, conv.padding, conv.dilation, conv.groups)
+        return z.detach(), (z, (x_, w_, b_))
+
+    @staticmethod
+    def conv_backward(saved, grad_z, grad_residual, needs) -> Tuple[Optional[torch.Tensor], ...]:
+        """Gradients wrt ``(x, weight, bias)``; ``x``'s includes ``grad_residual``, what it gets past the conv."""
+        z, inputs = saved
+        wrt = [t for t in inputs if t is not None and t.requires_grad]
+        grads = iter(torch.autograd.grad(z, wrt, grad_z) if wrt else ())
+        grad_x, grad_w, grad_b = (next(grads) if t is not None and t.requires_grad else None for t in inputs)
+        return (grad_residual + grad_x if needs[0] else None), grad_w, grad_b
+
+    @staticmethod
     def forward(bn, t, act: str, weight, bias, mask=None, residual=None) -> Tuple[torch.Tensor, SavedNorm]:
         """The training forward: batch statistics of ``act(t)``, running statistics advanced as eager does; returns
         the output and the statistics backward needs."""
@@ -221,7 +246,7 @@ class _LeanBlock(torch.autograd.Function):
     def forward(ctx, x, parts: BlockParts, holder: Dict[str, Any], *params):
         norm_ops = holder['norm']
         x = norm_ops.prepare(x)
-        z = parts.conv_dw(x)
+        z = norm_ops.conv(parts.conv_dw, x)
         mask = None
         if type(parts.drop_path) is not nn.Identity and parts.drop_path.training and parts.drop_path.drop_prob > 0.:
             # the module's own draw on a ones tensor: exactly the mask (and random stream) eager would use
@@ -270,26 +295,18 @@ class _LeanBlock(torch.autograd.Function):
                     x, _ = norm_ops.again(ctx.link.bn, source, ctx.link.act, prev_w, prev_b, prev_mean, prev_invstd)
 
             # depthwise half recomputed: u = x + drop_path(bn_dw(act(conv_dw(x))))
-            conv_dw = parts.conv_dw
-            with torch.enable_grad():
-                x_ = x.detach().requires_grad_(needs[0])
-                w_dw_ = w_dw.detach().requires_grad_(needs[3])
-                b_dw_ = None if b_dw is None else b_dw.detach().requires_grad_(needs[4])
-                z = F.conv2d(x_, w_dw_, b_dw_, conv_dw.stride, conv_dw.padding, conv_dw.dilation, conv_dw.groups)
-            u, a1 = norm_ops.again(parts.bn_dw, z.detach(), parts.act, g_dw, beta_dw, mean_dw, var_dw, mask, x)
+            needs_dw = (needs[0], needs[3], needs[4] and b_dw is not None)
+            z, conv_saved = norm_ops.conv_again(parts.conv_dw, x, w_dw, b_dw, needs_dw)
+            u, a1 = norm_ops.again(parts.bn_dw, z, parts.act, g_dw, beta_dw, mean_dw, var_dw, mask, x)
 
             # pointwise convolution's gradients from grad_p, without repeating its forward
             grad_u, grad_w_pw, grad_b_pw = _pointwise_backward(grad_p, u, p.dtype, w_pw, b_pw, needs[7:9])
             del u, grad_p
             norm_dw = SavedNorm(None, mean_dw, var_dw, reserve_dw, ctx.impl_dw)
             grad_z, grad_g_dw, grad_beta_dw = norm_ops.backward(
-                parts.bn_dw, norm_dw, z.detach(), parts.act, grad_u, g_dw, needs[5:7], mask, a1)
-            del a1
-            wrt = [t for t in (x_, w_dw_, b_dw_) if t is not None and t.requires_grad]
-            grads = iter(torch.autograd.grad(z, wrt, grad_z) if wrt else ())
-            grad_x_dw, grad_w_dw, grad_b_dw = (next(grads) if t is not None and t.requires_grad else None
-                                               for t in (x_, w_dw_, b_dw_))
-            grad_x = grad_u + grad_x_dw if needs[0] else None
+                parts.bn_dw, norm_dw, z, parts.act, grad_u, g_dw, needs[5:7], mask, a1)
+            del a1, z
+            grad_x, grad_w_dw, grad_b_dw = norm_ops.conv_backward(conv_saved, grad_z, grad_u, needs_dw)
         bn_grads = lambda g, beta, need: (g if need[0] and g is not None else None,  # noqa: E731
                                           beta if need[1] and beta is not None else None)
         return (grad_x, None, None, grad_w_dw, grad_b_dw, *bn_grads(grad_g_dw, grad_beta_dw, needs[5:7]),

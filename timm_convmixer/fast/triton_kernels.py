@@ -37,6 +37,7 @@ compiled-only when triton was imported without the variable, so the kernels spel
 function and sums with numpy).
 """
 import contextlib
+import math
 from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -259,7 +260,10 @@ def _dw_fwd_kernel(
         x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, out_ptr,
         H, W, C, ACT, HAS_BIAS,
         K: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+        AFFINE: tl.constexpr,
 ):
+    """``x + scale * act(z) + shift`` for ``z = dwconv(x) + bias`` (``AFFINE``: the eval block's depthwise half), or
+    ``z`` alone (the training block's convolution, whose normalisation needs the batch statistics of ``act(z)``)."""
     pid_row = tl.program_id(0)  # (n, h, w-block)
     pid_c = tl.program_id(1)
     num_wb = (W + BLOCK_W - 1) // BLOCK_W
@@ -275,14 +279,16 @@ def _dw_fwd_kernel(
                      K, False, ACC_DTYPE, BLOCK_W, BLOCK_C)
     if HAS_BIAS:
         z += tl.load(b_ptr + offs_c, mask=mask_c, other=0.).to(ACC_DTYPE)[None, :]
-    a = _act(z, ACT)
-    scale = tl.load(scale_ptr + offs_c, mask=mask_c, other=0.).to(ACC_DTYPE)
-    shift = tl.load(shift_ptr + offs_c, mask=mask_c, other=0.).to(ACC_DTYPE)
-
     offs = (h * W + offs_w)[:, None] * C + offs_c[None, :]
     m_out = (offs_w < W)[:, None] & mask_c[None, :]
-    res = tl.load(x_ptr + img + offs, mask=m_out, other=0.).to(ACC_DTYPE)
-    y = res + a * scale[None, :] + shift[None, :]
+    if AFFINE:
+        a = _act(z, ACT)
+        scale = tl.load(scale_ptr + offs_c, mask=mask_c, other=0.).to(ACC_DTYPE)
+        shift = tl.load(shift_ptr + offs_c, mask=mask_c, other=0.).to(ACC_DTYPE)
+        res = tl.load(x_ptr + img + offs, mask=m_out, other=0.).to(ACC_DTYPE)
+        y = res + a * scale[None, :] + shift[None, :]
+    else:
+        y = z
     tl.store(out_ptr + img + offs, y.to(out_ptr.dtype.element_ty), mask=m_out)
 
 
@@ -440,19 +446,31 @@ def dw_fwd(
 ) -> torch.Tensor:
     """``x + scale * act(dwconv(x, weight, "same") + bias) + shift`` for NCHW ``x``; returns a channels_last tensor
     of ``x``'s dtype. Accumulates in fp32 (fp64 for fp64 inputs)."""
+    return _dw_forward(x, weight, bias, (scale.contiguous(), shift.contiguous()), act)
+
+
+def dw_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``dwconv(x, weight, "same") + bias`` alone, what the training block's normalisation then takes: a
+    channels_last tensor of ``x``'s dtype (cast ``x``, ``weight`` and ``bias`` to the compute dtype first), fp32
+    accumulation (fp64 for fp64), the rounding cuDNN's convolution makes."""
+    return _dw_forward(x, weight, bias, None, ACT_BY_NAME['identity'])
+
+
+def _dw_forward(x, weight, bias, affine: Optional[Tuple[torch.Tensor, torch.Tensor]], act: int) -> torch.Tensor:
     N, C, H, W = x.shape
     k = weight.shape[-1]
     _check_image_fits_int32(H, W, C)
     x_nhwc = _nhwc(x)
     out = torch.empty((N, C, H, W), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
     w_taps = _taps(weight)
+    scale, shift = affine if affine is not None else (w_taps, w_taps)  # not read without AFFINE
     BLOCK_W, BLOCK_C = _tile_rows(W, channels=C), _line_c(C, x.dtype)
     grid = (N * H * triton.cdiv(W, BLOCK_W), triton.cdiv(C, BLOCK_C))
     _dw_fwd.launch(
-        grid, x_nhwc, w_taps, bias if bias is not None else w_taps, scale.contiguous(), shift.contiguous(),
+        grid, x_nhwc, w_taps, bias if bias is not None else w_taps, scale, shift,
         out.permute(0, 2, 3, 1), H, W, C, act, bias is not None,
-        K=k, ACC_DTYPE=_acc_dtype(x.dtype), BLOCK_W=BLOCK_W, BLOCK_C=BLOCK_C, num_warps=_NUM_WARPS,
-        device=x.device)
+        K=k, ACC_DTYPE=_acc_dtype(x.dtype), BLOCK_W=BLOCK_W, BLOCK_C=BLOCK_C, AFFINE=affine is not None,
+        num_warps=_NUM_WARPS, device=x.device)
     return out
 
 
@@ -471,11 +489,9 @@ def dw_bwd(
     k = weight.shape[-1]
     _check_image_fits_int32(H, W, C)
     acc_t = _torch_acc_dtype(x.dtype)
-    acc_dtype = _acc_dtype(x.dtype)
     x_nhwc = _nhwc(x)
     gy_nhwc = _nhwc(grad_out)
     w_taps = _taps(weight)
-    BLOCK_W = _tile_rows(W, channels=C)
 
     # half the forward's tile: three running sums and act' besides the conv
     BLOCK_W_GZ, BLOCK_C = _tile_rows(W, _TILE_ROWS // 2, C), _line_c(C, x.dtype)
@@ -486,29 +502,63 @@ def dw_bwd(
     _dw_bwd_gz.launch(
         (programs, triton.cdiv(C, BLOCK_C)), x_nhwc, w_taps, bias if bias is not None else w_taps,
         scale.contiguous(), gy_nhwc, gz, part, H, W, C, rows, act, bias is not None,
-        K=k, ACC_DTYPE=acc_dtype, BLOCK_W=BLOCK_W_GZ, BLOCK_C=BLOCK_C, num_warps=_NUM_WARPS, device=x.device)
+        K=k, ACC_DTYPE=_acc_dtype(x.dtype), BLOCK_W=BLOCK_W_GZ, BLOCK_C=BLOCK_C, num_warps=_NUM_WARPS,
+        device=x.device)
     g_scale, g_shift, g_bias = part.sum(dim=1).unbind(0)
+    gx = _dw_grad_input(gz, w_taps, gy_nhwc, x)
+    g_weight = _dw_grad_weight(gz, x_nhwc, k)
+    return gx, g_weight, g_bias, g_scale, g_shift
 
-    BLOCK_C = _line_c(C, acc_t)  # the conv reads gz, in the accumulation dtype
-    gx = torch.empty((N, C, H, W), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+
+def dw_conv_bwd(grad_z: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, grad_residual: torch.Tensor,
+                needs: Tuple[bool, bool, bool]) -> Tuple[Optional[torch.Tensor], ...]:
+    """Gradients of :func:`dw_conv` wrt ``(x, weight, bias)`` for ``grad_z``, each only where ``needs`` says: ``x``'s
+    is ``grad_residual + dwconv^T(grad_z)`` (the gradient ``x`` also gets through the block's residual, added in the
+    same pass) in ``grad_residual``'s dtype; ``weight``'s and ``bias``'s in fp32 (fp64 for fp64), cast by the caller.
+    ``x`` and ``weight`` as the forward computed with them (its compute dtype)."""
+    N, C, H, W = x.shape
+    k = weight.shape[-1]
+    _check_image_fits_int32(H, W, C)
+    gz = _nhwc(grad_z)
+    gx = g_weight = g_bias = None
+    if needs[0]:
+        gx = _dw_grad_input(gz, _taps(weight), _nhwc(grad_residual), grad_residual)
+    if needs[1]:
+        g_weight = _dw_grad_weight(gz, _nhwc(x), k)
+    if needs[2]:
+        g_bias = gz.reshape(-1, C).sum(0, dtype=_torch_acc_dtype(x.dtype))
+    return gx, g_weight, g_bias
+
+
+def _dw_grad_input(gz: torch.Tensor, w_taps: torch.Tensor, gy_nhwc: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``gy + dwconv^T(gz)`` (NHWC ``gz``, ``gy``) as a channels_last tensor of ``like``'s shape and dtype."""
+    N, C, H, W = like.shape
+    k = math.isqrt(w_taps.shape[0])
+    BLOCK_W, BLOCK_C = _tile_rows(W, channels=C), _line_c(C, gz.dtype)  # the conv reads gz
+    gx = torch.empty((N, C, H, W), dtype=like.dtype, device=like.device, memory_format=torch.channels_last)
     _dw_bwd_gx.launch(
         (N * H * triton.cdiv(W, BLOCK_W), triton.cdiv(C, BLOCK_C)), gz, w_taps, gy_nhwc, gx.permute(0, 2, 3, 1),
-        H, W, C, K=k, ACC_DTYPE=acc_dtype, BLOCK_W=BLOCK_W, BLOCK_C=BLOCK_C, num_warps=_NUM_WARPS,
-        device=x.device)
+        H, W, C, K=k, ACC_DTYPE=_acc_dtype(like.dtype), BLOCK_W=BLOCK_W, BLOCK_C=BLOCK_C, num_warps=_NUM_WARPS,
+        device=like.device)
+    return gx
 
+
+def _dw_grad_weight(gz: torch.Tensor, x_nhwc: torch.Tensor, k: int) -> torch.Tensor:
+    """The depthwise weight's gradient ``[C, 1, k, k]`` from NHWC ``gz`` and ``x``, accumulated in fp32 (fp64)."""
+    N, H, W, C = x_nhwc.shape
+    acc_t = _torch_acc_dtype(x_nhwc.dtype)
     # [taps, pixels, channels] tiles of 2048 elements (1024 for fp64): 16 (8) per thread
     taps = triton.next_power_of_2(k)
-    BLOCK_C = min(16 if x.dtype == torch.float64 else 32, triton.next_power_of_2(C))
+    BLOCK_C = min(16 if x_nhwc.dtype == torch.float64 else 32, triton.next_power_of_2(C))
     BLOCK_W_GW = _tile_rows(W, max(1, 64 // taps), C)
     NH = N * H
     split = max(1, min(NH, _GW_SPLIT))
-    part_w = torch.empty((split, k * k, C), dtype=acc_t, device=x.device)
+    part_w = torch.empty((split, k * k, C), dtype=acc_t, device=x_nhwc.device)
     _dw_bwd_gw.launch(
         (k, triton.cdiv(C, BLOCK_C), split), gz, x_nhwc, part_w, NH, H, W, C, split,
-        K=k, ACC_DTYPE=acc_dtype, TAPS=taps, BLOCK_W=BLOCK_W_GW, BLOCK_C=BLOCK_C, num_warps=_NUM_WARPS,
-        device=x.device)
-    g_weight = part_w.sum(dim=0).t().reshape(C, 1, k, k)
-    return gx, g_weight, g_bias, g_scale, g_shift
+        K=k, ACC_DTYPE=_acc_dtype(x_nhwc.dtype), TAPS=taps, BLOCK_W=BLOCK_W_GW, BLOCK_C=BLOCK_C,
+        num_warps=_NUM_WARPS, device=x_nhwc.device)
+    return part_w.sum(dim=0).t().reshape(C, 1, k, k)
 
 
 @_device_fn
