@@ -52,7 +52,7 @@ case "$cmd" in
     # timm $TIMM_MIN shadows the venv's newer timm; torch, huggingface_hub and the rest are the venv's
     PYTHONPATH="$PWD/$target${PYTHONPATH:+:$PYTHONPATH}" "$VENV/bin/python" -c \
       "import timm, sys; assert timm.__version__ == '$TIMM_MIN', timm.__version__; print('testing against timm', timm.__version__, 'from', timm.__file__)"
-    # the Triton kernels' own tests (marker "kernels") involve no timm, and the two benchmark scripts' end-to-end
+    # the Triton kernels' numerics (marker "kernels") do not depend on timm's version, and the two benchmark scripts' end-to-end
     # runs (GPU check smoke, engine comparison) test the scripts: run once, by ./run.sh test; timm's battery runs its
     # prune-intermediate-layers contract on the quick variants only (tests/test_timm_battery.py)
     TIMM_BATTERY_QUICK=1 PYTHONPATH="$PWD/$target${PYTHONPATH:+:$PYTHONPATH}" \

@@ -134,7 +134,7 @@ def test_lean_under_bf16_autocast_matches_eager_autocast():
     ('convmixer_256_8_ks5_p2', dict(depth=4), 32, True, 'lean'),
     # the fused normalisations (through the interpreter) keep what the torch-kernel lean block keeps
     # 32 channels at 16px: the interpreter is slow (what is kept scales with the width for every path alike)
-    ('convmixer_256_8_ks5_p2', dict(depth=4, dim=32), 16, True, 'lean_triton'),
+    pytest.param('convmixer_256_8_ks5_p2', dict(depth=4, dim=32), 16, True, 'lean_triton', marks=pytest.mark.kernels),
 ])
 def test_saved_for_backward_at_most_04x_builtin(name, kwargs, size, channels_last, backend, request):
     if backend == 'lean_triton':
@@ -358,6 +358,7 @@ def test_auto_takes_the_fastest_triton_path_it_accepted(interpreter, gemm_ms, ex
 
 # the lean block with its normalisations fused in Triton kernels (``lean_triton``), through Triton's interpreter
 
+@pytest.mark.kernels
 @pytest.mark.parametrize('dtype,act,kernel,drop_path,momentum,channels_last', [
     (torch.float64, 'gelu', 5, 0.3, None, False),  # drop path masks, the cumulative running average, NCHW input
     (torch.float64, 'silu', 8, 0., 0.1, True),  # even kernel
@@ -370,7 +371,7 @@ def test_lean_triton_training_steps_match_eager(interpreter, dtype, act, kernel,
     eager, lean = _pair(dim=16, depth=depth, kernel_size=kernel, act_layer=act_layer, drop_path_rate=drop_path,
                         bn_momentum=momentum, channels_last=channels_last)
     eager, lean = eager.to(dtype), lean.to(dtype)
-    x = _input(4, 16, channels_last).to(dtype)
+    x = _input(2, 16, channels_last).to(dtype)
     torch.manual_seed(1)
     ref = _step(eager, x, 'eager', steps=2)
     torch.manual_seed(1)
@@ -381,6 +382,7 @@ def test_lean_triton_training_steps_match_eager(interpreter, dtype, act, kernel,
     assert int(lean.blocks[0][3].num_batches_tracked) == 2
 
 
+@pytest.mark.kernels
 def test_lean_triton_under_bf16_autocast_is_as_accurate_as_eager_autocast(interpreter):
     """Under bf16 autocast both round differently (eager after every op, the kernels once, from fp32 sums), so each
     is held to an fp32 step instead: every gradient of ours is as close to it as eager's is (eager's bf16 BatchNorm

@@ -451,8 +451,8 @@ def dw_fwd(
 
 def dw_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """``dwconv(x, weight, "same") + bias`` alone, what the training block's normalisation then takes: a
-    channels_last tensor of ``x``'s dtype (cast ``x``, ``weight`` and ``bias`` to the compute dtype first), fp32
-    accumulation (fp64 for fp64), the rounding cuDNN's convolution makes."""
+    channels_last tensor of ``x``'s dtype (callers pass all three in the compute dtype, as autocast would cast
+    them), accumulated in fp32 (fp64 for fp64) and rounded once, as cuDNN's convolution does."""
     return _dw_forward(x, weight, bias, None, ACT_BY_NAME['identity'])
 
 
