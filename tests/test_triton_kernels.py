@@ -25,12 +25,15 @@ ACTS = {ACT_IDENTITY: lambda z: z, ACT_GELU: F.gelu, ACT_RELU: F.relu}
 ACTS.update({ACT_SILU: F.silu, ACT_GELU_TANH: lambda z: F.gelu(z, approximate='tanh')})
 
 
-def _ref_dw_block(x, w, b, scale, shift, act):
+def _ref_dw_conv(x, w, b):
     # pad by hand, as PyTorch's "same" does (extra row/column bottom/right for even k), to not rely on the warning path
     k = w.shape[-1]
     lo = (k - 1) // 2
-    z = F.conv2d(F.pad(x, (lo, k - 1 - lo, lo, k - 1 - lo)), w, b, groups=x.shape[1])
-    return x + ACTS[act](z) * scale[:, None, None] + shift[:, None, None]
+    return F.conv2d(F.pad(x, (lo, k - 1 - lo, lo, k - 1 - lo)), w, b, groups=x.shape[1])
+
+
+def _ref_dw_block(x, w, b, scale, shift, act):
+    return x + ACTS[act](_ref_dw_conv(x, w, b)) * scale[:, None, None] + shift[:, None, None]
 
 
 def _rand_dw_args(N, C, H, W, k, dtype=F64, bias=True):
@@ -112,12 +115,6 @@ def test_dw_block_low_precision(dtype, tol):
         _ref_dw_block(xd, wd, b.double(), s.double(), t.double(), ACT_GELU), (xd, wd), gy.double())
     assert gx.dtype == dtype and gw.dtype == dtype
     assert _rel(gx, rgx) < tol and _rel(gw, rgw) < 4 * tol  # gw: fp32 sums of bf16 products, rounded once
-
-
-def _ref_dw_conv(x, w, b):
-    k = w.shape[-1]
-    lo = (k - 1) // 2
-    return F.conv2d(F.pad(x, (lo, k - 1 - lo, lo, k - 1 - lo)), w, b, groups=x.shape[1])
 
 
 @pytest.mark.parametrize('k,shape,bias,needs', [

@@ -110,11 +110,10 @@ def _is_compiling() -> bool:
 
 
 def _watched() -> bool:
-    """True under anything that must see the plain modules: TorchScript tracing, torch.compile/export tracing
-    (Inductor does its own fusion), functorch transforms (vmap, grad), global module hooks."""
+    """True under anything else that must see the plain modules (torch.compile/export tracing is turned away before,
+    uncounted, by :func:`block_forward`): TorchScript tracing, functorch transforms (vmap, grad), global module
+    hooks."""
     if torch.jit.is_tracing() or torch.jit.is_scripting():
-        return True
-    if _is_compiling():
         return True
     are_active = getattr(torch._C, '_are_functorch_transforms_active', None)
     if are_active is not None and are_active():
@@ -292,9 +291,9 @@ def _fast_forward(block: nn.Module, x: torch.Tensor, backend: str):
 def block_forward(block: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
     """The block's output by a fast path, or ``None`` to let the plain modules run."""
     if _is_compiling():
-        # compilers trace the plain modules, and nothing is counted: a global bumped inside a traced function is
-        # guarded on, so each call recompiled until torch.compile's recompile limit, after which the whole forward
-        # ran uncompiled (seen on an H200 after 8 calls)
+        # compilers trace the plain modules (Inductor does its own fusion), and nothing is counted: a global bumped
+        # inside a traced function is guarded on, so each call recompiled until torch.compile's recompile limit,
+        # after which the whole forward ran uncompiled (seen on an H200 after 8 calls)
         return None
     if type(x) is torch.Tensor and not _watched():
         from . import cpu

@@ -37,7 +37,6 @@ compiled-only when triton was imported without the variable, so the kernels spel
 function and sums with numpy).
 """
 import contextlib
-import math
 from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -505,7 +504,7 @@ def dw_bwd(
         K=k, ACC_DTYPE=_acc_dtype(x.dtype), BLOCK_W=BLOCK_W_GZ, BLOCK_C=BLOCK_C, num_warps=_NUM_WARPS,
         device=x.device)
     g_scale, g_shift, g_bias = part.sum(dim=1).unbind(0)
-    gx = _dw_grad_input(gz, w_taps, gy_nhwc, x)
+    gx = _dw_grad_input(gz, w_taps, k, gy_nhwc, x)
     g_weight = _dw_grad_weight(gz, x_nhwc, k)
     return gx, g_weight, g_bias, g_scale, g_shift
 
@@ -522,7 +521,7 @@ def dw_conv_bwd(grad_z: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, gra
     gz = _nhwc(grad_z)
     gx = g_weight = g_bias = None
     if needs[0]:
-        gx = _dw_grad_input(gz, _taps(weight), _nhwc(grad_residual), grad_residual)
+        gx = _dw_grad_input(gz, _taps(weight), k, _nhwc(grad_residual), grad_residual)
     if needs[1]:
         g_weight = _dw_grad_weight(gz, _nhwc(x), k)
     if needs[2]:
@@ -530,10 +529,11 @@ def dw_conv_bwd(grad_z: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, gra
     return gx, g_weight, g_bias
 
 
-def _dw_grad_input(gz: torch.Tensor, w_taps: torch.Tensor, gy_nhwc: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``gy + dwconv^T(gz)`` (NHWC ``gz``, ``gy``) as a channels_last tensor of ``like``'s shape and dtype."""
+def _dw_grad_input(gz: torch.Tensor, w_taps: torch.Tensor, k: int, gy_nhwc: torch.Tensor,
+                   like: torch.Tensor) -> torch.Tensor:
+    """``gy + dwconv^T(gz)`` (NHWC ``gz``, ``gy``; ``k x k`` taps) as a channels_last tensor of ``like``'s shape and
+    dtype."""
     N, C, H, W = like.shape
-    k = math.isqrt(w_taps.shape[0])
     BLOCK_W, BLOCK_C = _tile_rows(W, channels=C), _line_c(C, gz.dtype)  # the conv reads gz
     gx = torch.empty((N, C, H, W), dtype=like.dtype, device=like.device, memory_format=torch.channels_last)
     _dw_bwd_gx.launch(
