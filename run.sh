@@ -4,8 +4,9 @@
 #   ./run.sh demo [flags]      the main job: train a ConvMixer with timm on a generated dataset, reload, evaluate
 #   ./run.sh test [flags]      the test suite (pytest flags pass through)
 #   ./run.sh test-min [flags]  the plugin's tests against the lowest supported timm (installed beside, not over;
-#                              the Triton kernels' numerics and the benchmark scripts' end-to-end runs are left
-#                              out, and timm's battery runs its slowest contract on the quick variants only)
+#                              the kernels' numerics (Triton, the compiled CPU kernel) and the benchmark scripts'
+#                              end-to-end runs are left out, and timm's battery runs its slowest contract on the
+#                              quick variants only)
 #
 # The first run creates .venv (override with VENV=...) and installs the package editable with its test extras;
 # later runs reinstall only when pyproject.toml changed.
@@ -52,8 +53,8 @@ case "$cmd" in
     # timm $TIMM_MIN shadows the venv's newer timm; torch, huggingface_hub and the rest are the venv's
     PYTHONPATH="$PWD/$target${PYTHONPATH:+:$PYTHONPATH}" "$VENV/bin/python" -c \
       "import timm, sys; assert timm.__version__ == '$TIMM_MIN', timm.__version__; print('testing against timm', timm.__version__, 'from', timm.__file__)"
-    # the Triton kernels' numerics (marker "kernels") do not depend on timm's version, and the two benchmark scripts'
-    # end-to-end runs (GPU check smoke, engine comparison) test the scripts: run once, by ./run.sh test; timm's
+    # the kernels' numerics (marker "kernels": Triton, the compiled CPU kernel) do not depend on timm's version, and
+    # the two benchmark scripts' end-to-end runs (GPU check smoke, engine comparison) test the scripts: run once, by ./run.sh test; timm's
     # battery runs its prune-intermediate-layers contract on the quick variants only (tests/test_timm_battery.py)
     TIMM_BATTERY_QUICK=1 PYTHONPATH="$PWD/$target${PYTHONPATH:+:$PYTHONPATH}" \
       exec "$VENV/bin/python" -m pytest -m "not kernels" --ignore=tests/test_gpu_check.py \

@@ -9,6 +9,8 @@ Fixtures (the functions behind them live in ``tests/helpers.py``, importable by 
   BatchNorms randomised and in eval mode when ``randomize`` is given.
 * ``run_counted(fn, *args, backend=None)``: the result and ``timm_convmixer.fast.counters`` (which path answered
   each block call), counters reset first.
+* ``auto_choice(records, **case)``: the path ``auto`` takes for a case, from ``checked.decision_records()``: the
+  fastest fused path its check accepted, else ``'eager'``.
 * ``run_python(*args, code=None, env=None, unset=(), cwd=None, timeout=300, check=True)``: a fresh interpreter of
   this environment; a non-zero exit fails with its output.
 * ``interpreter``: ``TRITON_INTERPRET=1`` for the test (CPU tensors count as a Triton device, so the Triton paths
@@ -49,6 +51,11 @@ def small_model():
 @pytest.fixture
 def run_counted():
     return helpers.run_counted
+
+
+@pytest.fixture
+def auto_choice():
+    return helpers.auto_choice
 
 
 @pytest.fixture

@@ -1,5 +1,5 @@
 """The functions behind the shared test fixtures in ``conftest.py``: BatchNorm randomising, small models, counted
-block paths, subprocess runs.
+block paths, auto's choice from its decision records, subprocess runs.
 
 Plain functions with no side effects on import (no pytest, no thread settings), so scripts outside the test suite
 can use them too, e.g. ``benchmarks/gpu_check.py`` with ``sys.path.insert(0, 'tests'); from helpers import
@@ -105,6 +105,15 @@ def run_counted(fn: Callable[..., Any], *args: Any, backend: Optional[str] = Non
     with fast.use_backend(backend) if backend is not None else contextlib.nullcontext():
         result = fn(*args)
     return result, dict(fast.counters)
+
+
+def auto_choice(records: Iterable[Dict[str, Any]], **case: Any) -> str:
+    """The path ``auto`` takes for the case whose decision records (``checked.decision_records()``) match ``case``
+    field by field: of the fused paths its check accepted, the fastest; ``'eager'`` when it accepted none."""
+    mine = [r for r in records if all(r[k] == v for k, v in case.items())]
+    assert mine, f'no decision recorded for {case}'
+    accepted = [r for r in mine if r['path'] != 'eager']
+    return min(accepted, key=lambda r: r['fused_ms'])['fused_path'] if accepted else 'eager'
 
 
 def run_python(

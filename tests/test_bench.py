@@ -8,6 +8,7 @@ import torch
 
 from timm_convmixer import cli
 from timm_convmixer.cli import bench
+from timm_convmixer.fast import cpu as fast_cpu
 
 TINY = ['--models', 'convmixer_256_8_ks5_p2', '--model-kwargs', 'depth=2', 'dim=16', '--img-size', '16',
         '--batch-size', '2', '--iters', '2', '--warmup', '0', '--no-progress', '--device', 'cpu']
@@ -27,7 +28,7 @@ def _check_timings(entry, batch_size):
     assert entry['img_s'] == pytest.approx(batch_size * 1e3 / entry['median_ms'], rel=1e-9)
 
 
-def test_cli_writes_json_and_chart(tmp_path):
+def test_cli_writes_json_and_chart(tmp_path, auto_choice):
     pytest.importorskip('matplotlib')
     out, chart = tmp_path / 'r.json', tmp_path / 'r.png'
     rc = cli.main(['bench', *TINY, '--task', 'infer', 'train', '--out', str(out), '--chart', str(chart)])
@@ -62,11 +63,11 @@ def test_cli_writes_json_and_chart(tmp_path):
         for impl in ('ours', 'builtin'):  # a training step keeps its activations for backward; inference does not
             assert peaks['train', mode, impl] > peaks['infer', mode, impl], (mode, impl, peaks)
     infer = result['results'][0]['modes']
-    # auto checked the CPU path on the first block of each case and every block took the path decided for its case
-    cpu_decisions = {d['channels_last']: d['path'] for d in result['decisions'] if d['fused_path'] == 'cpu'}
-    assert cpu_decisions and set(infer['nchw']['ours_block_paths']) <= {'cpu', 'eager'}
-    assert infer['nchw']['ours_block_paths'].get(cpu_decisions[False], 0) >= 1
-    assert infer['channels_last']['ours_block_paths'] == {cpu_decisions[True]: 2}
+    # auto checked the CPU paths on the first block of each case and every block took the path decided for its case
+    choice = {cl: auto_choice(result['decisions'], block_mode='eval', channels_last=cl) for cl in (False, True)}
+    assert set(infer['nchw']['ours_block_paths']) <= {*fast_cpu.PATHS, 'eager'}
+    assert infer['nchw']['ours_block_paths'].get(choice[False], 0) >= 1
+    assert infer['channels_last']['ours_block_paths'] == {choice[True]: 2}
     assert infer['nchw']['max_abs_diff'] < 1e-4 and infer['channels_last']['max_abs_diff'] < 1e-4
     # training: auto timed the lean block against the plain modules on first use and kept one for both blocks
     train = result['results'][1]['modes']

@@ -1,13 +1,24 @@
-"""The CPU fast path computes the eager function, applies only where it may, and the backend switch works."""
+"""The CPU fast paths compute the eager function, apply only where they may, and the backend switch works."""
+from collections import Counter
+
 import pytest
 import torch
 import torch.nn as nn
 
 from timm_convmixer import fast
-from timm_convmixer.fast import checked
+from timm_convmixer.fast import checked, cpu_kernels
 from timm_convmixer.fast import cpu as fast_cpu
 
 pytestmark = pytest.mark.skipif(not fast_cpu.available(), reason='oneDNN fused convolution not available')
+
+
+@pytest.fixture(params=['cpu', pytest.param('cpu_compiled', marks=pytest.mark.kernels)])
+def path(request):
+    """Each CPU path: oneDNN's convolutions (``cpu``), and our compiled depthwise kernel (``cpu_compiled``, skipped
+    where it cannot be built; marked ``kernels`` like its own tests, so test-min runs it only through ``auto``)."""
+    if request.param == 'cpu_compiled' and cpu_kernels.load() is None:
+        pytest.skip(f'the CPU kernel cannot be built here: {cpu_kernels.build_error()}')
+    return request.param
 
 
 @pytest.fixture
@@ -31,12 +42,12 @@ def infer(run_counted):
 
 @pytest.mark.parametrize('kernel_size', [5, 8, 9])
 @pytest.mark.parametrize('act', ['relu', 'gelu', 'silu'])
-def test_model_matches_eager(kernel_size, act, make_model, infer):
+def test_model_matches_eager(kernel_size, act, path, make_model, infer):
     model = make_model(kernel_size, act)
     x = torch.randn(2, 3, 36, 52)  # non-square; 9x13 tokens
-    fast_out, fast_paths = infer(model, x, 'cpu')
+    fast_out, fast_paths = infer(model, x, path)
     eager_out, eager_paths = infer(model, x, 'eager')
-    assert fast_paths == {'cpu': 2}
+    assert fast_paths == {path: 2}
     assert eager_paths == {'eager': 2}
     torch.testing.assert_close(fast_out, eager_out, rtol=1e-5, atol=1e-5)
 
@@ -44,7 +55,7 @@ def test_model_matches_eager(kernel_size, act, make_model, infer):
 @pytest.mark.parametrize('kernel_size', [5, 8, 9])
 @pytest.mark.parametrize('channels_last', [False, True])
 @pytest.mark.parametrize('shape', [(1, 7, 5), (3, 6, 11)])
-def test_block_matches_eager(kernel_size, channels_last, shape, make_model, infer):
+def test_block_matches_eager(kernel_size, channels_last, shape, path, make_model, infer):
     """Block level, odd/even spatial sizes and batch 1, both input layouts; the output keeps the values."""
     block = make_model(kernel_size).blocks[0]
     n, h, w = shape
@@ -52,15 +63,16 @@ def test_block_matches_eager(kernel_size, channels_last, shape, make_model, infe
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     ref, ref_paths = infer(block, x, 'eager')
-    out, paths = infer(block, x, 'cpu')
-    assert ref_paths == {'eager': 1} and paths == {'cpu': 1}
+    out, paths = infer(block, x, path)
+    assert ref_paths == {'eager': 1} and paths == {path: 1}
     assert out.shape == ref.shape
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_inference_mode_and_auto(make_model, infer, run_counted):
-    """auto checks the CPU path on first use of a case (here under inference_mode), keeps the faster of it and the
-    plain modules, and every block then takes the path decided for its case."""
+def test_inference_mode_and_auto(make_model, infer, run_counted, auto_choice):
+    """auto checks each CPU path on first use of a case (here under inference_mode), keeps the fastest of those
+    that match the plain modules and are faster than them, and every block then takes the path decided for its
+    case."""
     model = make_model(9)
     x = torch.randn(1, 3, 32, 32)
     ref, ref_paths = infer(model, x, 'eager')
@@ -69,17 +81,16 @@ def test_inference_mode_and_auto(make_model, infer, run_counted):
         out, paths = run_counted(model, x, backend='auto')
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     records = checked.decision_records()
-    first = records[0]  # the first block's case: the NCHW input
-    assert (first['fused_path'], first['shape'], first['channels_last']) == ('cpu', [1, 24, 8, 8], False)
+    compiled = cpu_kernels.load() is not None
+    first = [r for r in records if not r['channels_last']]  # the first block's case: the NCHW input
+    assert sorted(r['fused_path'] for r in first) == (['cpu', 'cpu_compiled'] if compiled else ['cpu'])
     for r in records:
-        assert r['max_rel_err'] <= checked.tolerance(torch.float32, 'cpu')
-        assert r['path'] == ('cpu' if r['fused_ms'] < r['eager_ms'] else 'eager')
-    # the CPU path leaves channels_last, so the second block is a new case only if the first took it
-    assert len(records) == (2 if first['path'] == 'cpu' else 1)
-    expected = {}
-    for r, calls in zip(records, (1, 1) if len(records) == 2 else (2,)):
-        expected[r['path']] = expected.get(r['path'], 0) + calls
-    assert paths == expected
+        assert r['shape'] == [1, 24, 8, 8] and r['max_rel_err'] <= checked.tolerance(torch.float32, 'cpu')
+        assert r['path'] == (r['fused_path'] if r['fused_ms'] < r['eager_ms'] else 'eager')
+    # the fused paths leave channels_last, so the second block is a new case only if the first took one
+    first_path = auto_choice(records, channels_last=False)
+    second_path = first_path if first_path == 'eager' else auto_choice(records, channels_last=True)
+    assert paths == dict(Counter([first_path, second_path]))
     with torch.inference_mode():  # decided once: the next call takes the same paths without checking again
         _, again = run_counted(model, x, backend='auto')
     assert again == paths and len(checked.decisions) == len(records)

@@ -9,17 +9,19 @@ watching (those must see the plain modules). Each backend then adds only its own
 Backends:
 
 * ``'auto'`` (default): the fastest correct path, measured where it is not known. Eval-mode CPU tensors -> the
-  oneDNN path of :mod:`.cpu`, eval-mode CUDA tensors -> the Triton kernels, and training-mode blocks (BatchNorm on
-  batch statistics) on any device -> the memory-lean block of :mod:`.lean` (on a Triton device also its Triton
-  implementation, :mod:`.lean_triton`), each only for a case (device, shape, dtype, mode...) where :mod:`.checked`
-  found it correct and faster than the plain modules on first use; where several paths pass, the fastest. With
-  ``TRITON_INTERPRET=1`` CPU tensors count as a Triton device (tests).
+  paths of :mod:`.cpu` (oneDNN's convolutions, or our compiled depthwise kernel), eval-mode CUDA tensors -> the
+  Triton kernels, and training-mode blocks (BatchNorm on batch statistics) on any device -> the memory-lean block
+  of :mod:`.lean` (on a Triton device also its Triton implementation, :mod:`.lean_triton`), each only for a case
+  (device, shape, dtype, mode...) where :mod:`.checked` found it correct and faster than the plain modules on first
+  use; where several paths pass, the fastest. With ``TRITON_INTERPRET=1`` CPU tensors count as a Triton device
+  (tests).
 * ``'eager'``: never a fast path.
-* ``'lean'``, ``'lean_triton'``, ``'cpu'``, ``'triton'``, ``'triton_gemm'``: only that path, unchecked, where it
-  applies (the way to force one). ``'lean'`` runs the lean block's normalisations on torch's kernels,
-  ``'lean_triton'`` its normalisations and depthwise conv on Triton kernels (the same memory kept); ``'triton'``
-  runs the pointwise conv on cuBLAS with a Triton epilogue pass, ``'triton_gemm'`` as one Triton GEMM with the
-  epilogue fused.
+* ``'lean'``, ``'lean_triton'``, ``'cpu'``, ``'cpu_compiled'``, ``'triton'``, ``'triton_gemm'``: only that path,
+  unchecked, where it applies (the way to force one). ``'lean'`` runs the lean block's normalisations on torch's
+  kernels, ``'lean_triton'`` its normalisations and depthwise conv on Triton kernels (the same memory kept);
+  ``'cpu'`` both convolutions on oneDNN, ``'cpu_compiled'`` the depthwise half in our C++ kernel (built on first
+  use); ``'triton'`` runs the pointwise conv on cuBLAS with a Triton epilogue pass, ``'triton_gemm'`` as one Triton
+  GEMM with the epilogue fused.
 
 Choose with :func:`set_backend`, the :func:`use_backend` context manager or the ``TIMM_CONVMIXER_BACKEND``
 environment variable (read at import). The choice is process-global.
@@ -47,7 +49,7 @@ __all__ = [
     'use_backend',
 ]
 
-BACKENDS = ('auto', 'eager', 'lean', 'lean_triton', 'cpu', 'triton', 'triton_gemm')
+BACKENDS = ('auto', 'eager', 'lean', 'lean_triton', 'cpu', 'cpu_compiled', 'triton', 'triton_gemm')
 ENV_VAR = 'TIMM_CONVMIXER_BACKEND'
 
 # which path answered each MixerBlock call since the last reset_counters()
@@ -194,27 +196,33 @@ def _checked_eval(block: nn.Module, parts: BlockParts, x: torch.Tensor) -> Tuple
     return path, _triton_forward(block, parts, x, path)
 
 
-def _checked_cpu(block: nn.Module, parts: BlockParts, x: torch.Tensor) -> Optional[torch.Tensor]:
-    """auto's eval path on CPU: the oneDNN path where the check on first use found it right and faster.
+def _checked_cpu(block: nn.Module, parts: BlockParts, x: torch.Tensor) -> Tuple[str, Optional[torch.Tensor]]:
+    """auto's eval path on CPU: ``(path, output)``, the fastest CPU path (oneDNN's depthwise conv or our compiled
+    kernel's) that the check on first use found right and faster than the plain modules, or ``('cpu', None)``.
 
-    Whether it wins depends on the CPU (measured: 1.5x on one with AVX-512, 0.87-1.06x on an AVX2-only Zen 3), so
-    it is timed rather than assumed. The fused path works in channels_last; its trial gets the input already
-    converted, since in a model only the first block pays that conversion and every later block would be denied
-    the path if the first one's decision counted it.
+    Whether one wins depends on the CPU (measured: oneDNN's path 1.5x the built-in on an AVX-512 CPU, 0.87-1.06x on
+    an AVX2-only Zen 3), so it is timed rather than assumed. The fused paths work in channels_last; their trials get
+    the input already converted, since in a model only the first block pays that conversion and every later block
+    would be denied the path if the first one's decision counted it.
     """
     from . import checked, cpu
-    dtype = _compute_dtype(x)
-    key = checked.case_key('cpu', parts, x, dtype)
-    decision = checked.decisions.get(key)
-    if decision is None:
-        if not cpu.applies(parts, x):
-            return None  # decided per call (grad mode, dtypes), so not cached as a case's decision
-        x_cl = x.contiguous(memory_format=torch.channels_last)
-        decision = checked.decide(key, 'cpu', block, x, lambda: cpu.block_forward(parts, x_cl),
-                                  lambda: _eager_no_grad(block, x), dtype,
-                                  _fp32_reference(x, lambda t: _eager_no_grad(block, t)))
-    # block_forward checks applicability itself (None: the plain modules run), so a decided case asks only once
-    return None if decision.path == 'eager' else cpu.block_forward(parts, x)
+    paths = cpu.paths(parts, x)
+    if not paths:
+        return 'cpu', None  # decided per call (grad mode, dtypes), so not cached as a case's decision
+    converted = []
+
+    def fused(path):
+        def run():
+            if not converted:
+                converted.append(x.contiguous(memory_format=torch.channels_last))
+            return cpu.block_forward(parts, converted[0], path)
+        return run
+
+    eager = lambda: _eager_no_grad(block, x)  # noqa: E731
+    reference = _fp32_reference(x, lambda t: _eager_no_grad(block, t))
+    path = checked.fastest({path: (fused(path), eager, reference) for path in paths}, parts, block, x,
+                           _compute_dtype(x))
+    return ('cpu', None) if path is None else (path, cpu.block_forward(parts, x, path))
 
 
 def _lean_norms(parts: BlockParts, x: torch.Tensor):
@@ -276,11 +284,11 @@ def _fast_forward(block: nn.Module, x: torch.Tensor, backend: str):
         if backend == 'auto' and lean_applies(parts, x):
             return _checked_train(block, parts, x)
         return None
-    if x.device.type == 'cpu' and backend == 'cpu':
+    if x.device.type == 'cpu' and backend in ('cpu', 'cpu_compiled'):
         from . import cpu
-        return 'cpu', cpu.block_forward(parts, x)
+        return backend, cpu.block_forward(parts, x, backend)
     if x.device.type == 'cpu' and backend == 'auto' and not _triton_device(x):
-        return 'cpu', _checked_cpu(block, parts, x)
+        return _checked_cpu(block, parts, x)
     if backend in TRITON_PATHS:
         return backend, _triton_forward(block, parts, x, backend)
     if backend == 'auto' and _triton_device(x):

@@ -1,4 +1,4 @@
-"""CPU fast path for an eval-mode ConvMixer block: two fused oneDNN convolutions and two elementwise passes.
+"""CPU fast paths for an eval-mode ConvMixer block: fused oneDNN convolutions, and our compiled depthwise kernel.
 
 Where timm's eager block spends its CPU time (torch.profiler, 768/32, batch 8, channels_last): convolutions ~57%,
 then five full passes over the activations: BN, activation, residual add, activation, BN (~42%). This path:
@@ -10,7 +10,10 @@ then five full passes over the activations: BN, activation, residual add, activa
 3. applies each eval-mode BatchNorm as a per-channel ``scale * a + shift``, in one ``addcmul`` pass that also does
    the residual add: ``u = x + s1 * act(dw(x))``; the depthwise BN's shift ``t1`` only ever reaches the pointwise
    conv, so it is folded into that conv's bias (``b' = b + W @ t1``) instead of costing a pass;
-4. so a block is: conv+act, addcmul, conv+act, addcmul (in place) instead of conv, act, BN, add, conv, act, BN.
+4. so a block is: conv+act, addcmul, conv+act, addcmul (in place) instead of conv, act, BN, add, conv, act, BN;
+5. path ``'cpu_compiled'`` replaces the first two with one pass of our kernel (:mod:`.cpu_kernels`: depthwise conv,
+   bias, activation, BN scale and residual), where oneDNN's channels_last depthwise conv is slow; which of the two
+   is faster on a CPU, ``auto`` measures (:func:`timm_convmixer.fast.block_forward`).
 
 Numerics: fp32 by default; the BN folds are done in float64, so results match eager to ~1e-6 relative (the
 summation order inside the 1x1 conv differs by one bias term). Under CPU autocast with bfloat16 (and oneDNN bf16
@@ -24,17 +27,20 @@ keyed on the identity, storage and version counter of every parameter and buffer
 ``load_state_dict``, optimizer steps, ``.to()`` or in-place edits invalidate them. The cache holds one extra copy
 of the block's weights; :func:`clear_cache` drops it.
 """
+import threading
 import warnings
 import weakref
-from typing import List, NamedTuple, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
+from . import cpu_kernels
 from .eligibility import BlockParts, bn_scale_shift
 from .runtime import autocast_state
 
-__all__ = ['applies', 'available', 'block_forward', 'clear_cache', 'native_bf16', 'warn_if_bf16_is_emulated']
+__all__ = ['PATHS', 'applies', 'available', 'block_forward', 'clear_cache', 'native_bf16', 'paths',
+           'warn_if_bf16_is_emulated']
 
 
 def available() -> bool:
@@ -53,13 +59,34 @@ class _Folded(NamedTuple):
     b_pw: torch.Tensor  # pointwise bias with the depthwise BN shift folded in
     s_pw: torch.Tensor  # (1, C, 1, 1) BN scale / shift of the pointwise output
     t_pw: torch.Tensor
+    taps: Optional[torch.Tensor]  # fp32 only: the depthwise weight as (k * k, C), what our compiled kernel reads
 
 
 _cache: 'weakref.WeakKeyDictionary[nn.Module, _Folded]' = weakref.WeakKeyDictionary()
 
 
+# thread id -> the compiled path's depthwise output buffer of the last shape that thread ran (see _scratch_like)
+_scratch: Dict[int, torch.Tensor] = {}
+
+
 def clear_cache() -> None:
+    """Drop the folded weights and the compiled path's scratch buffers."""
     _cache.clear()
+    _scratch.clear()
+
+
+def _scratch_like(x: torch.Tensor) -> torch.Tensor:
+    """A reused buffer for the depthwise half's output, which only the pointwise conv of the same call reads.
+
+    Why reuse: a fresh activation-sized tensor beyond glibc's mmap threshold is new pages each time, and touching
+    them costs more than the pass that fills them (32 MiB: 11.8 ms of page faults against a 3.2 ms fill on this
+    project's Zen 3 VM). One buffer per thread (blocks on two threads must not share one), of the last shape run.
+    """
+    key = threading.get_ident()
+    buf = _scratch.get(key)
+    if buf is None or buf.shape != x.shape or buf.dtype != x.dtype:
+        buf = _scratch[key] = torch.empty_like(x, memory_format=torch.channels_last)
+    return buf
 
 
 def native_bf16() -> bool:
@@ -143,6 +170,7 @@ def _fold(parts: BlockParts, key: Tuple, input_size: List[int], dtype: torch.dty
             b_pw=b_pw.to(dtype).contiguous(),
             s_pw=s_pw.to(dtype).view(1, dim, 1, 1),
             t_pw=t_pw.to(dtype).view(1, dim, 1, 1),
+            taps=conv_dw.weight.detach().reshape(dim, k * k).t().contiguous() if dtype == torch.float32 else None,
         )
 
 
@@ -197,14 +225,41 @@ def _cached(parts: BlockParts, tensors: List[Optional[torch.Tensor]], x: torch.T
     return folded
 
 
-def block_forward(parts: BlockParts, x: torch.Tensor) -> Optional[torch.Tensor]:
-    """Eval-mode block output via fused oneDNN ops (channels_last), or ``None`` when this path does not apply.
+PATHS = ('cpu', 'cpu_compiled')
+
+
+def paths(parts: BlockParts, x: torch.Tensor) -> Tuple[str, ...]:
+    """The CPU paths that can run this block and input: ``'cpu'`` (both convolutions on oneDNN) wherever this
+    module applies; ``'cpu_compiled'`` (the depthwise half in our compiled kernel) in fp32 when the kernel loads
+    (the first call may build it)."""
+    dtype = _applies(parts, x, _tensors(parts))
+    if dtype is None:
+        return ()
+    return PATHS if _compiled_applies(parts, dtype) else ('cpu',)
+
+
+def _compiled_applies(parts: BlockParts, dtype: torch.dtype) -> bool:
+    """Our kernel computes in float32, for kernels up to its window limit, once it has been built."""
+    return (dtype == torch.float32 and parts.kernel_size <= cpu_kernels.MAX_KERNEL_SIZE
+            and cpu_kernels.load() is not None)
+
+
+def block_forward(parts: BlockParts, x: torch.Tensor, path: str = 'cpu') -> Optional[torch.Tensor]:
+    """Eval-mode block output by one of :data:`PATHS` (channels_last), or ``None`` when that path does not apply.
 
     ``parts`` as :func:`.eligibility.block_parts` returns them (the structural and mode checks are done).
+    ``'cpu_compiled'`` runs conv, bias, activation, BatchNorm scale and residual of the depthwise half as one pass
+    of our kernel (:mod:`.cpu_kernels`); ``'cpu'`` as a oneDNN convolution with the activation fused and an
+    ``addcmul``. The pointwise half is oneDNN's in both.
     """
+    if path not in PATHS:
+        raise ValueError(f'path: expected one of {PATHS}, got {path!r}')
     tensors = _tensors(parts)
     dtype = _applies(parts, x, tensors)
     if dtype is None:
+        return None
+    compiled = path == 'cpu_compiled'
+    if compiled and not _compiled_applies(parts, dtype):
         return None
     f = _cached(parts, tensors, x, dtype)
     attr, scalars, algorithm = _POST_OPS[parts.act]
@@ -214,13 +269,16 @@ def block_forward(parts: BlockParts, x: torch.Tensor) -> Optional[torch.Tensor]:
     conv = torch.ops.mkldnn._convolution_pointwise
     with torch.no_grad():
         x = x.to(dtype).contiguous(memory_format=torch.channels_last)
-        a = conv(x, f.w_dw, f.b_dw, [pad, pad], [1, 1], [1, 1], dim, attr, scalars, algorithm)
-        if k % 2 == 0:
-            # PyTorch's "same" for even k pads (k-1)//2 before and k//2 after: pad k//2 on both sides and drop the
-            # first row/column, which is exactly that window
-            a = a[:, :, 1:, 1:]
-            u = torch.addcmul(x, a, f.s_dw)
+        if compiled:
+            u = cpu_kernels.dw_block(x, f.taps, f.b_dw, f.s_dw.view(dim), k, parts.act, _scratch_like(x))
         else:
-            u = torch.addcmul(x, a, f.s_dw, out=a)  # x + s1 * act(dw(x)); BN shift t1 lives in b_pw
+            a = conv(x, f.w_dw, f.b_dw, [pad, pad], [1, 1], [1, 1], dim, attr, scalars, algorithm)
+            if k % 2 == 0:
+                # PyTorch's "same" for even k pads (k-1)//2 before and k//2 after: pad k//2 on both sides and drop
+                # the first row/column, which is exactly that window
+                a = a[:, :, 1:, 1:]
+                u = torch.addcmul(x, a, f.s_dw)
+            else:
+                u = torch.addcmul(x, a, f.s_dw, out=a)  # x + s1 * act(dw(x)); BN shift t1 lives in b_pw
         y = conv(u, f.w_pw, f.b_pw, [0, 0], [1, 1], [1, 1], 1, attr, scalars, algorithm)
         return torch.addcmul(f.t_pw, y, f.s_pw, out=y)

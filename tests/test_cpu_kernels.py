@@ -1,0 +1,229 @@
+"""Our compiled CPU kernel (``fast/csrc/dw_block.cpp``): the function it computes, the errors it raises, that it
+compiles for each vector ISA, that its build is optional, and that the path built on it never hands out memory it
+reuses. Marked ``kernels``: timm's version plays no part, so ``./run.sh test-min`` leaves them out."""
+import os
+import shutil
+import subprocess
+import threading
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from timm_convmixer.fast import cpu as fast_cpu
+from timm_convmixer.fast import cpu_kernels
+from timm_convmixer.fast.eligibility import block_parts
+
+pytestmark = pytest.mark.kernels
+
+ACTS = {
+    'identity': lambda z: z, 'relu': F.relu, 'gelu': F.gelu, 'gelu_tanh': lambda z: F.gelu(z, approximate='tanh'),
+    'silu': F.silu,
+}
+
+
+@pytest.fixture(scope='module')
+def kernels():
+    if cpu_kernels.load() is None:
+        pytest.skip(f'the CPU kernel cannot be built here: {cpu_kernels.build_error()}')
+
+
+def _inputs(n, c, h, w, k, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, h, w, generator=g).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(c, 1, k, k, generator=g) / k
+    bias, scale = torch.randn(c, generator=g), torch.randn(c, generator=g)
+    return x, weight, bias, scale
+
+
+def _kernel(x, weight, bias, scale, act):
+    c, k = weight.shape[0], weight.shape[-1]
+    taps = weight.reshape(c, k * k).t().contiguous()
+    return cpu_kernels.dw_block(x, taps, bias, scale, k, act, torch.empty_like(x))
+
+
+def _reference(x, weight, bias, scale, act):
+    """The block's depthwise half as eager computes it, in float64."""
+    x, weight, bias, scale = (t.double() for t in (x, weight, bias, scale))
+    z = F.conv2d(x, weight, bias, padding='same', groups=x.shape[1])
+    return x + scale.view(1, -1, 1, 1) * ACTS[act](z)
+
+
+# channels: partial vectors and blocks (7, 24, 40); kernels odd, even, 1; images 1x1 up to wide/tall enough for the
+# kernel to split columns into segments (70 wide) and rows into bands (one image, few channel blocks)
+SHAPES = [
+    (2, 24, 9, 13, 5), (1, 7, 5, 6, 3), (3, 40, 8, 8, 8), (1, 32, 1, 1, 9), (2, 16, 70, 3, 9), (1, 16, 6, 70, 9),
+    (1, 48, 40, 40, 7), (2, 16, 12, 12, 1), (1, 16, 4, 4, 2),
+]
+
+
+@pytest.mark.parametrize('shape', SHAPES, ids=lambda s: 'x'.join(map(str, s)))
+def test_matches_eager_in_float64(shape, kernels):
+    x, weight, bias, scale = _inputs(*shape)
+    out = _kernel(x, weight, bias, scale, 'gelu')
+    assert out.shape == x.shape and out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out.double(), _reference(x, weight, bias, scale, 'gelu'), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('act', ACTS)
+def test_every_activation(act, kernels):
+    x, weight, bias, scale = _inputs(2, 40, 11, 9, 7, seed=1)
+    x = x * 4  # reach GELU's and SiLU's tails
+    torch.testing.assert_close(_kernel(x, weight, bias, scale, act).double(), _reference(x, weight, bias, scale, act),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_gelu_as_accurate_as_torchs(kernels):
+    """GELU on its own (taps zero, input zero: the output is ``gelu(bias)``) over [-12, 12]: no further from float64
+    than torch's own float32 GELU, give or take a float32 rounding."""
+    z = torch.linspace(-12, 12, 4096)
+    x = torch.zeros(1, z.numel(), 1, 1).contiguous(memory_format=torch.channels_last)
+    out = cpu_kernels.dw_block(x, torch.zeros(1, z.numel()), z, torch.ones_like(z), 1, 'gelu', torch.empty_like(x))
+    exact = F.gelu(z.double())
+    ours = (out.flatten().double() - exact).abs().max().item()
+    torchs = (F.gelu(z).double() - exact).abs().max().item()
+    assert ours <= torchs + 2 ** -22, (ours, torchs)
+
+
+@pytest.mark.parametrize('capability', sorted(cpu_kernels._ISA_FLAGS))
+def test_compiles_for_each_vector_isa(capability, tmp_path):
+    """The source compiles for AVX2 and for AVX-512 (8 and 16 floats a vector) whichever this CPU has. This CPU's
+    own ISA is built, loaded and run by the tests above, so it is not compiled twice."""
+    from torch.utils.cpp_extension import include_paths
+    if capability == torch.backends.cpu.get_cpu_capability() and cpu_kernels.load() is not None:
+        pytest.skip(f'{capability} is this CPU\'s: built and run by the other tests')
+    cxx = shutil.which(os.environ.get('CXX', 'c++'))
+    if cxx is None:
+        pytest.skip('no C++ compiler')
+    macros, arch = cpu_kernels._ISA_FLAGS[capability]
+    obj = tmp_path / 'dw_block.o'
+    cmd = [cxx, '-std=c++20', '-O3', '-fopenmp', '-fPIC', *arch, *[f'-D{m}' for m in macros],
+           *[f'-isystem{p}' for p in include_paths()], '-c', cpu_kernels.SOURCE, '-o', str(obj)]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    print(f'{capability}: compiled in {time.perf_counter() - start:.1f} s, {obj.stat().st_size} bytes')
+
+
+def test_bad_arguments_are_named(kernels):
+    x, weight, bias, scale = _inputs(1, 16, 6, 6, 3)
+    taps = weight.reshape(16, 9).t().contiguous()
+    out = torch.empty_like(x)
+    with pytest.raises(RuntimeError, match='x must be a 4-d float32 CPU tensor'):
+        cpu_kernels.dw_block(x.double(), taps, bias, scale, 3, 'relu', out)
+    with pytest.raises(RuntimeError, match='x must be channels_last'):
+        cpu_kernels.dw_block(x.contiguous(), taps, bias, scale, 3, 'relu', out)
+    with pytest.raises(RuntimeError, match='expected taps of 9 x 16'):
+        cpu_kernels.dw_block(x, taps[:4], bias, scale, 3, 'relu', out)
+    with pytest.raises(RuntimeError, match="out must be a channels_last float32 CPU tensor of x's shape"):
+        cpu_kernels.dw_block(x, taps, bias, scale, 3, 'relu', out[:, :8])
+    with pytest.raises(RuntimeError, match='out must not be x'):
+        cpu_kernels.dw_block(x, taps, bias, scale, 3, 'relu', x)
+
+
+def test_outputs_are_never_the_reused_buffer(small_model, run_counted, kernels):
+    """The compiled path reuses one buffer for its depthwise half: a block's output must survive the next call."""
+    model = small_model(dim=32, depth=2, kernel_size=7, randomize={})
+    x1, x2 = torch.randn(2, 2, 3, 28, 28)
+    with torch.no_grad():
+        first, paths = run_counted(model.forward_features, x1, backend='cpu_compiled')
+        kept = first.clone()
+        run_counted(model.forward_features, x2, backend='cpu_compiled')
+    assert paths == {'cpu_compiled': 2}
+    assert torch.equal(first, kept)
+
+
+def test_threads_get_their_own_buffers(small_model, kernels):
+    """Two threads running the compiled path at once (same shapes, so the same buffer if it were shared)."""
+    model = small_model(dim=32, depth=4, kernel_size=9, randomize={})
+    inputs = torch.randn(2, 4, 3, 64, 64)
+    with torch.no_grad():
+        expected = [model(x) for x in inputs]  # auto in the test session: any path, checked against eager
+    results, errors = [None, None], []
+
+    def work(i):
+        try:
+            with torch.no_grad():
+                for _ in range(3):
+                    results[i] = _compiled_forward(model, inputs[i])
+        except Exception as e:  # noqa: BLE001 -- reported by the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for got, want in zip(results, expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _compiled_forward(model, x):
+    """``model(x)`` with every block on the compiled path, called the way ``MixerBlock.forward`` calls it."""
+    x = model.stem(x)
+    for block in model.blocks:
+        x = fast_cpu.block_forward(block_parts(block), x, 'cpu_compiled')
+    return model.forward_head(x)
+
+
+def test_no_build_when_asked_not_to(run_python):
+    """TIMM_CONVMIXER_CPU_BUILD=0: nothing is compiled, the compiled path declines, auto weighs oneDNN's path only,
+    and ``build()`` says why it cannot."""
+    code = '''
+        import warnings, torch, timm, timm_convmixer
+        from timm_convmixer import fast
+        from timm_convmixer.fast import checked, cpu_kernels
+        warnings.simplefilter('ignore')
+        model = timm.create_model('convmixer_256_8_ks5_p2', depth=2, dim=16).eval()
+        x = torch.randn(1, 3, 16, 16)
+        with torch.no_grad():
+            with fast.use_backend('cpu_compiled'):
+                model(x)
+            print(dict(fast.counters))
+            model(x)
+        print(sorted({r['fused_path'] for r in checked.decision_records()}))
+        try:
+            cpu_kernels.build()
+        except RuntimeError as e:
+            print(e)
+    '''
+    out = run_python(code=code, env={cpu_kernels.BUILD_ENV_VAR: '0'}).stdout.strip().splitlines()
+    assert out[-3:] == ["{'eager': 2}", "['cpu']",
+                        'timm_convmixer: the CPU kernel is unavailable: TIMM_CONVMIXER_CPU_BUILD=0']
+
+
+def test_failed_build_warns_once_and_falls_back(run_python, tmp_path):
+    """A build that fails (here: no compiler where CXX points, an empty extension cache) warns once, naming the
+    failure, and the model runs on oneDNN's path with the same output as the plain modules."""
+    code = '''
+        import warnings, torch, timm, timm_convmixer
+        from timm_convmixer import fast
+        from timm_convmixer.fast import checked, cpu_kernels
+        model = timm.create_model('convmixer_256_8_ks5_p2', depth=2, dim=16).eval()
+        x = torch.randn(1, 3, 16, 16)
+        with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+            warnings.simplefilter('always')
+            out = model(x)
+            model(x)
+            with fast.use_backend('eager'):
+                ref = model(x)
+        failed = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+        print(len(failed), 'could not build its CPU depthwise kernel' in failed[0])
+        print(sorted({r['fused_path'] for r in checked.decision_records()}), torch.allclose(out, ref, atol=1e-5))
+        print(cpu_kernels.load() is None, cpu_kernels.build_error() is not None)
+    '''
+    env = {'CXX': str(tmp_path / 'no-such-compiler'), 'TORCH_EXTENSIONS_DIR': str(tmp_path / 'extensions')}
+    out = run_python(code=code, env=env, unset=[cpu_kernels.BUILD_ENV_VAR]).stdout.strip().splitlines()
+    assert out[-3:] == ['1 True', "['cpu'] True", 'True True']
+
+
+def test_kernel_size_beyond_the_window_limit_declines(small_model, run_counted, kernels):
+    """A kernel wider than the compiled kernel's limit is offered to oneDNN's path only."""
+    model = small_model(dim=16, depth=1, kernel_size=cpu_kernels.MAX_KERNEL_SIZE + 1, randomize={})
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        _, paths = run_counted(model, x, backend='cpu_compiled')
+        assert fast_cpu.paths(block_parts(model.blocks[0]), model.stem(x)) == ('cpu',)
+    assert paths == {'eager': 1}

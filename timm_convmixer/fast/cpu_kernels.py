@@ -1,0 +1,123 @@
+"""Our compiled CPU kernel (``csrc/dw_block.cpp``): built on first use, cached on disk, never required.
+
+Why compile at all: the depthwise half of a block (conv, bias, activation, BatchNorm scale, residual add) is where
+oneDNN is weakest at ConvMixer's shapes on AVX2 CPUs (see the C++ file's header); one kernel of ours does it in a
+single pass. It is compiled the way Inductor compiles its CPU kernels, for the vector ISA ATen itself dispatches to
+on this CPU (``torch.backends.cpu.get_cpu_capability()``), by ``torch.utils.cpp_extension`` (a C++ compiler and
+``ninja`` needed; ~20 s once, then loaded from torch's extension cache, keyed by the source, the flags and the
+torch version).
+
+Nothing depends on it: when the build is impossible or fails, :func:`load` returns ``None`` after one
+``RuntimeWarning`` naming why, and the oneDNN path runs. ``TIMM_CONVMIXER_CPU_BUILD=0`` skips the build (for
+machines where compiling at run time is unwelcome); :func:`build` builds ahead of time (e.g. in an image).
+"""
+import hashlib
+import logging
+import os
+import threading
+import warnings
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from .checked import FastPathDecision
+
+__all__ = ['ACT_CODES', 'BUILD_ENV_VAR', 'MAX_KERNEL_SIZE', 'build', 'build_error', 'dw_block', 'load']
+
+BUILD_ENV_VAR = 'TIMM_CONVMIXER_CPU_BUILD'
+SOURCE = os.path.join(os.path.dirname(__file__), 'csrc', 'dw_block.cpp')
+# activation name (eligibility.ACT_NAMES) -> the kernel's code (enum Act in the C++ source)
+ACT_CODES: Dict[str, int] = {'identity': 0, 'relu': 1, 'gelu': 2, 'gelu_tanh': 3, 'silu': 4}
+MAX_KERNEL_SIZE = 64  # the kernel keeps one pointer per window row on its stack
+# ATen's CPU capability -> (the macro selecting ATen's Vectorized<float> implementation, compiler flags), as
+# Inductor builds its CPU kernels for that ISA; any other capability gets ATen's portable vectors
+_ISA_FLAGS: Dict[str, Tuple[List[str], List[str]]] = {
+    'AVX2': (['CPU_CAPABILITY_AVX2'], ['-mavx2', '-mfma', '-mf16c']),
+    'AVX512': (['CPU_CAPABILITY_AVX512'], ['-mavx512f', '-mavx512dq', '-mavx512vl', '-mavx512bw', '-mfma']),
+}
+
+_lock = threading.Lock()
+_ops = None
+_error: Optional[str] = None
+_tried = False
+
+
+def _capability() -> str:
+    get = getattr(getattr(torch.backends, 'cpu', None), 'get_cpu_capability', None)
+    return get() if get is not None else 'DEFAULT'
+
+
+def _flags() -> List[str]:
+    macros, arch = _ISA_FLAGS.get(_capability(), ([], []))
+    return ['-O3', '-fopenmp', *arch, *[f'-D{m}' for m in macros]]
+
+
+def _name(flags: List[str]) -> str:
+    """The extension's name: a new source, flags or torch version builds anew instead of reusing a stale cache."""
+    digest = hashlib.sha256()
+    with open(SOURCE, 'rb') as f:
+        digest.update(f.read())
+    digest.update(' '.join(flags).encode())
+    digest.update(torch.__version__.encode())
+    return f'timm_convmixer_cpu_{digest.hexdigest()[:12]}'
+
+
+def _compile():
+    # importing cpp_extension logs a warning about CUDA_HOME on CUDA builds of torch without a GPU: not ours to show
+    log = logging.getLogger('torch.utils.cpp_extension')
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        log.setLevel(level)
+    flags = _flags()
+    cpp_extension.load(_name(flags), [SOURCE], extra_cflags=flags, extra_ldflags=['-fopenmp'],
+                       is_python_module=False)
+    return torch.ops.timm_convmixer_cpu
+
+
+def load():
+    """``torch.ops.timm_convmixer_cpu`` (building it on the first call of the process), or ``None`` when it cannot
+    be had: ``TIMM_CONVMIXER_CPU_BUILD=0``, no compiler or ninja, or a failed build (said once, then not retried)."""
+    global _ops, _error, _tried
+    if _tried:
+        return _ops
+    with _lock:
+        if _tried:
+            return _ops
+        if os.environ.get(BUILD_ENV_VAR, '1').strip() == '0':
+            _error = f'{BUILD_ENV_VAR}=0'
+        else:
+            warnings.warn(
+                'timm_convmixer: loading its CPU depthwise kernel (compiled with torch.utils.cpp_extension on first '
+                f'use on this machine, ~20 s, then cached; {BUILD_ENV_VAR}=0 skips it)', FastPathDecision,
+                stacklevel=4)
+            try:
+                _ops = _compile()
+            except Exception as e:  # noqa: BLE001 -- no compiler, no ninja, a compile error: the oneDNN path runs
+                _error = f'{type(e).__name__}: {str(e).strip()[-500:]}'
+                warnings.warn(f'timm_convmixer: could not build its CPU depthwise kernel ({_error}); blocks use '
+                              'oneDNN for the depthwise convolution instead', RuntimeWarning, stacklevel=4)
+        _tried = True
+    return _ops
+
+
+def build() -> None:
+    """Build (or load) the kernel now, raising if that is impossible: for images and set-up scripts."""
+    if load() is None:
+        raise RuntimeError(f'timm_convmixer: the CPU kernel is unavailable: {_error}')
+
+
+def build_error() -> Optional[str]:
+    """Why :func:`load` returned ``None`` (``None`` if it has not been called or succeeded)."""
+    return _error
+
+
+def dw_block(x: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor, kernel_size: int,
+             act: str, out: torch.Tensor) -> torch.Tensor:
+    """``out = x + scale * act(depthwise_conv_same(x) + bias)`` for a channels_last float32 ``x`` (``out`` likewise,
+    not ``x``): ``taps`` is the depthwise weight as ``(k * k, C)``, ``bias``/``scale`` hold ``C`` values. The kernel
+    must be loaded."""
+    _ops.dw_block(x, taps, bias, scale, kernel_size, ACT_CODES[act], out)
+    return out

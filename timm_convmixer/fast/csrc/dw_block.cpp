@@ -1,0 +1,227 @@
+// The depthwise half of an eval-mode ConvMixer block on a CPU, in one pass over the activations:
+//
+//     u = x + scale * act(depthwise_conv_same(x, taps) + bias)        (NHWC, float32)
+//
+// Why a kernel of our own: at ConvMixer's shapes (hundreds of channels, kernels 5-9, 16-32 tokens a side) oneDNN's
+// channels_last depthwise convolution ran at 15-30 GFLOP/s on an AVX2 Zen 3, its pointwise neighbour at ~110, so a
+// block spent a third of its time in the conv that holds a tenth of its FLOPs, plus a separate pass for BatchNorm and
+// the residual. Reading NHWC taps straight from the tensor walks memory at a stride of C floats, which lands every
+// row of the window in the same few L1 sets; here each work item copies its input rows, once each, into a small
+// zero-padded ring of contiguous rows for one block of channels, so every tap reads L1 and no tap needs a bounds
+// check. Each output row is finished (activation, scale, residual from the ring) while it is in L1, and written
+// once. Built at first use by timm_convmixer/fast/cpu_kernels.py for the vector ISA ATen dispatches to on this CPU
+// (ATen's Vectorized<float>: 8 floats on AVX2, 16 on AVX-512).
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int VL = Vec::size();
+constexpr int CB = 16;        // channels per block: one 64-byte cache line of each pixel
+constexpr int NV = CB / VL;   // vectors per block: 2 on AVX2, 1 on AVX-512
+constexpr int TW = 8 / NV;    // output pixels of a row computed together, sharing each loaded tap: 8 accumulators
+static_assert(CB % VL == 0 && NV >= 1 && TW >= 1, "a channel block must be whole vectors");
+constexpr int64_t RING_BYTES = 16 * 1024;  // a ring this size, the taps and one row leave room in a 32 KiB L1
+
+// activation codes, as timm_convmixer/fast/cpu_kernels.py passes them
+enum Act { IDENTITY = 0, RELU = 1, GELU = 2, GELU_TANH = 3, SILU = 4 };
+
+// the formulas of ATen's own CPU kernels for these activations, so results match eager to float32 rounding
+template <int ACT>
+inline Vec activate(Vec z) {
+  if constexpr (ACT == RELU) {
+    return at::vec::clamp_min(z, Vec(0.f));
+  } else if constexpr (ACT == GELU) {
+    // ATen's erf (Abramowitz-Stegun 7.1.26), with ATen's inlined exp_u20 for its out-of-line Sleef exp: 20% faster
+    // for the whole kernel, and the same largest error against float64 GELU (4.7e-7 absolute over [-12, 12])
+    const Vec a = z * Vec(float(M_SQRT1_2));
+    const Vec sign = a & Vec(-0.f);
+    const Vec ax = a ^ sign;
+    const Vec t = Vec(1.f) / at::vec::fmadd(Vec(0.3275911f), ax, Vec(1.f));
+    Vec r = at::vec::fmadd(Vec(1.061405429f), t, Vec(-1.453152027f));
+    r = at::vec::fmadd(r, t, Vec(1.421413741f));
+    r = at::vec::fmadd(r, t, Vec(-0.284496736f));
+    r = at::vec::fmadd(r, t, Vec(0.254829592f));
+    const Vec e = (ax * ax).neg().exp_u20();
+    const Vec erf = (Vec(1.f) - r * t * e) ^ sign;
+    return z * Vec(0.5f) * (Vec(1.f) + erf);
+  } else if constexpr (ACT == GELU_TANH) {
+    const Vec inner = Vec(float(M_SQRT2 * M_2_SQRTPI * 0.5)) * (z + Vec(0.044715f) * z * z * z);
+    return Vec(0.5f) * z * (Vec(1.f) + inner.tanh());
+  } else if constexpr (ACT == SILU) {
+    return z / (Vec(1.f) + z.neg().exp());
+  } else {
+    return z;
+  }
+}
+
+struct Problem {
+  const float* x;     // N, H, W, C
+  const float* taps;  // k * k, C
+  const float* bias;  // C
+  const float* scale; // C
+  float* out;         // N, H, W, C
+  int64_t N, H, W, C, k, pad;
+};
+
+// One work item: image n, the channel block from c0, output rows [r0, r1), output columns [w0, w1).
+struct Item {
+  int64_t n, c0, r0, r1, w0, w1;
+};
+
+// TW (or 1) outputs of one row: conv + bias into `z` (row-local, CB floats per column). `ring[kh]` points at input
+// row oh - pad + kh, already offset to the first output's window; every tap is in the ring (zeros outside the image).
+template <int T>
+inline void conv_tile(const float* const* ring, const float* taps, const float* bias, int64_t kh_lo, int64_t kh_hi,
+                      int64_t k, float* z) {
+  Vec acc[T][NV];
+  for (int v = 0; v < NV; ++v) {
+    const Vec b = Vec::loadu(bias + v * VL);
+    for (int t = 0; t < T; ++t) acc[t][v] = b;
+  }
+  for (int64_t kh = kh_lo; kh < kh_hi; ++kh) {
+    const float* row = ring[kh];
+    const float* tap = taps + kh * k * CB;
+    for (int64_t kw = 0; kw < k; ++kw) {
+      Vec w[NV];
+      for (int v = 0; v < NV; ++v) w[v] = Vec::loadu(tap + kw * CB + v * VL);
+      for (int t = 0; t < T; ++t)
+        for (int v = 0; v < NV; ++v)
+          acc[t][v] = at::vec::fmadd(Vec::loadu(row + (kw + t) * CB + v * VL), w[v], acc[t][v]);
+    }
+  }
+  for (int t = 0; t < T; ++t)
+    for (int v = 0; v < NV; ++v) acc[t][v].store(z + t * CB + v * VL);
+}
+
+// Loads or stores `n` (<= CB) channels of one pixel: whole vectors where they fit, a partial one for the rest.
+inline Vec load_part(const float* p, int64_t v, int64_t n) {
+  const int64_t left = n - v * VL;
+  return left >= VL ? Vec::loadu(p + v * VL) : Vec::loadu(p + v * VL, left);
+}
+
+inline void store_part(const Vec& x, float* p, int64_t v, int64_t n) {
+  const int64_t left = n - v * VL;
+  if (left >= VL) x.store(p + v * VL); else x.store(p + v * VL, left);
+}
+
+template <int ACT>
+void run_item(const Problem& p, const Item& it, float* scratch) {
+  const int64_t H = p.H, W = p.W, C = p.C, k = p.k, pad = p.pad;
+  const int64_t cols = std::min<int64_t>(CB, C - it.c0);  // channels of this block (the last may be partial)
+  const int64_t width = it.w1 - it.w0, ring_w = width + k - 1;
+  float* taps = scratch;                // k*k x CB, zero beyond `cols`
+  float* bias = taps + k * k * CB;      // CB
+  float* rows = bias + CB;              // k ring slots x ring_w x CB
+  float* z = rows + k * ring_w * CB;    // width x CB: one output row before its epilogue
+  for (int64_t c = 0; c < CB; ++c) {
+    for (int64_t tap = 0; tap < k * k; ++tap) taps[tap * CB + c] = c < cols ? p.taps[tap * C + it.c0 + c] : 0.f;
+    bias[c] = c < cols ? p.bias[it.c0 + c] : 0.f;
+  }
+  std::fill(rows, rows + k * ring_w * CB, 0.f);
+  // ring column j holds input column w0 - pad + j; columns outside the image stay zero for the whole item. A
+  // pixel lies C floats from the next, too far apart for the hardware prefetchers, so the next row's lines are
+  // asked for while this one is copied
+  const int64_t in_lo = std::max<int64_t>(0, it.w0 - pad), in_hi = std::min<int64_t>(W, it.w1 - pad + k - 1);
+  auto load_row = [&](int64_t ih) {
+    float* dst = rows + (ih % k) * ring_w * CB + (in_lo - (it.w0 - pad)) * CB;
+    const float* src = p.x + ((it.n * H + ih) * W + in_lo) * C + it.c0;
+    const bool ahead = ih + 1 < H;
+    for (int64_t iw = 0; iw < in_hi - in_lo; ++iw) {
+      if (ahead) __builtin_prefetch(src + (W + iw) * C);
+      for (int64_t v = 0; v * VL < cols; ++v) load_part(src + iw * C, v, cols).store(dst + iw * CB + v * VL);
+    }
+  };
+  int64_t next = std::max<int64_t>(0, it.r0 - pad);  // the next input row the ring needs
+  const float* ring[64];
+  for (int64_t oh = it.r0; oh < it.r1; ++oh) {
+    for (; next < std::min<int64_t>(H, oh - pad + k); ++next) load_row(next);
+    const int64_t kh_lo = std::max<int64_t>(0, pad - oh), kh_hi = std::min<int64_t>(k, H + pad - oh);
+    for (int64_t j = 0; j < width; j += (width - j >= TW ? TW : 1)) {
+      for (int64_t kh = kh_lo; kh < kh_hi; ++kh) ring[kh] = rows + ((oh - pad + kh) % k) * ring_w * CB + j * CB;
+      if (width - j >= TW) conv_tile<TW>(ring, taps, bias, kh_lo, kh_hi, k, z + j * CB);
+      else conv_tile<1>(ring, taps, bias, kh_lo, kh_hi, k, z + j * CB);
+    }
+    // epilogue while the row is in L1: u = x + scale * act(z), x read from the ring (input row oh, ring column
+    // pad + j), not again from memory
+    const float* center = rows + (oh % k) * ring_w * CB + pad * CB;
+    float* out = p.out + ((it.n * H + oh) * W + it.w0) * C + it.c0;
+    for (int64_t j = 0; j < width; ++j)
+      for (int64_t v = 0; v * VL < cols; ++v) {
+        const Vec r = at::vec::fmadd(activate<ACT>(Vec::loadu(z + j * CB + v * VL)),
+                                     load_part(p.scale + it.c0, v, cols), Vec::loadu(center + j * CB + v * VL));
+        store_part(r, out + j * C, v, cols);
+      }
+  }
+}
+
+template <int ACT>
+void run(const Problem& p) {
+  // columns per item: as many as keep the ring within RING_BYTES (a multiple of TW), at least TW
+  const int64_t ring_cols = RING_BYTES / (p.k * CB * int64_t(sizeof(float)));
+  const int64_t seg = std::min<int64_t>(p.W, std::max<int64_t>(TW, (ring_cols - (p.k - 1)) / TW * TW));
+  const int64_t segs = (p.W + seg - 1) / seg, blocks = (p.C + CB - 1) / CB;
+  // enough items for the threads: split the rows into bands when images x channel blocks x segments are few
+  // (each band re-reads k - 1 rows of halo)
+  const int64_t per_band = p.N * blocks * segs, want = 4 * int64_t(at::get_num_threads());
+  const int64_t bands = std::min<int64_t>(p.H, std::max<int64_t>(1, (want + per_band - 1) / per_band));
+  const int64_t band = (p.H + bands - 1) / bands;
+  const int64_t scratch_floats = (p.k * p.k + 1 + p.k * (seg + p.k - 1) + seg) * CB;
+  at::parallel_for(0, per_band * bands, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(scratch_floats);
+    for (int64_t i = begin; i < end; ++i) {
+      Item it;
+      it.n = i / (blocks * segs * bands);
+      it.c0 = (i / (segs * bands)) % blocks * CB;
+      it.w0 = (i / bands) % segs * seg;
+      it.w1 = std::min(p.W, it.w0 + seg);
+      it.r0 = i % bands * band;
+      it.r1 = std::min(p.H, it.r0 + band);
+      if (it.r0 < it.r1) run_item<ACT>(p, it, scratch.data());
+    }
+  });
+}
+
+void dw_block(const at::Tensor& x, const at::Tensor& taps, const at::Tensor& bias, const at::Tensor& scale, int64_t k,
+              int64_t act, const at::Tensor& out) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 4,
+              "dw_block: x must be a 4-d float32 CPU tensor, got ", x.scalar_type(), " with ", x.dim(), " dims");
+  TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast), "dw_block: x must be channels_last");
+  const int64_t C = x.size(1);
+  TORCH_CHECK(k >= 1 && k <= 64, "dw_block: kernel size must be 1..64, got ", k);
+  for (const at::Tensor* t : {&taps, &bias, &scale})
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous(),
+                "dw_block: taps, bias and scale must be contiguous float32 CPU tensors");
+  TORCH_CHECK(taps.numel() == k * k * C && bias.numel() == C && scale.numel() == C,
+              "dw_block: expected taps of ", k * k, " x ", C, " and ", C, " bias and scale values");
+  TORCH_CHECK(act >= IDENTITY && act <= SILU, "dw_block: unknown activation code ", act);
+  TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == at::kFloat && out.sizes() == x.sizes() &&
+              out.is_contiguous(at::MemoryFormat::ChannelsLast), "dw_block: out must be a channels_last float32 CPU "
+              "tensor of x's shape");
+  TORCH_CHECK(!out.is_same(x), "dw_block: out must not be x (each output reads its neighbours' inputs)");
+  const Problem p{x.data_ptr<float>(), taps.data_ptr<float>(), bias.data_ptr<float>(), scale.data_ptr<float>(),
+                  out.data_ptr<float>(), x.size(0), x.size(2), x.size(3), C, k, (k - 1) / 2};
+  if (out.numel() == 0) return;
+  switch (act) {
+    case RELU: run<RELU>(p); break;
+    case GELU: run<GELU>(p); break;
+    case GELU_TANH: run<GELU_TANH>(p); break;
+    case SILU: run<SILU>(p); break;
+    default: run<IDENTITY>(p);
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY(timm_convmixer_cpu, m) {
+  m.def("dw_block(Tensor x, Tensor taps, Tensor bias, Tensor scale, int k, int act, Tensor(a!) out) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(timm_convmixer_cpu, CPU, m) { m.impl("dw_block", &dw_block); }
