@@ -54,11 +54,12 @@ case "$cmd" in
     PYTHONPATH="$PWD/$target${PYTHONPATH:+:$PYTHONPATH}" "$VENV/bin/python" -c \
       "import timm, sys; assert timm.__version__ == '$TIMM_MIN', timm.__version__; print('testing against timm', timm.__version__, 'from', timm.__file__)"
     # the kernels' numerics (marker "kernels": Triton, the compiled CPU kernel) do not depend on timm's version, and
-    # the two benchmark scripts' end-to-end runs (GPU check smoke, engine comparison) test the scripts: run once, by ./run.sh test; timm's
-    # battery runs its prune-intermediate-layers contract on the quick variants only (tests/test_timm_battery.py)
+    # the benchmark scripts' end-to-end runs (GPU check smoke, engine comparison, bench's CLI) test the scripts: run
+    # once, by ./run.sh test; timm's battery runs its prune-intermediate-layers contract on the quick variants only
+    # (tests/test_timm_battery.py)
     TIMM_BATTERY_QUICK=1 PYTHONPATH="$PWD/$target${PYTHONPATH:+:$PYTHONPATH}" \
       exec "$VENV/bin/python" -m pytest -m "not kernels" --ignore=tests/test_gpu_check.py \
-      --ignore=tests/test_bench_engines.py "$@"
+      --ignore=tests/test_bench_engines.py --deselect tests/test_bench.py::test_cli_writes_json_and_chart "$@"
     ;;
   *)
     echo "usage: $0 demo [demo flags] | test [pytest flags] | test-min [pytest flags]" >&2
