@@ -96,10 +96,9 @@ def test_compiles_for_each_vector_isa(capability, tmp_path):
     cxx = shutil.which(os.environ.get('CXX', 'c++'))
     if cxx is None:
         pytest.skip('no C++ compiler')
-    macros, arch = cpu_kernels._ISA_FLAGS[capability]
     obj = tmp_path / 'dw_block.o'
-    cmd = [cxx, '-std=c++20', '-O3', '-fopenmp', '-fPIC', *arch, *[f'-D{m}' for m in macros],
-           *[f'-isystem{p}' for p in include_paths()], '-c', cpu_kernels.SOURCE, '-o', str(obj)]
+    cmd = [cxx, '-std=c++20', '-fPIC', *cpu_kernels._flags(capability), *[f'-isystem{p}' for p in include_paths()],
+           '-c', cpu_kernels.SOURCE, '-o', str(obj)]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -39,7 +39,7 @@ from . import cpu_kernels
 from .eligibility import BlockParts, bn_scale_shift
 from .runtime import autocast_state
 
-__all__ = ['PATHS', 'applies', 'available', 'block_forward', 'clear_cache', 'native_bf16', 'paths',
+__all__ = ['PATHS', 'available', 'block_forward', 'clear_cache', 'native_bf16', 'paths',
            'warn_if_bf16_is_emulated']
 
 
@@ -201,11 +201,6 @@ def _applies(parts: BlockParts, x: torch.Tensor, tensors: List[Optional[torch.Te
     return dtype
 
 
-def applies(parts: BlockParts, x: torch.Tensor) -> bool:
-    """Whether :func:`block_forward` would answer for this block and input (cheap: no folding, no packing)."""
-    return _applies(parts, x, _tensors(parts)) is not None
-
-
 def _cached(parts: BlockParts, tensors: List[Optional[torch.Tensor]], x: torch.Tensor, dtype: torch.dtype) -> _Folded:
     conv_dw, bn_dw, bn_pw = parts.conv_dw, parts.bn_dw, parts.bn_pw
     # the full input shape, batch included: oneDNN picks the packed weight layout for it, and a layout chosen for
@@ -229,9 +224,9 @@ PATHS = ('cpu', 'cpu_compiled')
 
 
 def paths(parts: BlockParts, x: torch.Tensor) -> Tuple[str, ...]:
-    """The CPU paths that can run this block and input: ``'cpu'`` (both convolutions on oneDNN) wherever this
-    module applies; ``'cpu_compiled'`` (the depthwise half in our compiled kernel) in fp32 when the kernel loads
-    (the first call may build it)."""
+    """The CPU paths that can run this block and input (cheap: no folding, no packing; empty where none applies):
+    ``'cpu'`` (both convolutions on oneDNN) wherever this module applies; ``'cpu_compiled'`` (the depthwise half in
+    our compiled kernel) in fp32 when the kernel loads (the first call may build it)."""
     dtype = _applies(parts, x, _tensors(parts))
     if dtype is None:
         return ()

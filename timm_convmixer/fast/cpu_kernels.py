@@ -47,8 +47,9 @@ def _capability() -> str:
     return get() if get is not None else 'DEFAULT'
 
 
-def _flags() -> List[str]:
-    macros, arch = _ISA_FLAGS.get(_capability(), ([], []))
+def _flags(capability: Optional[str] = None) -> List[str]:
+    """Compiler flags for ``capability`` (default: this CPU's)."""
+    macros, arch = _ISA_FLAGS.get(capability or _capability(), ([], []))
     return ['-O3', '-fopenmp', *arch, *[f'-D{m}' for m in macros]]
 
 
