@@ -4,7 +4,7 @@
 #   ./run.sh demo [flags]      the main job: train a ConvMixer with timm on a generated dataset, reload, evaluate
 #   ./run.sh test [flags]      the test suite (pytest flags pass through)
 #   ./run.sh test-min [flags]  the plugin's tests against the lowest supported timm (installed beside, not over;
-#                              the kernels' numerics (Triton, the compiled CPU kernel) and the benchmark scripts'
+#                              the kernels' numerics (Triton, the CPU fast paths) and the benchmark scripts'
 #                              end-to-end runs are left out, and timm's battery runs its slowest contract on the
 #                              quick variants only)
 #
@@ -53,7 +53,7 @@ case "$cmd" in
     # timm $TIMM_MIN shadows the venv's newer timm; torch, huggingface_hub and the rest are the venv's
     PYTHONPATH="$PWD/$target${PYTHONPATH:+:$PYTHONPATH}" "$VENV/bin/python" -c \
       "import timm, sys; assert timm.__version__ == '$TIMM_MIN', timm.__version__; print('testing against timm', timm.__version__, 'from', timm.__file__)"
-    # the kernels' numerics (marker "kernels": Triton, the compiled CPU kernel) do not depend on timm's version, and
+    # the kernels' numerics (marker "kernels": Triton, the CPU fast paths) do not depend on timm's version, and
     # the benchmark scripts' end-to-end runs (GPU check smoke, engine comparison, bench's CLI) test the scripts: run
     # once, by ./run.sh test; timm's battery runs its prune-intermediate-layers contract on the quick variants only
     # (tests/test_timm_battery.py)

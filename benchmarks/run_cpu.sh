@@ -6,7 +6,8 @@
 #    beside timm's built-in eager (both layouts), the built-in under torch.compile with Inductor freezing, and
 #    onnxruntime and OpenVINO on our ONNX export, same weights, one interleaved run per model, fp32 correctness of
 #    each against eager. Engines whose package is missing are reported as such.
-# 2. Training with the memory-lean block forced, against the built-in (auto keeps whichever it measures faster).
+# 2. The pointwise half alone: our GEMM against oneDNN's 1x1 convolution (+ addcmul) and MKL's sgemm.
+# 3. Training with the memory-lean block forced, against the built-in (auto keeps whichever it measures faster).
 set -euo pipefail
 ITERS=${ITERS:-5}
 R=benchmarks/results
@@ -25,6 +26,8 @@ for m in $CIFAR; do
   B --engines --models "$m" --batch-size 64 --img-size 32 "${PEAK[@]}" \
     --out "$R/cpu_engines_$m.json" --chart "$R/cpu_engines_$m.png"
 done
+
+python benchmarks/cpu_pointwise.py --rounds 7 --out $R/cpu_pointwise.json
 
 # the memory-lean training block, forced (--backend lean), against the built-in: its throughput cost on this CPU
 B --models convmixer_768_32 --model-kwargs depth=8 --batch-size 8 --img-size 224 --task train --dtype fp32 \

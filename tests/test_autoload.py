@@ -241,7 +241,8 @@ def test_wheel_contains_hook_and_entry_point_and_works(tmp_path, run, run_python
         assert 'timm_convmixer/timm_convmixer_autoload.pth' not in names
         assert f'{HOOK_MODULE}.py' in names, 'the module the .pth line imports must sit at the top of site-packages'
         assert 'timm_convmixer/convmixer.py' in names and 'timm_convmixer/_autoload.py' not in names
-        assert 'timm_convmixer/fast/csrc/dw_block.cpp' in names, 'the CPU kernel is compiled from its shipped source'
+        for source in ('dw_block.cpp', 'pw_block.cpp', 'cpu_common.h'):
+            assert f'timm_convmixer/fast/csrc/{source}' in names, 'the CPU kernels are compiled from shipped sources'
         ep = zf.read(next(n for n in names if n.endswith('.dist-info/entry_points.txt'))).decode()
         assert '[timm.models]' in ep and 'convmixer = timm_convmixer.convmixer' in ep
         assert 'timm-convmixer = timm_convmixer.cli:main' in ep

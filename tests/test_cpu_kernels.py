@@ -1,6 +1,7 @@
-"""Our compiled CPU kernel (``fast/csrc/dw_block.cpp``): the function it computes, the errors it raises, that it
-compiles for each vector ISA, that its build is optional, and that the path built on it never hands out memory it
-reuses. Marked ``kernels``: timm's version plays no part, so ``./run.sh test-min`` leaves them out."""
+"""Our compiled CPU kernels (``fast/csrc/``: the depthwise half ``dw_block``, the pointwise GEMM ``pw_block``): the
+functions they compute, the errors they raise, that they compile for each vector ISA, that their build is optional,
+and that the path built on them never hands out memory it reuses. Marked ``kernels``: timm's version plays no
+part, so ``./run.sh test-min`` leaves them out."""
 import os
 import shutil
 import subprocess
@@ -11,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from timm_convmixer import fast
 from timm_convmixer.fast import cpu as fast_cpu
 from timm_convmixer.fast import cpu_kernels
 from timm_convmixer.fast.eligibility import block_parts
@@ -26,7 +28,7 @@ ACTS = {
 @pytest.fixture(scope='module')
 def kernels():
     if cpu_kernels.load() is None:
-        pytest.skip(f'the CPU kernel cannot be built here: {cpu_kernels.build_error()}')
+        pytest.skip(f'the CPU kernels cannot be built here: {cpu_kernels.build_error()}')
 
 
 def _inputs(n, c, h, w, k, seed=0):
@@ -88,7 +90,7 @@ def test_gelu_as_accurate_as_torchs(kernels):
 
 @pytest.mark.parametrize('capability', sorted(cpu_kernels._ISA_FLAGS))
 def test_compiles_for_each_vector_isa(capability, tmp_path):
-    """The source compiles for AVX2 and for AVX-512 (8 and 16 floats a vector) whichever this CPU has. This CPU's
+    """The sources compile for AVX2 and for AVX-512 (8 and 16 floats a vector) whichever this CPU has. This CPU's
     own ISA is built, loaded and run by the tests above, so it is not compiled twice."""
     from torch.utils.cpp_extension import include_paths
     if capability == torch.backends.cpu.get_cpu_capability() and cpu_kernels.load() is not None:
@@ -96,13 +98,16 @@ def test_compiles_for_each_vector_isa(capability, tmp_path):
     cxx = shutil.which(os.environ.get('CXX', 'c++'))
     if cxx is None:
         pytest.skip('no C++ compiler')
-    obj = tmp_path / 'dw_block.o'
-    cmd = [cxx, '-std=c++20', '-fPIC', *cpu_kernels._flags(capability), *[f'-isystem{p}' for p in include_paths()],
-           '-c', cpu_kernels.SOURCE, '-o', str(obj)]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    print(f'{capability}: compiled in {time.perf_counter() - start:.1f} s, {obj.stat().st_size} bytes')
+    procs = {source: subprocess.Popen(
+        [cxx, '-std=c++20', '-fPIC', *cpu_kernels._flags(capability), *[f'-isystem{p}' for p in include_paths()],
+         '-c', source, '-o', str(tmp_path / (os.path.basename(source) + '.o'))],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for source in cpu_kernels.SOURCES}
+    for source, proc in procs.items():
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, (source, err[-3000:])
+    sizes = {os.path.basename(s): (tmp_path / (os.path.basename(s) + '.o')).stat().st_size for s in procs}
+    print(f'{capability}: compiled in {time.perf_counter() - start:.1f} s: {sizes}')
 
 
 def test_bad_arguments_are_named(kernels):
@@ -121,16 +126,110 @@ def test_bad_arguments_are_named(kernels):
         cpu_kernels.dw_block(x, taps, bias, scale, 3, 'relu', x)
 
 
+def _pw_inputs(n, c_in, c_out, h, w, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(n, c_in, h, w, generator=g).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(c_out, c_in, generator=g) / max(c_in, 1) ** 0.5
+    bias, scale, shift = (torch.randn(c_out, generator=g) for _ in range(3))
+    return u, weight, bias, scale, shift
+
+
+def _pw_kernel(u, weight, bias, scale, shift, act):
+    out = torch.empty(u.shape[0], weight.shape[0], *u.shape[2:]).contiguous(memory_format=torch.channels_last)
+    return cpu_kernels.pw_block(u, cpu_kernels.pw_pack(weight), bias, scale, shift, act, out)
+
+
+def _pw_reference(u, weight, bias, scale, shift, act):
+    """The block's pointwise half as eager computes it (conv 1x1, activation, BatchNorm as its affine), in float64."""
+    u, weight, bias, scale, shift = (t.double() for t in (u, weight, bias, scale, shift))
+    z = F.conv2d(u, weight[:, :, None, None], bias)
+    return ACTS[act](z) * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+
+
+# (n, c_in, c_out, h, w): rows short of a tile (6) and of a work item (48), output channels short of a panel (16 on
+# AVX2, 32 on AVX-512) and several panels, one input channel, and a ConvMixer-sized 256 x 256 at 2 x 12 x 12
+PW_SHAPES = [(1, 3, 5, 1, 1), (2, 17, 33, 5, 7), (1, 64, 16, 7, 7), (3, 1, 40, 4, 4),
+             (2, 256, 256, 12, 12), (1, 24, 96, 1, 49)]
+
+
+@pytest.mark.parametrize('shape', PW_SHAPES, ids=lambda s: 'x'.join(map(str, s)))
+def test_pointwise_matches_eager_in_float64(shape, kernels):
+    args = _pw_inputs(*shape)
+    out = _pw_kernel(*args, 'gelu')
+    assert out.shape == (shape[0], shape[2], *shape[3:]) and out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out.double(), _pw_reference(*args, 'gelu'), rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize('act', ACTS)
+def test_pointwise_every_activation(act, kernels):
+    u, weight, bias, scale, shift = _pw_inputs(2, 40, 24, 5, 3, seed=1)
+    u = u * 4  # reach GELU's and SiLU's tails
+    torch.testing.assert_close(_pw_kernel(u, weight, bias, scale, shift, act).double(),
+                               _pw_reference(u, weight, bias, scale, shift, act), rtol=1e-5, atol=2e-5)
+
+
+def test_pointwise_bad_arguments_are_named(kernels):
+    u, weight, bias, scale, shift = _pw_inputs(1, 16, 24, 3, 3)
+    panels = cpu_kernels.pw_pack(weight)
+    out = torch.empty(1, 24, 3, 3).contiguous(memory_format=torch.channels_last)
+    with pytest.raises(RuntimeError, match='weight must be a 2-d'):
+        cpu_kernels.pw_pack(weight[:, :, None])
+    with pytest.raises(RuntimeError, match='u must be a 4-d float32 CPU tensor'):
+        cpu_kernels.pw_block(u.double(), panels, bias, scale, shift, 'relu', out)
+    with pytest.raises(RuntimeError, match='u must be channels_last'):
+        cpu_kernels.pw_block(u.contiguous(), panels, bias, scale, shift, 'relu', out)
+    with pytest.raises(RuntimeError, match="panels must be pw_pack's output for 16 input channels"):
+        cpu_kernels.pw_block(u, cpu_kernels.pw_pack(weight[:, :8]), bias, scale, shift, 'relu', out)
+    with pytest.raises(RuntimeError, match='output channels, out has 48'):
+        cpu_kernels.pw_block(u, panels, bias, scale, shift, 'relu', torch.cat([out, out], 1))
+    with pytest.raises(RuntimeError, match="out must be a channels_last float32 CPU tensor of u's batch"):
+        cpu_kernels.pw_block(u, panels, bias, scale, shift, 'relu', out.contiguous())
+    with pytest.raises(RuntimeError, match='bias, scale and shift must be'):
+        cpu_kernels.pw_block(u, panels, bias[:3], scale, shift, 'relu', out)
+    with pytest.raises(RuntimeError, match='out must not be u'):
+        square = cpu_kernels.pw_pack(weight[:16])
+        cpu_kernels.pw_block(u, square, bias[:16], scale[:16], shift[:16], 'relu', u)
+
+
 def test_outputs_are_never_the_reused_buffer(small_model, run_counted, kernels):
-    """The compiled path reuses one buffer for its depthwise half: a block's output must survive the next call."""
-    model = small_model(dim=32, depth=2, kernel_size=7, randomize={})
-    x1, x2 = torch.randn(2, 2, 3, 28, 28)
+    """The compiled path reuses one buffer for its depthwise half and pools its block outputs' memory: an output
+    must survive later calls while anyone holds it, itself or a view of it, and every block of
+    ``forward_intermediates`` (all held at once) must keep its own values."""
+    model = small_model(dim=32, depth=3, kernel_size=7, randomize={})
+    x1, x2, x3 = torch.randn(3, 2, 3, 28, 28)
     with torch.no_grad():
         first, paths = run_counted(model.forward_features, x1, backend='cpu_compiled')
-        kept = first.clone()
-        run_counted(model.forward_features, x2, backend='cpu_compiled')
-    assert paths == {'cpu_compiled': 2}
-    assert torch.equal(first, kept)
+        view = run_counted(model.forward_features, x2, backend='cpu_compiled')[0][:, :8]
+        kept_first, kept_view = first.clone(), view.clone()
+        for _ in range(2):
+            run_counted(model.forward_features, x3, backend='cpu_compiled')
+        with fast.use_backend('cpu_compiled'):
+            feats = model.forward_intermediates(x3, intermediates_only=True)
+        with fast.use_backend('eager'):
+            want = model.forward_intermediates(x3, intermediates_only=True)
+    assert paths == {'cpu_compiled': 3}
+    assert torch.equal(first, kept_first) and torch.equal(view, kept_view)
+    assert len({f.data_ptr() for f in feats}) == len(feats)
+    for got, ref in zip(feats, want):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_released_outputs_memory_is_reused(kernels):
+    """What the output pool is for: once nobody holds an output, the next block output of that shape gets its
+    memory instead of fresh pages; a held one is never handed out, and outputs are plain tensors, not views."""
+    fast_cpu.clear_cache()
+    u = torch.randn(2, 16, 5, 5).contiguous(memory_format=torch.channels_last)
+    a, b = fast_cpu._output_like(u), fast_cpu._output_like(u)
+    assert a._base is None and a.is_contiguous(memory_format=torch.channels_last) and a.shape == u.shape
+    held, released = a.data_ptr(), b.data_ptr()
+    del b
+    c = fast_cpu._output_like(u)
+    assert c.data_ptr() == released
+    d = fast_cpu._output_like(u)  # both pooled buffers held: a fresh tensor
+    assert d.data_ptr() not in (held, released)
+    assert cpu_kernels.storage_use_count(torch.empty(3)) == 1
+    assert cpu_kernels.storage_use_count(c) == 2  # c and the pool's buffer
+    fast_cpu.clear_cache()
 
 
 def test_threads_get_their_own_buffers(small_model, kernels):
@@ -190,7 +289,7 @@ def test_no_build_when_asked_not_to(run_python):
     '''
     out = run_python(code=code, env={cpu_kernels.BUILD_ENV_VAR: '0'}).stdout.strip().splitlines()
     assert out[-3:] == ["{'eager': 2}", "['cpu']",
-                        'timm_convmixer: the CPU kernel is unavailable: TIMM_CONVMIXER_CPU_BUILD=0']
+                        'timm_convmixer: the CPU kernels are unavailable: TIMM_CONVMIXER_CPU_BUILD=0']
 
 
 def test_failed_build_warns_once_and_falls_back(run_python, tmp_path):
@@ -209,7 +308,7 @@ def test_failed_build_warns_once_and_falls_back(run_python, tmp_path):
             with fast.use_backend('eager'):
                 ref = model(x)
         failed = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
-        print(len(failed), 'could not build its CPU depthwise kernel' in failed[0])
+        print(len(failed), 'could not build its CPU kernels' in failed[0])
         print(sorted({r['fused_path'] for r in checked.decision_records()}), torch.allclose(out, ref, atol=1e-5))
         print(cpu_kernels.load() is None, cpu_kernels.build_error() is not None)
     '''
@@ -226,3 +325,17 @@ def test_kernel_size_beyond_the_window_limit_declines(small_model, run_counted, 
         _, paths = run_counted(model, x, backend='cpu_compiled')
         assert fast_cpu.paths(block_parts(model.blocks[0]), model.stem(x)) == ('cpu',)
     assert paths == {'eager': 1}
+
+
+def test_pointwise_benchmark_script(run_python, tmp_path, kernels):
+    """``benchmarks/cpu_pointwise.py`` end to end on its smallest shape: checked output, all three timed, JSON with
+    the CPU's flags."""
+    import json
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / 'pointwise.json'
+    run_python(os.path.join(repo, 'benchmarks', 'cpu_pointwise.py'), '--models', 'convmixer_256_8_ks5_p2',
+               '--rounds', '1', '--out', out)
+    doc = json.loads(out.read_text())
+    res = doc['results']['convmixer_256_8_ks5_p2']
+    assert res['max_rel_error'] <= 1e-5 and set(res['gflop_s']) == {'ours', 'onednn', 'sgemm'}
+    assert all(v > 0 for v in res['gflop_s'].values()) and 'cpu_flags' in doc['hardware']

@@ -1,4 +1,5 @@
-"""The CPU fast paths compute the eager function, apply only where they may, and the backend switch works."""
+"""The CPU fast paths compute the eager function, apply only where they may, and the backend switch works. Marked
+``kernels``: oneDNN's and our kernels' numerics, which timm's version plays no part in (test-min leaves them out)."""
 from collections import Counter
 
 import pytest
@@ -9,15 +10,16 @@ from timm_convmixer import fast
 from timm_convmixer.fast import checked, cpu_kernels
 from timm_convmixer.fast import cpu as fast_cpu
 
-pytestmark = pytest.mark.skipif(not fast_cpu.available(), reason='oneDNN fused convolution not available')
+pytestmark = [pytest.mark.kernels,
+              pytest.mark.skipif(not fast_cpu.available(), reason='oneDNN fused convolution not available')]
 
 
-@pytest.fixture(params=['cpu', pytest.param('cpu_compiled', marks=pytest.mark.kernels)])
+@pytest.fixture(params=fast_cpu.PATHS)
 def path(request):
-    """Each CPU path: oneDNN's convolutions (``cpu``), and our compiled depthwise kernel (``cpu_compiled``, skipped
-    where it cannot be built; marked ``kernels`` like its own tests, so test-min runs it only through ``auto``)."""
+    """Each CPU path: oneDNN's convolutions (``cpu``), and our compiled kernels (``cpu_compiled``, skipped where
+    they cannot be built)."""
     if request.param == 'cpu_compiled' and cpu_kernels.load() is None:
-        pytest.skip(f'the CPU kernel cannot be built here: {cpu_kernels.build_error()}')
+        pytest.skip(f'the CPU kernels cannot be built here: {cpu_kernels.build_error()}')
     return request.param
 
 
@@ -214,7 +216,7 @@ def test_changing_batch_and_size_repacks_and_stays_exact(make_model, infer):
         ref, ref_paths = infer(model, x, 'eager')
         assert paths == {'cpu': 2} and ref_paths == {'eager': 2}, shape
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    assert tuple(fast_cpu._cache[model.blocks[0][0].fn[0]].key[-2]) == (1, 24, 5, 3)  # the last shape seen
+    assert tuple(fast_cpu._cache[model.blocks[0][0].fn[0]][False].key[-3]) == (1, 24, 5, 3)  # the last shape seen
 
 
 def test_backend_switch(make_model, infer, monkeypatch):

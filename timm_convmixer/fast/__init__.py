@@ -9,7 +9,7 @@ watching (those must see the plain modules). Each backend then adds only its own
 Backends:
 
 * ``'auto'`` (default): the fastest correct path, measured where it is not known. Eval-mode CPU tensors -> the
-  paths of :mod:`.cpu` (oneDNN's convolutions, or our compiled depthwise kernel), eval-mode CUDA tensors -> the
+  paths of :mod:`.cpu` (oneDNN's convolutions, or our compiled kernels), eval-mode CUDA tensors -> the
   Triton kernels, and training-mode blocks (BatchNorm on batch statistics) on any device -> the memory-lean block
   of :mod:`.lean` (on a Triton device also its Triton implementation, :mod:`.lean_triton`), each only for a case
   (device, shape, dtype, mode...) where :mod:`.checked` found it correct and faster than the plain modules on first

@@ -1,4 +1,4 @@
-"""CPU fast paths for an eval-mode ConvMixer block: fused oneDNN convolutions, and our compiled depthwise kernel.
+"""CPU fast paths for an eval-mode ConvMixer block: fused oneDNN convolutions, or our compiled kernels.
 
 Where timm's eager block spends its CPU time (torch.profiler, 768/32, batch 8, channels_last): convolutions ~57%,
 then five full passes over the activations: BN, activation, residual add, activation, BN (~42%). This path:
@@ -11,9 +11,10 @@ then five full passes over the activations: BN, activation, residual add, activa
    the residual add: ``u = x + s1 * act(dw(x))``; the depthwise BN's shift ``t1`` only ever reaches the pointwise
    conv, so it is folded into that conv's bias (``b' = b + W @ t1``) instead of costing a pass;
 4. so a block is: conv+act, addcmul, conv+act, addcmul (in place) instead of conv, act, BN, add, conv, act, BN;
-5. path ``'cpu_compiled'`` replaces the first two with one pass of our kernel (:mod:`.cpu_kernels`: depthwise conv,
-   bias, activation, BN scale and residual), where oneDNN's channels_last depthwise conv is slow; which of the two
-   is faster on a CPU, ``auto`` measures (:func:`timm_convmixer.fast.block_forward`).
+5. path ``'cpu_compiled'`` runs the block as two passes of our own kernels (:mod:`.cpu_kernels`): the depthwise
+   half (conv, bias, activation, BN scale, residual), where oneDNN's channels_last depthwise conv is slow, and the
+   pointwise half as a GEMM with bias, activation and BN affine applied in registers; which path is faster on a
+   CPU, ``auto`` measures (:func:`timm_convmixer.fast.block_forward`).
 
 Numerics: fp32 by default; the BN folds are done in float64, so results match eager to ~1e-6 relative (the
 summation order inside the 1x1 conv differs by one bias term). Under CPU autocast with bfloat16 (and oneDNN bf16
@@ -25,7 +26,7 @@ It applies only in eval mode (BN on running statistics, drop_path inactive), fp3
 gradient is needed; otherwise ``None`` and the eager modules run. Folded and packed weights are cached per block,
 keyed on the identity, storage and version counter of every parameter and buffer involved, so
 ``load_state_dict``, optimizer steps, ``.to()`` or in-place edits invalidate them. The cache holds one extra copy
-of the block's weights; :func:`clear_cache` drops it.
+of the block's weights per path that ran (auto's first call runs both); :func:`clear_cache` drops it.
 """
 import threading
 import warnings
@@ -51,28 +52,39 @@ def available() -> bool:
 
 
 class _Folded(NamedTuple):
+    """One path's weights for one block: oneDNN's packed convolution weights, or what our kernels read."""
     key: Tuple
-    w_dw: torch.Tensor  # packed (oneDNN layout) or plain
     b_dw: torch.Tensor
     s_dw: torch.Tensor  # (1, C, 1, 1) BN scale of the depthwise branch
-    w_pw: torch.Tensor
     b_pw: torch.Tensor  # pointwise bias with the depthwise BN shift folded in
     s_pw: torch.Tensor  # (1, C, 1, 1) BN scale / shift of the pointwise output
     t_pw: torch.Tensor
-    taps: Optional[torch.Tensor]  # fp32 only: the depthwise weight as (k * k, C), what our compiled kernel reads
+    w_dw: Optional[torch.Tensor] = None  # 'cpu': packed in oneDNN's layout for the input's shape (or plain)
+    w_pw: Optional[torch.Tensor] = None
+    taps: Optional[torch.Tensor] = None  # 'cpu_compiled': the depthwise weight as (k * k, C)
+    panels: Optional[torch.Tensor] = None  # 'cpu_compiled': the pointwise weight as our GEMM reads it (pw_pack)
 
 
-_cache: 'weakref.WeakKeyDictionary[nn.Module, _Folded]' = weakref.WeakKeyDictionary()
+# block's depthwise conv -> {compiled: that path's weights}
+_cache: 'weakref.WeakKeyDictionary[nn.Module, Dict[bool, _Folded]]' = weakref.WeakKeyDictionary()
 
 
 # thread id -> the compiled path's depthwise output buffer of the last shape that thread ran (see _scratch_like)
 _scratch: Dict[int, torch.Tensor] = {}
 
 
+# (shape, dtype) -> the buffers the compiled path's block outputs live on (see _output_like)
+_outputs: Dict[Tuple, List[torch.Tensor]] = {}
+_outputs_lock = threading.Lock()
+OUTPUT_BUFFERS = 2  # per shape: in a chain of blocks, one block's input and its output
+
+
 def clear_cache() -> None:
-    """Drop the folded weights and the compiled path's scratch buffers."""
+    """Drop the folded weights and the compiled path's scratch and output buffers."""
     _cache.clear()
     _scratch.clear()
+    with _outputs_lock:
+        _outputs.clear()
 
 
 def _scratch_like(x: torch.Tensor) -> torch.Tensor:
@@ -87,6 +99,29 @@ def _scratch_like(x: torch.Tensor) -> torch.Tensor:
     if buf is None or buf.shape != x.shape or buf.dtype != x.dtype:
         buf = _scratch[key] = torch.empty_like(x, memory_format=torch.channels_last)
     return buf
+
+
+def _output_like(u: torch.Tensor) -> torch.Tensor:
+    """A channels_last tensor like ``u`` for a block's output, on the memory of an earlier output nobody holds.
+
+    Why: the same page faults as :func:`_scratch_like`'s, on every block's output (25-50 MiB at ConvMixer's
+    ImageNet shapes, batch 8). Each pooled buffer is handed out as a new tensor on its storage (not a view of it);
+    every tensor, view or storage object anyone keeps of an output holds a reference to that storage, so a storage
+    whose only reference is the pool's is free (as with a caching allocator, only its memory is reused, never
+    anything someone can still see). In a chain of blocks two buffers take turns; when both are held (say, by
+    ``forward_intermediates``) the output is a fresh tensor.
+    """
+    key = (tuple(u.shape), u.dtype)
+    with _outputs_lock:
+        buffers = _outputs.setdefault(key, [])
+        buf = next((b for b in buffers if cpu_kernels.storage_use_count(b) == 1), None)
+        if buf is None:
+            if len(buffers) >= OUTPUT_BUFFERS:
+                return torch.empty_like(u, memory_format=torch.channels_last)
+            buf = torch.empty_like(u, memory_format=torch.channels_last)
+            buffers.append(buf)
+        # created under the lock: from here on the storage has a second holder, so no other thread takes it
+        return u.new_empty(0).set_(buf)  # not buf.untyped_storage(): a Python storage object is a lasting holder
 
 
 def native_bf16() -> bool:
@@ -148,8 +183,9 @@ def _pack(weight: torch.Tensor, padding: List[int], groups: int, input_size: Lis
         return weight.contiguous()
 
 
-def _fold(parts: BlockParts, key: Tuple, input_size: List[int], dtype: torch.dtype) -> _Folded:
-    """Folded (in float64) and packed weights, stored in the compute ``dtype`` (fp32, or bf16 under autocast)."""
+def _fold(parts: BlockParts, key: Tuple, input_size: List[int], dtype: torch.dtype, compiled: bool) -> _Folded:
+    """Folded (in float64) and packed weights, stored in the compute ``dtype`` (fp32, or bf16 under autocast), for
+    our kernels (``compiled``) or oneDNN's convolutions."""
     conv_dw, conv_pw = parts.conv_dw, parts.conv_pw
     dim = parts.dim
     with torch.no_grad(), torch.inference_mode(False):
@@ -161,17 +197,21 @@ def _fold(parts: BlockParts, key: Tuple, input_size: List[int], dtype: torch.dty
             b_pw = b_pw + conv_pw.bias.double()
         b_dw = conv_dw.bias if conv_dw.bias is not None else conv_dw.weight.new_zeros(dim)
         k = conv_dw.kernel_size[0]
-        return _Folded(
+        folded = _Folded(
             key=key,
-            w_dw=_pack(conv_dw.weight.detach().to(dtype), [k // 2, k // 2], dim, input_size),
             b_dw=b_dw.detach().to(dtype).contiguous(),
             s_dw=s_dw.to(dtype).view(1, dim, 1, 1),
-            w_pw=_pack(conv_pw.weight.detach().to(dtype), [0, 0], 1, input_size),
             b_pw=b_pw.to(dtype).contiguous(),
             s_pw=s_pw.to(dtype).view(1, dim, 1, 1),
             t_pw=t_pw.to(dtype).view(1, dim, 1, 1),
-            taps=conv_dw.weight.detach().reshape(dim, k * k).t().contiguous() if dtype == torch.float32 else None,
         )
+        if compiled:
+            return folded._replace(
+                taps=conv_dw.weight.detach().reshape(dim, k * k).t().contiguous(),
+                panels=cpu_kernels.pw_pack(conv_pw.weight.detach().reshape(dim, dim)))
+        return folded._replace(
+            w_dw=_pack(conv_dw.weight.detach().to(dtype), [k // 2, k // 2], dim, input_size),
+            w_pw=_pack(conv_pw.weight.detach().to(dtype), [0, 0], 1, input_size))
 
 
 def _applies(parts: BlockParts, x: torch.Tensor, tensors: List[Optional[torch.Tensor]]) -> Optional[torch.dtype]:
@@ -201,22 +241,25 @@ def _applies(parts: BlockParts, x: torch.Tensor, tensors: List[Optional[torch.Te
     return dtype
 
 
-def _cached(parts: BlockParts, tensors: List[Optional[torch.Tensor]], x: torch.Tensor, dtype: torch.dtype) -> _Folded:
+def _cached(parts: BlockParts, tensors: List[Optional[torch.Tensor]], x: torch.Tensor, dtype: torch.dtype,
+            compiled: bool) -> _Folded:
+    """The block's folded weights for one path, from the cache when nothing they derive from has changed (kept per
+    path: auto may run one path for NCHW input and the other for channels_last, alternately)."""
     conv_dw, bn_dw, bn_pw = parts.conv_dw, parts.bn_dw, parts.bn_pw
-    # the full input shape, batch included: oneDNN picks the packed weight layout for it, and a layout chosen for
-    # batch 1 made the 1024-channel pointwise conv ~1.4x slower at batch 8 (measured); a new shape repacks
+    # oneDNN's packed layout depends on the full input shape, batch included: a layout chosen for batch 1 made the
+    # 1024-channel pointwise conv ~1.4x slower at batch 8 (measured), so a new shape repacks; our kernels' do not
     input_size = list(x.shape)
     if any(t is not None and t.is_inference() for t in tensors):
         # inference tensors have no version counter: nothing to key a cache on, fold each call
-        return _fold(parts, (), input_size, dtype)
+        return _fold(parts, (), input_size, dtype, compiled)
     key = (
         tuple(None if t is None else (id(t), t.data_ptr(), t._version) for t in tensors),
-        bn_dw.eps, bn_pw.eps, tuple(input_size), dtype,
+        bn_dw.eps, bn_pw.eps, None if compiled else tuple(input_size), dtype, compiled,
     )
-    folded = _cache.get(conv_dw)
+    per_path = _cache.setdefault(conv_dw, {})
+    folded = per_path.get(compiled)
     if folded is None or folded.key != key:
-        folded = _fold(parts, key, input_size, dtype)
-        _cache[conv_dw] = folded
+        folded = per_path[compiled] = _fold(parts, key, input_size, dtype, compiled)
     return folded
 
 
@@ -225,8 +268,8 @@ PATHS = ('cpu', 'cpu_compiled')
 
 def paths(parts: BlockParts, x: torch.Tensor) -> Tuple[str, ...]:
     """The CPU paths that can run this block and input (cheap: no folding, no packing; empty where none applies):
-    ``'cpu'`` (both convolutions on oneDNN) wherever this module applies; ``'cpu_compiled'`` (the depthwise half in
-    our compiled kernel) in fp32 when the kernel loads (the first call may build it)."""
+    ``'cpu'`` (both convolutions on oneDNN) wherever this module applies; ``'cpu_compiled'`` (both halves in our
+    compiled kernels) in fp32 when the kernels load (the first call may build them)."""
     dtype = _applies(parts, x, _tensors(parts))
     if dtype is None:
         return ()
@@ -234,7 +277,7 @@ def paths(parts: BlockParts, x: torch.Tensor) -> Tuple[str, ...]:
 
 
 def _compiled_applies(parts: BlockParts, dtype: torch.dtype) -> bool:
-    """Our kernel computes in float32, for kernels up to its window limit, once it has been built."""
+    """Our kernels compute in float32, for kernel sizes up to the depthwise window's limit, once built."""
     return (dtype == torch.float32 and parts.kernel_size <= cpu_kernels.MAX_KERNEL_SIZE
             and cpu_kernels.load() is not None)
 
@@ -243,9 +286,9 @@ def block_forward(parts: BlockParts, x: torch.Tensor, path: str = 'cpu') -> Opti
     """Eval-mode block output by one of :data:`PATHS` (channels_last), or ``None`` when that path does not apply.
 
     ``parts`` as :func:`.eligibility.block_parts` returns them (the structural and mode checks are done).
-    ``'cpu_compiled'`` runs conv, bias, activation, BatchNorm scale and residual of the depthwise half as one pass
-    of our kernel (:mod:`.cpu_kernels`); ``'cpu'`` as a oneDNN convolution with the activation fused and an
-    ``addcmul``. The pointwise half is oneDNN's in both.
+    ``'cpu_compiled'`` runs each half as one pass of our kernels (:mod:`.cpu_kernels`): conv, bias, activation,
+    BatchNorm scale and residual of the depthwise half; GEMM, bias, activation and BatchNorm affine of the pointwise
+    half. ``'cpu'`` runs each half as a oneDNN convolution with the activation fused and an ``addcmul``.
     """
     if path not in PATHS:
         raise ValueError(f'path: expected one of {PATHS}, got {path!r}')
@@ -256,7 +299,7 @@ def block_forward(parts: BlockParts, x: torch.Tensor, path: str = 'cpu') -> Opti
     compiled = path == 'cpu_compiled'
     if compiled and not _compiled_applies(parts, dtype):
         return None
-    f = _cached(parts, tensors, x, dtype)
+    f = _cached(parts, tensors, x, dtype, compiled)
     attr, scalars, algorithm = _POST_OPS[parts.act]
     k = parts.kernel_size
     pad = k // 2
@@ -266,6 +309,8 @@ def block_forward(parts: BlockParts, x: torch.Tensor, path: str = 'cpu') -> Opti
         x = x.to(dtype).contiguous(memory_format=torch.channels_last)
         if compiled:
             u = cpu_kernels.dw_block(x, f.taps, f.b_dw, f.s_dw.view(dim), k, parts.act, _scratch_like(x))
+            return cpu_kernels.pw_block(u, f.panels, f.b_pw, f.s_pw.view(dim), f.t_pw.view(dim), parts.act,
+                                        _output_like(u))
         else:
             a = conv(x, f.w_dw, f.b_dw, [pad, pad], [1, 1], [1, 1], dim, attr, scalars, algorithm)
             if k % 2 == 0:

@@ -1,13 +1,15 @@
-"""Our compiled CPU kernel (``csrc/dw_block.cpp``): built on first use, cached on disk, never required.
+"""Our compiled CPU kernels (``csrc/``): built on first use, cached on disk, never required.
 
 Why compile at all: the depthwise half of a block (conv, bias, activation, BatchNorm scale, residual add) is where
-oneDNN is weakest at ConvMixer's shapes on AVX2 CPUs (see the C++ file's header); one kernel of ours does it in a
-single pass. It is compiled the way Inductor compiles its CPU kernels, for the vector ISA ATen itself dispatches to
-on this CPU (``torch.backends.cpu.get_cpu_capability()``), by ``torch.utils.cpp_extension`` (a C++ compiler and
-``ninja`` needed; ~20 s once, then loaded from torch's extension cache, keyed by the source, the flags and the
+oneDNN is weakest at ConvMixer's shapes on AVX2 CPUs (``csrc/dw_block.cpp``'s header); one kernel of ours does it in
+a single pass. The pointwise half is a GEMM of ours with the bias, activation and BatchNorm affine applied to each
+tile in registers (``csrc/pw_block.cpp``), one pass where oneDNN needs two. Both are compiled the way Inductor
+compiles its CPU kernels, for the vector ISA ATen itself dispatches to on this CPU
+(``torch.backends.cpu.get_cpu_capability()``), by ``torch.utils.cpp_extension`` (a C++ compiler and ``ninja``
+needed; ~25 s once, then loaded from torch's extension cache, keyed by the sources, the flags and the
 torch version).
 
-Nothing depends on it: when the build is impossible or fails, :func:`load` returns ``None`` after one
+Nothing depends on them: when the build is impossible or fails, :func:`load` returns ``None`` after one
 ``RuntimeWarning`` naming why, and the oneDNN path runs. ``TIMM_CONVMIXER_CPU_BUILD=0`` skips the build (for
 machines where compiling at run time is unwelcome); :func:`build` builds ahead of time (e.g. in an image).
 """
@@ -22,10 +24,13 @@ import torch
 
 from .checked import FastPathDecision
 
-__all__ = ['ACT_CODES', 'BUILD_ENV_VAR', 'MAX_KERNEL_SIZE', 'build', 'build_error', 'dw_block', 'load']
+__all__ = ['ACT_CODES', 'BUILD_ENV_VAR', 'MAX_KERNEL_SIZE', 'build', 'build_error', 'dw_block', 'load', 'pw_block',
+           'pw_pack', 'storage_use_count']
 
 BUILD_ENV_VAR = 'TIMM_CONVMIXER_CPU_BUILD'
-SOURCE = os.path.join(os.path.dirname(__file__), 'csrc', 'dw_block.cpp')
+_CSRC = os.path.join(os.path.dirname(__file__), 'csrc')
+SOURCES = [os.path.join(_CSRC, name) for name in ('dw_block.cpp', 'pw_block.cpp')]
+HEADERS = [os.path.join(_CSRC, 'cpu_common.h')]
 # activation name (eligibility.ACT_NAMES) -> the kernel's code (enum Act in the C++ source)
 ACT_CODES: Dict[str, int] = {'identity': 0, 'relu': 1, 'gelu': 2, 'gelu_tanh': 3, 'silu': 4}
 MAX_KERNEL_SIZE = 64  # the kernel keeps one pointer per window row on its stack
@@ -56,8 +61,9 @@ def _flags(capability: Optional[str] = None) -> List[str]:
 def _name(flags: List[str]) -> str:
     """The extension's name: a new source, flags or torch version builds anew instead of reusing a stale cache."""
     digest = hashlib.sha256()
-    with open(SOURCE, 'rb') as f:
-        digest.update(f.read())
+    for path in SOURCES + HEADERS:
+        with open(path, 'rb') as f:
+            digest.update(f.read())
     digest.update(' '.join(flags).encode())
     digest.update(torch.__version__.encode())
     return f'timm_convmixer_cpu_{digest.hexdigest()[:12]}'
@@ -73,7 +79,7 @@ def _compile():
     finally:
         log.setLevel(level)
     flags = _flags()
-    cpp_extension.load(_name(flags), [SOURCE], extra_cflags=flags, extra_ldflags=['-fopenmp'],
+    cpp_extension.load(_name(flags), SOURCES, extra_cflags=flags, extra_ldflags=['-fopenmp'],
                        is_python_module=False)
     return torch.ops.timm_convmixer_cpu
 
@@ -91,15 +97,15 @@ def load():
             _error = f'{BUILD_ENV_VAR}=0'
         else:
             warnings.warn(
-                'timm_convmixer: loading its CPU depthwise kernel (compiled with torch.utils.cpp_extension on first '
-                f'use on this machine, ~20 s, then cached; {BUILD_ENV_VAR}=0 skips it)', FastPathDecision,
+                'timm_convmixer: loading its CPU kernels (compiled with torch.utils.cpp_extension on first '
+                f'use on this machine, ~25 s, then cached; {BUILD_ENV_VAR}=0 skips it)', FastPathDecision,
                 stacklevel=4)
             try:
                 _ops = _compile()
             except Exception as e:  # noqa: BLE001 -- no compiler, no ninja, a compile error: the oneDNN path runs
                 _error = f'{type(e).__name__}: {str(e).strip()[-500:]}'
-                warnings.warn(f'timm_convmixer: could not build its CPU depthwise kernel ({_error}); blocks use '
-                              'oneDNN for the depthwise convolution instead', RuntimeWarning, stacklevel=4)
+                warnings.warn(f'timm_convmixer: could not build its CPU kernels ({_error}); blocks use '
+                              'oneDNN for both convolutions instead', RuntimeWarning, stacklevel=4)
         _tried = True
     return _ops
 
@@ -107,7 +113,7 @@ def load():
 def build() -> None:
     """Build (or load) the kernel now, raising if that is impossible: for images and set-up scripts."""
     if load() is None:
-        raise RuntimeError(f'timm_convmixer: the CPU kernel is unavailable: {_error}')
+        raise RuntimeError(f'timm_convmixer: the CPU kernels are unavailable: {_error}')
 
 
 def build_error() -> Optional[str]:
@@ -122,3 +128,22 @@ def dw_block(x: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor, scale: tor
     must be loaded."""
     _ops.dw_block(x, taps, bias, scale, kernel_size, ACT_CODES[act], out)
     return out
+
+
+def pw_pack(weight: torch.Tensor) -> torch.Tensor:
+    """The pointwise weight ``(C_out, C_in)`` float32 in the panels :func:`pw_block` reads (done once per weight)."""
+    return _ops.pw_pack(weight)
+
+
+def pw_block(u: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+             act: str, out: torch.Tensor) -> torch.Tensor:
+    """``out = scale * act(conv1x1(u) + bias) + shift`` for a channels_last float32 ``u`` (``out`` likewise, its own
+    storage, with the output channels): ``panels`` from :func:`pw_pack`, ``bias``/``scale``/``shift`` one value per
+    output channel. The kernels must be loaded."""
+    _ops.pw_block(u, panels, bias, scale, shift, ACT_CODES[act], out)
+    return out
+
+
+def storage_use_count(t: torch.Tensor) -> int:
+    """Strong references to ``t``'s storage (tensors, views, storage objects): 1 when ``t`` is its only holder."""
+    return _ops.storage_use_count(t)

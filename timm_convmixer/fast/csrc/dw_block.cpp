@@ -13,54 +13,22 @@
 // (ATen's Vectorized<float>: 8 floats on AVX2, 16 on AVX-512).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cmath>
 #include <vector>
+
+#include "cpu_common.h"
 
 namespace {
 
-using Vec = at::vec::Vectorized<float>;
-constexpr int VL = Vec::size();
+using namespace timm_convmixer_cpu;
+
 constexpr int CB = 16;        // channels per block: one 64-byte cache line of each pixel
 constexpr int NV = CB / VL;   // vectors per block: 2 on AVX2, 1 on AVX-512
 constexpr int TW = 8 / NV;    // output pixels of a row computed together, sharing each loaded tap: 8 accumulators
 static_assert(CB % VL == 0 && NV >= 1 && TW >= 1, "a channel block must be whole vectors");
 constexpr int64_t RING_BYTES = 16 * 1024;  // a ring this size, the taps and one row leave room in a 32 KiB L1
-
-// activation codes, as timm_convmixer/fast/cpu_kernels.py passes them
-enum Act { IDENTITY = 0, RELU = 1, GELU = 2, GELU_TANH = 3, SILU = 4 };
-
-// the formulas of ATen's own CPU kernels for these activations, so results match eager to float32 rounding
-template <int ACT>
-inline Vec activate(Vec z) {
-  if constexpr (ACT == RELU) {
-    return at::vec::clamp_min(z, Vec(0.f));
-  } else if constexpr (ACT == GELU) {
-    // ATen's erf (Abramowitz-Stegun 7.1.26), with ATen's inlined exp_u20 for its out-of-line Sleef exp: 20% faster
-    // for the whole kernel, and the same largest error against float64 GELU (4.7e-7 absolute over [-12, 12])
-    const Vec a = z * Vec(float(M_SQRT1_2));
-    const Vec sign = a & Vec(-0.f);
-    const Vec ax = a ^ sign;
-    const Vec t = Vec(1.f) / at::vec::fmadd(Vec(0.3275911f), ax, Vec(1.f));
-    Vec r = at::vec::fmadd(Vec(1.061405429f), t, Vec(-1.453152027f));
-    r = at::vec::fmadd(r, t, Vec(1.421413741f));
-    r = at::vec::fmadd(r, t, Vec(-0.284496736f));
-    r = at::vec::fmadd(r, t, Vec(0.254829592f));
-    const Vec e = (ax * ax).neg().exp_u20();
-    const Vec erf = (Vec(1.f) - r * t * e) ^ sign;
-    return z * Vec(0.5f) * (Vec(1.f) + erf);
-  } else if constexpr (ACT == GELU_TANH) {
-    const Vec inner = Vec(float(M_SQRT2 * M_2_SQRTPI * 0.5)) * (z + Vec(0.044715f) * z * z * z);
-    return Vec(0.5f) * z * (Vec(1.f) + inner.tanh());
-  } else if constexpr (ACT == SILU) {
-    return z / (Vec(1.f) + z.neg().exp());
-  } else {
-    return z;
-  }
-}
 
 struct Problem {
   const float* x;     // N, H, W, C
@@ -99,17 +67,6 @@ inline void conv_tile(const float* const* ring, const float* taps, const float* 
   }
   for (int t = 0; t < T; ++t)
     for (int v = 0; v < NV; ++v) acc[t][v].store(z + t * CB + v * VL);
-}
-
-// Loads or stores `n` (<= CB) channels of one pixel: whole vectors where they fit, a partial one for the rest.
-inline Vec load_part(const float* p, int64_t v, int64_t n) {
-  const int64_t left = n - v * VL;
-  return left >= VL ? Vec::loadu(p + v * VL) : Vec::loadu(p + v * VL, left);
-}
-
-inline void store_part(const Vec& x, float* p, int64_t v, int64_t n) {
-  const int64_t left = n - v * VL;
-  if (left >= VL) x.store(p + v * VL); else x.store(p + v * VL, left);
 }
 
 template <int ACT>
@@ -220,7 +177,7 @@ void dw_block(const at::Tensor& x, const at::Tensor& taps, const at::Tensor& bia
 
 }  // namespace
 
-TORCH_LIBRARY(timm_convmixer_cpu, m) {
+TORCH_LIBRARY_FRAGMENT(timm_convmixer_cpu, m) {
   m.def("dw_block(Tensor x, Tensor taps, Tensor bias, Tensor scale, int k, int act, Tensor(a!) out) -> ()");
 }
 
