@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 namespace timm_convmixer_cpu {
 
@@ -43,7 +44,21 @@ inline Vec activate(Vec z) {
   }
 }
 
-// Loads or stores `n` (<= CB) channels of one pixel: whole vectors where they fit, a partial one for the rest.
+// Calls `f(std::integral_constant<int, ACT>{})` for the activation code `act` (checked by the caller): one
+// instantiation of a kernel per activation, so the activation is inlined into its loop.
+template <typename F>
+inline void with_activation(int64_t act, F&& f) {
+  switch (act) {
+    case RELU: f(std::integral_constant<int, RELU>{}); break;
+    case GELU: f(std::integral_constant<int, GELU>{}); break;
+    case GELU_TANH: f(std::integral_constant<int, GELU_TANH>{}); break;
+    case SILU: f(std::integral_constant<int, SILU>{}); break;
+    default: f(std::integral_constant<int, IDENTITY>{});
+  }
+}
+
+// Vector `v` of `n` floats at `p` (a pixel's channels in a block, a tile row's in a panel): whole where VL floats
+// remain, else the part that does.
 inline Vec load_part(const float* p, int64_t v, int64_t n) {
   const int64_t left = n - v * VL;
   return left >= VL ? Vec::loadu(p + v * VL) : Vec::loadu(p + v * VL, left);

@@ -166,13 +166,7 @@ void dw_block(const at::Tensor& x, const at::Tensor& taps, const at::Tensor& bia
   const Problem p{x.data_ptr<float>(), taps.data_ptr<float>(), bias.data_ptr<float>(), scale.data_ptr<float>(),
                   out.data_ptr<float>(), x.size(0), x.size(2), x.size(3), C, k, (k - 1) / 2};
   if (out.numel() == 0) return;
-  switch (act) {
-    case RELU: run<RELU>(p); break;
-    case GELU: run<GELU>(p); break;
-    case GELU_TANH: run<GELU_TANH>(p); break;
-    case SILU: run<SILU>(p); break;
-    default: run<IDENTITY>(p);
-  }
+  with_activation(act, [&](auto a) { run<decltype(a)::value>(p); });
 }
 
 }  // namespace

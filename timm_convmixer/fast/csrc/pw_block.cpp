@@ -144,13 +144,7 @@ void pw_block(const at::Tensor& u, const at::Tensor& panels, const at::Tensor& b
   const Problem p{u.data_ptr<float>(), panels.data_ptr<float>(), bias.data_ptr<float>(), scale.data_ptr<float>(),
                   shift.data_ptr<float>(), out.data_ptr<float>(), u.size(0) * u.size(2) * u.size(3), K, N};
   if (out.numel() == 0) return;
-  switch (act) {
-    case RELU: run<RELU>(p); break;
-    case GELU: run<GELU>(p); break;
-    case GELU_TANH: run<GELU_TANH>(p); break;
-    case SILU: run<SILU>(p); break;
-    default: run<IDENTITY>(p);
-  }
+  with_activation(act, [&](auto a) { run<decltype(a)::value>(p); });
 }
 
 // How many strong references the storage under `t` has: 1 when `t` is its only holder. No Python storage object is
