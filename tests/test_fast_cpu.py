@@ -98,6 +98,20 @@ def test_inference_mode_and_auto(make_model, infer, run_counted, auto_choice):
     assert again == paths and len(checked.decisions) == len(records)
 
 
+def test_auto_keeps_only_the_chosen_paths_weights(make_model, run_counted, auto_choice):
+    """auto's check folds each CPU path's own copy of a block's weights; afterwards only the chosen path's stay."""
+    model = make_model(9)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        run_counted(model, x, backend='auto')
+    records = checked.decision_records()
+    first = auto_choice(records, channels_last=False)
+    second = first if first == 'eager' else auto_choice(records, channels_last=True)
+    for block, path in zip(model.blocks, (first, second)):
+        kept = set(fast_cpu._cache.get(block[0].fn[0], {}))
+        assert kept == (set() if path == 'eager' else {path == 'cpu_compiled'}), (path, kept)
+
+
 def test_auto_does_not_cache_a_case_the_path_declines(make_model, run_counted):
     """With gradients needed the CPU path declines per call; that must not become the case's cached decision."""
     model = make_model()

@@ -222,6 +222,7 @@ def _checked_cpu(block: nn.Module, parts: BlockParts, x: torch.Tensor) -> Tuple[
     reference = _fp32_reference(x, lambda t: _eager_no_grad(block, t))
     path = checked.fastest({path: (fused(path), eager, reference) for path in paths}, parts, block, x,
                            _compute_dtype(x))
+    cpu.chosen(parts, path)
     return ('cpu', None) if path is None else (path, cpu.block_forward(parts, x, path))
 
 

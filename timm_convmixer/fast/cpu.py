@@ -26,12 +26,13 @@ It applies only in eval mode (BN on running statistics, drop_path inactive), fp3
 gradient is needed; otherwise ``None`` and the eager modules run. Folded and packed weights are cached per block,
 keyed on the identity, storage and version counter of every parameter and buffer involved, so
 ``load_state_dict``, optimizer steps, ``.to()`` or in-place edits invalidate them. The cache holds one extra copy
-of the block's weights per path that ran (auto's first call runs both); :func:`clear_cache` drops it.
+of the block's weights per path in use (auto's check runs both, then keeps those it chose, :func:`chosen`);
+:func:`clear_cache` drops it.
 """
 import threading
 import warnings
 import weakref
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Set, Tuple
 
 import torch
 import torch.nn as nn
@@ -40,7 +41,7 @@ from . import cpu_kernels
 from .eligibility import BlockParts, bn_scale_shift
 from .runtime import autocast_state
 
-__all__ = ['PATHS', 'available', 'block_forward', 'clear_cache', 'native_bf16', 'paths',
+__all__ = ['PATHS', 'available', 'block_forward', 'chosen', 'clear_cache', 'native_bf16', 'paths',
            'warn_if_bf16_is_emulated']
 
 
@@ -67,6 +68,8 @@ class _Folded(NamedTuple):
 
 # block's depthwise conv -> {compiled: that path's weights}
 _cache: 'weakref.WeakKeyDictionary[nn.Module, Dict[bool, _Folded]]' = weakref.WeakKeyDictionary()
+# block's depthwise conv -> the paths (as `compiled` flags) auto chose for it, over every case it ran (see chosen)
+_chosen: 'weakref.WeakKeyDictionary[nn.Module, Set[bool]]' = weakref.WeakKeyDictionary()
 
 
 # thread id -> the compiled path's depthwise output buffer of the last shape that thread ran (see _scratch_like)
@@ -82,6 +85,7 @@ OUTPUT_BUFFERS = 2  # per shape: in a chain of blocks, one block's input and its
 def clear_cache() -> None:
     """Drop the folded weights and the compiled path's scratch and output buffers."""
     _cache.clear()
+    _chosen.clear()
     _scratch.clear()
     with _outputs_lock:
         _outputs.clear()
@@ -266,6 +270,18 @@ def _cached(parts: BlockParts, tensors: List[Optional[torch.Tensor]], x: torch.T
 
 
 PATHS = ('cpu', 'cpu_compiled')
+
+
+def chosen(parts: BlockParts, path: Optional[str]) -> None:
+    """Auto ran ``path`` for this block (``None``: the plain modules) after its check: keep the folded weights of the
+    paths it chose for this block in any case, drop the others'. Why: auto's first call for a case runs every path,
+    and each folds its own copy of the block's weights (9 MiB a block of pointwise weights alone at 1536 channels)."""
+    keep = _chosen.setdefault(parts.conv_dw, set())
+    if path is not None:
+        keep.add(path == 'cpu_compiled')
+    per_path = _cache.get(parts.conv_dw, {})
+    for compiled in [c for c in per_path if c not in keep]:
+        del per_path[compiled]
 
 
 def paths(parts: BlockParts, x: torch.Tensor) -> Tuple[str, ...]:
