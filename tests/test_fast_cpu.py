@@ -89,13 +89,17 @@ def test_inference_mode_and_auto(make_model, infer, run_counted, auto_choice):
     for r in records:
         assert r['shape'] == [1, 24, 8, 8] and r['max_rel_err'] <= checked.tolerance(torch.float32, 'cpu')
         assert r['path'] == (r['fused_path'] if r['fused_ms'] < r['eager_ms'] else 'eager')
-    # the fused paths leave channels_last, so the second block is a new case only if the first took one
-    first_path = auto_choice(records, channels_last=False)
-    second_path = first_path if first_path == 'eager' else auto_choice(records, channels_last=True)
-    assert paths == dict(Counter([first_path, second_path]))
+    assert paths == dict(Counter(_block_choices(records, auto_choice)))
     with torch.inference_mode():  # decided once: the next call takes the same paths without checking again
         _, again = run_counted(model, x, backend='auto')
     assert again == paths and len(checked.decisions) == len(records)
+
+
+def _block_choices(records, auto_choice):
+    """The paths auto took for this file's two-block model on NCHW input: the first block's case is the NCHW input;
+    the fused paths leave channels_last, so the second block is a new case only if the first took one."""
+    first = auto_choice(records, channels_last=False)
+    return first, first if first == 'eager' else auto_choice(records, channels_last=True)
 
 
 def test_auto_keeps_only_the_chosen_paths_weights(make_model, run_counted, auto_choice):
@@ -104,10 +108,7 @@ def test_auto_keeps_only_the_chosen_paths_weights(make_model, run_counted, auto_
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         run_counted(model, x, backend='auto')
-    records = checked.decision_records()
-    first = auto_choice(records, channels_last=False)
-    second = first if first == 'eager' else auto_choice(records, channels_last=True)
-    for block, path in zip(model.blocks, (first, second)):
+    for block, path in zip(model.blocks, _block_choices(checked.decision_records(), auto_choice)):
         kept = set(fast_cpu._cache.get(block[0].fn[0], {}))
         assert kept == (set() if path == 'eager' else {path == 'cpu_compiled'}), (path, kept)
 

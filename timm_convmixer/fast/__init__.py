@@ -19,7 +19,7 @@ Backends:
 * ``'lean'``, ``'lean_triton'``, ``'cpu'``, ``'cpu_compiled'``, ``'triton'``, ``'triton_gemm'``: only that path,
   unchecked, where it applies (the way to force one). ``'lean'`` runs the lean block's normalisations on torch's
   kernels, ``'lean_triton'`` its normalisations and depthwise conv on Triton kernels (the same memory kept);
-  ``'cpu'`` both convolutions on oneDNN, ``'cpu_compiled'`` the depthwise half in our C++ kernel (built on first
+  ``'cpu'`` both convolutions on oneDNN, ``'cpu_compiled'`` both halves in our C++ kernels (built on first
   use); ``'triton'`` runs the pointwise conv on cuBLAS with a Triton epilogue pass, ``'triton_gemm'`` as one Triton
   GEMM with the epilogue fused.
 
@@ -197,8 +197,8 @@ def _checked_eval(block: nn.Module, parts: BlockParts, x: torch.Tensor) -> Tuple
 
 
 def _checked_cpu(block: nn.Module, parts: BlockParts, x: torch.Tensor) -> Tuple[str, Optional[torch.Tensor]]:
-    """auto's eval path on CPU: ``(path, output)``, the fastest CPU path (oneDNN's depthwise conv or our compiled
-    kernel's) that the check on first use found right and faster than the plain modules, or ``('cpu', None)``.
+    """auto's eval path on CPU: ``(path, output)``, the fastest CPU path (oneDNN's convolutions or our compiled
+    kernels) that the check on first use found right and faster than the plain modules, or ``('cpu', None)``.
 
     Whether one wins depends on the CPU (measured: oneDNN's path 1.5x the built-in on an AVX-512 CPU, 0.87-1.06x on
     an AVX2-only Zen 3), so it is timed rather than assumed. The fused paths work in channels_last; their trials get

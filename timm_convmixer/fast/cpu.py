@@ -329,14 +329,13 @@ def block_forward(parts: BlockParts, x: torch.Tensor, path: str = 'cpu') -> Opti
             u = cpu_kernels.dw_block(x, f.taps, f.b_dw, f.s_dw.view(dim), k, parts.act, _scratch_like(x))
             return cpu_kernels.pw_block(u, f.panels, f.b_pw, f.s_pw.view(dim), f.t_pw.view(dim), parts.act,
                                         _output_like(u))
+        a = conv(x, f.w_dw, f.b_dw, [pad, pad], [1, 1], [1, 1], dim, attr, scalars, algorithm)
+        if k % 2 == 0:
+            # PyTorch's "same" for even k pads (k-1)//2 before and k//2 after: pad k//2 on both sides and drop the
+            # first row/column, which is exactly that window
+            a = a[:, :, 1:, 1:]
+            u = torch.addcmul(x, a, f.s_dw)
         else:
-            a = conv(x, f.w_dw, f.b_dw, [pad, pad], [1, 1], [1, 1], dim, attr, scalars, algorithm)
-            if k % 2 == 0:
-                # PyTorch's "same" for even k pads (k-1)//2 before and k//2 after: pad k//2 on both sides and drop
-                # the first row/column, which is exactly that window
-                a = a[:, :, 1:, 1:]
-                u = torch.addcmul(x, a, f.s_dw)
-            else:
-                u = torch.addcmul(x, a, f.s_dw, out=a)  # x + s1 * act(dw(x)); BN shift t1 lives in b_pw
+            u = torch.addcmul(x, a, f.s_dw, out=a)  # x + s1 * act(dw(x)); BN shift t1 lives in b_pw
         y = conv(u, f.w_pw, f.b_pw, [0, 0], [1, 1], [1, 1], 1, attr, scalars, algorithm)
         return torch.addcmul(f.t_pw, y, f.s_pw, out=y)

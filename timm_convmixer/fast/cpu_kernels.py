@@ -111,7 +111,7 @@ def load():
 
 
 def build() -> None:
-    """Build (or load) the kernel now, raising if that is impossible: for images and set-up scripts."""
+    """Build (or load) the kernels now, raising if that is impossible: for images and set-up scripts."""
     if load() is None:
         raise RuntimeError(f'timm_convmixer: the CPU kernels are unavailable: {_error}')
 

@@ -28,7 +28,7 @@ using namespace timm_convmixer_cpu;
 
 constexpr int MR = 6;        // rows (pixels) per micro-kernel tile
 constexpr int NR = 2 * VL;   // output channels per panel: 16 on AVX2, 32 on AVX-512
-constexpr int64_t MC = 48;   // rows per work item (measured on Zen 3: 24-96 within noise, 12 slower at C = 1536)
+constexpr int64_t MC = 48;   // rows per work item (12, 24 and 96 measured on Zen 3: within that VM's noise)
 
 // MR x NR outputs over the whole K into `tile` (row stride NR). Twelve named accumulators, not an array: GCC kept
 // an array of Vectorized in memory and stored all of it on every k (half the speed, measured).
