@@ -9,13 +9,15 @@
 #                              quick variants only)
 #
 # The first run creates .venv (override with VENV=...) and installs the package editable with its test extras;
-# later runs reinstall only when pyproject.toml changed.
+# later runs reinstall only when pyproject.toml changed. Tests run on two pytest-xdist workers, a file per worker
+# at a time (TEST_WORKERS=0 runs them in this process; pytest's own -n in the flags also wins).
 set -euo pipefail
 cd "$(dirname "$0")"
 
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 TIMM_MIN=1.0.26  # keep in step with pyproject.toml's "timm>=" and the README's "Supported versions"
+WORKERS="-n ${TEST_WORKERS:-2} --dist loadfile"
 
 setup() {
   if [ ! -x "$VENV/bin/python" ]; then
@@ -40,7 +42,7 @@ case "$cmd" in
     ;;
   test)
     setup
-    exec "$VENV/bin/python" -m pytest "$@"
+    exec "$VENV/bin/python" -m pytest $WORKERS "$@"
     ;;
   test-min)
     setup
@@ -58,7 +60,7 @@ case "$cmd" in
     # once, by ./run.sh test; timm's battery runs its prune-intermediate-layers contract on the quick variants only
     # (tests/test_timm_battery.py)
     TIMM_BATTERY_QUICK=1 PYTHONPATH="$PWD/$target${PYTHONPATH:+:$PYTHONPATH}" \
-      exec "$VENV/bin/python" -m pytest -m "not kernels" --ignore=tests/test_gpu_check.py \
+      exec "$VENV/bin/python" -m pytest $WORKERS -m "not kernels" --ignore=tests/test_gpu_check.py \
       --ignore=tests/test_bench_engines.py --deselect tests/test_bench.py::test_cli_writes_json_and_chart "$@"
     ;;
   *)

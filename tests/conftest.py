@@ -29,6 +29,12 @@ import timm_convmixer  # noqa: E402,F401  (explicit import registers too; harmle
 import helpers  # noqa: E402  (tests/ is on sys.path: pytest puts a rootdir conftest's folder there)
 
 
+def pytest_collection_modifyitems(config, items):
+    """timm's battery (one test of ~3.5 minutes) first: ``./run.sh test`` runs files on two pytest-xdist workers
+    (``--dist loadfile``, handed out in collection order), so it runs beside the rest rather than after it."""
+    items.sort(key=lambda item: item.get_closest_marker('timm_battery') is None)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_state():
     """Each test starts seeded and with no fast-path decision cached (auto's decisions are process-global)."""
