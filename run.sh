@@ -17,7 +17,7 @@ cd "$(dirname "$0")"
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 TIMM_MIN=1.0.26  # keep in step with pyproject.toml's "timm>=" and the README's "Supported versions"
-WORKERS="-n ${TEST_WORKERS:-2} --dist loadfile"
+WORKERS="-n ${TEST_WORKERS:-2} --dist loadfile --no-loadscope-reorder"
 
 setup() {
   if [ ! -x "$VENV/bin/python" ]; then
