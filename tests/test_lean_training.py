@@ -359,19 +359,19 @@ def test_auto_takes_the_fastest_triton_path_it_accepted(interpreter, gemm_ms, ex
 # the lean block with its normalisations fused in Triton kernels (``lean_triton``), through Triton's interpreter
 
 @pytest.mark.kernels
-@pytest.mark.parametrize('dtype,act,kernel,drop_path,momentum,channels_last', [
-    (torch.float64, 'gelu', 5, 0.3, None, False),  # drop path masks, the cumulative running average, NCHW input
-    (torch.float64, 'silu', 8, 0., 0.1, True),  # even kernel
-    (torch.float32, 'relu', 3, 0.2, 0.1, True),
+@pytest.mark.parametrize('dtype,act,kernel,drop_path,momentum,channels_last,size', [
+    (torch.float64, 'gelu', 5, 0.3, None, False, 12),  # drop path masks, the cumulative running average, NCHW input
+    (torch.float64, 'silu', 8, 0., 0.1, True, 12),  # even kernel, larger than the 6x6 tokens
+    (torch.float32, 'relu', 3, 0.2, 0.1, True, 16),
 ])
 def test_lean_triton_training_steps_match_eager(interpreter, dtype, act, kernel, drop_path, momentum,
-                                                channels_last):
+                                                channels_last, size):
     act_layer = {'gelu': nn.GELU, 'relu': nn.ReLU, 'silu': nn.SiLU}[act]
     depth = 2
     eager, lean = _pair(dim=16, depth=depth, kernel_size=kernel, act_layer=act_layer, drop_path_rate=drop_path,
                         bn_momentum=momentum, channels_last=channels_last)
     eager, lean = eager.to(dtype), lean.to(dtype)
-    x = _input(2, 16, channels_last).to(dtype)
+    x = _input(2, size, channels_last).to(dtype)  # the interpreter's cost grows with pixels x k x k
     torch.manual_seed(1)
     ref = _step(eager, x, 'eager', steps=2)
     torch.manual_seed(1)
@@ -407,6 +407,7 @@ def test_lean_triton_under_bf16_autocast_is_as_accurate_as_eager_autocast(interp
         assert rel(ours[1][n], ref[1][n]) <= max(1.25 * rel(bf16_eager[1][n], ref[1][n]), 6e-2), n
 
 
+@pytest.mark.kernels  # auto's choice runs lean_triton through the interpreter; timm's version plays no part
 def test_auto_checks_both_lean_paths_and_keeps_the_fastest_correct_one(interpreter):
     eager, model = _pair(dim=16, depth=2)
     x = _input(2, 16)
@@ -427,6 +428,7 @@ def test_auto_checks_both_lean_paths_and_keeps_the_fastest_correct_one(interpret
         assert torch.equal(got[2][n], ref[2][n]), n
 
 
+@pytest.mark.kernels  # as above
 def test_auto_rejects_a_lean_triton_result_that_differs(interpreter, monkeypatch):
     from timm_convmixer.fast import lean_triton
     real = lean_triton.TritonNorm.forward
