@@ -109,11 +109,12 @@ def run_counted(fn: Callable[..., Any], *args: Any, backend: Optional[str] = Non
 
 def auto_choice(records: Iterable[Dict[str, Any]], **case: Any) -> str:
     """The path ``auto`` takes for the case whose decision records (``checked.decision_records()``) match ``case``
-    field by field: of the fused paths its check accepted, the fastest; ``'eager'`` when it accepted none."""
+    field by field: of the fused paths its check accepted, the fastest against the plain modules timed in the same
+    trial; ``'eager'`` when it accepted none."""
     mine = [r for r in records if all(r[k] == v for k, v in case.items())]
     assert mine, f'no decision recorded for {case}'
     accepted = [r for r in mine if r['path'] != 'eager']
-    return min(accepted, key=lambda r: r['fused_ms'])['fused_path'] if accepted else 'eager'
+    return min(accepted, key=lambda r: r['fused_ms'] / r['eager_ms'])['fused_path'] if accepted else 'eager'
 
 
 def run_python(

@@ -146,10 +146,13 @@ def _pw_reference(u, weight, bias, scale, shift, act):
     return ACTS[act](z) * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
 
 
-# (n, c_in, c_out, h, w): rows short of a tile (6) and of a work item (48), output channels short of a panel (16 on
-# AVX2, 32 on AVX-512) and several panels, one input channel, and a ConvMixer-sized 256 x 256 at 2 x 12 x 12
+# (n, c_in, c_out, h, w): rows short of a tile (6) and of a chunk, output channels short of a panel (16 on AVX2, 32
+# on AVX-512) and several panels, one input channel, a ConvMixer-sized 256 x 256 at 2 x 12 x 12, and input channels
+# wide enough to be taken in K slices (over 1024) with a short last one (256 a slice on AVX2, 128 on AVX-512),
+# output channels in several work items with a short last one (128 on AVX2, 256 on AVX-512), rows in full 96-row
+# chunks and a short last one
 PW_SHAPES = [(1, 3, 5, 1, 1), (2, 17, 33, 5, 7), (1, 64, 16, 7, 7), (3, 1, 40, 4, 4),
-             (2, 256, 256, 12, 12), (1, 24, 96, 1, 49)]
+             (2, 256, 256, 12, 12), (1, 24, 96, 1, 49), (1, 1100, 300, 28, 29)]
 
 
 @pytest.mark.parametrize('shape', PW_SHAPES, ids=lambda s: 'x'.join(map(str, s)))
@@ -158,6 +161,21 @@ def test_pointwise_matches_eager_in_float64(shape, kernels):
     out = _pw_kernel(*args, 'gelu')
     assert out.shape == (shape[0], shape[2], *shape[3:]) and out.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(out.double(), _pw_reference(*args, 'gelu'), rtol=1e-5, atol=2e-5)
+
+
+def test_pointwise_same_bits_on_any_thread_count(kernels):
+    """How rows are split into chunks follows the thread count; each output's sum runs over K in the same order
+    whatever the split, so the result does not depend on it."""
+    args = _pw_inputs(1, 1100, 300, 28, 29, seed=2)
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            outs.append(_pw_kernel(*args, 'relu'))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
 
 
 @pytest.mark.parametrize('act', ACTS)

@@ -335,20 +335,24 @@ def test_auto_falls_back_when_the_fused_path_raises(interpreter, monkeypatch):
         assert decision.path == 'eager' and 'RuntimeError' in decision.reason
 
 
-@pytest.mark.parametrize('gemm_ms, expected', [(3.0, 'triton_gemm'), (7.0, 'triton'), (None, 'triton')])
-def test_auto_takes_the_fastest_triton_path_it_accepted(interpreter, gemm_ms, expected):
-    """Of the Triton paths the check accepted, auto runs the one it timed fastest. The decisions are placed in the
-    cache as a first-use check on a GPU would leave them (here the interpreter always loses to the plain modules)."""
+@pytest.mark.parametrize('gemm_ms, gemm_eager_ms, expected', [
+    (3.0, 10.0, 'triton_gemm'), (7.0, 10.0, 'triton'), (None, None, 'triton'),
+    (4.0, 4.2, 'triton'),  # the machine ran faster during triton_gemm's trial: 0.95x the plain modules against 0.5x
+])
+def test_auto_takes_the_fastest_triton_path_it_accepted(interpreter, gemm_ms, gemm_eager_ms, expected):
+    """Of the Triton paths the check accepted, auto runs the one it timed fastest against the plain modules in the
+    same trial (times from two trials are not compared directly). The decisions are placed in the cache as a
+    first-use check on a GPU would leave them (here the interpreter always loses to the plain modules)."""
     model = _eval_model()
     x = _input(1, 16)
     with torch.no_grad(), fast.use_backend('eager'):
         expected_out = model(x)
     parts = block_parts(model.blocks[0])
-    timings = {'triton': 5.0, 'triton_gemm': gemm_ms}
-    for path, ms in timings.items():
+    timings = {'triton': (5.0, 10.0), 'triton_gemm': (gemm_ms, gemm_eager_ms)}
+    for path, (ms, eager_ms) in timings.items():
         accepted = ms is not None
         checked.decisions[checked.case_key(path, parts, x.new_empty(1, 8, 8, 8), torch.float32)] = checked.Decision(
-            path if accepted else 'eager', 'placed by the test', ms, 10.0 if accepted else None, 0.0)
+            path if accepted else 'eager', 'placed by the test', ms, eager_ms, 0.0)
     fast.reset_counters()
     with torch.no_grad(), fast.use_backend('auto'):
         got = model(x)
