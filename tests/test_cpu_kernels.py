@@ -163,6 +163,15 @@ def test_pointwise_matches_eager_in_float64(shape, kernels):
     torch.testing.assert_close(out.double(), _pw_reference(*args, 'gelu'), rtol=1e-5, atol=2e-5)
 
 
+def test_pointwise_without_input_channels_is_the_epilogue_of_zero(kernels):
+    """No input channels: every sum is zero, so each output is the epilogue of the bias alone (this once looped
+    forever, stepping K by a zero-wide slice)."""
+    u, weight, bias, scale, shift = _pw_inputs(1, 0, 20, 3, 4)
+    out = _pw_kernel(u, weight, bias, scale, shift, 'gelu')
+    want = F.gelu(bias.double()) * scale.double() + shift.double()
+    torch.testing.assert_close(out.double(), want.view(1, -1, 1, 1).expand_as(out), rtol=1e-5, atol=2e-5)
+
+
 def test_pointwise_same_bits_on_any_thread_count(kernels):
     """How rows are split into chunks follows the thread count; each output's sum runs over K in the same order
     whatever the split, so the result does not depend on it."""

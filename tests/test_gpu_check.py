@@ -18,6 +18,7 @@ import torch
 
 import timm
 
+from helpers import auto_choice
 from timm_convmixer.fast import checked
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -200,9 +201,7 @@ def test_smoke_throughput_decisions_and_forced(smoke):
         for channels_last, mode in ((False, 'nchw'), (True, 'channels_last')):
             # the blocks took the fused path the check accepted for their case and timed fastest against the
             # plain modules beside it, else the plain modules
-            accepted = {d['path']: d['fused_ms'] / d['eager_ms'] for d in decisions if (
-                d['task'], d['channels_last']) == (task, channels_last) and d['path'] != 'eager'}
-            taken = min(accepted, key=accepted.get) if accepted else 'eager'
+            taken = auto_choice(decisions, task=task, channels_last=channels_last)
             assert tasks[task]['modes'][mode]['ours_block_paths'] == {taken: depth}
 
     # the forced paths ran wherever auto had not already taken them

@@ -20,12 +20,11 @@
 // Built by timm_convmixer/fast/cpu_kernels.py with dw_block.cpp.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <memory>
 
 #include "cpu_common.h"
 
@@ -117,18 +116,6 @@ void epilogue(const Problem& p, const float* tile, int64_t m, int64_t R, int64_t
   }
 }
 
-struct FreeDeleter {
-  void operator()(float* f) const { std::free(f); }
-};
-
-// 64-byte aligned floats, uninitialised (every use writes before it reads); never a zero-byte request (K = 0)
-std::unique_ptr<float[], FreeDeleter> aligned_floats(int64_t n) {
-  const size_t bytes = std::max<size_t>(64, (size_t(n) * sizeof(float) + 63) / 64 * 64);
-  auto* f = static_cast<float*>(std::aligned_alloc(64, bytes));
-  TORCH_CHECK(f != nullptr, "pw_block: could not allocate ", bytes, " bytes of scratch");
-  return std::unique_ptr<float[], FreeDeleter>(f);
-}
-
 template <int ACT>
 void run(const Problem& p) {
   // enough work items for the threads (4 each) where M is small: chunks of fewer rows, whole tiles
@@ -136,33 +123,37 @@ void run(const Problem& p) {
   const int64_t mc = std::max<int64_t>(MR, std::min<int64_t>(MC, p.M / (4 * threads) / MR * MR));
   const int64_t chunks = (p.M + mc - 1) / mc, nblocks = (p.N + NC - 1) / NC;
   const int64_t tiles = (mc + MR - 1) / MR;
-  // K in slices only where it is wide: at K = 768 slices of 256 ran 0.94x-0.96x the whole K, at 1536 1.08x-1.11x
-  const int64_t kc = p.K <= WHOLE_K ? p.K : KC;
+  // K in slices only where it is wide: against whole-K packed tiles in the same runs (96-row chunks), slices of 256
+  // ran 1.03x-1.08x at K = 1536 but 0.94x-1.04x at 1024 and 0.98x-0.99x at 768. At least 1, so that K = 0 ends
+  const int64_t kc = std::max<int64_t>(1, p.K <= WHOLE_K ? p.K : KC);
   // items in chunk-major order: a thread's range (at::parallel_for hands out contiguous ones) packs each of its
   // chunks once
   at::parallel_for(0, chunks * nblocks, 1, [&](int64_t begin, int64_t end) {
-    auto packed = aligned_floats(tiles * MR * p.K);
-    auto sums = aligned_floats(tiles * MR * NC);
+    // scratch from torch's CPU allocator (64-byte aligned), uninitialised: every use writes before it reads
+    const at::Tensor packed_rows = at::empty({tiles * MR * p.K}, at::kFloat);
+    const at::Tensor tile_sums = at::empty({tiles * MR * NC}, at::kFloat);
+    float* const packed = packed_rows.data_ptr<float>();
+    float* const sums = tile_sums.data_ptr<float>();
     int64_t packed_chunk = -1;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t chunk = item / nblocks, nb = item % nblocks * NC;
       const int64_t m0 = chunk * mc, m1 = std::min(p.M, m0 + mc), nb1 = std::min(p.N, nb + NC);
       const int64_t chunk_tiles = (m1 - m0 + MR - 1) / MR;
       if (chunk != packed_chunk) {
-        pack_rows(p, m0, m1, packed.get());
+        pack_rows(p, m0, m1, packed);
         packed_chunk = chunk;
       }
-      for (int64_t k0 = 0; k0 == 0 || k0 < p.K; k0 += kc) {  // once at least: K = 0 sums to zeros
+      for (int64_t k0 = 0; k0 == 0 || k0 < p.K; k0 += kc) {  // once at least: K = 0 writes zero sums
         const int64_t kl = std::min(kc, p.K - k0);
         for (int64_t n0 = nb, j = 0; n0 < nb1; n0 += NR, ++j)
           for (int64_t t = 0; t < chunk_tiles; ++t)
-            micro_kernel(packed.get() + t * p.K * MR + k0 * MR, p.panels + n0 * p.K + k0 * NR, kl,
-                         sums.get() + (j * tiles + t) * MR * NR, k0 != 0);
+            micro_kernel(packed + t * p.K * MR + k0 * MR, p.panels + n0 * p.K + k0 * NR, kl,
+                         sums + (j * tiles + t) * MR * NR, k0 != 0);
       }
       for (int64_t n0 = nb, j = 0; n0 < nb1; n0 += NR, ++j)
         for (int64_t t = 0; t < chunk_tiles; ++t) {
           const int64_t m = m0 + t * MR;
-          epilogue<ACT>(p, sums.get() + (j * tiles + t) * MR * NR, m, std::min<int64_t>(MR, m1 - m), n0,
+          epilogue<ACT>(p, sums + (j * tiles + t) * MR * NR, m, std::min<int64_t>(MR, m1 - m), n0,
                         std::min<int64_t>(NR, nb1 - n0));
         }
     }
