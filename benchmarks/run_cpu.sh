@@ -10,7 +10,7 @@
 # 3. Training with the memory-lean block forced, against the built-in (auto keeps whichever it measures faster).
 set -euo pipefail
 ITERS=${ITERS:-5}
-R=benchmarks/results
+R=${RESULTS_DIR:-benchmarks/results}  # RESULTS_DIR=... writes elsewhere (e.g. one folder per CPU)
 PEAK=()
 [ -n "${PEAK_GFLOPS:-}" ] && PEAK=(--peak-gflops "$PEAK_GFLOPS")
 B() { timm-convmixer bench --device cpu --threads "$(nproc)" --iters "$ITERS" --warmup 1 --no-progress "$@"; }

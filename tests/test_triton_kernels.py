@@ -324,7 +324,7 @@ def test_dw_block_every_activation_forward_backward(act, k, shape):
 
 
 def test_dw_block_wide_image_and_many_channels():
-    """More than one column tile and channel tile (16 columns, one 128-byte line of channels per tile)."""
+    """A row of several strips (8 pixels each), the last one partial, in half precision."""
     x, w, b, s, t = _rand_dw_args(1, 20, 3, 21, 8, dtype=torch.float32)
     x, w, b = x.half(), w.half(), b.half()
     leaves = [v.requires_grad_() for v in (x, w)]
@@ -336,6 +336,31 @@ def test_dw_block_wide_image_and_many_channels():
     got = torch.autograd.grad(y, leaves, gy.half())
     want = torch.autograd.grad(ref, args64, gy)
     assert _rel(got[0], want[0]) < 1e-3 and _rel(got[1], want[1]) < 4e-3
+
+
+@pytest.mark.parametrize('k', [9, 4])
+def test_dw_kernels_partial_strips_and_channel_blocks(k, monkeypatch):
+    """Strips of 3 pixels (rows of 7: the last strip partial, so its missing outputs are masked while their source
+    pixels are still read for the others) and blocks of 4 channels (10 channels: the last block partial), a kernel
+    wider than the image: forward, backward of the fused block (each gz program over several rows) and of the bare
+    conv, through every strip and channel-block combination."""
+    monkeypatch.setattr(K, '_STRIP', 3)
+    monkeypatch.setattr(K, '_GZ_STRIP', 2)
+    monkeypatch.setattr(K, '_STRIP_C', 4)
+    x, w, b, s, t = _rand_dw_args(1, 10, 5, 7, k)
+    leaves = [v.requires_grad_() for v in (x, w, b, s, t)]
+    y = ops.dw_block(x, w, b, s, t, ACT_GELU)
+    ref = _ref_dw_block(x, w, b, s, t, ACT_GELU)
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    gy = torch.randn(x.shape, dtype=F64)
+    for g, r in zip(torch.autograd.grad(y, leaves, gy), torch.autograd.grad(ref, leaves, gy)):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
+    xd, wd = x.detach(), w.detach()
+    torch.testing.assert_close(K.dw_conv(xd, wd, None), _ref_dw_conv(xd, wd, None), rtol=1e-12, atol=1e-12)
+    gz = gy.contiguous(memory_format=torch.channels_last)
+    gx, _, _ = K.dw_conv_bwd(gz, xd, wd, torch.zeros_like(gz), (True, False, False))
+    xr = xd.clone().requires_grad_()
+    torch.testing.assert_close(gx, torch.autograd.grad(_ref_dw_conv(xr, wd, None), xr, gz)[0], rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.filterwarnings('ignore:overflow encountered in exp:RuntimeWarning')  # numpy, in the interpreter: meant
