@@ -21,6 +21,8 @@ classes with identical weights:
   (``timm-convmixer bench``'s machinery); the fraction of the measured peak; the auto-dispatch decisions and which
   path every block took. ``forced``: the same with each fused path forced (``triton`` and ``triton_gemm`` for
   inference, ``lean`` and ``lean_triton`` for training), where auto did not already take that path.
+* ``host``: per model, inference in channels_last, ours and the built-in: a step's time, the host's time to issue it,
+  and the same step replayed as a CUDA graph (the GPU's own time): how much of a step is Python and dispatch.
 * ``train_py``: timm's ``train.py --amp`` for a few steps on a generated ImageFolder (``--train-py``).
 * ``targets``: the project's targets for convmixer_1536_20, each ratio computed from the numbers above.
 
@@ -70,7 +72,7 @@ FORCED = {'infer': ('triton', 'triton_gemm'), 'train': ('lean', 'lean_triton')}
 # the lean block's two implementations of its normalisations: torch's kernels, the fused Triton ones
 LEAN_BACKENDS = ('lean', 'lean_triton')
 NEEDS_S = {'correctness': 60., 'parity': 30., 'kernels': 15., 'eager': 30., 'forced': 20., 'compile': 150.,
-           'train_py': 60.}
+           'train_py': 60., 'host': 15.}
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -689,6 +691,75 @@ class Measurements:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# host overhead: how much of a step is Python and dispatch rather than GPU work
+
+
+def _median_ms(fn: Callable[[], Any], device: torch.device, iters: int, events: bool) -> float:
+    """Median ms of ``fn``: CUDA events around it (``events``), else host time of the call alone, synchronized
+    before but not after (what Python and the dispatcher take to issue the work)."""
+    times = []
+    for _ in range(iters):
+        _sync(device)
+        if events and device.type == 'cuda':
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    _sync(device)
+    return statistics.median(times)
+
+
+def run_host_overhead(args, device: torch.device, meas: 'Measurements', deadline: float,
+                      models: Sequence[str]) -> Dict[str, Any]:
+    """Inference, channels_last, bf16 autocast, ours (auto) and the built-in: a step's time (CUDA events), the host's
+    time to issue it, and the same step replayed as a CUDA graph (no host work: the GPU's own time). A step whose
+    event time is near its issue time and well above its graph time is host-bound."""
+    from timm_convmixer import fast
+    from timm_convmixer.cli.measure import make_step, prepare
+    section: Dict[str, Any] = {'task': 'infer', 'layout': 'channels_last', 'dtype': args.bench_dtype,
+                               'iters': args.iters, 'models': {}}
+    for model_name in models:
+        if time.perf_counter() > deadline:
+            section['models'][model_name] = {'skipped': 'time budget'}
+            continue
+        ours, builtin, x = meas.pair(model_name)
+        entry: Dict[str, Any] = {}
+        for name, model in (('ours', ours), ('builtin', builtin)):
+            m, inp = prepare(model.eval(), x, 'channels_last')
+            step = make_step(m, inp, 'infer', args.bench_dtype)
+            for _ in range(max(2, args.warmup)):
+                step()  # auto's checks, Triton's compiles, cuBLAS's heuristics: before anything is timed
+            fast.reset_counters()
+            step()
+            r = {'block_paths': dict(fast.counters),
+                 'event_ms': _median_ms(step, device, args.iters, events=True),
+                 'issue_ms': _median_ms(step, device, args.iters, events=False)}
+            if device.type == 'cuda':
+                graph = torch.cuda.CUDAGraph()
+                side = torch.cuda.Stream(device)
+                side.wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(side):
+                    step()
+                torch.cuda.current_stream(device).wait_stream(side)
+                with torch.cuda.graph(graph):
+                    step()
+                r['graph_ms'] = _median_ms(graph.replay, device, args.iters, events=True)
+                r['host_bound_share'] = max(0., 1. - r['graph_ms'] / r['event_ms'])
+                del graph
+            entry[name] = r
+            del m, inp, step
+        section['models'][model_name] = entry
+        _empty_cache(device)
+    return section
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # timm's train.py
 
 _LOSS_RE = re.compile(r'Loss:\s*([-+0-9.eE]+|nan|inf)', re.IGNORECASE)
@@ -924,6 +995,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     def train_py_job():
         doc['train_py'] = run_train_py(args, device, max(30., min(300., remaining() - 10)))
 
+    def host_job(model_name: str):
+        section = run_host_overhead(args, device, meas, deadline, [model_name])
+        doc.setdefault('host', dict(section, models={}))['models'].update(section['models'])
+
     job('peak', 5., peak_job)
     meas = Measurements(args, device, (doc.get('peak') or {}).get('bf16_tflops'))
     eager_modes = [m for m in args.modes if m != 'compile']
@@ -949,6 +1024,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 job(name, need, fn)
         else:
             late += compile_jobs
+    for model_name in args.models:  # last but the compilers: a CUDA graph capture that fails can spoil the context
+        job(f'host/{model_name}', NEEDS_S['host'], lambda m=model_name: host_job(m))
     for name, need, fn in late:
         job(name, need, fn)
     meas.release()
@@ -981,6 +1058,10 @@ def _print_summary(doc: Dict[str, Any], path: str) -> None:
             cells = '  '.join(f"{mode} {m['ours']['img_s']:.1f}/{m['builtin']['img_s']:.1f}"
                               for mode, m in e['modes'].items())
             print(f'  {model} {task}: img/s ours/built-in  {cells}')
+    for model, e in doc.get('host', {}).get('models', {}).items():
+        cells = '  '.join(f"{who} {r['event_ms']:.2f}/{r['issue_ms']:.2f}/{r.get('graph_ms', float('nan')):.2f}"
+                          for who, r in e.items() if isinstance(r, dict))
+        print(f'  {model} infer ms step/issue/graph: {cells}')
     for c in doc.get('targets', {}).get('checks', []):
         value = 'not measured' if c['value'] is None else f"{c['value']:.3f}"
         verdict = {True: 'pass', False: 'FAIL', None: '-'}[c['pass']]

@@ -43,6 +43,12 @@ if SMOKE:
     N = 1
 dt = torch.bfloat16
 
+
+def _taps(module, weight):
+    """The weight in a kernels module's tap layout (``taps`` since the inference constants; ``_taps`` before)."""
+    return (getattr(module, 'taps', None) or getattr(module, '_taps'))(weight)
+
+
 def timeit(fn, reps=5):
     if SMOKE:
         t = time.perf_counter()
@@ -105,8 +111,8 @@ for name, C, HW, k, act in SHAPES:
                  'cudnn_cl': lambda: F.conv2d(x, w, b, padding='same', groups=C),
                  'cudnn_nchw': lambda: F.conv2d(xn, w, b, padding='same', groups=C)},
         'bwd': {'old': lambda: OLD.dw_bwd(gy, x, w, b, sc, act), 'new': lambda: NEW.dw_bwd(gy, x, w, b, sc, act)},
-        'gx': {'old': lambda: OLD._dw_grad_input(gres, OLD._taps(w), k, gres, x),
-               'new': lambda: NEW._dw_grad_input(gres, NEW._taps(w), k, gres, x)},
+        'gx': {'old': lambda: OLD._dw_grad_input(gres, _taps(OLD, w), k, gres, x),
+               'new': lambda: NEW._dw_grad_input(gres, _taps(NEW, w), k, gres, x)},
     }
     for op, fns in ops.items():
         t = ab(fns)

@@ -198,6 +198,30 @@ def test_bf16_autocast_matches_eager_autocast(kernel_size, make_model, infer):
     torch.testing.assert_close(outs['cpu'].float(), outs['eager'].float(), rtol=0.05, atol=0.05 * scale)
 
 
+def test_kept_weights_follow_batch_norm_recalibration(path, make_model, infer):
+    """BatchNorm's training-mode forward updates the running statistics inside its kernel without bumping their
+    version counters; with the weights unchanged (a BN recalibration pass, frozen weights) the folded weights must
+    still be re-derived (num_batches_tracked, advanced on every such call, is what shows it)."""
+    model = make_model()
+    x = torch.randn(1, 3, 16, 16)
+    infer(model, x, path)
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(4, 3, 16, 16) * 3 + 1)
+    model.eval()
+    out, paths = infer(model, x, path)
+    ref, _ = infer(model, x, 'eager')
+    assert paths == {path: 2}
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    # a write through .data is invisible to version counters: forget_kept() is the documented way out
+    with torch.no_grad():
+        model.blocks[0][3].running_mean.data.add_(1.)
+    fast.forget_kept()
+    out, _ = infer(model, x, path)
+    ref, _ = infer(model, x, 'eager')
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_cache_follows_weight_changes_and_state_dict_unchanged(make_model, infer):
     model = make_model()
     x = torch.randn(1, 3, 16, 16)
@@ -231,7 +255,7 @@ def test_changing_batch_and_size_repacks_and_stays_exact(make_model, infer):
         ref, ref_paths = infer(model, x, 'eager')
         assert paths == {'cpu': 2} and ref_paths == {'eager': 2}, shape
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    assert tuple(fast_cpu._cache[model.blocks[0][0].fn[0]][False].key[-3]) == (1, 24, 5, 3)  # the last shape seen
+    assert fast_cpu._cache[model.blocks[0][0].fn[0]][False].stamp[0][0] == (1, 24, 5, 3)  # key: the last shape seen
 
 
 def test_backend_switch(make_model, infer, monkeypatch):

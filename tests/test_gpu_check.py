@@ -135,6 +135,20 @@ def test_smoke_kernels(smoke):
     assert _close(k['dw_fused_fwd_gbps'], k['dw_fwd_floor_bytes'] / k['median_ms']['fwd']['dw_fused'] / 1e6)
 
 
+def test_smoke_host_overhead(smoke):
+    """The host section times ours and the built-in per step, and their issue time; CUDA graphs need a GPU, so on
+    the CPU there is no graph time and no host-bound share (never a made-up one)."""
+    doc, stdout = smoke
+    h = doc['host']
+    assert (h['task'], h['layout'], h['dtype']) == ('infer', 'channels_last', 'bf16')
+    entry = h['models'][MODEL]
+    assert set(entry) == {'ours', 'builtin'}
+    for r in entry.values():
+        assert r['event_ms'] > 0 and r['issue_ms'] > 0 and 'graph_ms' not in r and 'host_bound_share' not in r
+    assert sum(entry['ours']['block_paths'].values()) == 2  # one counted step of the smoke model's two blocks
+    assert f'{MODEL} infer ms step/issue/graph: ours' in stdout
+
+
 def test_smoke_parity(smoke):
     doc, _ = smoke
     sec = doc['parity']
@@ -276,8 +290,8 @@ def test_no_cuda_exit_status_and_budget_skips(tmp_path, monkeypatch, capsys):
     doc = json.loads(out.read_text())
     assert not doc['complete'] and f'correctness/{MODEL}' in doc['skipped'] and 'parity' in doc['skipped']
     assert all('time budget' in reason for reason in doc['skipped'].values())
-    # peak, correctness, parity, kernels, 2 x (eager, forced), train_py
-    assert len(doc['skipped']) == 4 + 2 * 2 + 1
+    # peak, correctness, parity, kernels, host, 2 x (eager, forced), train_py
+    assert len(doc['skipped']) == 5 + 2 * 2 + 1 and f'host/{MODEL}' in doc['skipped']
     assert doc['targets']['all_measured'] is False and doc['errors'] == {}
 
 

@@ -16,6 +16,7 @@ pytestmark = pytest.mark.kernels  # timm plays no part: ./run.sh test-min leaves
 
 from helpers import Normal, Uniform, randomize_bn  # noqa: E402
 from timm_convmixer.convmixer import MixerBlock  # noqa: E402
+from timm_convmixer.fast.eligibility import block_parts  # noqa: E402
 from timm_convmixer.fast import triton_ops as ops  # noqa: E402
 from timm_convmixer.fast import triton_kernels as K  # noqa: E402
 from timm_convmixer.fast.triton_kernels import ACT_GELU, ACT_GELU_TANH, ACT_IDENTITY, ACT_RELU, ACT_SILU  # noqa: E402
@@ -244,6 +245,60 @@ def test_block_under_autocast_matches_eager_autocast():
     exact = _eager(block.double(), x.double())
     # both round at bf16 (eager after every op, fused once); each is within bf16 error of the exact function
     assert _rel(y, exact) < 1e-2 and _rel(ref, exact) < 1e-2
+
+
+@pytest.mark.parametrize('pointwise', ops.POINTWISE)
+def test_inference_path_keeps_constants_until_the_block_changes(pointwise):
+    """Without gradients the block's folded constants are kept between calls; every way a block's parameters or
+    running statistics change (in-place update, a BatchNorm training step, load_state_dict, a dtype change, a
+    replaced parameter) must give a result computed from the new values, equal to the differentiable path's."""
+    block = _eval_block(6, 3, nn.GELU)
+    x = torch.randn(2, 6, 4, 5, dtype=F64).contiguous(memory_format=torch.channels_last)
+    parts = block_parts(block)
+
+    def check():
+        with torch.no_grad():
+            got = ops.triton_block_forward(block, x, allow_interpreter=True, pointwise=pointwise)
+        with_grad = ops.triton_block_forward(block, x, allow_interpreter=True, pointwise=pointwise)
+        assert got is not None and with_grad.requires_grad
+        torch.testing.assert_close(got, with_grad.detach(), rtol=0, atol=0)  # same kernels, same constants
+        torch.testing.assert_close(got, _eager(block, x), rtol=1e-12, atol=1e-12)
+
+    check()
+    kept = ops.inference_constants(block, block_parts(block), F64, F64)
+    assert ops.inference_constants(block, block_parts(block), F64, F64) is kept  # nothing changed: reused
+    with torch.no_grad():
+        block[1].weight.mul_(-2.)  # an optimizer step's kind of write
+    check()
+    assert ops.inference_constants(block, block_parts(block), F64, F64) is not kept
+    block.train()
+    _eager(block, torch.randn(3, 6, 4, 5, dtype=F64))  # BatchNorm running statistics advance in place
+    block.eval()
+    check()
+    other = _eval_block(6, 3, nn.GELU)
+    block.load_state_dict(other.state_dict())
+    check()
+    block[0].fn[0].weight = nn.Parameter(torch.randn_like(block[0].fn[0].weight))
+    check()
+    block[0].fn[2].eps = 0.5
+    check()
+    block.float()
+    x = x.float()
+    with torch.no_grad():
+        got = ops.triton_block_forward(block, x, allow_interpreter=True, pointwise=pointwise)
+    torch.testing.assert_close(got, _eager(block, x), rtol=1e-5, atol=1e-5)
+    assert parts.conv_dw is block[0].fn[0]
+
+
+def test_inference_path_for_a_model_made_in_inference_mode():
+    """Tensors made under inference_mode keep no version counter: nothing to key the kept constants on, so they are
+    computed per call, and the result is still right."""
+    with torch.inference_mode():
+        block = _eval_block(4, 3, nn.ReLU)
+        x = torch.randn(1, 4, 3, 5, dtype=F64)
+        y = ops.triton_block_forward(block, x, allow_interpreter=True)
+        torch.testing.assert_close(y, _eager(block, x), rtol=1e-12, atol=1e-12)
+    assert not ops._inference_constants.get(block)  # nothing kept
 
 
 def test_block_interpreter_gate_reads_env(monkeypatch):

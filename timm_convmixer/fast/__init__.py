@@ -40,13 +40,14 @@ import torch
 import torch.nn as nn
 
 from .checked import decisions
+from .kept import forget as forget_kept
 from .eligibility import BlockParts, block_parts
 from .lean import TorchNorm, lean_applies, lean_block_forward
 from .runtime import autocast_state, interpreter_enabled
 
 __all__ = [
-    'BACKENDS', 'block_forward', 'counters', 'decisions', 'get_backend', 'reset_counters', 'set_backend',
-    'use_backend',
+    'BACKENDS', 'block_forward', 'counters', 'decisions', 'forget_kept', 'get_backend', 'reset_counters',
+    'set_backend', 'use_backend',
 ]
 
 BACKENDS = ('auto', 'eager', 'lean', 'lean_triton', 'cpu', 'cpu_compiled', 'triton', 'triton_gemm')

@@ -23,9 +23,9 @@ in bf16, with oneDNN's fp32 accumulation and the activation fused before roundin
 bf16 precision. fp16 autocast runs the eager modules.
 
 It applies only in eval mode (BN on running statistics, drop_path inactive), fp32 or bf16 autocast, and when no
-gradient is needed; otherwise ``None`` and the eager modules run. Folded and packed weights are cached per block,
-keyed on the identity, storage and version counter of every parameter and buffer involved, so
-``load_state_dict``, optimizer steps, ``.to()`` or in-place edits invalidate them. The cache holds one extra copy
+gradient is needed; otherwise ``None`` and the eager modules run. Folded and packed weights are kept per block
+while every parameter and buffer they derive from stays the same (:mod:`.kept`'s rule: ``load_state_dict``,
+optimizer steps, ``.to()``, in-place edits and BatchNorm training steps make them stale). The cache holds one extra copy
 of the block's weights per path in use (auto's check runs both, then keeps those it chose, :func:`chosen`);
 :func:`clear_cache` drops it.
 """
@@ -37,7 +37,7 @@ from typing import Dict, List, NamedTuple, Optional, Set, Tuple
 import torch
 import torch.nn as nn
 
-from . import cpu_kernels
+from . import cpu_kernels, kept
 from .eligibility import BlockParts, bn_scale_shift
 from .runtime import autocast_state
 
@@ -54,7 +54,6 @@ def available() -> bool:
 
 class _Folded(NamedTuple):
     """One path's weights for one block: oneDNN's packed convolution weights, or what our kernels read."""
-    key: Tuple
     b_dw: torch.Tensor
     s_dw: torch.Tensor  # (1, C, 1, 1) BN scale of the depthwise branch
     b_pw: torch.Tensor  # pointwise bias with the depthwise BN shift folded in
@@ -66,8 +65,8 @@ class _Folded(NamedTuple):
     panels: Optional[torch.Tensor] = None  # 'cpu_compiled': the pointwise weight as our GEMM reads it (pw_pack)
 
 
-# block's depthwise conv -> {compiled: that path's weights}
-_cache: 'weakref.WeakKeyDictionary[nn.Module, Dict[bool, _Folded]]' = weakref.WeakKeyDictionary()
+# block's depthwise conv -> {compiled: that path's weights, as kept.kept keeps them}
+_cache = kept.store()
 # block's depthwise conv -> the paths (as `compiled` flags) auto chose for it, over every case it ran (see chosen)
 _chosen: 'weakref.WeakKeyDictionary[nn.Module, Set[bool]]' = weakref.WeakKeyDictionary()
 
@@ -189,7 +188,7 @@ def _pack(weight: torch.Tensor, padding: List[int], groups: int, input_size: Lis
         return weight.contiguous()
 
 
-def _fold(parts: BlockParts, key: Tuple, input_size: List[int], dtype: torch.dtype, compiled: bool) -> _Folded:
+def _fold(parts: BlockParts, input_size: List[int], dtype: torch.dtype, compiled: bool) -> _Folded:
     """Folded (in float64) and packed weights, stored in the compute ``dtype`` (fp32, or bf16 under autocast), for
     our kernels (``compiled``) or oneDNN's convolutions."""
     conv_dw, conv_pw = parts.conv_dw, parts.conv_pw
@@ -204,7 +203,6 @@ def _fold(parts: BlockParts, key: Tuple, input_size: List[int], dtype: torch.dty
         b_dw = conv_dw.bias if conv_dw.bias is not None else conv_dw.weight.new_zeros(dim)
         k = conv_dw.kernel_size[0]
         folded = _Folded(
-            key=key,
             b_dw=b_dw.detach().to(dtype).contiguous(),
             s_dw=s_dw.to(dtype).view(1, dim, 1, 1),
             b_pw=b_pw.to(dtype).contiguous(),
@@ -247,26 +245,15 @@ def _applies(parts: BlockParts, x: torch.Tensor, tensors: List[Optional[torch.Te
     return dtype
 
 
-def _cached(parts: BlockParts, tensors: List[Optional[torch.Tensor]], x: torch.Tensor, dtype: torch.dtype,
-            compiled: bool) -> _Folded:
-    """The block's folded weights for one path, from the cache when nothing they derive from has changed (kept per
-    path: auto may run one path for NCHW input and the other for channels_last, alternately)."""
-    conv_dw, bn_dw, bn_pw = parts.conv_dw, parts.bn_dw, parts.bn_pw
+def _cached(parts: BlockParts, x: torch.Tensor, dtype: torch.dtype, compiled: bool) -> _Folded:
+    """The block's folded weights for one path, kept while nothing they derive from changes (:mod:`.kept`'s rule;
+    kept per path: auto may run one path for NCHW input and the other for channels_last, alternately)."""
     # oneDNN's packed layout depends on the full input shape, batch included: a layout chosen for batch 1 made the
     # 1024-channel pointwise conv ~1.4x slower at batch 8 (measured), so a new shape repacks; our kernels' do not
     input_size = list(x.shape)
-    if any(t is not None and t.is_inference() for t in tensors):
-        # inference tensors have no version counter: nothing to key a cache on, fold each call
-        return _fold(parts, (), input_size, dtype, compiled)
-    key = (
-        tuple(None if t is None else (id(t), t.data_ptr(), t._version) for t in tensors),
-        bn_dw.eps, bn_pw.eps, None if compiled else tuple(input_size), dtype, compiled,
-    )
-    per_path = _cache.setdefault(conv_dw, {})
-    folded = per_path.get(compiled)
-    if folded is None or folded.key != key:
-        folded = per_path[compiled] = _fold(parts, key, input_size, dtype, compiled)
-    return folded
+    key = (None if compiled else tuple(input_size), dtype)
+    return kept.kept(_cache.setdefault(parts.conv_dw, {}), compiled, parts, key,
+                     lambda: _fold(parts, input_size, dtype, compiled))
 
 
 PATHS = ('cpu', 'cpu_compiled')
@@ -317,7 +304,7 @@ def block_forward(parts: BlockParts, x: torch.Tensor, path: str = 'cpu') -> Opti
     compiled = path == 'cpu_compiled'
     if compiled and not _compiled_applies(parts, dtype):
         return None
-    f = _cached(parts, tensors, x, dtype, compiled)
+    f = _cached(parts, x, dtype, compiled)
     attr, scalars, algorithm = _POST_OPS[parts.act]
     k = parts.kernel_size
     pad = k // 2

@@ -41,6 +41,7 @@ compiled-only when triton was imported without the variable, so the kernels spel
 function and sums with numpy).
 """
 import contextlib
+import math
 from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -51,7 +52,8 @@ from triton.runtime.jit import JITFunction
 
 __all__ = [
     'ACT_IDENTITY', 'ACT_GELU', 'ACT_RELU', 'ACT_SILU', 'ACT_GELU_TANH', 'ACT_CODES', 'ACT_BY_NAME',
-    'dw_fwd', 'dw_bwd', 'act_affine_fwd', 'act_affine_bwd', 'act_stats', 'bn_train_bwd', 'pw_fwd', 'pw_bwd',
+    'dw_fwd', 'dw_fwd_taps', 'taps', 'dw_bwd', 'act_affine_fwd', 'act_affine_bwd', 'act_stats', 'bn_train_bwd',
+    'pw_fwd', 'pw_bwd',
     'Launch', 'record_launches', 'kernels', 'rows', 'image',
 ]
 
@@ -142,6 +144,17 @@ def _device_fn(fn: Callable) -> _DeviceFn:
     return _DeviceFn(fn)
 
 
+def _cdiv(a: int, b: int) -> int:
+    """``triton.cdiv`` for host code: Triton 3.8 made it a ``ConstexprFunction`` whose call costs microseconds, and
+    the launch helpers make ~8 such calls per block (host time decides small-image models' speed)."""
+    return -(-a // b)
+
+
+def _next_pow2(n: int) -> int:
+    """``triton.next_power_of_2`` for host code (see :func:`_cdiv`)."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
 def _acc_dtype(dtype: torch.dtype):
     """fp32 accumulation for every dtype but fp64 (kept exact so tests can compare to float64 references)."""
     return tl.float64 if dtype == torch.float64 else tl.float32
@@ -153,7 +166,7 @@ def _torch_acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _line_c(C: int, dtype: torch.dtype) -> int:
     """Channels per tile row: one 128-byte line (8 threads x 16-byte vectors), fewer for narrow tensors."""
-    return min(128 // dtype.itemsize, triton.next_power_of_2(C))
+    return min(128 // dtype.itemsize, _next_pow2(C))
 
 
 _NUM_WARPS = 4
@@ -169,7 +182,7 @@ def _tile_rows(n: int, rows: int = _TILE_ROWS, channels: int = 16) -> int:
     vectorised and every element needs its own address registers."""
     if channels % 16:
         rows = max(1, rows // 2)
-    return min(rows, triton.next_power_of_2(n))
+    return min(rows, _next_pow2(n))
 
 
 def _strip_tile(W: int, C: int, dtype: torch.dtype, strip: int) -> Tuple[int, int, int]:
@@ -179,7 +192,7 @@ def _strip_tile(W: int, C: int, dtype: torch.dtype, strip: int) -> Tuple[int, in
     thread in fp32 accumulation (8 x 4 + 9 x 4 + 4 registers), and 1 in fp64 (the tests' dtype: twice the registers
     per value) or where the channel count is not a multiple of 16 (loads are then element-wise, each with its own
     64-bit address)."""
-    block_c = min(_STRIP_C, triton.next_power_of_2(C))
+    block_c = min(_STRIP_C, _next_pow2(C))
     per_thread = 1 if C % 16 or dtype == torch.float64 else 4
     return min(strip, W), block_c, max(1, block_c // (32 * per_thread))
 
@@ -466,8 +479,9 @@ def image(rows_: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return rows_.view(N, H, W, C).permute(0, 3, 1, 2)
 
 
-def _taps(weight: torch.Tensor) -> torch.Tensor:
-    """Depthwise weight ``[C, 1, k, k]`` -> ``[k*k, C]``, so each tap's per-channel weights are one coalesced load."""
+def taps(weight: torch.Tensor) -> torch.Tensor:
+    """Depthwise weight ``[C, 1, k, k]`` -> ``[k*k, C]``, so each tap's per-channel weights are one coalesced load
+    (the layout :func:`dw_fwd_taps` takes)."""
     C, _, k, _ = weight.shape
     return weight.reshape(C, k * k).t().contiguous()
 
@@ -482,26 +496,38 @@ def dw_fwd(
 ) -> torch.Tensor:
     """``x + scale * act(dwconv(x, weight, "same") + bias) + shift`` for NCHW ``x``; returns a channels_last tensor
     of ``x``'s dtype. Accumulates in fp32 (fp64 for fp64 inputs)."""
-    return _dw_forward(x, weight, bias, (scale.contiguous(), shift.contiguous()), act)
+    return dw_fwd_taps(x, taps(weight), bias, scale.contiguous(), shift.contiguous(), act)
+
+
+def dw_fwd_taps(
+        x: torch.Tensor,
+        w_taps: torch.Tensor,
+        bias: Optional[torch.Tensor],
+        scale: torch.Tensor,
+        shift: torch.Tensor,
+        act: int,
+) -> torch.Tensor:
+    """:func:`dw_fwd` with the weight already in the kernels' layout (``taps(weight)``) and contiguous ``scale``/
+    ``shift``: what an inference call passes from constants it keeps between calls (no per-call weight copy)."""
+    return _dw_forward(x, w_taps, bias, (scale, shift), act)
 
 
 def dw_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """``dwconv(x, weight, "same") + bias`` alone, what the training block's normalisation then takes: a
     channels_last tensor of ``x``'s dtype (callers pass all three in the compute dtype, as autocast would cast
     them), accumulated in fp32 (fp64 for fp64) and rounded once, as cuDNN's convolution does."""
-    return _dw_forward(x, weight, bias, None, ACT_BY_NAME['identity'])
+    return _dw_forward(x, taps(weight), bias, None, ACT_BY_NAME['identity'])
 
 
-def _dw_forward(x, weight, bias, affine: Optional[Tuple[torch.Tensor, torch.Tensor]], act: int) -> torch.Tensor:
+def _dw_forward(x, w_taps, bias, affine: Optional[Tuple[torch.Tensor, torch.Tensor]], act: int) -> torch.Tensor:
     N, C, H, W = x.shape
-    k = weight.shape[-1]
+    k = math.isqrt(w_taps.shape[0])
     _check_image_fits_int32(H, W, C)
     x_nhwc = _nhwc(x)
     out = torch.empty((N, C, H, W), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
-    w_taps = _taps(weight)
     scale, shift = affine if affine is not None else (w_taps, w_taps)  # not read without AFFINE
     STRIP, BLOCK_C, warps = _strip_tile(W, C, x.dtype, _STRIP)
-    grid = (N * H * triton.cdiv(W, STRIP), triton.cdiv(C, BLOCK_C))
+    grid = (N * H * _cdiv(W, STRIP), _cdiv(C, BLOCK_C))
     _dw_fwd.launch(
         grid, x_nhwc, w_taps, bias if bias is not None else w_taps, scale, shift,
         out.permute(0, 2, 3, 1), H, W, C, act, bias is not None,
@@ -527,15 +553,15 @@ def dw_bwd(
     acc_t = _torch_acc_dtype(x.dtype)
     x_nhwc = _nhwc(x)
     gy_nhwc = _nhwc(grad_out)
-    w_taps = _taps(weight)
+    w_taps = taps(weight)
 
     STRIP, BLOCK_C, warps = _strip_tile(W, C, x.dtype, _GZ_STRIP)
     rows = min(_GZ_ROWS, H)
-    programs = N * triton.cdiv(H, rows) * triton.cdiv(W, STRIP)
+    programs = N * _cdiv(H, rows) * _cdiv(W, STRIP)
     gz = torch.empty((N, H, W, C), dtype=acc_t, device=x.device)
     part = torch.empty((3, programs, C), dtype=acc_t, device=x.device)
     _dw_bwd_gz.launch(
-        (programs, triton.cdiv(C, BLOCK_C)), x_nhwc, w_taps, bias if bias is not None else w_taps,
+        (programs, _cdiv(C, BLOCK_C)), x_nhwc, w_taps, bias if bias is not None else w_taps,
         scale.contiguous(), gy_nhwc, gz, part, H, W, C, rows, act, bias is not None,
         K=k, ACC_DTYPE=_acc_dtype(x.dtype), STRIP=STRIP, BLOCK_C=BLOCK_C, num_warps=warps, device=x.device)
     g_scale, g_shift, g_bias = part.sum(dim=1).unbind(0)
@@ -556,7 +582,7 @@ def dw_conv_bwd(grad_z: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, gra
     gz = _nhwc(grad_z)
     gx = g_weight = g_bias = None
     if needs[0]:
-        gx = _dw_grad_input(gz, _taps(weight), k, _nhwc(grad_residual), grad_residual)
+        gx = _dw_grad_input(gz, taps(weight), k, _nhwc(grad_residual), grad_residual)
     if needs[1]:
         g_weight = _dw_grad_weight(gz, _nhwc(x), k)
     if needs[2]:
@@ -572,7 +598,7 @@ def _dw_grad_input(gz: torch.Tensor, w_taps: torch.Tensor, k: int, gy_nhwc: torc
     STRIP, BLOCK_C, warps = _strip_tile(W, C, gz.dtype, _STRIP)  # the conv reads gz
     gx = torch.empty((N, C, H, W), dtype=like.dtype, device=like.device, memory_format=torch.channels_last)
     _dw_bwd_gx.launch(
-        (N * H * triton.cdiv(W, STRIP), triton.cdiv(C, BLOCK_C)), gz, w_taps, gy_nhwc, gx.permute(0, 2, 3, 1),
+        (N * H * _cdiv(W, STRIP), _cdiv(C, BLOCK_C)), gz, w_taps, gy_nhwc, gx.permute(0, 2, 3, 1),
         H, W, C, K=k, ACC_DTYPE=_acc_dtype(like.dtype), STRIP=STRIP, BLOCK_C=BLOCK_C, num_warps=warps,
         device=like.device)
     return gx
@@ -583,14 +609,14 @@ def _dw_grad_weight(gz: torch.Tensor, x_nhwc: torch.Tensor, k: int) -> torch.Ten
     N, H, W, C = x_nhwc.shape
     acc_t = _torch_acc_dtype(x_nhwc.dtype)
     # [taps, pixels, channels] tiles of 2048 elements (1024 for fp64): 16 (8) per thread
-    taps = triton.next_power_of_2(k)
-    BLOCK_C = min(16 if x_nhwc.dtype == torch.float64 else 32, triton.next_power_of_2(C))
+    taps = _next_pow2(k)
+    BLOCK_C = min(16 if x_nhwc.dtype == torch.float64 else 32, _next_pow2(C))
     BLOCK_W_GW = _tile_rows(W, max(1, 64 // taps), C)
     NH = N * H
     split = max(1, min(NH, _GW_SPLIT))
     part_w = torch.empty((split, k * k, C), dtype=acc_t, device=x_nhwc.device)
     _dw_bwd_gw.launch(
-        (k, triton.cdiv(C, BLOCK_C), split), gz, x_nhwc, part_w, NH, H, W, C, split,
+        (k, _cdiv(C, BLOCK_C), split), gz, x_nhwc, part_w, NH, H, W, C, split,
         K=k, ACC_DTYPE=_acc_dtype(x_nhwc.dtype), TAPS=taps, BLOCK_W=BLOCK_W_GW, BLOCK_C=BLOCK_C,
         num_warps=_NUM_WARPS, device=x_nhwc.device)
     return part_w.sum(dim=0).t().reshape(C, 1, k, k)
@@ -691,7 +717,7 @@ def act_affine_fwd(
     out = torch.empty((M, C), dtype=out_dtype or p.dtype, device=p.device)
     BLOCK_C = _line_c(C, p.dtype)
     BLOCK_M = _tile_rows(M, _BLOCK_M, C)
-    grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(C, BLOCK_C))
+    grid = (_cdiv(M, BLOCK_M), _cdiv(C, BLOCK_C))
     _act_affine_fwd.launch(
         grid, p, scale.contiguous(), shift.contiguous(), p if residual is None else residual.contiguous(),
         p if mask is None else mask.contiguous(), out, M, C, rows_per_sample, act,
@@ -709,11 +735,11 @@ def _act_affine_bwd_launch(
     gp = torch.empty_like(p)
     BLOCK_C = _line_c(C, p.dtype)
     BLOCK_M = _tile_rows(M, _BWD_BLOCK_M, C)
-    tiles = triton.cdiv(M, BLOCK_M)
-    programs = triton.cdiv(tiles, _BWD_TILES)
+    tiles = _cdiv(M, BLOCK_M)
+    programs = _cdiv(tiles, _BWD_TILES)
     part = torch.empty((3, programs, C), dtype=_torch_acc_dtype(p.dtype), device=p.device)
     _act_affine_bwd.launch(
-        (programs, triton.cdiv(C, BLOCK_C)), p, scale.contiguous(), grad_out, gp, part, M, C, _BWD_TILES, act,
+        (programs, _cdiv(C, BLOCK_C)), p, scale.contiguous(), grad_out, gp, part, M, C, _BWD_TILES, act,
         ACC_DTYPE=_acc_dtype(p.dtype), BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C, num_warps=_NUM_WARPS, device=p.device)
     g_scale, g_shift, g_p = part.sum(dim=1).unbind(0)
     return gp, g_scale, g_shift, g_p
@@ -816,7 +842,7 @@ _bn_train_bwd = _Kernel(_bn_train_bwd_kernel, do_not_specialize=('HW', 'TILES', 
 def _row_programs(M: int, C: int, dtype: torch.dtype) -> Tuple[int, int, int]:
     """``(BLOCK_M, BLOCK_C, programs along the rows)`` of the row-walking kernels (``_BWD_TILES`` tiles each)."""
     BLOCK_M = _tile_rows(M, _BWD_BLOCK_M, C)
-    return BLOCK_M, _line_c(C, dtype), triton.cdiv(triton.cdiv(M, BLOCK_M), _BWD_TILES)
+    return BLOCK_M, _line_c(C, dtype), _cdiv(_cdiv(M, BLOCK_M), _BWD_TILES)
 
 
 def act_stats(t: torch.Tensor, act: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -827,7 +853,7 @@ def act_stats(t: torch.Tensor, act: int) -> Tuple[torch.Tensor, torch.Tensor]:
     BLOCK_M, BLOCK_C, programs = _row_programs(M, C, t.dtype)
     part = torch.empty((3, programs, C), dtype=_torch_acc_dtype(t.dtype), device=t.device)
     _act_stats.launch(
-        (programs, triton.cdiv(C, BLOCK_C)), t, part, M, C, _BWD_TILES, act,
+        (programs, _cdiv(C, BLOCK_C)), t, part, M, C, _BWD_TILES, act,
         ACC_DTYPE=_acc_dtype(t.dtype), BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C, num_warps=_NUM_WARPS, device=t.device)
     # Chan's parallel combination of the programs' (count, mean, M2), in float64 on [programs, C]
     shift, s1, s2 = part.double().unbind(0)
@@ -854,7 +880,7 @@ def bn_train_bwd(
     grad_out = grad_out.contiguous()
     acc_t = _torch_acc_dtype(t.dtype)
     BLOCK_M, BLOCK_C, programs = _row_programs(M, C, t.dtype)
-    grid = (programs, triton.cdiv(C, BLOCK_C))
+    grid = (programs, _cdiv(C, BLOCK_C))
     mean, invstd = mean.to(acc_t), invstd.to(acc_t)
     mask_arg = t if mask is None else mask.contiguous()
     coef = torch.zeros((5, C), dtype=acc_t, device=t.device)
@@ -957,7 +983,7 @@ def _pw_config(dtype: torch.dtype, precision: str, M: int, N: int, K: int) -> Di
         cfg['BLOCK_M'] //= 2
         cfg['BLOCK_K'] = 16
     for name, n in (('BLOCK_M', M), ('BLOCK_N', N), ('BLOCK_K', K)):
-        cfg[name] = max(16, min(cfg[name], triton.next_power_of_2(n)))
+        cfg[name] = max(16, min(cfg[name], _next_pow2(n)))
     return cfg
 
 
@@ -983,7 +1009,7 @@ def pw_fwd(
     p = torch.empty((M, N) if store_p else (0,), dtype=x.dtype, device=x.device)
     precision = (dot_precision or _fp32_dot_precision()) if x.dtype == torch.float32 else 'ieee'
     cfg = _pw_config(x.dtype, precision, M, N, K)
-    grid = (triton.cdiv(M, cfg['BLOCK_M']) * triton.cdiv(N, cfg['BLOCK_N']),)
+    grid = (_cdiv(M, cfg['BLOCK_M']) * _cdiv(N, cfg['BLOCK_N']),)
     _pw_fwd.launch(
         grid, x, weight, bias if bias is not None else weight, scale.contiguous(), shift.contiguous(), out,
         p if store_p else out, M, N, K, act, bias is not None, store_p,

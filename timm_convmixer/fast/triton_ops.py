@@ -27,12 +27,13 @@ BatchNorm in training mode (batch statistics, running-stat updates) is not fused
 shift are computed from weight/bias/running stats with ordinary torch ops, so autograd carries their gradients back to
 the BatchNorm parameters. Double backward is not supported.
 """
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
+from . import kept
 from . import triton_kernels as K
 from .eligibility import BlockParts, act_name, block_parts, bn_scale_shift
 from .runtime import autocast_state, interpreter_enabled
@@ -265,6 +266,64 @@ def pw_block(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Tensor, s
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# inference: the block's constants kept between calls
+
+
+class InferenceConstants(NamedTuple):
+    """What an eval-mode block's kernels read besides its input, in the compute dtype and the kernels' layouts."""
+    w_taps: Tensor  # depthwise weight as [k*k, C]
+    dw_bias: Optional[Tensor]
+    s1: Tensor  # the depthwise BatchNorm as scale/shift (fp32; fp64 for fp64)
+    t1: Tensor
+    w_pw: Tensor  # pointwise weight as [C_out, C_in]
+    pw_bias: Optional[Tensor]
+    s2: Tensor
+    t2: Tensor
+
+
+# block -> {'triton': its InferenceConstants, as kept.kept keeps them}
+_inference_constants = kept.store()
+
+
+def inference_constants(block: nn.Module, parts: BlockParts, dtype: torch.dtype,
+                        affine_dtype: torch.dtype) -> InferenceConstants:
+    """The block's :class:`InferenceConstants` for ``dtype``, derived once and kept while the parameters and
+    BatchNorm buffers they come from stay the same (:mod:`.kept`'s rule). Only for calls that want no gradients:
+    the constants carry no autograd history."""
+    return kept.kept(_inference_constants.setdefault(block, {}), 'triton', parts, (dtype, affine_dtype),
+                     lambda: _compute_inference_constants(parts, dtype, affine_dtype))
+
+
+def _compute_inference_constants(parts: BlockParts, dtype: torch.dtype,
+                                 affine_dtype: torch.dtype) -> InferenceConstants:
+    dw, pw = parts.conv_dw, parts.conv_pw
+    with torch.no_grad(), torch.inference_mode(False):  # kept tensors stay ordinary ones, whatever mode made them
+        s1, t1 = bn_scale_shift(parts.bn_dw, affine_dtype)
+        s2, t2 = bn_scale_shift(parts.bn_pw, affine_dtype)
+        return InferenceConstants(
+            K.taps(dw.weight.to(dtype)), None if dw.bias is None else dw.bias.to(dtype), s1.contiguous(),
+            t1.contiguous(), pw.weight.to(dtype).reshape(pw.out_channels, -1).contiguous(),
+            None if pw.bias is None else pw.bias.to(dtype), s2.contiguous(), t2.contiguous())
+
+
+def _inference_forward(block: nn.Module, parts: BlockParts, x: Tensor, dtype: torch.dtype,
+                       affine_dtype: torch.dtype, pointwise: str) -> Tensor:
+    """:func:`triton_block_forward` without gradients: the kernels called directly (no custom-op dispatch, no
+    autograd bookkeeping) with the block's kept constants."""
+    c = inference_constants(block, parts, dtype, affine_dtype)
+    y = K.dw_fwd_taps(x.to(dtype), c.w_taps, c.dw_bias, c.s1, c.t1, _act_code(parts.act_dw))
+    y2d = K.rows(y)  # a view: y is channels_last
+    act = _act_code(parts.act_pw)
+    if pointwise == 'triton':
+        out, _ = K.pw_fwd(y2d, c.w_pw, c.pw_bias, c.s2, c.t2, act, store_p=False)
+    else:
+        p = torch.addmm(c.pw_bias, y2d, c.w_pw.t()) if c.pw_bias is not None else torch.mm(y2d, c.w_pw.t())
+        out = K.act_affine_fwd(p, c.s2, c.t2, act)
+    out = K.image(out, x)
+    return out if x.is_contiguous(memory_format=torch.channels_last) else out.contiguous()
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # block-level entry
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -330,6 +389,9 @@ def triton_block_forward(
     if dtype not in _FLOAT_DTYPES:
         return None
     affine_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+
+    if not torch.is_grad_enabled():
+        return _inference_forward(block, parts, x, dtype, affine_dtype, pointwise)
 
     def cast(t: Optional[Tensor]) -> Optional[Tensor]:
         return None if t is None else t.to(dtype)
