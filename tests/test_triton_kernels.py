@@ -630,6 +630,39 @@ def test_training_batch_norm_kernels_match_autograd(act, monkeypatch):
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10, msg=name)
 
 
+@pytest.mark.parametrize('affine', [True, False])
+def test_batch_norm_stats_and_backward_coefficients(affine, monkeypatch):
+    """``bn_batch_stats``: the statistics and everything training-mode BatchNorm derives from them in one combining
+    launch (invstd, scale, shift, unbiased variance), against torch's ops in float64, with more partials than one
+    step of the combining loop (10 programs, steps of 3) and a partial channel block; ``bn_train_bwd``'s summed
+    coefficients likewise, weight or no weight. eps and the unbiasing factor arrive as float32 pairs: exact here."""
+    monkeypatch.setattr(K, '_BWD_TILES', 2)
+    monkeypatch.setattr(K, '_COMBINE_P', 4)
+    monkeypatch.setattr(K, '_COMBINE_C', 16)
+    M, C, eps = 300, 20, 1e-3
+    t = torch.randn(M, C, dtype=F64) * 2 + 3
+    w, b = (torch.randn(C, dtype=F64), torch.randn(C, dtype=F64)) if affine else (None, None)
+    a = F.gelu(t)
+    s = K.bn_batch_stats(t, ACT_GELU, w, b, eps)
+    invstd = (a.var(0, unbiased=False) + eps).rsqrt()
+    scale = invstd * (w if affine else 1.)
+    shift = -a.mean(0) * scale + (b if affine else 0.)
+    want = (a.mean(0), a.var(0, unbiased=False), invstd, scale, shift, a.var(0, unbiased=True))
+    for got, exp, name in zip(s, want, K.BatchNormStats._fields):
+        torch.testing.assert_close(got, exp, rtol=1e-12, atol=1e-12, msg=name)
+    grad = torch.randn(M, C, dtype=F64)
+    tl_ = t.clone().requires_grad_()
+    wl = None if w is None else w.clone().requires_grad_()
+    bl = None if b is None else b.clone().requires_grad_()
+    y = F.batch_norm(F.gelu(tl_), None, None, wl, bl, True, 0., eps)
+    expected = torch.autograd.grad(y, [tl_] + ([wl, bl] if affine else []), grad)
+    got = K.bn_train_bwd(grad, t, ACT_GELU, s.mean, s.invstd, w)
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-10, atol=1e-10)
+    if affine:
+        torch.testing.assert_close(got[1], expected[1], rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(got[2], expected[2], rtol=1e-10, atol=1e-10)
+
+
 def test_batch_statistics_free_of_cancellation():
     """A large mean against a small spread (``E[a^2] - E[a]^2`` in fp32 would lose every digit): shifted sums keep
     the fp32 variance accurate."""

@@ -5,9 +5,11 @@ The lean block (:mod:`.lean`) keeps what it keeps whichever implementation runs 
 bn(act(t))`` steps; this one changes how many times they read and write memory. Per step, on ``[N*H*W, C]`` rows in
 channels_last order:
 
-* forward: one read of ``t`` for the batch statistics of ``act(t)`` (:func:`.triton_kernels.act_stats`, shifted sums
-  combined exactly), then one pass that applies activation, normalisation, the per-sample drop-path factor and the
-  residual add (:func:`.triton_kernels.act_affine_fwd`). torch's kernels make an activation pass, BatchNorm's two,
+* forward: one read of ``t`` for the batch statistics of ``act(t)`` (:func:`.triton_kernels.bn_batch_stats`: shifted
+  sums, combined exactly by one more small launch that also derives invstd, scale, shift and the unbiased variance,
+  so the host issues a handful of launches per step rather than ~35 ops on ``[C]`` vectors), then one pass that
+  applies activation, normalisation, the per-sample drop-path factor and the residual add
+  (:func:`.triton_kernels.act_affine_fwd`). torch's kernels make an activation pass, BatchNorm's two,
   a drop-path multiply and a residual add: 5-6 reads or writes of a full tensor more per step;
 * backward: two passes (:func:`.triton_kernels.bn_train_bwd`: the per-channel sums, then the input gradient with the
   activation's derivative and the drop-path factor folded in) instead of an activation recompute, BatchNorm's
@@ -95,17 +97,14 @@ class TritonNorm:
         check_batch_size(bn, t)
         t = t.contiguous(memory_format=torch.channels_last)
         code = K.ACT_BY_NAME[act]
-        rows = K.rows(t)
-        mean, var = K.act_stats(rows, code)
+        stats = K.bn_batch_stats(K.rows(t), code, weight, bias, bn.eps)
         momentum = advance_running_stats(bn, update=True)
         if bn.running_mean is not None and momentum:
-            n = rows.shape[0]
-            # eager's update: the unbiased variance, in the running buffers' dtype
-            bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), momentum)
-            bn.running_var.lerp_((var * (n / max(n - 1, 1))).to(bn.running_var.dtype), momentum)
-        invstd = (var + bn.eps).rsqrt()
-        out = TritonNorm._apply(t, code, weight, bias, mean, invstd, mask, residual)
-        return out, SavedNorm(None, mean, invstd, mean.new_empty(0), -1)
+            # eager's update: the unbiased variance, in the running buffers' dtype (one fused launch for both)
+            torch._foreach_lerp_([bn.running_mean, bn.running_var], [
+                stats.mean.to(bn.running_mean.dtype), stats.var_unbiased.to(bn.running_var.dtype)], momentum)
+        out = TritonNorm._normalize(t, code, stats.scale, stats.shift, mask, residual)
+        return out, SavedNorm(None, stats.mean, stats.invstd, stats.mean.new_empty(0), -1)
 
     @staticmethod
     def again(bn, t, act: str, weight, bias, mean, invstd, mask=None, residual=None):
@@ -115,6 +114,11 @@ class TritonNorm:
     @staticmethod
     def _apply(t, code: int, weight, bias, mean, invstd, mask, residual) -> torch.Tensor:
         scale, shift = scale_shift(weight, bias, mean.to(invstd.dtype), invstd)
+        return TritonNorm._normalize(t, code, scale, shift, mask, residual)
+
+    @staticmethod
+    def _normalize(t, code: int, scale, shift, mask, residual) -> torch.Tensor:
+        """``residual + mask * (scale * act(t) + shift)`` in one pass."""
         res = None if residual is None else K.rows(residual.contiguous(memory_format=torch.channels_last))
         out = K.act_affine_fwd(K.rows(t), scale, shift, code, residual=res, mask=_mask_vector(mask),
                                rows_per_sample=t.shape[2] * t.shape[3], out_dtype=_out_dtype(t, residual))

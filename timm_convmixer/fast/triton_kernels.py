@@ -17,6 +17,12 @@ Kernels (``act``: one of the ``ACT_*`` codes, a runtime argument, so one compile
   horizontal shifts in one ``[taps, pixels, channels]`` load, so ``gz`` is read once per tap row, not once per tap.
 * ``act_affine_fwd`` / ``act_affine_bwd``: the pointwise conv's epilogue ``scale * act(p) + shift`` on the GEMM output
   ``p`` (bias already added by ``addmm``), and its gradient.
+* ``act_stats`` / ``stats_combine``: training-mode BatchNorm's batch statistics of ``act(t)``: per-program shifted
+  partial sums, then one launch combining them (Chan's formula, float64) and deriving invstd, the affine's scale and
+  shift and the unbiased variance; ``bn_train_bwd`` / ``bn_bwd_coef``: its backward's two passes and, between them,
+  one launch summing the first pass's partials into the second's coefficients. Per normalisation that is a handful
+  of launches where torch ops on ``[C]`` vectors took ~35 (the host's time to issue them decided small-image
+  training speed).
 * ``pw_fwd``: the pointwise conv as one GEMM with that epilogue fused: ``scale * act(x @ w.T + b) + shift`` on NHWC
   rows, optionally also writing ``p = x @ w.T + b`` for the backward (which is ``act_affine_bwd`` plus two GEMMs).
 
@@ -42,6 +48,7 @@ function and sums with numpy).
 """
 import contextlib
 import math
+import struct
 from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -52,8 +59,8 @@ from triton.runtime.jit import JITFunction
 
 __all__ = [
     'ACT_IDENTITY', 'ACT_GELU', 'ACT_RELU', 'ACT_SILU', 'ACT_GELU_TANH', 'ACT_CODES', 'ACT_BY_NAME',
-    'dw_fwd', 'dw_fwd_taps', 'taps', 'dw_bwd', 'act_affine_fwd', 'act_affine_bwd', 'act_stats', 'bn_train_bwd',
-    'pw_fwd', 'pw_bwd',
+    'dw_fwd', 'dw_fwd_taps', 'taps', 'dw_bwd', 'act_affine_fwd', 'act_affine_bwd', 'act_stats', 'bn_batch_stats',
+    'BatchNormStats', 'bn_train_bwd', 'pw_fwd', 'pw_bwd',
     'Launch', 'record_launches', 'kernels', 'rows', 'image',
 ]
 
@@ -787,6 +794,94 @@ def _act_stats_kernel(
     tl.store(part + 2 * num_m * C, tl.reduce(s2, 0, _sum_combine), mask=mask_c)
 
 
+def _stats_combine_kernel(
+        part_ptr, stats_ptr, w_ptr, b_ptr, M, C, P, ROWS, eps_hi, eps_lo, unbias_hi, unbias_lo, HAS_W, HAS_B,
+        OUT_DTYPE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BATCH_NORM: tl.constexpr,
+):
+    """Mean and biased variance from ``_act_stats_kernel``'s partials ``[3, P, C]``: Chan's parallel combination of
+    the programs' (count, mean, M2) in float64, program ``p`` having counted ``min(ROWS, M - p * ROWS)`` rows. One
+    launch where the same formula in torch ops took ~22 small kernels per normalisation (and the host time to issue
+    them, which decided small-image training speed).
+
+    ``stats`` rows: mean, var; with ``BATCH_NORM`` also what training-mode BatchNorm derives from them, in
+    ``OUT_DTYPE`` as torch's ops on ``[C]`` vectors would: ``invstd = rsqrt(var + eps)``, ``scale = weight *
+    invstd`` (``invstd`` without weight), ``shift = bias - mean * scale``, and the unbiased variance ``var * unbias``
+    for the running statistics. Scalars arrive as float32 pairs ``hi + lo`` (a kernel's float argument is float32),
+    exact to ~1e-16 for float64 statistics and rounding to ``hi`` alone in float32."""
+    pid = tl.program_id(0)
+    offs_c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    total = tl.full((BLOCK_C,), 0., tl.float64)
+    for p0 in range(0, P, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        m = (offs_p < P)[:, None] & mask_c[None, :]
+        n = tl.maximum(tl.minimum(M - offs_p * ROWS, ROWS), 1).to(tl.float64)[:, None]
+        idx = offs_p[:, None] * C + offs_c[None, :]
+        shift = tl.load(part_ptr + idx, mask=m, other=0.).to(tl.float64)
+        s1 = tl.load(part_ptr + P * C + idx, mask=m, other=0.).to(tl.float64)
+        total += tl.reduce(tl.where(m, n * shift + s1, 0.), 0, _sum_combine)
+    mean = total / M
+    m2 = tl.full((BLOCK_C,), 0., tl.float64)
+    for p0 in range(0, P, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        m = (offs_p < P)[:, None] & mask_c[None, :]
+        n = tl.maximum(tl.minimum(M - offs_p * ROWS, ROWS), 1).to(tl.float64)[:, None]
+        idx = offs_p[:, None] * C + offs_c[None, :]
+        shift = tl.load(part_ptr + idx, mask=m, other=0.).to(tl.float64)
+        s1 = tl.load(part_ptr + P * C + idx, mask=m, other=0.).to(tl.float64)
+        s2 = tl.load(part_ptr + 2 * P * C + idx, mask=m, other=0.).to(tl.float64)
+        d = shift + s1 / n - mean[None, :]
+        m2 += tl.reduce(tl.where(m, s2 - s1 * s1 / n + n * d * d, 0.), 0, _sum_combine)
+    mean_o = mean.to(OUT_DTYPE)
+    var_o = tl.maximum(m2 / M, 0.).to(OUT_DTYPE)
+    tl.store(stats_ptr + offs_c, mean_o, mask=mask_c)
+    tl.store(stats_ptr + C + offs_c, var_o, mask=mask_c)
+    if BATCH_NORM:
+        invstd = 1. / tl.sqrt(var_o + eps_hi + eps_lo)
+        scale = invstd
+        if HAS_W:
+            scale = tl.load(w_ptr + offs_c, mask=mask_c, other=0.).to(OUT_DTYPE) * invstd
+        shift = -mean_o * scale
+        if HAS_B:
+            shift = shift + tl.load(b_ptr + offs_c, mask=mask_c, other=0.).to(OUT_DTYPE)
+        tl.store(stats_ptr + 2 * C + offs_c, invstd, mask=mask_c)
+        tl.store(stats_ptr + 3 * C + offs_c, scale, mask=mask_c)
+        tl.store(stats_ptr + 4 * C + offs_c, shift, mask=mask_c)
+        tl.store(stats_ptr + 5 * C + offs_c, var_o * unbias_hi + var_o * unbias_lo, mask=mask_c)
+
+
+def _bn_bwd_coef_kernel(
+        part_ptr, coef_ptr, w_ptr, sums_ptr, M, C, P, HAS_W,
+        OUT_DTYPE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """The second backward pass's coefficients from the first's partial sums ``[2, P, C]`` (of ``dy`` and ``dy *
+    xhat``), summed in float64: ``coef`` rows 2-4 (``coef`` holds mean and invstd in rows 0-1) ``alpha = weight *
+    invstd``, ``c1 = sum(dy) / M``, ``c2 = invstd * sum(dy * xhat) / M``, and ``sums`` ``[2, C]`` = ``sum(dy)``,
+    ``sum(dy * xhat)`` (the bias's and weight's gradients). One launch for ~12 small torch ops."""
+    pid = tl.program_id(0)
+    offs_c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    s_dy = tl.full((BLOCK_C,), 0., tl.float64)
+    s_dyx = tl.full((BLOCK_C,), 0., tl.float64)
+    for p0 in range(0, P, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        m = (offs_p < P)[:, None] & mask_c[None, :]
+        idx = offs_p[:, None] * C + offs_c[None, :]
+        s_dy += tl.reduce(tl.load(part_ptr + idx, mask=m, other=0.).to(tl.float64), 0, _sum_combine)
+        s_dyx += tl.reduce(tl.load(part_ptr + P * C + idx, mask=m, other=0.).to(tl.float64), 0, _sum_combine)
+    s_dy_o = s_dy.to(OUT_DTYPE)
+    s_dyx_o = s_dyx.to(OUT_DTYPE)
+    invstd = tl.load(coef_ptr + C + offs_c, mask=mask_c, other=0.).to(OUT_DTYPE)
+    alpha = invstd
+    if HAS_W:
+        alpha = invstd * tl.load(w_ptr + offs_c, mask=mask_c, other=0.).to(OUT_DTYPE)
+    tl.store(coef_ptr + 2 * C + offs_c, alpha, mask=mask_c)
+    tl.store(coef_ptr + 3 * C + offs_c, s_dy_o / M, mask=mask_c)
+    tl.store(coef_ptr + 4 * C + offs_c, invstd * s_dyx_o / M, mask=mask_c)
+    tl.store(sums_ptr + offs_c, s_dy_o, mask=mask_c)
+    tl.store(sums_ptr + C + offs_c, s_dyx_o, mask=mask_c)
+
+
 def _bn_train_bwd_kernel(
         t_ptr, gy_ptr, mask_ptr, coef_ptr, gt_ptr, part_ptr, M, C, HW, TILES, ACT,
         ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -836,6 +931,10 @@ def _bn_train_bwd_kernel(
 
 
 _act_stats = _Kernel(_act_stats_kernel, do_not_specialize=('TILES', 'ACT'))
+_stats_combine = _Kernel(_stats_combine_kernel, do_not_specialize=('P', 'ROWS', 'HAS_W', 'HAS_B'))
+_bn_bwd_coef = _Kernel(_bn_bwd_coef_kernel, do_not_specialize=('P', 'HAS_W'))
+_COMBINE_P = 8  # partials per step of the combinations' loops (16 took 134 registers on sm_80)
+_COMBINE_C = 64  # channels per combination program
 _bn_train_bwd = _Kernel(_bn_train_bwd_kernel, do_not_specialize=('HW', 'TILES', 'ACT'))
 
 
@@ -848,21 +947,53 @@ def _row_programs(M: int, C: int, dtype: torch.dtype) -> Tuple[int, int, int]:
 def act_stats(t: torch.Tensor, act: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """Batch mean and biased variance ``[C]`` of ``act(t)`` over the rows of a row-major ``[M, C]`` ``t``, in fp32
     (fp64 for fp64): one read of ``t``."""
+    stats = _batch_stats(t, act, None)
+    return stats[0], stats[1]
+
+
+class BatchNormStats(NamedTuple):
+    """A training-mode BatchNorm's per-channel quantities for one batch (fp32; fp64 for fp64)."""
+    mean: torch.Tensor
+    var: torch.Tensor  # biased: what normalises
+    invstd: torch.Tensor
+    scale: torch.Tensor  # weight * invstd
+    shift: torch.Tensor  # bias - mean * scale
+    var_unbiased: torch.Tensor  # what the running variance follows
+
+
+def bn_batch_stats(t: torch.Tensor, act: int, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                   eps: float) -> BatchNormStats:
+    """:func:`act_stats` and what training-mode BatchNorm derives from them (``weight``/``bias``: its affine, or
+    ``None``), in two launches."""
+    M = t.shape[0]
+    return BatchNormStats(*_batch_stats(t, act, (weight, bias, eps, M / max(M - 1, 1))).unbind(0))
+
+
+def _split(v: float) -> Tuple[float, float]:
+    """``v`` as two float32 values whose sum is ``v`` to ~1e-16 (see ``_stats_combine_kernel``)."""
+    hi = struct.unpack('f', struct.pack('f', v))[0]
+    return hi, v - hi
+
+
+def _batch_stats(t: torch.Tensor, act: int, batch_norm) -> torch.Tensor:
     M, C = t.shape
     t = t.contiguous()
     BLOCK_M, BLOCK_C, programs = _row_programs(M, C, t.dtype)
-    part = torch.empty((3, programs, C), dtype=_torch_acc_dtype(t.dtype), device=t.device)
+    acc = _torch_acc_dtype(t.dtype)
+    part = torch.empty((3, programs, C), dtype=acc, device=t.device)
     _act_stats.launch(
         (programs, _cdiv(C, BLOCK_C)), t, part, M, C, _BWD_TILES, act,
         ACC_DTYPE=_acc_dtype(t.dtype), BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C, num_warps=_NUM_WARPS, device=t.device)
-    # Chan's parallel combination of the programs' (count, mean, M2), in float64 on [programs, C]
-    shift, s1, s2 = part.double().unbind(0)
-    rows = BLOCK_M * _BWD_TILES
-    n = (M - torch.arange(programs, device=t.device, dtype=torch.float64) * rows).clamp(max=rows)[:, None]
-    mean_p = shift + s1 / n
-    mean = (n * mean_p).sum(0) / M
-    m2 = (s2 - s1 * s1 / n).sum(0) + (n * (mean_p - mean).square()).sum(0)
-    return mean.to(part.dtype), (m2 / M).clamp(min=0).to(part.dtype)
+    stats = torch.empty((2 if batch_norm is None else 6, C), dtype=acc, device=t.device)
+    weight, bias, eps, unbias = batch_norm or (None, None, 0., 1.)
+    block_c = min(_COMBINE_C, _next_pow2(C))
+    _stats_combine.launch(
+        (_cdiv(C, block_c),), part, stats, stats if weight is None else weight.contiguous(),
+        stats if bias is None else bias.contiguous(), M, C, programs, BLOCK_M * _BWD_TILES, *_split(eps),
+        *_split(unbias), weight is not None, bias is not None,
+        OUT_DTYPE=_acc_dtype(t.dtype), BLOCK_P=_COMBINE_P, BLOCK_C=block_c, BATCH_NORM=batch_norm is not None,
+        num_warps=_NUM_WARPS, device=t.device)
+    return stats
 
 
 def bn_train_bwd(
@@ -881,19 +1012,21 @@ def bn_train_bwd(
     acc_t = _torch_acc_dtype(t.dtype)
     BLOCK_M, BLOCK_C, programs = _row_programs(M, C, t.dtype)
     grid = (programs, _cdiv(C, BLOCK_C))
-    mean, invstd = mean.to(acc_t), invstd.to(acc_t)
     mask_arg = t if mask is None else mask.contiguous()
-    coef = torch.zeros((5, C), dtype=acc_t, device=t.device)
-    coef[0], coef[1] = mean, invstd
+    coef = torch.empty((5, C), dtype=acc_t, device=t.device)
+    torch.stack((mean.to(acc_t), invstd.to(acc_t)), out=coef[:2])
     part = torch.empty((2, programs, C), dtype=acc_t, device=t.device)
     meta = dict(ACC_DTYPE=_acc_dtype(t.dtype), BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C, HAS_MASK=mask is not None,
                 num_warps=_NUM_WARPS, device=t.device)
     _bn_train_bwd.launch(grid, t, grad_out, mask_arg, coef, t, part, M, C, rows_per_sample, _BWD_TILES, act,
                          REDUCE=True, **meta)
-    s_dy, s_dyx = part.sum(dim=1).unbind(0)
-    coef[2] = invstd if weight is None else invstd * weight.to(acc_t)
-    coef[3] = s_dy / M
-    coef[4] = invstd * s_dyx / M
+    sums = torch.empty((2, C), dtype=acc_t, device=t.device)
+    block_c = min(_COMBINE_C, _next_pow2(C))
+    _bn_bwd_coef.launch(
+        (_cdiv(C, block_c),), part, coef, coef if weight is None else weight.contiguous(), sums, M, C, programs,
+        weight is not None, OUT_DTYPE=_acc_dtype(t.dtype), BLOCK_P=_COMBINE_P, BLOCK_C=block_c,
+        num_warps=_NUM_WARPS, device=t.device)
+    s_dy, s_dyx = sums.unbind(0)
     grad_t = torch.empty_like(t)
     _bn_train_bwd.launch(grid, t, grad_out, mask_arg, coef, grad_t, part, M, C, rows_per_sample, _BWD_TILES, act,
                          REDUCE=False, **meta)
@@ -1040,4 +1173,4 @@ def pw_bwd(
 def kernels() -> Dict[str, _Kernel]:
     """Every kernel of this module by name (what a launch record's ``kernel.name`` refers to)."""
     return {k.name: k for k in (_dw_fwd, _dw_bwd_gz, _dw_bwd_gx, _dw_bwd_gw, _act_affine_fwd, _act_affine_bwd,
-                                _act_stats, _bn_train_bwd, _pw_fwd)}
+                                _act_stats, _stats_combine, _bn_train_bwd, _bn_bwd_coef, _pw_fwd)}
