@@ -794,6 +794,19 @@ def _act_stats_kernel(
     tl.store(part + 2 * num_m * C, tl.reduce(s2, 0, _sum_combine), mask=mask_c)
 
 
+@_device_fn
+def _stats_partials(part_ptr, p0, offs_c, mask_c, M, C, P, ROWS, BLOCK_P: tl.constexpr):
+    """Partials ``p0 .. p0 + BLOCK_P`` of ``_act_stats_kernel``'s ``[3, P, C]`` for the channels ``offs_c``: their
+    mask, element offsets, row counts and (float64) shifts and shifted sums."""
+    offs_p = p0 + tl.arange(0, BLOCK_P)
+    m = (offs_p < P)[:, None] & mask_c[None, :]
+    n = tl.maximum(tl.minimum(M - offs_p * ROWS, ROWS), 1).to(tl.float64)[:, None]
+    idx = offs_p[:, None] * C + offs_c[None, :]
+    shift = tl.load(part_ptr + idx, mask=m, other=0.).to(tl.float64)
+    s1 = tl.load(part_ptr + P * C + idx, mask=m, other=0.).to(tl.float64)
+    return m, idx, n, shift, s1
+
+
 def _stats_combine_kernel(
         part_ptr, stats_ptr, w_ptr, b_ptr, M, C, P, ROWS, eps_hi, eps_lo, unbias_hi, unbias_lo, HAS_W, HAS_B,
         OUT_DTYPE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BATCH_NORM: tl.constexpr,
@@ -813,22 +826,12 @@ def _stats_combine_kernel(
     mask_c = offs_c < C
     total = tl.full((BLOCK_C,), 0., tl.float64)
     for p0 in range(0, P, BLOCK_P):
-        offs_p = p0 + tl.arange(0, BLOCK_P)
-        m = (offs_p < P)[:, None] & mask_c[None, :]
-        n = tl.maximum(tl.minimum(M - offs_p * ROWS, ROWS), 1).to(tl.float64)[:, None]
-        idx = offs_p[:, None] * C + offs_c[None, :]
-        shift = tl.load(part_ptr + idx, mask=m, other=0.).to(tl.float64)
-        s1 = tl.load(part_ptr + P * C + idx, mask=m, other=0.).to(tl.float64)
+        m, idx, n, shift, s1 = _stats_partials(part_ptr, p0, offs_c, mask_c, M, C, P, ROWS, BLOCK_P)
         total += tl.reduce(tl.where(m, n * shift + s1, 0.), 0, _sum_combine)
     mean = total / M
     m2 = tl.full((BLOCK_C,), 0., tl.float64)
     for p0 in range(0, P, BLOCK_P):
-        offs_p = p0 + tl.arange(0, BLOCK_P)
-        m = (offs_p < P)[:, None] & mask_c[None, :]
-        n = tl.maximum(tl.minimum(M - offs_p * ROWS, ROWS), 1).to(tl.float64)[:, None]
-        idx = offs_p[:, None] * C + offs_c[None, :]
-        shift = tl.load(part_ptr + idx, mask=m, other=0.).to(tl.float64)
-        s1 = tl.load(part_ptr + P * C + idx, mask=m, other=0.).to(tl.float64)
+        m, idx, n, shift, s1 = _stats_partials(part_ptr, p0, offs_c, mask_c, M, C, P, ROWS, BLOCK_P)
         s2 = tl.load(part_ptr + 2 * P * C + idx, mask=m, other=0.).to(tl.float64)
         d = shift + s1 / n - mean[None, :]
         m2 += tl.reduce(tl.where(m, s2 - s1 * s1 / n + n * d * d, 0.), 0, _sum_combine)
