@@ -25,7 +25,9 @@ convolutions would: activations and conv weights/biases to the autocast dtype, B
 BatchNorm in training mode (batch statistics, running-stat updates) is not fused: ``triton_block_forward`` answers
 ``None`` for it and the eager modules run. Eval-mode BatchNorm is fused whether or not gradients are wanted: scale and
 shift are computed from weight/bias/running stats with ordinary torch ops, so autograd carries their gradients back to
-the BatchNorm parameters. Double backward is not supported.
+the BatchNorm parameters. Double backward is not supported. A call that wants no gradients (``no_grad``,
+``inference_mode``) skips the custom ops and that arithmetic: the kernels run directly on the block's constants, kept
+between calls (:func:`inference_constants`, :mod:`.kept`'s staleness rule).
 """
 from typing import NamedTuple, Optional, Tuple
 
