@@ -328,6 +328,21 @@ def _strip_program(pid_row, pid_c, H, W, C, STRIP: tl.constexpr, BLOCK_C: tl.con
     return nh % H, (pid_row % num_s) * STRIP, img, offs_c, offs_c < C
 
 
+@_device_fn
+def _channel_bias(b_ptr, offs_c, mask_c, HAS_BIAS, ACC_DTYPE: tl.constexpr):
+    """The conv bias of channels ``offs_c``, zeros without one (``HAS_BIAS`` is a runtime flag: one compiled kernel
+    serves both)."""
+    return tl.load(b_ptr + offs_c, mask=mask_c & (offs_c * 0 + HAS_BIAS != 0), other=0.).to(ACC_DTYPE)
+
+
+@_device_fn
+def _strip_pixel(h, w0, p, W, C, offs_c, mask_c):
+    """Element offsets (in the image) and mask of pixel ``p`` of the strip at ``(h, w0)``: where each depthwise
+    kernel reads its residual or gradient and writes its result."""
+    ww = offs_c * 0 + (w0 + p)  # a vector: the interpreter mis-types scalar-bool & vector-bool
+    return (h * W + ww) * C + offs_c, mask_c & (ww < W)
+
+
 def _dw_fwd_kernel(
         x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, out_ptr,
         H, W, C, ACT, HAS_BIAS,
@@ -337,17 +352,14 @@ def _dw_fwd_kernel(
     """``x + scale * act(z) + shift`` for ``z = dwconv(x) + bias`` (``AFFINE``: the eval block's depthwise half), or
     ``z`` alone (the training block's convolution, whose normalisation needs the batch statistics of ``act(z)``)."""
     h, w0, img, offs_c, mask_c = _strip_program(tl.program_id(0), tl.program_id(1), H, W, C, STRIP, BLOCK_C)
-    zero_c = offs_c * 0
     acc = _dw_conv_strip(x_ptr + img, w_ptr, h, w0, offs_c, mask_c, H, W, C,
                          K, False, ACC_DTYPE, STRIP, BLOCK_C)
-    bias = tl.load(b_ptr + offs_c, mask=mask_c & (zero_c + HAS_BIAS != 0), other=0.).to(ACC_DTYPE)
+    bias = _channel_bias(b_ptr, offs_c, mask_c, HAS_BIAS, ACC_DTYPE)
     if AFFINE:
         scale = tl.load(scale_ptr + offs_c, mask=mask_c, other=0.).to(ACC_DTYPE)
         shift = tl.load(shift_ptr + offs_c, mask=mask_c, other=0.).to(ACC_DTYPE)
     for p in tl.static_range(STRIP):
-        ww = zero_c + (w0 + p)
-        m = mask_c & (ww < W)
-        offs = (h * W + ww) * C + offs_c
+        offs, m = _strip_pixel(h, w0, p, W, C, offs_c, mask_c)
         z = acc[p] + bias
         if AFFINE:
             res = tl.load(x_ptr + img + offs, mask=m, other=0.).to(ACC_DTYPE)
@@ -370,9 +382,8 @@ def _dw_bwd_gz_kernel(
     img = (nhb // num_hb).to(tl.int64) * H * W * C
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
-    zero_c = offs_c * 0
     scale = tl.load(scale_ptr + offs_c, mask=mask_c, other=0.).to(ACC_DTYPE)
-    bias = tl.load(b_ptr + offs_c, mask=mask_c & (zero_c + HAS_BIAS != 0), other=0.).to(ACC_DTYPE)
+    bias = _channel_bias(b_ptr, offs_c, mask_c, HAS_BIAS, ACC_DTYPE)
 
     s_ga = tl.full((BLOCK_C,), 0., ACC_DTYPE)  # d scale
     s_gy = tl.full((BLOCK_C,), 0., ACC_DTYPE)  # d shift
@@ -382,9 +393,7 @@ def _dw_bwd_gz_kernel(
         acc = _dw_conv_strip(x_ptr + img, w_ptr, h, w0, offs_c, mask_c, H, W, C,
                              K, False, ACC_DTYPE, STRIP, BLOCK_C)
         for p in tl.static_range(STRIP):
-            ww = zero_c + (w0 + p)
-            m = mask_c & (ww < W)
-            offs = (h * W + ww) * C + offs_c
+            offs, m = _strip_pixel(h, w0, p, W, C, offs_c, mask_c)
             a, da = _act_and_grad(acc[p] + bias, ACT)
             gy = tl.load(gy_ptr + img + offs, mask=m, other=0.).to(ACC_DTYPE)
             gz = gy * scale * da
@@ -409,11 +418,8 @@ def _dw_bwd_gx_kernel(
     h, w0, img, offs_c, mask_c = _strip_program(tl.program_id(0), tl.program_id(1), H, W, C, STRIP, BLOCK_C)
     acc = _dw_conv_strip(gz_ptr + img, w_ptr, h, w0, offs_c, mask_c, H, W, C,
                          K, True, ACC_DTYPE, STRIP, BLOCK_C)
-    zero_c = offs_c * 0
     for p in tl.static_range(STRIP):
-        ww = zero_c + (w0 + p)
-        m = mask_c & (ww < W)
-        offs = (h * W + ww) * C + offs_c
+        offs, m = _strip_pixel(h, w0, p, W, C, offs_c, mask_c)
         gy = tl.load(gy_ptr + img + offs, mask=m, other=0.).to(ACC_DTYPE)
         tl.store(gx_ptr + img + offs, (acc[p] + gy).to(gx_ptr.dtype.element_ty), mask=m)
 
