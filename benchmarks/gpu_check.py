@@ -694,23 +694,21 @@ class Measurements:
 # host overhead: how much of a step is Python and dispatch rather than GPU work
 
 
-def _median_ms(fn: Callable[[], Any], device: torch.device, iters: int, events: bool) -> float:
-    """Median ms of ``fn``: CUDA events around it (``events``), else host time of the call alone, synchronized
-    before but not after (what Python and the dispatcher take to issue the work)."""
+def _step_ms(fn: Callable[[], Any], device: torch.device, iters: int) -> float:
+    """Median ms of ``fn`` as every timing here takes it (``time_interleaved``: CUDA events around the call)."""
+    from timm_convmixer.cli import bench
+    return 1e3 * statistics.median(bench.time_interleaved({'step': fn}, iters, device)['step'])
+
+
+def _issue_ms(fn: Callable[[], Any], device: torch.device, iters: int) -> float:
+    """Median host time of the call alone, synchronized before but not after: what Python and the dispatcher take to
+    issue the work."""
     times = []
     for _ in range(iters):
         _sync(device)
-        if events and device.type == 'cuda':
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
     _sync(device)
     return statistics.median(times)
 
@@ -738,8 +736,8 @@ def run_host_overhead(args, device: torch.device, meas: 'Measurements', deadline
             fast.reset_counters()
             step()
             r = {'block_paths': dict(fast.counters),
-                 'event_ms': _median_ms(step, device, args.iters, events=True),
-                 'issue_ms': _median_ms(step, device, args.iters, events=False)}
+                 'event_ms': _step_ms(step, device, args.iters),
+                 'issue_ms': _issue_ms(step, device, args.iters)}
             if device.type == 'cuda':
                 graph = torch.cuda.CUDAGraph()
                 side = torch.cuda.Stream(device)
@@ -749,7 +747,7 @@ def run_host_overhead(args, device: torch.device, meas: 'Measurements', deadline
                 torch.cuda.current_stream(device).wait_stream(side)
                 with torch.cuda.graph(graph):
                     step()
-                r['graph_ms'] = _median_ms(graph.replay, device, args.iters, events=True)
+                r['graph_ms'] = _step_ms(graph.replay, device, args.iters)
                 r['host_bound_share'] = max(0., 1. - r['graph_ms'] / r['event_ms'])
                 del graph
             entry[name] = r

@@ -164,7 +164,8 @@ def _launches(dtype: torch.dtype, kernel_sizes=KERNEL_SIZES, C=C, H=H, W=W) -> L
             K.act_affine_fwd(rows, s, s, act)
             K.act_affine_bwd(rows, rows, s, act)
             # training-mode BatchNorm (the lean block's fused normalisations), with and without drop path's mask
-            K.act_stats(rows, act)
+            for affine in (s, None):  # with and without BatchNorm's weight and bias
+                K.bn_batch_stats(rows, act, affine, affine, 1e-5)
             for mask in (None, torch.empty(N, device='meta', dtype=dtype)):
                 K.act_affine_fwd(rows, s, s, act, residual=None if mask is None else rows, mask=mask,
                                  rows_per_sample=H * W)

@@ -603,8 +603,8 @@ def test_act_affine_backward_several_programs(monkeypatch):
 
 @pytest.mark.parametrize('act', [ACT_GELU, ACT_RELU, ACT_SILU])
 def test_training_batch_norm_kernels_match_autograd(act, monkeypatch):
-    """The lean block's fused training-mode BatchNorm: ``act_stats`` (batch statistics), ``act_affine_fwd`` with the
-    drop-path mask and the residual, ``bn_train_bwd`` (gradients wrt input, weight, bias) against F.batch_norm's
+    """The lean block's fused training-mode BatchNorm: ``bn_batch_stats`` (batch statistics), ``act_affine_fwd`` with
+    the drop-path mask and the residual, ``bn_train_bwd`` (gradients wrt input, weight, bias) against F.batch_norm's
     autograd in float64; several row programs (partial statistics combined) and a partial channel tile."""
     monkeypatch.setattr(K, '_BWD_TILES', 2)  # 300 rows -> 10 programs of 2 tiles
     M, C, hw = 300, 20, 25
@@ -615,7 +615,7 @@ def test_training_batch_norm_kernels_match_autograd(act, monkeypatch):
     a = ACTS[act](t)
     expected = res + F.batch_norm(a, None, None, w, b, True, 0., 1e-5) * mask.repeat_interleave(hw)[:, None]
 
-    mean, var = K.act_stats(t.detach(), act)
+    mean, var = K.bn_batch_stats(t.detach(), act, None, None, 1e-5)[:2]
     torch.testing.assert_close(mean, a.mean(0), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(var, a.var(0, unbiased=False), rtol=1e-12, atol=1e-12)
     invstd = (var + 1e-5).rsqrt()
@@ -667,6 +667,6 @@ def test_batch_statistics_free_of_cancellation():
     """A large mean against a small spread (``E[a^2] - E[a]^2`` in fp32 would lose every digit): shifted sums keep
     the fp32 variance accurate."""
     t = (torch.randn(512, 16) * 1e-2 + 1e3)
-    mean, var = K.act_stats(t, ACT_IDENTITY)
+    mean, var = K.bn_batch_stats(t, ACT_IDENTITY, None, None, 1e-5)[:2]
     torch.testing.assert_close(mean.double(), t.double().mean(0), rtol=1e-6, atol=0)
     torch.testing.assert_close(var.double(), t.double().var(0, unbiased=False), rtol=2e-2, atol=0)

@@ -17,12 +17,12 @@ Kernels (``act``: one of the ``ACT_*`` codes, a runtime argument, so one compile
   horizontal shifts in one ``[taps, pixels, channels]`` load, so ``gz`` is read once per tap row, not once per tap.
 * ``act_affine_fwd`` / ``act_affine_bwd``: the pointwise conv's epilogue ``scale * act(p) + shift`` on the GEMM output
   ``p`` (bias already added by ``addmm``), and its gradient.
-* ``act_stats`` / ``stats_combine``: training-mode BatchNorm's batch statistics of ``act(t)``: per-program shifted
-  partial sums, then one launch combining them (Chan's formula, float64) and deriving invstd, the affine's scale and
-  shift and the unbiased variance; ``bn_train_bwd`` / ``bn_bwd_coef``: its backward's two passes and, between them,
-  one launch summing the first pass's partials into the second's coefficients. Per normalisation that is a handful
-  of launches where torch ops on ``[C]`` vectors took ~35 (the host's time to issue them decided small-image
-  training speed).
+* ``act_stats`` / ``stats_combine`` (:func:`bn_batch_stats`): training-mode BatchNorm's batch statistics of
+  ``act(t)``: per-program shifted partial sums, then one launch combining them (Chan's formula, float64) and
+  deriving invstd, the affine's scale and shift and the unbiased variance; ``bn_train_bwd`` / ``bn_bwd_coef``: its
+  backward's two passes and, between them, one launch summing the first pass's partials into the second's
+  coefficients. Per normalisation that is a handful of launches where torch ops on ``[C]`` vectors took ~35 (the
+  host's time to issue them decided small-image training speed).
 * ``pw_fwd``: the pointwise conv as one GEMM with that epilogue fused: ``scale * act(x @ w.T + b) + shift`` on NHWC
   rows, optionally also writing ``p = x @ w.T + b`` for the backward (which is ``act_affine_bwd`` plus two GEMMs).
 
@@ -35,8 +35,8 @@ an image are 32-bit from a 64-bit per-program base. Strips of 16 pixels ran 1.21
 on the H100 but took 165-253 registers. ``tests/test_triton_aot.py`` compiles every specialisation the helpers
 launch for sm_80 and sm_90 and checks the budget; :func:`record_launches` is how it learns what they launch.
 
-Partial sums go to ``[programs, ...]`` buffers reduced by ``torch.sum`` rather than atomics, so results are
-deterministic run to run.
+Partial sums go to ``[programs, ...]`` buffers reduced by ``torch.sum`` or a second small kernel rather than atomics,
+so results are deterministic run to run.
 
 Every kernel also runs under Triton's CPU interpreter: launching with CPU tensors uses an ``InterpretedFunction`` of
 the same source, whatever ``TRITON_INTERPRET`` was at import time. That is for testing only (it is very slow).
@@ -59,7 +59,7 @@ from triton.runtime.jit import JITFunction
 
 __all__ = [
     'ACT_IDENTITY', 'ACT_GELU', 'ACT_RELU', 'ACT_SILU', 'ACT_GELU_TANH', 'ACT_CODES', 'ACT_BY_NAME',
-    'dw_fwd', 'dw_fwd_taps', 'taps', 'dw_bwd', 'act_affine_fwd', 'act_affine_bwd', 'act_stats', 'bn_batch_stats',
+    'dw_fwd', 'dw_fwd_taps', 'taps', 'dw_bwd', 'act_affine_fwd', 'act_affine_bwd', 'bn_batch_stats',
     'BatchNormStats', 'bn_train_bwd', 'pw_fwd', 'pw_bwd',
     'Launch', 'record_launches', 'kernels', 'rows', 'image',
 ]
@@ -815,15 +815,15 @@ def _stats_partials(part_ptr, p0, offs_c, mask_c, M, C, P, ROWS, BLOCK_P: tl.con
 
 def _stats_combine_kernel(
         part_ptr, stats_ptr, w_ptr, b_ptr, M, C, P, ROWS, eps_hi, eps_lo, unbias_hi, unbias_lo, HAS_W, HAS_B,
-        OUT_DTYPE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BATCH_NORM: tl.constexpr,
+        OUT_DTYPE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Mean and biased variance from ``_act_stats_kernel``'s partials ``[3, P, C]``: Chan's parallel combination of
     the programs' (count, mean, M2) in float64, program ``p`` having counted ``min(ROWS, M - p * ROWS)`` rows. One
     launch where the same formula in torch ops took ~22 small kernels per normalisation (and the host time to issue
     them, which decided small-image training speed).
 
-    ``stats`` rows: mean, var; with ``BATCH_NORM`` also what training-mode BatchNorm derives from them, in
-    ``OUT_DTYPE`` as torch's ops on ``[C]`` vectors would: ``invstd = rsqrt(var + eps)``, ``scale = weight *
+    ``stats`` rows: mean, var, then what training-mode BatchNorm derives from them, in ``OUT_DTYPE`` as torch's ops
+    on ``[C]`` vectors would: ``invstd = rsqrt(var + eps)``, ``scale = weight *
     invstd`` (``invstd`` without weight), ``shift = bias - mean * scale``, and the unbiased variance ``var * unbias``
     for the running statistics. Scalars arrive as float32 pairs ``hi + lo`` (a kernel's float argument is float32),
     exact to ~1e-16 for float64 statistics and rounding to ``hi`` alone in float32."""
@@ -845,18 +845,17 @@ def _stats_combine_kernel(
     var_o = tl.maximum(m2 / M, 0.).to(OUT_DTYPE)
     tl.store(stats_ptr + offs_c, mean_o, mask=mask_c)
     tl.store(stats_ptr + C + offs_c, var_o, mask=mask_c)
-    if BATCH_NORM:
-        invstd = 1. / tl.sqrt(var_o + eps_hi + eps_lo)
-        scale = invstd
-        if HAS_W:
-            scale = tl.load(w_ptr + offs_c, mask=mask_c, other=0.).to(OUT_DTYPE) * invstd
-        shift = -mean_o * scale
-        if HAS_B:
-            shift = shift + tl.load(b_ptr + offs_c, mask=mask_c, other=0.).to(OUT_DTYPE)
-        tl.store(stats_ptr + 2 * C + offs_c, invstd, mask=mask_c)
-        tl.store(stats_ptr + 3 * C + offs_c, scale, mask=mask_c)
-        tl.store(stats_ptr + 4 * C + offs_c, shift, mask=mask_c)
-        tl.store(stats_ptr + 5 * C + offs_c, var_o * unbias_hi + var_o * unbias_lo, mask=mask_c)
+    invstd = 1. / tl.sqrt(var_o + eps_hi + eps_lo)
+    scale = invstd
+    if HAS_W:
+        scale = tl.load(w_ptr + offs_c, mask=mask_c, other=0.).to(OUT_DTYPE) * invstd
+    shift = -mean_o * scale
+    if HAS_B:
+        shift = shift + tl.load(b_ptr + offs_c, mask=mask_c, other=0.).to(OUT_DTYPE)
+    tl.store(stats_ptr + 2 * C + offs_c, invstd, mask=mask_c)
+    tl.store(stats_ptr + 3 * C + offs_c, scale, mask=mask_c)
+    tl.store(stats_ptr + 4 * C + offs_c, shift, mask=mask_c)
+    tl.store(stats_ptr + 5 * C + offs_c, var_o * unbias_hi + var_o * unbias_lo, mask=mask_c)
 
 
 def _bn_bwd_coef_kernel(
@@ -953,13 +952,6 @@ def _row_programs(M: int, C: int, dtype: torch.dtype) -> Tuple[int, int, int]:
     return BLOCK_M, _line_c(C, dtype), _cdiv(_cdiv(M, BLOCK_M), _BWD_TILES)
 
 
-def act_stats(t: torch.Tensor, act: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Batch mean and biased variance ``[C]`` of ``act(t)`` over the rows of a row-major ``[M, C]`` ``t``, in fp32
-    (fp64 for fp64): one read of ``t``."""
-    stats = _batch_stats(t, act, None)
-    return stats[0], stats[1]
-
-
 class BatchNormStats(NamedTuple):
     """A training-mode BatchNorm's per-channel quantities for one batch (fp32; fp64 for fp64)."""
     mean: torch.Tensor
@@ -972,19 +964,9 @@ class BatchNormStats(NamedTuple):
 
 def bn_batch_stats(t: torch.Tensor, act: int, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                    eps: float) -> BatchNormStats:
-    """:func:`act_stats` and what training-mode BatchNorm derives from them (``weight``/``bias``: its affine, or
-    ``None``), in two launches."""
-    M = t.shape[0]
-    return BatchNormStats(*_batch_stats(t, act, (weight, bias, eps, M / max(M - 1, 1))).unbind(0))
-
-
-def _split(v: float) -> Tuple[float, float]:
-    """``v`` as two float32 values whose sum is ``v`` to ~1e-16 (see ``_stats_combine_kernel``)."""
-    hi = struct.unpack('f', struct.pack('f', v))[0]
-    return hi, v - hi
-
-
-def _batch_stats(t: torch.Tensor, act: int, batch_norm) -> torch.Tensor:
+    """Batch mean and biased variance of ``act(t)`` over the rows of a row-major ``[M, C]`` ``t`` (one read of
+    ``t``), and what training-mode BatchNorm derives from them (``weight``/``bias``: its affine, or ``None``), in fp32
+    (fp64 for fp64); two launches."""
     M, C = t.shape
     t = t.contiguous()
     BLOCK_M, BLOCK_C, programs = _row_programs(M, C, t.dtype)
@@ -993,16 +975,20 @@ def _batch_stats(t: torch.Tensor, act: int, batch_norm) -> torch.Tensor:
     _act_stats.launch(
         (programs, _cdiv(C, BLOCK_C)), t, part, M, C, _BWD_TILES, act,
         ACC_DTYPE=_acc_dtype(t.dtype), BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C, num_warps=_NUM_WARPS, device=t.device)
-    stats = torch.empty((2 if batch_norm is None else 6, C), dtype=acc, device=t.device)
-    weight, bias, eps, unbias = batch_norm or (None, None, 0., 1.)
+    stats = torch.empty((len(BatchNormStats._fields), C), dtype=acc, device=t.device)
     block_c = min(_COMBINE_C, _next_pow2(C))
     _stats_combine.launch(
         (_cdiv(C, block_c),), part, stats, stats if weight is None else weight.contiguous(),
         stats if bias is None else bias.contiguous(), M, C, programs, BLOCK_M * _BWD_TILES, *_split(eps),
-        *_split(unbias), weight is not None, bias is not None,
-        OUT_DTYPE=_acc_dtype(t.dtype), BLOCK_P=_COMBINE_P, BLOCK_C=block_c, BATCH_NORM=batch_norm is not None,
-        num_warps=_NUM_WARPS, device=t.device)
-    return stats
+        *_split(M / max(M - 1, 1)), weight is not None, bias is not None,
+        OUT_DTYPE=_acc_dtype(t.dtype), BLOCK_P=_COMBINE_P, BLOCK_C=block_c, num_warps=_NUM_WARPS, device=t.device)
+    return BatchNormStats(*stats.unbind(0))
+
+
+def _split(v: float) -> Tuple[float, float]:
+    """``v`` as two float32 values whose sum is ``v`` to ~1e-16 (see ``_stats_combine_kernel``)."""
+    hi = struct.unpack('f', struct.pack('f', v))[0]
+    return hi, v - hi
 
 
 def bn_train_bwd(
