@@ -10,7 +10,7 @@ Fixtures (the functions behind them live in ``tests/helpers.py``, importable by 
 * ``run_counted(fn, *args, backend=None)``: the result and ``timm_convmixer.fast.counters`` (which path answered
   each block call), counters reset first.
 * ``auto_choice(records, **case)``: the path ``auto`` takes for a case, from ``checked.decision_records()``: the
-  fastest fused path its check accepted, else ``'eager'``.
+  fused path its check accepted (the race's winner where it accepted several), else ``'eager'``.
 * ``run_python(*args, code=None, env=None, unset=(), cwd=None, timeout=300, check=True)``: a fresh interpreter of
   this environment; a non-zero exit fails with its output.
 * ``interpreter``: ``TRITON_INTERPRET=1`` for the test (CPU tensors count as a Triton device, so the Triton paths

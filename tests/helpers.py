@@ -109,12 +109,17 @@ def run_counted(fn: Callable[..., Any], *args: Any, backend: Optional[str] = Non
 
 def auto_choice(records: Iterable[Dict[str, Any]], **case: Any) -> str:
     """The path ``auto`` takes for the case whose decision records (``checked.decision_records()``) match ``case``
-    field by field: of the fused paths its check accepted, the fastest against the plain modules timed in the same
-    trial; ``'eager'`` when it accepted none."""
+    field by field: the fused path its check accepted, the winner of the race between them where it accepted
+    several (which must then be recorded), ``'eager'`` where it accepted none."""
+    from timm_convmixer.fast.checked import RACE
     mine = [r for r in records if all(r[k] == v for k, v in case.items())]
     assert mine, f'no decision recorded for {case}'
-    accepted = [r for r in mine if r['path'] != 'eager']
-    return min(accepted, key=lambda r: r['fused_ms'] / r['eager_ms'])['fused_path'] if accepted else 'eager'
+    accepted = [r['fused_path'] for r in mine if r['path'] != 'eager' and r['fused_path'] != RACE]
+    if len(accepted) > 1:
+        races = [r for r in mine if r['fused_path'] == RACE]
+        assert len(races) == 1 and races[0]['path'] in accepted, (accepted, races)
+        return races[0]['path']
+    return accepted[0] if accepted else 'eager'
 
 
 def run_python(

@@ -125,6 +125,28 @@ def test_bad_arguments_are_named(kernels):
         cpu_kernels.dw_block(x, taps, bias, scale, 3, 'relu', out[:, :8])
     with pytest.raises(RuntimeError, match='out must not be x'):
         cpu_kernels.dw_block(x, taps, bias, scale, 3, 'relu', x)
+    with pytest.raises(RuntimeError, match='give both in_scale and in_shift, or neither'):
+        cpu_kernels._ops.dw_block(x, taps, bias, scale, 3, 1, out, scale, None)
+    with pytest.raises(RuntimeError, match='in_scale and in_shift must be contiguous float32 CPU tensors of 16'):
+        cpu_kernels.dw_block(x, taps, bias, scale, 3, 'relu', out, in_affine=(scale[:8], bias[:8]))
+
+
+# channels in a partial block (20) and whole ones (32); kernels odd and even; images where the window reaches past
+# every border
+@pytest.mark.parametrize('shape', [(2, 20, 7, 9, 5), (1, 32, 6, 6, 8), (1, 16, 3, 12, 9)],
+                         ids=lambda s: 'x'.join(map(str, s)))
+def test_input_affine_is_applied_as_the_input_is_read(shape, kernels):
+    """With ``in_affine = (s, t)`` the kernel computes the block on ``s * a + t``, zero padding and all (the
+    previous block's pointwise BatchNorm, carried instead of written out): as if that tensor had been written first,
+    to float32 rounding."""
+    a, weight, bias, scale = _inputs(*shape, seed=2)
+    g = torch.Generator().manual_seed(3)
+    s, t = torch.randn(shape[1], generator=g), torch.randn(shape[1], generator=g)
+    c, k = weight.shape[0], weight.shape[-1]
+    taps = weight.reshape(c, k * k).t().contiguous()
+    carried = cpu_kernels.dw_block(a, taps, bias, scale, k, 'gelu', torch.empty_like(a), in_affine=(s, t))
+    x = (a.double() * s.double().view(1, -1, 1, 1) + t.double().view(1, -1, 1, 1))
+    torch.testing.assert_close(carried.double(), _reference(x, weight, bias, scale, 'gelu'), rtol=1e-5, atol=1e-5)
 
 
 def _pw_inputs(n, c_in, c_out, h, w, seed=0):
@@ -367,3 +389,22 @@ def test_pointwise_benchmark_script(run_python, tmp_path, kernels):
     res = doc['results']['convmixer_256_8_ks5_p2']
     assert res['max_rel_error'] <= 1e-5 and set(res['gflop_s']) == {'ours', 'onednn', 'sgemm'}
     assert all(v > 0 for v in res['gflop_s'].values()) and 'cpu_flags' in doc['hardware']
+
+
+def test_paths_benchmark_script(run_python, tmp_path, kernels):
+    """``benchmarks/cpu_paths.py`` end to end on a one-block model: every path forced ran every block and matched
+    eager, all timed, the ratios are those of the medians, JSON with the CPU's flags."""
+    import json
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / 'paths.json'
+    run_python(os.path.join(repo, 'benchmarks', 'cpu_paths.py'), '--models', 'convmixer_256_8_ks5_p2',
+               '--depth', '1', '--rounds', '2', '--out', out)
+    doc = json.loads(out.read_text())
+    res = doc['results']['convmixer_256_8_ks5_p2']
+    paths = ('eager', 'cpu', 'cpu_compiled', 'cpu_hybrid')
+    assert set(res['median_ms']) == set(paths) and all(len(res['times_ms'][p]) == 2 for p in paths)
+    assert all(res['max_rel_err'][p] <= 1e-4 for p in paths) and res['max_rel_err']['eager'] == 0
+    ms = res['median_ms']
+    assert res['fastest'] == min(ms, key=ms.get)
+    assert res['hybrid_over']['cpu'] == pytest.approx(ms['cpu'] / ms['cpu_hybrid'], rel=1e-2)
+    assert 'cpu_flags' in doc['hardware'] and doc['depth'] == 1

@@ -9,6 +9,7 @@ import torch.nn as nn
 from timm_convmixer import fast
 from timm_convmixer.fast import checked, cpu_kernels
 from timm_convmixer.fast import cpu as fast_cpu
+from timm_convmixer.fast.eligibility import block_parts
 
 pytestmark = [pytest.mark.kernels,
               pytest.mark.skipif(not fast_cpu.available(), reason='oneDNN fused convolution not available')]
@@ -16,9 +17,9 @@ pytestmark = [pytest.mark.kernels,
 
 @pytest.fixture(params=fast_cpu.PATHS)
 def path(request):
-    """Each CPU path: oneDNN's convolutions (``cpu``), and our compiled kernels (``cpu_compiled``, skipped where
-    they cannot be built)."""
-    if request.param == 'cpu_compiled' and cpu_kernels.load() is None:
+    """Each CPU path: oneDNN's convolutions (``cpu``), our compiled kernels (``cpu_compiled``), and ours with
+    oneDNN's pointwise conv (``cpu_hybrid``; these two skipped where our kernels cannot be built)."""
+    if request.param != 'cpu' and cpu_kernels.load() is None:
         pytest.skip(f'the CPU kernels cannot be built here: {cpu_kernels.build_error()}')
     return request.param
 
@@ -85,9 +86,11 @@ def test_inference_mode_and_auto(make_model, infer, run_counted, auto_choice):
     records = checked.decision_records()
     compiled = cpu_kernels.load() is not None
     first = [r for r in records if not r['channels_last']]  # the first block's case: the NCHW input
-    assert sorted(r['fused_path'] for r in first) == (['cpu', 'cpu_compiled'] if compiled else ['cpu'])
+    checks = [r for r in records if r['fused_path'] != checked.RACE]
+    assert sorted(r['fused_path'] for r in first if r in checks) == (list(fast_cpu.PATHS) if compiled else ['cpu'])
     for r in records:
         assert r['shape'] == [1, 24, 8, 8] and r['max_rel_err'] <= checked.tolerance(torch.float32, 'cpu')
+    for r in checks:
         assert r['path'] == (r['fused_path'] if r['fused_ms'] < r['eager_ms'] else 'eager')
     assert paths == dict(Counter(_block_choices(records, auto_choice)))
     with torch.inference_mode():  # decided once: the next call takes the same paths without checking again
@@ -110,7 +113,7 @@ def test_auto_keeps_only_the_chosen_paths_weights(make_model, run_counted, auto_
         run_counted(model, x, backend='auto')
     for block, path in zip(model.blocks, _block_choices(checked.decision_records(), auto_choice)):
         kept = set(fast_cpu._cache.get(block[0].fn[0], {}))
-        assert kept == (set() if path == 'eager' else {path == 'cpu_compiled'}), (path, kept)
+        assert kept == (set() if path == 'eager' else {path}), (path, kept)
 
 
 def test_auto_does_not_cache_a_case_the_path_declines(make_model, run_counted):
@@ -255,7 +258,7 @@ def test_changing_batch_and_size_repacks_and_stays_exact(make_model, infer):
         ref, ref_paths = infer(model, x, 'eager')
         assert paths == {'cpu': 2} and ref_paths == {'eager': 2}, shape
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    assert fast_cpu._cache[model.blocks[0][0].fn[0]][False].stamp[0][0] == (1, 24, 5, 3)  # key: the last shape seen
+    assert fast_cpu._cache[model.blocks[0][0].fn[0]]['cpu'].stamp[0][0] == (1, 24, 5, 3)  # key: the last shape seen
 
 
 def test_backend_switch(make_model, infer, monkeypatch):
@@ -294,3 +297,96 @@ def test_env_var_selects_backend(run_python):
     lines = run_python(code=code, unset=[fast.ENV_VAR]).stdout.strip().splitlines()[-4:]
     assert lines[:3] == ['auto []', 'eager []', 'triton []']
     assert lines[3].startswith('auto [') and "TIMM_CONVMIXER_BACKEND=\\'cuda-magic\\' is not one of" in lines[3]
+
+
+@pytest.fixture
+def materialized(monkeypatch):
+    """The shapes of the carried block outputs written out (:func:`fast.cpu.materialize` calls) in this test."""
+    if cpu_kernels.load() is None:
+        pytest.skip(f'the CPU kernels cannot be built here: {cpu_kernels.build_error()}')
+    calls = []
+    write = fast_cpu.materialize
+
+    def counted(carried):
+        calls.append(tuple(carried.a.shape))
+        return write(carried)
+    monkeypatch.setattr(fast_cpu, 'materialize', counted)
+    return calls
+
+
+def test_hybrid_blocks_hand_on_their_output_unwritten(make_model, infer, materialized):
+    """A chain of ``cpu_hybrid`` blocks writes only its last output: each block's pointwise BatchNorm is applied by
+    the next block's depthwise kernel as it reads its input. Same function as eager, and as the blocks one by one
+    (which write every output)."""
+    model = make_model(7, depth=3)
+    x = torch.randn(2, 3, 36, 44)
+    out, paths = infer(model, x, 'cpu_hybrid')
+    assert paths == {'cpu_hybrid': 3} and materialized == [(2, 24, 9, 11)]
+    ref, _ = infer(model, x, 'eager')
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    with torch.no_grad(), fast.use_backend('cpu_hybrid'):
+        feats = model.stem(x)
+        for block in model.blocks:
+            feats = block(feats)
+        torch.testing.assert_close(model.forward_head(feats), out, rtol=1e-6, atol=1e-6)
+    assert len(materialized) == 1 + 3
+
+
+def test_hooks_see_the_chain_run_block_by_block(make_model, infer, materialized):
+    """A hook on one block sees that block called with its real input; a hook on the chain of blocks sees it
+    called (the blocks then run one by one). Outputs stay eager's."""
+    model = make_model(5, depth=3)
+    x = torch.randn(1, 3, 32, 32)
+    ref, _ = infer(model, x, 'eager')
+    with torch.no_grad(), fast.use_backend('eager'):
+        want_input = model.blocks[0](model.stem(x))
+    seen = []
+    handle = model.blocks[1].register_forward_hook(lambda m, i, o: seen.append(i[0].clone()))
+    out, paths = infer(model, x, 'cpu_hybrid')
+    handle.remove()
+    assert paths == {'cpu_hybrid': 3} and len(seen) == 1
+    torch.testing.assert_close(seen[0], want_input, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    handle = model.blocks.register_forward_hook(lambda m, i, o: seen.append(o))
+    out, paths = infer(model, x, 'cpu_hybrid')
+    handle.remove()
+    assert paths == {'cpu_hybrid': 3} and len(seen) == 2 and len(materialized) == 3 + 3
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_auto_chains_blocks_only_once_decided_for_hybrid(make_model, run_counted, materialized):
+    """auto carries a block's output into the next only where both blocks' cases are decided and the decision is
+    ``cpu_hybrid``; an undecided case runs alone first (its check needs the real input). Decisions are rewritten
+    here so that ``cpu_hybrid`` won the race (on a real run that is the timing's to say)."""
+    model = make_model(9, depth=3)
+    x = torch.randn(1, 3, 32, 32)
+    parts, feats = block_parts(model.blocks[0]), model.stem(x).detach()  # the first block's case: its NCHW input
+    assert checked.settled(fast_cpu.PATHS, parts, feats, torch.float32) is None  # nothing decided yet
+    ref, _ = run_counted(model, x, backend='eager')
+    with torch.no_grad():
+        first, _ = run_counted(model, x, backend='auto')
+    for key, d in list(checked.decisions.items()):
+        if key[0] == 'cpu_hybrid':
+            checked.decisions[(checked.RACE,) + key[1:]] = d._replace(path='cpu_hybrid', fused_ms=1., eager_ms=10.)
+        if key[0] != checked.RACE:
+            checked.decisions[key] = d._replace(path=key[0], fused_ms=1., eager_ms=10.)
+    assert checked.settled(fast_cpu.PATHS, parts, feats, torch.float32) == 'cpu_hybrid'
+    del materialized[:]
+    with torch.no_grad():
+        out, paths = run_counted(model, x, backend='auto')
+    assert paths == {'cpu_hybrid': 3} and materialized == [(1, 24, 8, 8)]
+    for got in (first, out):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_intermediates_are_each_blocks_output(make_model, infer):
+    """``forward_intermediates`` calls the blocks one by one, so each intermediate is written (not carried)."""
+    if cpu_kernels.load() is None:
+        pytest.skip(f'the CPU kernels cannot be built here: {cpu_kernels.build_error()}')
+    model = make_model(5, depth=3)
+    x = torch.randn(1, 3, 32, 32)
+    (_, want), _ = infer(model.forward_intermediates, x, 'eager')
+    (_, got), paths = infer(model.forward_intermediates, x, 'cpu_hybrid')
+    assert paths == {'cpu_hybrid': 3} and len(got) == 3
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)

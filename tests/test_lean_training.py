@@ -340,28 +340,43 @@ def test_auto_falls_back_when_the_fused_path_raises(interpreter, monkeypatch):
         assert decision.path == 'eager' and 'RuntimeError' in decision.reason
 
 
-@pytest.mark.parametrize('gemm_ms, gemm_eager_ms, expected', [
-    (3.0, 10.0, 'triton_gemm'), (7.0, 10.0, 'triton'), (None, None, 'triton'),
-    (4.0, 4.2, 'triton'),  # the machine ran faster during triton_gemm's trial: 0.95x the plain modules against 0.5x
-])
-def test_auto_takes_the_fastest_triton_path_it_accepted(interpreter, gemm_ms, gemm_eager_ms, expected):
-    """Of the Triton paths the check accepted, auto runs the one it timed fastest against the plain modules in the
-    same trial (times from two trials are not compared directly). The decisions are placed in the cache as a
-    first-use check on a GPU would leave them (here the interpreter always loses to the plain modules)."""
+@pytest.mark.parametrize('gemm_accepted, race_winner', [
+    (True, 'triton_gemm'), (True, 'triton'), (False, None), (True, None)])
+def test_auto_takes_the_triton_path_that_won_the_race(interpreter, gemm_accepted, race_winner):
+    """Of the Triton paths the check accepted, auto runs the only one, or, where it accepted both, the winner of
+    the race between them: run on first use and recorded (here through the interpreter), or placed in the cache as
+    a first use on a GPU would leave it (times from the paths' own checks are not compared). The checks' decisions
+    are placed too (the interpreter always loses to the plain modules)."""
     model = _eval_model()
     x = _input(1, 16)
     with torch.no_grad(), fast.use_backend('eager'):
         expected_out = model(x)
     parts = block_parts(model.blocks[0])
-    timings = {'triton': (5.0, 10.0), 'triton_gemm': (gemm_ms, gemm_eager_ms)}
-    for path, (ms, eager_ms) in timings.items():
-        accepted = ms is not None
-        checked.decisions[checked.case_key(path, parts, x.new_empty(1, 8, 8, 8), torch.float32)] = checked.Decision(
-            path if accepted else 'eager', 'placed by the test', ms, eager_ms, 0.0)
+
+    def key(path):
+        return checked.case_key(path, parts, x.new_empty(1, 8, 8, 8), torch.float32)
+    for path in fast.TRITON_PATHS:
+        accepted = gemm_accepted or path == 'triton'
+        checked.decisions[key(path)] = checked.Decision(
+            path if accepted else 'eager', 'placed by the test', 5.0 if accepted else None, 10.0, 0.0)
+    if race_winner is not None:
+        checked.decisions[key(checked.RACE)] = checked.Decision(race_winner, 'placed by the test', 1.0, 10.0, 0.0)
     fast.reset_counters()
     with torch.no_grad(), fast.use_backend('auto'):
         got = model(x)
-    assert fast.counters == {expected: 2}
+    race = checked.decisions.get(key(checked.RACE))
+    if not gemm_accepted:
+        assert race is None and fast.counters == {'triton': 2}
+    else:
+        assert race is not None and fast.counters == {race.path: 2}
+        if race_winner is None:  # raced here: both timed, the faster kept
+            assert race.path in fast.TRITON_PATHS and 'fastest of triton' in race.reason
+            times = dict(part.rsplit(' ', 2)[:2] for part in race.reason.split('fastest of ')[1].split(' (')[0]
+                         .split(', '))
+            assert float(times[race.path]) == min(float(t) for t in times.values())
+            assert race.fused_ms == pytest.approx(float(times[race.path]), abs=1e-3)
+        else:
+            assert race.path == race_winner
     torch.testing.assert_close(got, expected_out, rtol=1e-5, atol=1e-5)
 
 

@@ -315,7 +315,10 @@ class ConvMixer(nn.Module):
         if self.grad_checkpointing and not torch.jit.is_scripting():
             x = checkpoint_seq(self.blocks, x)
         else:
-            x = self.blocks(x)
+            out = None
+            if not torch.jit.is_scripting():
+                out = fast.blocks_forward(self.blocks, x)
+            x = self.blocks(x) if out is None else out
         return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:

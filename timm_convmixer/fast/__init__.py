@@ -9,19 +9,20 @@ watching (those must see the plain modules). Each backend then adds only its own
 Backends:
 
 * ``'auto'`` (default): the fastest correct path, measured where it is not known. Eval-mode CPU tensors -> the
-  paths of :mod:`.cpu` (oneDNN's convolutions, or our compiled kernels), eval-mode CUDA tensors -> the
-  Triton kernels, and training-mode blocks (BatchNorm on batch statistics) on any device -> the memory-lean block
-  of :mod:`.lean` (on a Triton device also its Triton implementation, :mod:`.lean_triton`), each only for a case
-  (device, shape, dtype, mode...) where :mod:`.checked` found it correct and faster than the plain modules on first
-  use; where several paths pass, the fastest. With ``TRITON_INTERPRET=1`` CPU tensors count as a Triton device
-  (tests).
+  paths of :mod:`.cpu` (oneDNN's convolutions, our compiled kernels, or ours and oneDNN's), eval-mode CUDA tensors
+  -> the Triton kernels, and training-mode blocks (BatchNorm on batch statistics) on any device -> the memory-lean
+  block of :mod:`.lean` (on a Triton device also its Triton implementation, :mod:`.lean_triton`), each only for a
+  case (device, shape, dtype, mode...) where :mod:`.checked` found it correct and faster than the plain modules on
+  first use; where several paths pass, the winner of a race between them (:func:`.checked.fastest`). With
+  ``TRITON_INTERPRET=1`` CPU tensors count as a Triton device (tests). A model's chain of blocks goes through
+  :func:`blocks_forward`, which lets consecutive ``cpu_hybrid`` blocks hand each other their output unwritten.
 * ``'eager'``: never a fast path.
-* ``'lean'``, ``'lean_triton'``, ``'cpu'``, ``'cpu_compiled'``, ``'triton'``, ``'triton_gemm'``: only that path,
-  unchecked, where it applies (the way to force one). ``'lean'`` runs the lean block's normalisations on torch's
-  kernels, ``'lean_triton'`` its normalisations and depthwise conv on Triton kernels (the same memory kept);
-  ``'cpu'`` both convolutions on oneDNN, ``'cpu_compiled'`` both halves in our C++ kernels (built on first
-  use); ``'triton'`` runs the pointwise conv on cuBLAS with a Triton epilogue pass, ``'triton_gemm'`` as one Triton
-  GEMM with the epilogue fused.
+* ``'lean'``, ``'lean_triton'``, ``'cpu'``, ``'cpu_compiled'``, ``'cpu_hybrid'``, ``'triton'``, ``'triton_gemm'``:
+  only that path, unchecked, where it applies (the way to force one). ``'lean'`` runs the lean block's
+  normalisations on torch's kernels, ``'lean_triton'`` its normalisations and depthwise conv on Triton kernels (the
+  same memory kept); ``'cpu'`` both convolutions on oneDNN, ``'cpu_compiled'`` both halves in our C++ kernels (built
+  on first use), ``'cpu_hybrid'`` our depthwise kernel and oneDNN's pointwise conv; ``'triton'`` runs the pointwise
+  conv on cuBLAS with a Triton epilogue pass, ``'triton_gemm'`` as one Triton GEMM with the epilogue fused.
 
 Choose with :func:`set_backend`, the :func:`use_backend` context manager or the ``TIMM_CONVMIXER_BACKEND``
 environment variable (read at import). The choice is process-global.
@@ -41,16 +42,16 @@ import torch.nn as nn
 
 from .checked import decisions
 from .kept import forget as forget_kept
-from .eligibility import BlockParts, block_parts
+from .eligibility import BlockParts, block_parts, has_hooks
 from .lean import TorchNorm, lean_applies, lean_block_forward
 from .runtime import autocast_state, interpreter_enabled
 
 __all__ = [
-    'BACKENDS', 'block_forward', 'counters', 'decisions', 'forget_kept', 'get_backend', 'reset_counters',
-    'set_backend', 'use_backend',
+    'BACKENDS', 'block_forward', 'blocks_forward', 'counters', 'decisions', 'forget_kept', 'get_backend',
+    'reset_counters', 'set_backend', 'use_backend',
 ]
 
-BACKENDS = ('auto', 'eager', 'lean', 'lean_triton', 'cpu', 'cpu_compiled', 'triton', 'triton_gemm')
+BACKENDS = ('auto', 'eager', 'lean', 'lean_triton', 'cpu', 'cpu_compiled', 'cpu_hybrid', 'triton', 'triton_gemm')
 ENV_VAR = 'TIMM_CONVMIXER_BACKEND'
 
 # which path answered each MixerBlock call since the last reset_counters()
@@ -286,7 +287,7 @@ def _fast_forward(block: nn.Module, x: torch.Tensor, backend: str):
         if backend == 'auto' and lean_applies(parts, x):
             return _checked_train(block, parts, x)
         return None
-    if x.device.type == 'cpu' and backend in ('cpu', 'cpu_compiled'):
+    if x.device.type == 'cpu' and backend.startswith('cpu'):
         from . import cpu
         return backend, cpu.block_forward(parts, x, backend)
     if x.device.type == 'cpu' and backend == 'auto' and not _triton_device(x):
@@ -298,6 +299,11 @@ def _fast_forward(block: nn.Module, x: torch.Tensor, backend: str):
     return None
 
 
+def _offered(x: torch.Tensor) -> bool:
+    """Whether a fast path may see this call at all (not while a tracer, compiler or transform is watching)."""
+    return type(x) is torch.Tensor and not _watched()
+
+
 def block_forward(block: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
     """The block's output by a fast path, or ``None`` to let the plain modules run."""
     if _is_compiling():
@@ -305,7 +311,7 @@ def block_forward(block: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
         # inside a traced function is guarded on, so each call recompiled until torch.compile's recompile limit,
         # after which the whole forward ran uncompiled (seen on an H200 after 8 calls)
         return None
-    if type(x) is torch.Tensor and not _watched():
+    if _offered(x):
         from . import cpu
         cpu.warn_if_bf16_is_emulated(x)
         if _backend != 'eager':
@@ -315,3 +321,39 @@ def block_forward(block: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
                 return answer[1]
     counters['eager'] += 1
     return None
+
+
+def _runs_hybrid(parts: BlockParts, x: torch.Tensor) -> bool:
+    """Whether this block would run ``cpu_hybrid`` on ``x`` alone: forced, or auto's decision for the case, already
+    made, is it (an undecided case is not guessed: the block runs alone, so auto's check sees its real input)."""
+    if parts.mode != 'eval' or _backend == 'cpu_hybrid':
+        return parts.mode == 'eval'
+    from . import checked, cpu
+    return checked.settled(cpu.paths(parts, x), parts, x, _compute_dtype(x)) == 'cpu_hybrid'
+
+
+def blocks_forward(blocks: nn.Sequential, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """A model's chain of blocks run on ``x``, or ``None`` to let ``blocks(x)`` run them one by one.
+
+    Why a chain: between consecutive blocks that both run ``cpu_hybrid``, the first one's pointwise BatchNorm (a full
+    pass over the activations) is carried into the second's depthwise kernel instead of written out. Every block
+    still runs the path it would run alone (forced, or auto's decision for its case) and is counted as such; the
+    others are called as usual. Not offered where the chain's hooks, or a block's own, must see it run.
+    """
+    if (_is_compiling() or not _offered(x) or _backend not in ('auto', 'cpu_hybrid') or x.device.type != 'cpu'
+            or has_hooks(blocks)):
+        return None
+    from . import cpu
+    carried = None
+    for block in blocks:
+        parts = None if has_hooks(block) else block_parts(block)
+        if parts is not None and _runs_hybrid(parts, x if carried is None else carried.a):
+            step = cpu.hybrid_forward(parts, x, carried)
+            if step is not None:
+                carried = step
+                counters['cpu_hybrid'] += 1
+                continue
+        if carried is not None:
+            x, carried = cpu.materialize(carried), None
+        x = block(x)
+    return x if carried is None else cpu.materialize(carried)

@@ -18,7 +18,7 @@ statistics and drawing drop-path masks exactly as an unchecked call would.
 """
 import time
 import warnings
-from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -26,8 +26,8 @@ import torch.nn as nn
 from .eligibility import BlockParts
 
 __all__ = [
-    'Decision', 'ERROR_FACTOR', 'FastPathDecision', 'case_key', 'decide', 'decision_records', 'decisions', 'fastest',
-    'forget', 'tolerance',
+    'Decision', 'ERROR_FACTOR', 'FastPathDecision', 'RACE', 'case_key', 'decide', 'decision_records', 'decisions',
+    'fastest', 'forget', 'settled', 'tolerance',
 ]
 
 
@@ -47,6 +47,8 @@ class Decision(NamedTuple):
 decisions: Dict[Tuple, Decision] = {}
 
 TIMED_REPEATS = 2  # each path runs 1 + 2 times in all: the check, then two timed runs
+RACE = 'race'  # the fused-path name under which the race between several accepted paths is recorded (see fastest)
+RACE_ROUNDS = 3
 ERROR_FACTOR = 2.  # with an fp32 reference: the fused error may be this many times the plain modules' own
 
 
@@ -241,18 +243,63 @@ def fastest(
     """The fastest of several fused paths for one case, each checked with :func:`decide` on first use: ``trials``
     maps a path's name to its ``(fused, eager, reference)`` callables. ``None`` when the check accepted none.
 
-    Fastest by the ratio to the plain modules timed beside it, not by its own time: each path's trial is a separate
-    interleaved run, and the machine's speed can drift between two of them (on this project's CPU VM the plain
-    modules took 86.6 ms in one path's trial and 100.3 ms in the next, which made auto keep oneDNN's path at 79.4 ms
-    over our kernels' 83.0 ms, though ours were the faster by ratio and in steady state).
+    Where the check accepts several, they race: :data:`RACE_ROUNDS` interleaved rounds, one call of each per round,
+    best time kept, recorded (and said once) as the case's :data:`RACE` decision. Why not compare what each path's own
+    check measured: those are separate runs, each path against the plain modules, and on a shared machine two
+    paths 10% apart swapped places between such runs (on this project's AVX-512 VM auto kept oneDNN's path over
+    ours with oneDNN's pointwise conv, which a same-process A/B had at 53.8 against 48.2 ms a block).
     """
-    ratios = {}
+    made = {}
     for path, (fused, eager, reference) in trials.items():
         key = case_key(path, parts, x, dtype)
-        decision = decisions.get(key) or decide(key, path, block, x, fused, eager, dtype, reference)
-        if decision.path != 'eager':
-            ratios[path] = decision.fused_ms / decision.eager_ms
-    return min(ratios, key=ratios.get) if ratios else None
+        made[path] = decisions.get(key) or decide(key, path, block, x, fused, eager, dtype, reference)
+    accepted = [path for path, d in made.items() if d.path != 'eager']
+    if len(accepted) < 2:
+        return accepted[0] if accepted else None
+    key = case_key(RACE, parts, x, dtype)
+    if key not in decisions:
+        decisions[key] = _race({path: trials[path][0] for path in accepted}, made, block, x)
+        warnings.warn(f'timm_convmixer: using {decisions[key].path} for {_describe(key)} ({decisions[key].reason})',
+                      FastPathDecision, stacklevel=3)
+    return decisions[key].path
+
+
+def _race(fused: Dict[str, Callable[[], object]], made: Dict[str, Decision], block: nn.Module,
+          x: torch.Tensor) -> Decision:
+    """The accepted paths timed against each other (rotating order each round; buffers and random state restored)."""
+    state = _buffers_state(block)
+    times: Dict[str, List[float]] = {path: [] for path in fused}
+    order = list(fused)
+    try:
+        with _forked_rng(x.device):
+            for r in range(RACE_ROUNDS):
+                for path in order[r % len(order):] + order[:r % len(order)]:
+                    _sync(x.device)
+                    start = time.perf_counter()
+                    fused[path]()
+                    _sync(x.device)
+                    times[path].append((time.perf_counter() - start) * 1e3)
+    finally:
+        _restore(state)
+    best = {path: min(t) for path, t in times.items()}
+    winner = min(best, key=best.get)
+    return made[winner]._replace(
+        path=winner, fused_ms=best[winner],
+        reason='fastest of ' + ', '.join(f'{path} {ms:.3f} ms' for path, ms in best.items()) +
+               f' (best of {RACE_ROUNDS} interleaved rounds)')
+
+
+def settled(paths: Sequence[str], parts: BlockParts, x: torch.Tensor, dtype: torch.dtype) -> Optional[str]:
+    """What :func:`fastest` answers for this case once it has been asked, without checking or timing anything:
+    ``None`` while a path or the race between them is undecided, or when the check accepted none."""
+    made = [decisions.get(case_key(path, parts, x, dtype)) for path in paths]
+    if not made or None in made:
+        return None
+    accepted = [d.path for d in made if d.path != 'eager']
+    if len(accepted) < 2:
+        return accepted[0] if accepted else None
+    race = decisions.get(case_key(RACE, parts, x, dtype))
+    return None if race is None else race.path
 
 
 def _describe(key: Tuple) -> str:

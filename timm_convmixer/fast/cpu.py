@@ -13,8 +13,12 @@ then five full passes over the activations: BN, activation, residual add, activa
 4. so a block is: conv+act, addcmul, conv+act, addcmul (in place) instead of conv, act, BN, add, conv, act, BN;
 5. path ``'cpu_compiled'`` runs the block as two passes of our own kernels (:mod:`.cpu_kernels`): the depthwise
    half (conv, bias, activation, BN scale, residual), where oneDNN's channels_last depthwise conv is slow, and the
-   pointwise half as a GEMM with bias, activation and BN affine applied in registers; which path is faster on a
-   CPU, ``auto`` measures (:func:`timm_convmixer.fast.block_forward`).
+   pointwise half as a GEMM with bias, activation and BN affine applied in registers;
+6. path ``'cpu_hybrid'`` runs our depthwise kernel and oneDNN's pointwise conv (whose GEMM is the faster one on some
+   CPUs: 1.2x ours on an AVX-512 Xeon, where ours wins on an AVX2 Zen 3), then the pointwise BN as an ``addcmul``.
+   Between consecutive blocks of a model that both run it, that BN is not written out at all but carried into the
+   next block's depthwise kernel, which applies it as it reads its input (:func:`blocks_forward`): two passes a
+   block. Which path is faster on a CPU, ``auto`` measures (:func:`timm_convmixer.fast.block_forward`).
 
 Numerics: fp32 by default; the BN folds are done in float64, so results match eager to ~1e-6 relative (the
 summation order inside the 1x1 conv differs by one bias term). Under CPU autocast with bfloat16 (and oneDNN bf16
@@ -41,8 +45,8 @@ from . import cpu_kernels, kept
 from .eligibility import BlockParts, bn_scale_shift
 from .runtime import autocast_state
 
-__all__ = ['PATHS', 'available', 'block_forward', 'chosen', 'clear_cache', 'native_bf16', 'paths',
-           'warn_if_bf16_is_emulated']
+__all__ = ['PATHS', 'Carried', 'available', 'block_forward', 'chosen', 'clear_cache', 'hybrid_forward',
+           'materialize', 'native_bf16', 'paths', 'warn_if_bf16_is_emulated']
 
 
 def available() -> bool:
@@ -60,15 +64,24 @@ class _Folded(NamedTuple):
     s_pw: torch.Tensor  # (1, C, 1, 1) BN scale / shift of the pointwise output
     t_pw: torch.Tensor
     w_dw: Optional[torch.Tensor] = None  # 'cpu': packed in oneDNN's layout for the input's shape (or plain)
-    w_pw: Optional[torch.Tensor] = None
-    taps: Optional[torch.Tensor] = None  # 'cpu_compiled': the depthwise weight as (k * k, C)
+    w_pw: Optional[torch.Tensor] = None  # 'cpu', 'cpu_hybrid': likewise
+    taps: Optional[torch.Tensor] = None  # 'cpu_compiled', 'cpu_hybrid': the depthwise weight as (k * k, C)
     panels: Optional[torch.Tensor] = None  # 'cpu_compiled': the pointwise weight as our GEMM reads it (pw_pack)
 
 
-# block's depthwise conv -> {compiled: that path's weights, as kept.kept keeps them}
+class Carried(NamedTuple):
+    """A block output not yet written: ``scale * a + shift`` per channel (``(1, C, 1, 1)`` each), ``a`` the
+    pointwise conv's activation (channels_last). :func:`materialize` writes it; a ``'cpu_hybrid'`` block takes it as
+    its input as it is."""
+    a: torch.Tensor
+    scale: torch.Tensor
+    shift: torch.Tensor
+
+
+# block's depthwise conv -> {path: that path's weights, as kept.kept keeps them}
 _cache = kept.store()
-# block's depthwise conv -> the paths (as `compiled` flags) auto chose for it, over every case it ran (see chosen)
-_chosen: 'weakref.WeakKeyDictionary[nn.Module, Set[bool]]' = weakref.WeakKeyDictionary()
+# block's depthwise conv -> the paths auto chose for it, over every case it ran (see chosen)
+_chosen: 'weakref.WeakKeyDictionary[nn.Module, Set[str]]' = weakref.WeakKeyDictionary()
 
 
 # thread id -> the compiled path's depthwise output buffer of the last shape that thread ran (see _scratch_like)
@@ -188,9 +201,9 @@ def _pack(weight: torch.Tensor, padding: List[int], groups: int, input_size: Lis
         return weight.contiguous()
 
 
-def _fold(parts: BlockParts, input_size: List[int], dtype: torch.dtype, compiled: bool) -> _Folded:
+def _fold(parts: BlockParts, input_size: List[int], dtype: torch.dtype, path: str) -> _Folded:
     """Folded (in float64) and packed weights, stored in the compute ``dtype`` (fp32, or bf16 under autocast), for
-    our kernels (``compiled``) or oneDNN's convolutions."""
+    one of :data:`PATHS`: our kernels read taps and panels, oneDNN's convolutions its packed weights."""
     conv_dw, conv_pw = parts.conv_dw, parts.conv_pw
     dim = parts.dim
     with torch.no_grad(), torch.inference_mode(False):
@@ -209,13 +222,13 @@ def _fold(parts: BlockParts, input_size: List[int], dtype: torch.dtype, compiled
             s_pw=s_pw.to(dtype).view(1, dim, 1, 1),
             t_pw=t_pw.to(dtype).view(1, dim, 1, 1),
         )
-        if compiled:
-            return folded._replace(
-                taps=conv_dw.weight.detach().reshape(dim, k * k).t().contiguous(),
-                panels=cpu_kernels.pw_pack(conv_pw.weight.detach().reshape(dim, dim)))
-        return folded._replace(
-            w_dw=_pack(conv_dw.weight.detach().to(dtype), [k // 2, k // 2], dim, input_size),
-            w_pw=_pack(conv_pw.weight.detach().to(dtype), [0, 0], 1, input_size))
+        if path in ('cpu_compiled', 'cpu_hybrid'):
+            folded = folded._replace(taps=conv_dw.weight.detach().reshape(dim, k * k).t().contiguous())
+        else:
+            folded = folded._replace(w_dw=_pack(conv_dw.weight.detach().to(dtype), [k // 2, k // 2], dim, input_size))
+        if path == 'cpu_compiled':
+            return folded._replace(panels=cpu_kernels.pw_pack(conv_pw.weight.detach().reshape(dim, dim)))
+        return folded._replace(w_pw=_pack(conv_pw.weight.detach().to(dtype), [0, 0], 1, input_size))
 
 
 def _applies(parts: BlockParts, x: torch.Tensor, tensors: List[Optional[torch.Tensor]]) -> Optional[torch.dtype]:
@@ -245,18 +258,18 @@ def _applies(parts: BlockParts, x: torch.Tensor, tensors: List[Optional[torch.Te
     return dtype
 
 
-def _cached(parts: BlockParts, x: torch.Tensor, dtype: torch.dtype, compiled: bool) -> _Folded:
+def _cached(parts: BlockParts, x: torch.Tensor, dtype: torch.dtype, path: str) -> _Folded:
     """The block's folded weights for one path, kept while nothing they derive from changes (:mod:`.kept`'s rule;
     kept per path: auto may run one path for NCHW input and the other for channels_last, alternately)."""
     # oneDNN's packed layout depends on the full input shape, batch included: a layout chosen for batch 1 made the
     # 1024-channel pointwise conv ~1.4x slower at batch 8 (measured), so a new shape repacks; our kernels' do not
     input_size = list(x.shape)
-    key = (None if compiled else tuple(input_size), dtype)
-    return kept.kept(_cache.setdefault(parts.conv_dw, {}), compiled, parts, key,
-                     lambda: _fold(parts, input_size, dtype, compiled))
+    key = (None if path == 'cpu_compiled' else tuple(input_size), dtype)
+    return kept.kept(_cache.setdefault(parts.conv_dw, {}), path, parts, key,
+                     lambda: _fold(parts, input_size, dtype, path))
 
 
-PATHS = ('cpu', 'cpu_compiled')
+PATHS = ('cpu', 'cpu_compiled', 'cpu_hybrid')
 
 
 def chosen(parts: BlockParts, path: Optional[str]) -> None:
@@ -265,16 +278,17 @@ def chosen(parts: BlockParts, path: Optional[str]) -> None:
     and each folds its own copy of the block's weights (9 MiB a block of pointwise weights alone at 1536 channels)."""
     keep = _chosen.setdefault(parts.conv_dw, set())
     if path is not None:
-        keep.add(path == 'cpu_compiled')
+        keep.add(path)
     per_path = _cache.get(parts.conv_dw, {})
-    for compiled in [c for c in per_path if c not in keep]:
-        del per_path[compiled]
+    for dropped in [p for p in per_path if p not in keep]:
+        del per_path[dropped]
 
 
 def paths(parts: BlockParts, x: torch.Tensor) -> Tuple[str, ...]:
     """The CPU paths that can run this block and input (cheap: no folding, no packing; empty where none applies):
-    ``'cpu'`` (both convolutions on oneDNN) wherever this module applies; ``'cpu_compiled'`` (both halves in our
-    compiled kernels) in fp32 when the kernels load (the first call may build them)."""
+    ``'cpu'`` (both convolutions on oneDNN) wherever this module applies; ``'cpu_compiled'`` and ``'cpu_hybrid'``
+    (our depthwise kernel, and our GEMM or oneDNN's) in fp32 when the kernels load (the first call may build
+    them)."""
     dtype = _applies(parts, x, _tensors(parts))
     if dtype is None:
         return ()
@@ -293,10 +307,14 @@ def block_forward(parts: BlockParts, x: torch.Tensor, path: str = 'cpu') -> Opti
     ``parts`` as :func:`.eligibility.block_parts` returns them (the structural and mode checks are done).
     ``'cpu_compiled'`` runs each half as one pass of our kernels (:mod:`.cpu_kernels`): conv, bias, activation,
     BatchNorm scale and residual of the depthwise half; GEMM, bias, activation and BatchNorm affine of the pointwise
-    half. ``'cpu'`` runs each half as a oneDNN convolution with the activation fused and an ``addcmul``.
+    half. ``'cpu'`` runs each half as a oneDNN convolution with the activation fused and an ``addcmul``;
+    ``'cpu_hybrid'`` the depthwise half as ``'cpu_compiled'`` does, the pointwise half as ``'cpu'`` does.
     """
     if path not in PATHS:
         raise ValueError(f'path: expected one of {PATHS}, got {path!r}')
+    if path == 'cpu_hybrid':
+        carried = hybrid_forward(parts, x)
+        return None if carried is None else materialize(carried)
     tensors = _tensors(parts)
     dtype = _applies(parts, x, tensors)
     if dtype is None:
@@ -304,19 +322,16 @@ def block_forward(parts: BlockParts, x: torch.Tensor, path: str = 'cpu') -> Opti
     compiled = path == 'cpu_compiled'
     if compiled and not _compiled_applies(parts, dtype):
         return None
-    f = _cached(parts, x, dtype, compiled)
-    attr, scalars, algorithm = _POST_OPS[parts.act]
+    f = _cached(parts, x, dtype, path)
     k = parts.kernel_size
-    pad = k // 2
     dim = x.shape[1]
-    conv = torch.ops.mkldnn._convolution_pointwise
     with torch.no_grad():
         x = x.to(dtype).contiguous(memory_format=torch.channels_last)
         if compiled:
             u = cpu_kernels.dw_block(x, f.taps, f.b_dw, f.s_dw.view(dim), k, parts.act, _scratch_like(x))
             return cpu_kernels.pw_block(u, f.panels, f.b_pw, f.s_pw.view(dim), f.t_pw.view(dim), parts.act,
                                         _output_like(u))
-        a = conv(x, f.w_dw, f.b_dw, [pad, pad], [1, 1], [1, 1], dim, attr, scalars, algorithm)
+        a = _conv(parts, x, f.w_dw, f.b_dw, dim)
         if k % 2 == 0:
             # PyTorch's "same" for even k pads (k-1)//2 before and k//2 after: pad k//2 on both sides and drop the
             # first row/column, which is exactly that window
@@ -324,5 +339,38 @@ def block_forward(parts: BlockParts, x: torch.Tensor, path: str = 'cpu') -> Opti
             u = torch.addcmul(x, a, f.s_dw)
         else:
             u = torch.addcmul(x, a, f.s_dw, out=a)  # x + s1 * act(dw(x)); BN shift t1 lives in b_pw
-        y = conv(u, f.w_pw, f.b_pw, [0, 0], [1, 1], [1, 1], 1, attr, scalars, algorithm)
-        return torch.addcmul(f.t_pw, y, f.s_pw, out=y)
+        return materialize(Carried(_conv(parts, u, f.w_pw, f.b_pw, 1), f.s_pw, f.t_pw))
+
+
+def _conv(parts: BlockParts, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int) -> torch.Tensor:
+    """oneDNN's convolution with the block's activation fused: the depthwise one ("same", padded k // 2 each side)
+    when ``groups`` > 1, else the pointwise one."""
+    attr, scalars, algorithm = _POST_OPS[parts.act]
+    pad = parts.kernel_size // 2 if groups > 1 else 0
+    return torch.ops.mkldnn._convolution_pointwise(
+        x, weight, bias, [pad, pad], [1, 1], [1, 1], groups, attr, scalars, algorithm)
+
+
+def materialize(carried: Carried) -> torch.Tensor:
+    """The block output ``carried`` stands for, written over its ``a`` (which nothing else holds)."""
+    return torch.addcmul(carried.shift, carried.a, carried.scale, out=carried.a)
+
+
+def hybrid_forward(parts: BlockParts, x: torch.Tensor, carried: Optional[Carried] = None) -> Optional[Carried]:
+    """The ``'cpu_hybrid'`` block's output, its pointwise BatchNorm not yet applied, or ``None`` where the path does
+    not apply. The input is ``x``, or, given ``carried``, the previous block's output that ``carried`` stands for
+    (``x`` is then ignored): our depthwise kernel applies its affine as it reads ``carried.a``, so that output is
+    never written."""
+    if carried is not None:
+        x = carried.a
+    dtype = _applies(parts, x, _tensors(parts))
+    if dtype is None or not _compiled_applies(parts, dtype):
+        return None
+    f = _cached(parts, x, dtype, 'cpu_hybrid')
+    dim = x.shape[1]
+    in_affine = None if carried is None else (carried.scale.view(dim), carried.shift.view(dim))
+    with torch.no_grad():
+        x = x.contiguous(memory_format=torch.channels_last)
+        u = cpu_kernels.dw_block(x, f.taps, f.b_dw, f.s_dw.view(dim), parts.kernel_size, parts.act, _scratch_like(x),
+                                 in_affine)
+        return Carried(_conv(parts, u, f.w_pw, f.b_pw, 1), f.s_pw, f.t_pw)

@@ -122,11 +122,14 @@ def build_error() -> Optional[str]:
 
 
 def dw_block(x: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor, kernel_size: int,
-             act: str, out: torch.Tensor) -> torch.Tensor:
+             act: str, out: torch.Tensor, in_affine: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+             ) -> torch.Tensor:
     """``out = x + scale * act(depthwise_conv_same(x) + bias)`` for a channels_last float32 ``x`` (``out`` likewise,
-    not ``x``): ``taps`` is the depthwise weight as ``(k * k, C)``, ``bias``/``scale`` hold ``C`` values. The kernel
-    must be loaded."""
-    _ops.dw_block(x, taps, bias, scale, kernel_size, ACT_CODES[act], out)
+    not ``x``): ``taps`` is the depthwise weight as ``(k * k, C)``, ``bias``/``scale`` hold ``C`` values. With
+    ``in_affine = (s, t)`` (``C`` values each) the block's input is ``s * x + t`` per channel, applied as the kernel
+    reads ``x``. The kernel must be loaded."""
+    in_scale, in_shift = in_affine if in_affine is not None else (None, None)
+    _ops.dw_block(x, taps, bias, scale, kernel_size, ACT_CODES[act], out, in_scale, in_shift)
     return out
 
 

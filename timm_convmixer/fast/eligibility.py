@@ -26,7 +26,7 @@ import torch.nn as nn
 from timm.layers import DropPath
 
 __all__ = ['ACT_NAMES', 'BlockParts', 'act_name', 'block_parts', 'bn_scale_shift', 'bn_uses_batch_stats',
-           'scale_shift']
+           'has_hooks', 'scale_shift']
 
 # what each supported activation is called by the backends (each maps these names to its own kernels)
 ACT_NAMES = ('identity', 'relu', 'gelu', 'gelu_tanh', 'silu')
@@ -64,7 +64,8 @@ def act_name(module: nn.Module) -> Optional[str]:
     return None
 
 
-def _has_hooks(module: nn.Module) -> bool:
+def has_hooks(module: nn.Module) -> bool:
+    """Whether hooks watch this module run (then a fast path must not run its work without calling it)."""
     return bool(
         module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
         or getattr(module, '_backward_pre_hooks', None))
@@ -130,7 +131,7 @@ def block_parts(block: nn.Module) -> Optional[BlockParts]:
     if act is None or act_name(act_pw) != act:
         return None
     # the block's own hooks run around any path; its children's must see the children run
-    if any(_has_hooks(m) for m in (residual, fn, conv_dw, act_dw, bn_dw, drop_path, conv_pw, act_pw, bn_pw)):
+    if any(has_hooks(m) for m in (residual, fn, conv_dw, act_dw, bn_dw, drop_path, conv_pw, act_pw, bn_pw)):
         return None
     mode = _mode(bn_dw, bn_pw, drop_path)
     if mode is None:

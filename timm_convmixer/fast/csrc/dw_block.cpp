@@ -2,6 +2,10 @@
 //
 //     u = x + scale * act(depthwise_conv_same(x, taps) + bias)        (NHWC, float32)
 //
+// where x may be given as a per-channel affine of the stored tensor, x = in_scale * a + in_shift: the previous
+// block's pointwise BatchNorm, carried here instead of written out by a pass of its own (the affine is applied as
+// each input row is copied into the ring, so the zero padding stays zero, as it is for x).
+//
 // Why a kernel of our own: at ConvMixer's shapes (hundreds of channels, kernels 5-9, 16-32 tokens a side) oneDNN's
 // channels_last depthwise convolution ran at 15-30 GFLOP/s on an AVX2 Zen 3, its pointwise neighbour at ~110, so a
 // block spent a third of its time in the conv that holds a tenth of its FLOPs, plus a separate pass for BatchNorm and
@@ -35,6 +39,8 @@ struct Problem {
   const float* taps;  // k * k, C
   const float* bias;  // C
   const float* scale; // C
+  const float* in_scale;  // C, or null: x is the stored tensor itself
+  const float* in_shift;  // C (with in_scale)
   float* out;         // N, H, W, C
   int64_t N, H, W, C, k, pad;
 };
@@ -76,11 +82,15 @@ void run_item(const Problem& p, const Item& it, float* scratch) {
   const int64_t width = it.w1 - it.w0, ring_w = width + k - 1;
   float* taps = scratch;                // k*k x CB, zero beyond `cols`
   float* bias = taps + k * k * CB;      // CB
-  float* rows = bias + CB;              // k ring slots x ring_w x CB
+  float* in_scale = bias + CB;          // CB: the input's affine (identity when the input is x itself)
+  float* in_shift = in_scale + CB;      // CB
+  float* rows = in_shift + CB;          // k ring slots x ring_w x CB
   float* z = rows + k * ring_w * CB;    // width x CB: one output row before its epilogue
   for (int64_t c = 0; c < CB; ++c) {
     for (int64_t tap = 0; tap < k * k; ++tap) taps[tap * CB + c] = c < cols ? p.taps[tap * C + it.c0 + c] : 0.f;
     bias[c] = c < cols ? p.bias[it.c0 + c] : 0.f;
+    in_scale[c] = p.in_scale && c < cols ? p.in_scale[it.c0 + c] : 1.f;
+    in_shift[c] = p.in_scale && c < cols ? p.in_shift[it.c0 + c] : 0.f;
   }
   std::fill(rows, rows + k * ring_w * CB, 0.f);
   // ring column j holds input column w0 - pad + j; columns outside the image stay zero for the whole item. A
@@ -93,7 +103,11 @@ void run_item(const Problem& p, const Item& it, float* scratch) {
     const bool ahead = ih + 1 < H;
     for (int64_t iw = 0; iw < in_hi - in_lo; ++iw) {
       if (ahead) __builtin_prefetch(src + (W + iw) * C);
-      for (int64_t v = 0; v * VL < cols; ++v) load_part(src + iw * C, v, cols).store(dst + iw * CB + v * VL);
+      for (int64_t v = 0; v * VL < cols; ++v) {
+        const Vec a = load_part(src + iw * C, v, cols);
+        (p.in_scale ? at::vec::fmadd(a, Vec::loadu(in_scale + v * VL), Vec::loadu(in_shift + v * VL)) : a)
+            .store(dst + iw * CB + v * VL);
+      }
     }
   };
   int64_t next = std::max<int64_t>(0, it.r0 - pad);  // the next input row the ring needs
@@ -130,7 +144,7 @@ void run(const Problem& p) {
   const int64_t per_band = p.N * blocks * segs, want = 4 * int64_t(at::get_num_threads());
   const int64_t bands = std::min<int64_t>(p.H, std::max<int64_t>(1, (want + per_band - 1) / per_band));
   const int64_t band = (p.H + bands - 1) / bands;
-  const int64_t scratch_floats = (p.k * p.k + 1 + p.k * (seg + p.k - 1) + seg) * CB;
+  const int64_t scratch_floats = (p.k * p.k + 3 + p.k * (seg + p.k - 1) + seg) * CB;
   at::parallel_for(0, per_band * bands, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scratch(scratch_floats);
     for (int64_t i = begin; i < end; ++i) {
@@ -147,7 +161,8 @@ void run(const Problem& p) {
 }
 
 void dw_block(const at::Tensor& x, const at::Tensor& taps, const at::Tensor& bias, const at::Tensor& scale, int64_t k,
-              int64_t act, const at::Tensor& out) {
+              int64_t act, const at::Tensor& out, const c10::optional<at::Tensor>& in_scale,
+              const c10::optional<at::Tensor>& in_shift) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 4,
               "dw_block: x must be a 4-d float32 CPU tensor, got ", x.scalar_type(), " with ", x.dim(), " dims");
   TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast), "dw_block: x must be channels_last");
@@ -158,13 +173,20 @@ void dw_block(const at::Tensor& x, const at::Tensor& taps, const at::Tensor& bia
                 "dw_block: taps, bias and scale must be contiguous float32 CPU tensors");
   TORCH_CHECK(taps.numel() == k * k * C && bias.numel() == C && scale.numel() == C,
               "dw_block: expected taps of ", k * k, " x ", C, " and ", C, " bias and scale values");
+  TORCH_CHECK(in_scale.has_value() == in_shift.has_value(), "dw_block: give both in_scale and in_shift, or neither");
+  if (in_scale.has_value())
+    for (const at::Tensor* t : {&*in_scale, &*in_shift})
+      TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == C,
+                  "dw_block: in_scale and in_shift must be contiguous float32 CPU tensors of ", C, " values");
   TORCH_CHECK(act >= IDENTITY && act <= SILU, "dw_block: unknown activation code ", act);
   TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == at::kFloat && out.sizes() == x.sizes() &&
               out.is_contiguous(at::MemoryFormat::ChannelsLast), "dw_block: out must be a channels_last float32 CPU "
               "tensor of x's shape");
   TORCH_CHECK(!out.is_same(x), "dw_block: out must not be x (each output reads its neighbours' inputs)");
   const Problem p{x.data_ptr<float>(), taps.data_ptr<float>(), bias.data_ptr<float>(), scale.data_ptr<float>(),
-                  out.data_ptr<float>(), x.size(0), x.size(2), x.size(3), C, k, (k - 1) / 2};
+                  in_scale.has_value() ? in_scale->data_ptr<float>() : nullptr,
+                  in_shift.has_value() ? in_shift->data_ptr<float>() : nullptr, out.data_ptr<float>(),
+                  x.size(0), x.size(2), x.size(3), C, k, (k - 1) / 2};
   if (out.numel() == 0) return;
   with_activation(act, [&](auto a) { run<decltype(a)::value>(p); });
 }
@@ -172,7 +194,8 @@ void dw_block(const at::Tensor& x, const at::Tensor& taps, const at::Tensor& bia
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(timm_convmixer_cpu, m) {
-  m.def("dw_block(Tensor x, Tensor taps, Tensor bias, Tensor scale, int k, int act, Tensor(a!) out) -> ()");
+  m.def("dw_block(Tensor x, Tensor taps, Tensor bias, Tensor scale, int k, int act, Tensor(a!) out, "
+        "Tensor? in_scale=None, Tensor? in_shift=None) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(timm_convmixer_cpu, CPU, m) { m.impl("dw_block", &dw_block); }

@@ -1,0 +1,88 @@
+"""Each CPU fast path forced on whole models, against each other and the plain modules, in one interleaved run.
+
+    python benchmarks/cpu_paths.py [--rounds 7] [--models ...] [--out benchmarks/results/cpu_paths.json]
+
+What ``auto`` chooses between, measured where it matters (the whole model, not one block): ``cpu`` (oneDNN's two
+convolutions), ``cpu_compiled`` (our two kernels), ``cpu_hybrid`` (our depthwise kernel, oneDNN's pointwise conv,
+the pointwise BatchNorm carried from block to block) and ``eager`` (the plain modules), same weights and input,
+fp32, no grad, channels_last input, one batch of each path per round with the order rotating (medians; ratios within
+the run). Each path's output is checked against eager's first. Which path wins depends on the CPU (our GEMM beat
+oneDNN's on an AVX2 Zen 3 and lost to it on an AVX-512 Xeon), so the CPU model and vector flags go with the figures.
+"""
+import argparse
+import statistics
+import sys
+
+import timm
+import torch
+
+from timm_convmixer import fast
+from timm_convmixer.cli.atomic import atomic_write_json
+from timm_convmixer.cli.measure import hardware, time_interleaved
+from timm_convmixer.fast import cpu_kernels
+
+PATHS = ('eager', 'cpu', 'cpu_compiled', 'cpu_hybrid')
+# variant -> (batch, image size), as the engines sweep runs them
+MODELS = {
+    'convmixer_768_32': (8, 224), 'convmixer_1536_20': (8, 224), 'convmixer_1024_20_ks9_p14': (8, 224),
+    'convmixer_1536_24_ks9_p14': (8, 224), 'convmixer_1024_16_ks9_p7': (8, 224), 'convmixer_512_16_ks8_p7': (8, 224),
+    'convmixer_256_8_ks5_p2': (64, 32), 'convmixer_256_8_ks9_p1': (64, 32),
+}
+
+
+def _case(name: str, rounds: int, depth=None):
+    batch, size = MODELS[name]
+    model = timm.create_model(name, **({} if depth is None else {'depth': depth})).eval()
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0)).contiguous(
+        memory_format=torch.channels_last)
+
+    def runner(path):
+        def run():
+            with torch.no_grad(), fast.use_backend(path):
+                return model(x)
+        return run
+    runs = {path: runner(path) for path in PATHS}
+    want = runs['eager']()
+    errors = {}
+    for path, run in runs.items():
+        fast.reset_counters()
+        got = run()
+        if dict(fast.counters) != {path: len(model.blocks)}:
+            raise SystemExit(f'{name}: backend {path} ran {dict(fast.counters)}')
+        errors[path] = ((got - want).abs().max() / want.abs().max()).item()
+        if errors[path] > 1e-4:
+            raise SystemExit(f'{name}: {path} differs from eager by {errors[path]:.1e} of the logits\' scale')
+    times = time_interleaved(runs, rounds, torch.device('cpu'))
+    ms = {path: statistics.median(t) * 1e3 for path, t in times.items()}
+    best = min(ms, key=ms.get)
+    return {'batch': batch, 'img_size': size, 'median_ms': {k: round(v, 2) for k, v in ms.items()},
+            'times_ms': {k: [round(s * 1e3, 2) for s in t] for k, t in times.items()},
+            'max_rel_err': errors, 'fastest': best,
+            'hybrid_over': {k: round(ms[k] / ms['cpu_hybrid'], 3) for k in PATHS if k != 'cpu_hybrid'}}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--rounds', type=int, default=7)
+    parser.add_argument('--models', nargs='+', default=list(MODELS), choices=list(MODELS))
+    parser.add_argument('--depth', type=int, help='cut the models to this many blocks (a quick look)')
+    parser.add_argument('--out', help='write the results as JSON here')
+    args = parser.parse_args(argv)
+    if cpu_kernels.load() is None:
+        raise SystemExit(f'our CPU kernels cannot be built here: {cpu_kernels.build_error()}')
+    doc = {'command': ' '.join(['python', *sys.argv]), 'hardware': hardware(torch.device('cpu')),
+           'rounds': args.rounds, 'depth': args.depth, 'results': {}}
+    print(f"{doc['hardware']['cpu_model']} ({' '.join(doc['hardware']['cpu_flags'])}), "
+          f"{torch.get_num_threads()} threads; ms per batch (median of {args.rounds} interleaved rounds)")
+    print(f"{'model':28} " + ' '.join(f'{p:>12}' for p in PATHS) + '   cpu_hybrid vs cpu_compiled / cpu')
+    for name in args.models:
+        res = doc['results'][name] = _case(name, args.rounds, args.depth)
+        print(f'{name:28} ' + ' '.join(f"{res['median_ms'][p]:12.1f}" for p in PATHS) +
+              f"   {res['hybrid_over']['cpu_compiled']:.3f}x / {res['hybrid_over']['cpu']:.3f}x", flush=True)
+    if args.out:
+        atomic_write_json(args.out, doc)
+        print('wrote', args.out)
+
+
+if __name__ == '__main__':
+    main()
