@@ -6,7 +6,8 @@
 #    beside timm's built-in eager (both layouts), the built-in under torch.compile with Inductor freezing, and
 #    onnxruntime and OpenVINO on our ONNX export, same weights, one interleaved run per model, fp32 correctness of
 #    each against eager. Engines whose package is missing are reported as such.
-# 2. The pointwise half alone: our GEMM against oneDNN's 1x1 convolution (+ addcmul) and MKL's sgemm.
+# 2. The pointwise half alone: our GEMM against oneDNN's 1x1 convolution (+ addcmul) and MKL's sgemm; our paths
+#    (cpu, cpu_compiled, cpu_hybrid, eager) forced on whole models.
 # 3. Training with the memory-lean block forced, against the built-in (auto keeps whichever it measures faster).
 set -euo pipefail
 ITERS=${ITERS:-5}
@@ -28,6 +29,8 @@ for m in $CIFAR; do
 done
 
 python benchmarks/cpu_pointwise.py --rounds 7 --out $R/cpu_pointwise.json
+# 2b. Our CPU paths against each other on whole models (what auto chooses between)
+python benchmarks/cpu_paths.py --rounds 7 --out $R/cpu_paths.json
 
 # the memory-lean training block, forced (--backend lean), against the built-in: its throughput cost on this CPU
 B --models convmixer_768_32 --model-kwargs depth=8 --batch-size 8 --img-size 224 --task train --dtype fp32 \

@@ -3,7 +3,7 @@
 A deploying user can run a ConvMixer several ways; this puts them side by side on the same weights and input:
 
 * ``ours_nchw`` / ``ours_channels_last``: our registered model with the ``timm_convmixer.fast`` backend (``auto``:
-  the faster CPU path per case, oneDNN's or our compiled kernels), NCHW or channels_last input;
+  the fastest CPU path per case: oneDNN's, our compiled kernels, or ours and oneDNN's), NCHW or channels_last input;
   ``ours_bf16``: the same under bf16 autocast (channels_last), only where oneDNN has native bf16 kernels on this
   CPU (elsewhere bf16 is emulated, 15-20x slower, and the engine is reported as skipped with that reason);
 * ``builtin_nchw`` / ``builtin_channels_last``: timm's own ``timm.models.convmixer.ConvMixer``, eager;
