@@ -17,7 +17,7 @@ then five full passes over the activations: BN, activation, residual add, activa
 6. path ``'cpu_hybrid'`` runs our depthwise kernel and oneDNN's pointwise conv (whose GEMM is the faster one on some
    CPUs: 1.2x ours on an AVX-512 Xeon, where ours wins on an AVX2 Zen 3), then the pointwise BN as an ``addcmul``.
    Between consecutive blocks of a model that both run it, that BN is not written out at all but carried into the
-   next block's depthwise kernel, which applies it as it reads its input (:func:`blocks_forward`): two passes a
+   next block's depthwise kernel, which applies it as it reads its input (``fast.blocks_forward``): two passes a
    block. Which path is faster on a CPU, ``auto`` measures (:func:`timm_convmixer.fast.block_forward`).
 
 Numerics: fp32 by default; the BN folds are done in float64, so results match eager to ~1e-6 relative (the
