@@ -326,8 +326,10 @@ def block_forward(block: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
 def _runs_hybrid(parts: BlockParts, x: torch.Tensor) -> bool:
     """Whether this block would run ``cpu_hybrid`` on ``x`` alone: forced, or auto's decision for the case, already
     made, is it (an undecided case is not guessed: the block runs alone, so auto's check sees its real input)."""
-    if parts.mode != 'eval' or _backend == 'cpu_hybrid':
-        return parts.mode == 'eval'
+    if parts.mode != 'eval':
+        return False
+    if _backend == 'cpu_hybrid':
+        return True
     from . import checked, cpu
     return checked.settled(cpu.paths(parts, x), parts, x, _compute_dtype(x)) == 'cpu_hybrid'
 

@@ -99,6 +99,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _call_ms(fn: Callable[[], object], device: torch.device) -> float:
+    """Milliseconds one call of ``fn`` takes, the device synchronized before and after."""
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return (time.perf_counter() - start) * 1e3
+
+
 def _time_both_ms(fused: Callable[[], object], eager: Callable[[], object], device: torch.device) -> Tuple[float, float]:
     """Best of :data:`TIMED_REPEATS` runs of each, interleaved so drift in the machine's speed hits both alike.
 
@@ -107,11 +116,7 @@ def _time_both_ms(fused: Callable[[], object], eager: Callable[[], object], devi
     times: Tuple[List[float], List[float]] = ([], [])
     for _ in range(TIMED_REPEATS):
         for fn, bucket in ((fused, times[0]), (eager, times[1])):
-            _sync(device)
-            start = time.perf_counter()
-            fn()
-            _sync(device)
-            bucket.append((time.perf_counter() - start) * 1e3)
+            bucket.append(_call_ms(fn, device))
     return min(times[0]), min(times[1])
 
 
@@ -254,14 +259,12 @@ def fastest(
         key = case_key(path, parts, x, dtype)
         made[path] = decisions.get(key) or decide(key, path, block, x, fused, eager, dtype, reference)
     accepted = [path for path, d in made.items() if d.path != 'eager']
-    if len(accepted) < 2:
-        return accepted[0] if accepted else None
     key = case_key(RACE, parts, x, dtype)
-    if key not in decisions:
+    if len(accepted) > 1 and key not in decisions:
         decisions[key] = _race({path: trials[path][0] for path in accepted}, made, block, x)
         warnings.warn(f'timm_convmixer: using {decisions[key].path} for {_describe(key)} ({decisions[key].reason})',
                       FastPathDecision, stacklevel=3)
-    return decisions[key].path
+    return settled(list(trials), parts, x, dtype)
 
 
 def _race(fused: Dict[str, Callable[[], object]], made: Dict[str, Decision], block: nn.Module,
@@ -274,11 +277,7 @@ def _race(fused: Dict[str, Callable[[], object]], made: Dict[str, Decision], blo
         with _forked_rng(x.device):
             for r in range(RACE_ROUNDS):
                 for path in order[r % len(order):] + order[:r % len(order)]:
-                    _sync(x.device)
-                    start = time.perf_counter()
-                    fused[path]()
-                    _sync(x.device)
-                    times[path].append((time.perf_counter() - start) * 1e3)
+                    times[path].append(_call_ms(fused[path], x.device))
     finally:
         _restore(state)
     best = {path: min(t) for path, t in times.items()}
