@@ -54,10 +54,12 @@ def _reference(x, weight, bias, scale, act):
 
 # channels: partial vectors and blocks (7, 20, 24, 40); kernels odd, even, 1; images 1x1 up to wide/tall enough for
 # the kernel to split columns into segments (70 wide) and rows into bands (one image, few channel blocks); rows of
-# full 8-pixel tiles and a partial one for kernels 3, 4, 5, 7, 8 and 9
+# full tiles and a partial one for kernels 3, 4, 5, 7, 8 and 9; 27-wide rows: a 16-pixel strip, an 8-pixel one and
+# single pixels in one row (AVX-512's strips for ConvMixer's kernel sizes)
 SHAPES = [
     (2, 24, 9, 13, 5), (1, 7, 5, 6, 3), (3, 40, 8, 8, 8), (1, 32, 1, 1, 9), (2, 16, 70, 3, 9), (1, 16, 6, 70, 9),
     (1, 48, 40, 40, 7), (2, 16, 12, 12, 1), (1, 16, 4, 4, 2), (1, 20, 6, 19, 3), (1, 16, 5, 11, 4),
+    (1, 24, 6, 27, 5), (1, 24, 5, 27, 8), (1, 20, 9, 27, 9), (1, 16, 7, 27, 7),
 ]
 
 
