@@ -410,3 +410,19 @@ def test_paths_benchmark_script(run_python, tmp_path, kernels):
     assert res['fastest'] == min(ms, key=ms.get)
     assert res['hybrid_over']['cpu'] == pytest.approx(ms['cpu'] / ms['cpu_hybrid'], rel=1e-2)
     assert 'cpu_flags' in doc['hardware'] and doc['depth'] == 1
+
+
+def test_depthwise_benchmark_script(run_python, tmp_path, kernels):
+    """``benchmarks/cpu_depthwise.py`` end to end on one shape: checked output, all three timed, the ratio is that of
+    the medians, JSON with the CPU's flags."""
+    import json
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / 'depthwise.json'
+    run_python(os.path.join(repo, 'benchmarks', 'cpu_depthwise.py'), '--models', 'convmixer_256_8_ks5_p2',
+               '--rounds', '1', '--out', out)
+    doc = json.loads(out.read_text())
+    res = doc['results']['convmixer_256_8_ks5_p2']
+    ms = res['median_ms']
+    assert res['max_rel_error'] <= 1e-5 and set(ms) == {'ours', 'onednn', 'copy'} and all(v > 0 for v in ms.values())
+    assert res['ours_over_onednn'] == pytest.approx(ms['onednn'] / ms['ours'], rel=1e-2)
+    assert res['shape'] == [64, 256, 16, 16] and res['kernel_size'] == 5 and 'cpu_flags' in doc['hardware']

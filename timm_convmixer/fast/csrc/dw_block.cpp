@@ -171,12 +171,13 @@ void run_item(const Problem& p, const Item& it, float* scratch) {
     conv_row<K>(ring, taps, bias, kh_lo, kh_hi, k, width, z);
     // epilogue while the row is in L1: u = x + scale * act(z), x read from the ring (input row oh, ring column
     // pad + j), not again from memory. The stores land C floats apart, each on a line not yet in cache: asking for
-    // the next row's lines while this one is stored took the k = 1 kernel from 4.4 to 2.4 ms at 64x256x16x16
+    // the next row's lines while this one is stored took the k = 1 kernel from 4.4 to 2.4 ms at 64x256x16x16. A
+    // read prefetch: PREFETCHW (-mprfchw) ran 0.81x-0.99x of it, fetching two rows ahead or into L2 0.91x-1.11x
     const float* center = rows + (oh % k) * ring_w * CB + pad * CB;
     float* out = p.out + ((it.n * H + oh) * W + it.w0) * C + it.c0;
     const bool out_ahead = AVX512_SCHEDULE && oh + 1 < it.r1;
     for (int64_t j = 0; j < width; ++j) {
-      if (out_ahead) __builtin_prefetch(out + (W + j) * C, 1);
+      if (out_ahead) __builtin_prefetch(out + (W + j) * C, 0);
       for (int64_t v = 0; v * VL < cols; ++v) {
         const Vec r = at::vec::fmadd(activate<ACT>(Vec::loadu(z + j * CB + v * VL)),
                                      load_part(p.scale + it.c0, v, cols), Vec::loadu(center + j * CB + v * VL));
