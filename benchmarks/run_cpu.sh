@@ -6,8 +6,9 @@
 #    beside timm's built-in eager (both layouts), the built-in under torch.compile with Inductor freezing, and
 #    onnxruntime and OpenVINO on our ONNX export, same weights, one interleaved run per model, fp32 correctness of
 #    each against eager. Engines whose package is missing are reported as such.
-# 2. The pointwise half alone: our GEMM against oneDNN's 1x1 convolution (+ addcmul) and MKL's sgemm; our paths
-#    (cpu, cpu_compiled, cpu_hybrid, eager) forced on whole models.
+# 2. The pointwise half alone: our GEMM against oneDNN's 1x1 convolution (+ addcmul) and MKL's sgemm; the depthwise
+#    half alone: our dw_block against oneDNN's bare depthwise conv and a copy; our paths (cpu, cpu_compiled,
+#    cpu_hybrid, eager) forced on whole models.
 # 3. Training with the memory-lean block forced, against the built-in (auto keeps whichever it measures faster).
 set -euo pipefail
 ITERS=${ITERS:-5}
@@ -29,6 +30,7 @@ for m in $CIFAR; do
 done
 
 python benchmarks/cpu_pointwise.py --rounds 7 --out $R/cpu_pointwise.json
+python benchmarks/cpu_depthwise.py --rounds 9 --out $R/cpu_depthwise.json
 # 2b. Our CPU paths against each other on whole models (what auto chooses between)
 python benchmarks/cpu_paths.py --rounds 7 --out $R/cpu_paths.json
 

@@ -113,6 +113,18 @@ def test_compiles_for_each_vector_isa(capability, tmp_path):
     print(f'{capability}: compiled in {time.perf_counter() - start:.1f} s: {sizes}')
 
 
+def test_fma_probe(kernels):
+    """The FMA probe measures a throughput on the current threads and names bad arguments; ``bench --engines`` takes
+    its peak from it where the kernels load (its value is a timing: not asserted beyond being one)."""
+    from timm_convmixer.cli.bench_engines import measured_peak
+    gflops = cpu_kernels.fma_peak_gflops(per_thread=20_000, repeats=2)
+    assert 0 < gflops < float('inf')
+    with pytest.raises(RuntimeError, match='per_thread and repeats must be positive'):
+        cpu_kernels.fma_peak_gflops(per_thread=0)
+    peak = measured_peak()
+    assert peak['method'].startswith('measured fp32 FMA peak') and peak['gflops'] > 0
+
+
 def test_bad_arguments_are_named(kernels):
     x, weight, bias, scale = _inputs(1, 16, 6, 6, 3)
     taps = weight.reshape(16, 9).t().contiguous()
@@ -320,7 +332,7 @@ def _compiled_forward(model, x):
 
 def test_no_build_when_asked_not_to(run_python):
     """TIMM_CONVMIXER_CPU_BUILD=0: nothing is compiled, the compiled path declines, auto weighs oneDNN's path only,
-    and ``build()`` says why it cannot."""
+    ``build()`` says why it cannot, and ``bench --engines`` falls back to the sgemm yardstick for the CPU's peak."""
     code = '''
         import warnings, torch, timm, timm_convmixer
         from timm_convmixer import fast
@@ -338,10 +350,14 @@ def test_no_build_when_asked_not_to(run_python):
             cpu_kernels.build()
         except RuntimeError as e:
             print(e)
+        from timm_convmixer.cli.bench_engines import measured_peak
+        peak = measured_peak()
+        print(peak['method'].split(' (')[0], peak['gflops'] > 0)
     '''
     out = run_python(code=code, env={cpu_kernels.BUILD_ENV_VAR: '0'}).stdout.strip().splitlines()
-    assert out[-3:] == ["{'eager': 2}", "['cpu']",
-                        'timm_convmixer: the CPU kernels are unavailable: TIMM_CONVMIXER_CPU_BUILD=0']
+    assert out[-4:] == ["{'eager': 2}", "['cpu']",
+                        'timm_convmixer: the CPU kernels are unavailable: TIMM_CONVMIXER_CPU_BUILD=0',
+                        'measured sgemm peak True']
 
 
 def test_failed_build_warns_once_and_falls_back(run_python, tmp_path):

@@ -25,9 +25,9 @@ is still timed, but is never the "best peer" nor the fastest.
 
 Speed: img/s (median), ms per batch, the ratio to the built-in's best eager layout and to the best peer (every
 engine that is not ours), GFLOP/s (FLOPs of the forward from torch's FLOP counter on the built-in model) and the
-fraction of the CPU's fp32 peak: ``--peak-gflops`` when given, else a measured sgemm peak (best of a few large fp32
-``torch.mm`` calls on the same threads; under load this is lower than the CPU's real peak). The peak's source is
-recorded with it.
+fraction of the CPU's fp32 peak: ``--peak-gflops`` when given, else measured on the same threads by our FMA probe
+(:func:`measured_peak`; an sgemm yardstick where our CPU kernels cannot be built, which reads lower than the real
+peak). The peak's source is recorded with it.
 
 Python API: :func:`run_engines` returns the result dict, :func:`save_engines_chart` draws it.
 """
@@ -44,6 +44,7 @@ import torch
 import torch.nn as nn
 
 from .. import fast
+from ..fast import cpu_kernels
 from ..fast.cpu import native_bf16
 from .atomic import atomic_write
 from .measure import build_pair, count_flops, hardware, make_step, prepare, time_interleaved, write_outputs
@@ -83,6 +84,20 @@ def _version(name: str) -> Optional[str]:
         return getattr(importlib.import_module(name), '__version__', 'unknown')
     except ImportError:
         return None
+
+
+def measured_peak() -> Dict[str, Any]:
+    """The CPU's fp32 peak on the current threads, and how it was had: our FMA probe
+    (:func:`timm_convmixer.fast.cpu_kernels.fma_peak_gflops`, the arithmetic ceiling itself) where our CPU kernels
+    load, else the sgemm yardstick (which read 50-90% of the probe on a 2-core AVX-512 VM)."""
+    threads = torch.get_num_threads()
+    if cpu_kernels.load() is not None:
+        return {'gflops': cpu_kernels.fma_peak_gflops(),
+                'method': f'measured fp32 FMA peak (independent vector FMAs from registers, best of 3, {threads} '
+                          'threads)'}
+    return {'gflops': measured_sgemm_gflops(),
+            'method': f'measured sgemm peak (torch.mm fp32 2048x2048, best of 5, {threads} threads; reads low under '
+                      'load; our CPU kernels, whose FMA probe reads the real peak, are unavailable here)'}
 
 
 def measured_sgemm_gflops(n: int = 2048, reps: int = 5) -> float:
@@ -252,8 +267,8 @@ def run_engines(
     """Time every engine (default all of :data:`ENGINES`) on one model, interleaved; returns a JSON-ready dict.
 
     ``bf16``: None measures ``ours_bf16`` only where the CPU has native bf16; True measures it anyway (emulated),
-    False never. ``peak_gflops``: the CPU's fp32 peak; without it (and with ``measure_peak``) a measured sgemm peak
-    is used. ``warmup``: untimed rounds before the timed ones (at least one, which also checks correctness).
+    False never. ``peak_gflops``: the CPU's fp32 peak; without it (and with ``measure_peak``) :func:`measured_peak`.
+    ``warmup``: untimed rounds before the timed ones (at least one, which also checks correctness).
     """
     engines = list(ENGINES if not engines else engines)
     bad = [e for e in engines if e not in ENGINES]
@@ -286,9 +301,7 @@ def run_engines(
     if peak_gflops:
         peak = {'gflops': float(peak_gflops), 'method': 'user (--peak-gflops)'}
     elif measure_peak:
-        peak = {'gflops': measured_sgemm_gflops(),
-                'method': f'measured sgemm peak (torch.mm fp32 2048x2048, best of 5, {torch.get_num_threads()} '
-                          'threads; reads low under load)'}
+        peak = measured_peak()
     else:
         peak = {'gflops': None, 'method': 'unknown'}
 
@@ -435,7 +448,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              'OpenVINO on the same weights; optionally a subset of ' + ', '.join(ENGINES))
     parser.add_argument('--peak-gflops', type=float, default=None,
                         help='--engines: the CPU\'s fp32 peak for the fraction-of-peak column (default: measured '
-                             'sgemm peak)')
+                             'by our FMA probe)')
 
 
 def _single(parser_defaults: Dict[str, Any], args: argparse.Namespace) -> Optional[str]:

@@ -24,12 +24,12 @@ import torch
 
 from .checked import FastPathDecision
 
-__all__ = ['ACT_CODES', 'BUILD_ENV_VAR', 'MAX_KERNEL_SIZE', 'build', 'build_error', 'dw_block', 'load', 'pw_block',
-           'pw_pack', 'storage_use_count']
+__all__ = ['ACT_CODES', 'BUILD_ENV_VAR', 'MAX_KERNEL_SIZE', 'build', 'build_error', 'dw_block', 'fma_peak_gflops',
+           'load', 'pw_block', 'pw_pack', 'storage_use_count']
 
 BUILD_ENV_VAR = 'TIMM_CONVMIXER_CPU_BUILD'
 _CSRC = os.path.join(os.path.dirname(__file__), 'csrc')
-SOURCES = [os.path.join(_CSRC, name) for name in ('dw_block.cpp', 'pw_block.cpp')]
+SOURCES = [os.path.join(_CSRC, name) for name in ('dw_block.cpp', 'pw_block.cpp', 'fma_peak.cpp')]
 HEADERS = [os.path.join(_CSRC, 'cpu_common.h')]
 # activation name (eligibility.ACT_NAMES) -> the kernel's code (enum Act in the C++ source)
 ACT_CODES: Dict[str, int] = {'identity': 0, 'relu': 1, 'gelu': 2, 'gelu_tanh': 3, 'silu': 4}
@@ -145,6 +145,13 @@ def pw_block(u: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor, scale: t
     output channel. The kernels must be loaded."""
     _ops.pw_block(u, panels, bias, scale, shift, ACT_CODES[act], out)
     return out
+
+
+def fma_peak_gflops(per_thread: int = 4_000_000, repeats: int = 3) -> float:
+    """This CPU's fp32 FMA throughput in GFLOP/s on ATen's current threads (``csrc/fma_peak.cpp``: independent
+    vector FMAs from registers, the best of ``repeats`` runs of ``per_thread`` rounds of 16 each, ~25 ms a run on a
+    2-core AVX-512 VM): the ceiling a fraction of peak is a fraction of. The kernels must be loaded."""
+    return _ops.fma_peak_gflops(per_thread, repeats)
 
 
 def storage_use_count(t: torch.Tensor) -> int:
