@@ -10,15 +10,12 @@ tensor: the floor for any pass over it). GFLOP/s count the conv's 2*k*k MACs per
 output is checked against float64 first. The CPU model and vector flags go with the figures: on an AVX2 Zen 3
 oneDNN's was the slow one, on an AVX-512 Xeon ours was at small kernels.
 """
-import argparse
 import statistics
-import sys
 
 import torch
 import torch.nn.functional as F
 
-from timm_convmixer.cli.atomic import atomic_write_json
-from timm_convmixer.cli.measure import hardware, time_interleaved
+from timm_convmixer.cli.measure import cpu_script_finish, cpu_script_start, time_interleaved
 from timm_convmixer.fast import cpu_kernels
 
 # variant -> (batch, channels, tokens a side, kernel size, activation)
@@ -67,28 +64,17 @@ def _case(batch, dim, side, k, act, rounds):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--rounds', type=int, default=9)
-    parser.add_argument('--models', nargs='+', default=list(SHAPES), choices=list(SHAPES))
-    parser.add_argument('--out', help='write the results as JSON here')
-    args = parser.parse_args(argv)
-    cpu_kernels.build()
-    doc = {'command': ' '.join(['python', *sys.argv]), 'hardware': hardware(torch.device('cpu')),
-           'rounds': args.rounds, 'results': {}}
-    print(f"{doc['hardware']['cpu_model']} ({' '.join(doc['hardware']['cpu_flags'])}), "
-          f"{torch.get_num_threads()} threads; ms (median of {args.rounds} interleaved rounds)")
+    args, doc = cpu_script_start(__doc__, SHAPES, 9, 'ms', argv)
     print(f"{'model':28} {'N x C x HW, k':>20} {'ours':>8} {'onednn':>8} {'copy':>7} {'ours GF/s':>10} "
           f"{'ours/onednn':>12} {'ours in copies':>15}")
     for name in args.models:
         res = doc['results'][name] = _case(*SHAPES[name], args.rounds)
         n, c, h, _ = res['shape']
         ms, label = res['median_ms'], f"{n}x{c}x{h}^2, {res['kernel_size']}"
-        print(f"{name:28} {label:>20} {ms['ours']:8.2f} {ms['onednn']:8.2f} "
-              f"{ms['copy']:7.2f} {res['conv_gflop_s']['ours']:10.1f} {res['ours_over_onednn']:11.2f}x "
-              f"{res['ours_in_copies']:14.2f}x", flush=True)
-    if args.out:
-        atomic_write_json(args.out, doc)
-        print('wrote', args.out)
+        print(f"{name:28} {label:>20} {ms['ours']:8.2f} {ms['onednn']:8.2f} {ms['copy']:7.2f} "
+              f"{res['conv_gflop_s']['ours']:10.1f} {res['ours_over_onednn']:11.2f}x {res['ours_in_copies']:14.2f}x",
+              flush=True)
+    cpu_script_finish(doc, args.out)
 
 
 if __name__ == '__main__':

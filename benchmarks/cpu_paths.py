@@ -9,17 +9,13 @@ fp32, no grad, channels_last input, one batch of each path per round with the or
 the run). Each path's output is checked against eager's first. Which path wins depends on the CPU (our GEMM beat
 oneDNN's on an AVX2 Zen 3 and lost to it on an AVX-512 Xeon), so the CPU model and vector flags go with the figures.
 """
-import argparse
 import statistics
-import sys
 
 import timm
 import torch
 
 from timm_convmixer import fast
-from timm_convmixer.cli.atomic import atomic_write_json
-from timm_convmixer.cli.measure import hardware, time_interleaved
-from timm_convmixer.fast import cpu_kernels
+from timm_convmixer.cli.measure import cpu_script_finish, cpu_script_start, time_interleaved
 
 PATHS = ('eager', 'cpu', 'cpu_compiled', 'cpu_hybrid')
 # variant -> (batch, image size), as the engines sweep runs them
@@ -62,26 +58,16 @@ def _case(name: str, rounds: int, depth=None):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--rounds', type=int, default=7)
-    parser.add_argument('--models', nargs='+', default=list(MODELS), choices=list(MODELS))
-    parser.add_argument('--depth', type=int, help='cut the models to this many blocks (a quick look)')
-    parser.add_argument('--out', help='write the results as JSON here')
-    args = parser.parse_args(argv)
-    if cpu_kernels.load() is None:
-        raise SystemExit(f'our CPU kernels cannot be built here: {cpu_kernels.build_error()}')
-    doc = {'command': ' '.join(['python', *sys.argv]), 'hardware': hardware(torch.device('cpu')),
-           'rounds': args.rounds, 'depth': args.depth, 'results': {}}
-    print(f"{doc['hardware']['cpu_model']} ({' '.join(doc['hardware']['cpu_flags'])}), "
-          f"{torch.get_num_threads()} threads; ms per batch (median of {args.rounds} interleaved rounds)")
+    def depth(parser):
+        parser.add_argument('--depth', type=int, help='cut the models to this many blocks (a quick look)')
+    args, doc = cpu_script_start(__doc__, MODELS, 7, 'ms per batch', argv, extra=depth)
+    doc['depth'] = args.depth
     print(f"{'model':28} " + ' '.join(f'{p:>12}' for p in PATHS) + '   cpu_hybrid vs cpu_compiled / cpu')
     for name in args.models:
         res = doc['results'][name] = _case(name, args.rounds, args.depth)
         print(f'{name:28} ' + ' '.join(f"{res['median_ms'][p]:12.1f}" for p in PATHS) +
               f"   {res['hybrid_over']['cpu_compiled']:.3f}x / {res['hybrid_over']['cpu']:.3f}x", flush=True)
-    if args.out:
-        atomic_write_json(args.out, doc)
-        print('wrote', args.out)
+    cpu_script_finish(doc, args.out)
 
 
 if __name__ == '__main__':

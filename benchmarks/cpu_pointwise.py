@@ -10,16 +10,13 @@ GEMM without any epilogue, for scale). GFLOP/s count the GEMM's 2*M*K*N only; ra
 the same run. Every ``ours`` output is checked against float64 first. The CPU model and vector flags go with the
 figures (a speed-up on one CPU can be a slow-down on another).
 """
-import argparse
 import statistics
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-from timm_convmixer.cli.atomic import atomic_write_json
-from timm_convmixer.cli.measure import hardware
+from timm_convmixer.cli.measure import cpu_script_finish, cpu_script_start
 from timm_convmixer.fast import cpu_kernels
 
 # variant -> (pixels per batch, channels, activation): batch 8 at 224px (64 at 32px), the patch size's grid
@@ -81,25 +78,14 @@ def _case(pixels, dim, act, rounds):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--rounds', type=int, default=7)
-    parser.add_argument('--models', nargs='+', default=list(SHAPES), choices=list(SHAPES))
-    parser.add_argument('--out', help='write the results as JSON here')
-    args = parser.parse_args(argv)
-    cpu_kernels.build()
-    doc = {'command': ' '.join(['python', *sys.argv]), 'hardware': hardware(torch.device('cpu')),
-           'rounds': args.rounds, 'results': {}}
-    print(f"{doc['hardware']['cpu_model']} ({' '.join(doc['hardware']['cpu_flags'])}), "
-          f"{torch.get_num_threads()} threads; GFLOP/s (median of {args.rounds} interleaved rounds)")
+    args, doc = cpu_script_start(__doc__, SHAPES, 7, 'GFLOP/s', argv)
     print(f"{'model':28} {'M x C':>13} {'ours':>7} {'onednn':>7} {'sgemm':>7} {'ours/onednn':>12} {'ours/sgemm':>11}")
     for name in args.models:
         res = doc['results'][name] = _case(*SHAPES[name], args.rounds)
         g = res['gflop_s']
         print(f"{name:28} {res['pixels']:>6}x{res['channels']:<6} {g['ours']:7.1f} {g['onednn']:7.1f} "
               f"{g['sgemm']:7.1f} {res['ours_over_onednn']:11.2f}x {res['ours_over_sgemm']:10.2f}x", flush=True)
-    if args.out:
-        atomic_write_json(args.out, doc)
-        print('wrote', args.out)
+    cpu_script_finish(doc, args.out)
 
 
 if __name__ == '__main__':

@@ -395,50 +395,44 @@ def test_kernel_size_beyond_the_window_limit_declines(small_model, run_counted, 
     assert paths == {'eager': 1}
 
 
-def test_pointwise_benchmark_script(run_python, tmp_path, kernels):
-    """``benchmarks/cpu_pointwise.py`` end to end on its smallest shape: checked output, all three timed, JSON with
-    the CPU's flags."""
+def _script(run_python, tmp_path, name, *args):
+    """Run ``benchmarks/<name>.py`` on convmixer_256_8_ks5_p2 with ``args``; its JSON document and that model's
+    results. Every script's document names this CPU's vector flags."""
     import json
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = tmp_path / 'pointwise.json'
-    run_python(os.path.join(repo, 'benchmarks', 'cpu_pointwise.py'), '--models', 'convmixer_256_8_ks5_p2',
-               '--rounds', '1', '--out', out)
+    out = tmp_path / f'{name}.json'
+    run_python(os.path.join(repo, 'benchmarks', f'{name}.py'), '--models', 'convmixer_256_8_ks5_p2', *args,
+               '--out', out)
     doc = json.loads(out.read_text())
-    res = doc['results']['convmixer_256_8_ks5_p2']
+    assert 'cpu_flags' in doc['hardware']
+    return doc, doc['results']['convmixer_256_8_ks5_p2']
+
+
+def test_pointwise_benchmark_script(run_python, tmp_path, kernels):
+    """``benchmarks/cpu_pointwise.py`` end to end on its smallest shape: checked output, all three timed."""
+    _, res = _script(run_python, tmp_path, 'cpu_pointwise', '--rounds', '1')
     assert res['max_rel_error'] <= 1e-5 and set(res['gflop_s']) == {'ours', 'onednn', 'sgemm'}
-    assert all(v > 0 for v in res['gflop_s'].values()) and 'cpu_flags' in doc['hardware']
+    assert all(v > 0 for v in res['gflop_s'].values())
 
 
 def test_paths_benchmark_script(run_python, tmp_path, kernels):
     """``benchmarks/cpu_paths.py`` end to end on a one-block model: every path forced ran every block and matched
-    eager, all timed, the ratios are those of the medians, JSON with the CPU's flags."""
-    import json
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = tmp_path / 'paths.json'
-    run_python(os.path.join(repo, 'benchmarks', 'cpu_paths.py'), '--models', 'convmixer_256_8_ks5_p2',
-               '--depth', '1', '--rounds', '2', '--out', out)
-    doc = json.loads(out.read_text())
-    res = doc['results']['convmixer_256_8_ks5_p2']
+    eager, all timed, the ratios are those of the medians."""
+    doc, res = _script(run_python, tmp_path, 'cpu_paths', '--depth', '1', '--rounds', '2')
     paths = ('eager', 'cpu', 'cpu_compiled', 'cpu_hybrid')
     assert set(res['median_ms']) == set(paths) and all(len(res['times_ms'][p]) == 2 for p in paths)
     assert all(res['max_rel_err'][p] <= 1e-4 for p in paths) and res['max_rel_err']['eager'] == 0
     ms = res['median_ms']
     assert res['fastest'] == min(ms, key=ms.get)
     assert res['hybrid_over']['cpu'] == pytest.approx(ms['cpu'] / ms['cpu_hybrid'], rel=1e-2)
-    assert 'cpu_flags' in doc['hardware'] and doc['depth'] == 1
+    assert doc['depth'] == 1
 
 
 def test_depthwise_benchmark_script(run_python, tmp_path, kernels):
     """``benchmarks/cpu_depthwise.py`` end to end on one shape: checked output, all three timed, the ratio is that of
-    the medians, JSON with the CPU's flags."""
-    import json
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = tmp_path / 'depthwise.json'
-    run_python(os.path.join(repo, 'benchmarks', 'cpu_depthwise.py'), '--models', 'convmixer_256_8_ks5_p2',
-               '--rounds', '1', '--out', out)
-    doc = json.loads(out.read_text())
-    res = doc['results']['convmixer_256_8_ks5_p2']
+    the medians."""
+    _, res = _script(run_python, tmp_path, 'cpu_depthwise', '--rounds', '1')
     ms = res['median_ms']
     assert res['max_rel_error'] <= 1e-5 and set(ms) == {'ours', 'onednn', 'copy'} and all(v > 0 for v in ms.values())
     assert res['ours_over_onednn'] == pytest.approx(ms['onednn'] / ms['ours'], rel=1e-2)
-    assert res['shape'] == [64, 256, 16, 16] and res['kernel_size'] == 5 and 'cpu_flags' in doc['hardware']
+    assert res['shape'] == [64, 256, 16, 16] and res['kernel_size'] == 5

@@ -4,12 +4,14 @@ FLOPs (with the grouped-conv weight-gradient fix) and one training or inference 
 ``bench`` (ours vs the built-in) and ``bench --engines`` (every way to run one model on this CPU) both build on it,
 as does ``benchmarks/gpu_check.py``.
 """
+import argparse
 import copy
 import os
 import platform
+import sys
 import time
 from contextlib import nullcontext
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -17,9 +19,9 @@ import torch.nn as nn
 from ..fast.cpu import native_bf16
 from .atomic import atomic_write_json
 
-__all__ = ['CUDA_PEAK_TFLOPS', 'DTYPES', 'MODES', 'TASKS', 'build_pair', 'count_flops', 'default_peak_tflops',
-           'hardware', 'make_loss', 'make_step', 'prepare', 'saved_for_backward_bytes', 'sync', 'time_interleaved',
-           'write_outputs']
+__all__ = ['CUDA_PEAK_TFLOPS', 'DTYPES', 'MODES', 'TASKS', 'build_pair', 'count_flops', 'cpu_script_finish',
+           'cpu_script_start', 'default_peak_tflops', 'hardware', 'make_loss', 'make_step', 'prepare',
+           'saved_for_backward_bytes', 'sync', 'time_interleaved', 'write_outputs']
 
 MODES = ('nchw', 'channels_last', 'compile')
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
@@ -271,3 +273,33 @@ def write_outputs(result: Dict[str, Any], out: Optional[str], chart: Optional[st
             print(f'wrote {chart}')
         except ImportError:
             print('matplotlib not installed: no chart (pip install timm-convmixer[plot])')
+
+
+def cpu_script_start(doc: str, models: Sequence[str], rounds: int, unit: str, argv: Optional[List[str]] = None,
+                     extra: Optional[Callable[[argparse.ArgumentParser], None]] = None
+                     ) -> Tuple[argparse.Namespace, Dict[str, Any]]:
+    """The command line and JSON skeleton the CPU scripts in ``benchmarks/`` share (``cpu_paths``, ``cpu_pointwise``,
+    ``cpu_depthwise``): ``--rounds`` (default ``rounds``), ``--models`` (of ``models``), ``--out`` and what ``extra``
+    adds; our CPU kernels built (or a clear error); this CPU's model and flags printed first, since a speed-up on one
+    CPU can be a slow-down on another. Returns the arguments and the document, its ``results`` empty."""
+    from ..fast import cpu_kernels
+    parser = argparse.ArgumentParser(description=doc.split('\n\n')[0])
+    parser.add_argument('--rounds', type=int, default=rounds)
+    parser.add_argument('--models', nargs='+', default=list(models), choices=list(models))
+    parser.add_argument('--out', help='write the results as JSON here')
+    if extra is not None:
+        extra(parser)
+    args = parser.parse_args(argv)
+    cpu_kernels.build()
+    result = {'command': ' '.join(['python', *sys.argv]), 'hardware': hardware(torch.device('cpu')),
+              'rounds': args.rounds, 'results': {}}
+    print(f"{result['hardware']['cpu_model']} ({' '.join(result['hardware']['cpu_flags'])}), "
+          f"{torch.get_num_threads()} threads; {unit} (median of {args.rounds} interleaved rounds)")
+    return args, result
+
+
+def cpu_script_finish(result: Dict[str, Any], out: Optional[str]) -> None:
+    """Write a CPU script's document where ``--out`` says (atomically), and say so."""
+    if out:
+        atomic_write_json(out, result)
+        print('wrote', out)
