@@ -16,6 +16,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from ..fast import cpu_kernels
 from ..fast.cpu import native_bf16
 from .atomic import atomic_write_json
 
@@ -282,7 +283,6 @@ def cpu_script_start(doc: str, models: Sequence[str], rounds: int, unit: str, ar
     ``cpu_depthwise``): ``--rounds`` (default ``rounds``), ``--models`` (of ``models``), ``--out`` and what ``extra``
     adds; our CPU kernels built (or a clear error); this CPU's model and flags printed first, since a speed-up on one
     CPU can be a slow-down on another. Returns the arguments and the document, its ``results`` empty."""
-    from ..fast import cpu_kernels
     parser = argparse.ArgumentParser(description=doc.split('\n\n')[0])
     parser.add_argument('--rounds', type=int, default=rounds)
     parser.add_argument('--models', nargs='+', default=list(models), choices=list(models))
