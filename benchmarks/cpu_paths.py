@@ -4,7 +4,8 @@
 
 What ``auto`` chooses between, measured where it matters (the whole model, not one block): ``cpu`` (oneDNN's two
 convolutions), ``cpu_compiled`` (our two kernels), ``cpu_hybrid`` (our depthwise kernel, oneDNN's pointwise conv,
-the pointwise BatchNorm carried from block to block) and ``eager`` (the plain modules), same weights and input,
+the pointwise BatchNorm carried from block to block), each with the stem's fast path (``fast.cpu_stem``), and
+``eager`` (the plain modules, the stem's too), same weights and input,
 fp32, no grad, channels_last input, one batch of each path per round with the order rotating (medians; ratios within
 the run). Each path's output is checked against eager's first. Which path wins depends on the CPU (our GEMM beat
 oneDNN's on an AVX2 Zen 3 and lost to it on an AVX-512 Xeon), so the CPU model and vector flags go with the figures.
@@ -43,8 +44,9 @@ def _case(name: str, rounds: int, depth=None):
     for path, run in runs.items():
         fast.reset_counters()
         got = run()
-        if dict(fast.counters) != {path: len(model.blocks)}:
-            raise SystemExit(f'{name}: backend {path} ran {dict(fast.counters)}')
+        stem = 'eager' if path == 'eager' else 'cpu_stem'
+        if dict(fast.counters) != {path: len(model.blocks)} or dict(fast.stem_counters) != {stem: 1}:
+            raise SystemExit(f'{name}: backend {path} ran {dict(fast.counters)}, stem {dict(fast.stem_counters)}')
         errors[path] = ((got - want).abs().max() / want.abs().max()).item()
         if errors[path] > 1e-4:
             raise SystemExit(f'{name}: {path} differs from eager by {errors[path]:.1e} of the logits\' scale')

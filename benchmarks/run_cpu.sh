@@ -7,8 +7,8 @@
 #    onnxruntime and OpenVINO on our ONNX export, same weights, one interleaved run per model, fp32 correctness of
 #    each against eager. Engines whose package is missing are reported as such.
 # 2. The pointwise half alone: our GEMM against oneDNN's 1x1 convolution (+ addcmul) and MKL's sgemm; the depthwise
-#    half alone: our dw_block against oneDNN's bare depthwise conv and a copy; our paths (cpu, cpu_compiled,
-#    cpu_hybrid, eager) forced on whole models.
+#    half alone: our dw_block against oneDNN's bare depthwise conv and a copy; the stem alone: its fast path against
+#    the plain modules; our paths (cpu, cpu_compiled, cpu_hybrid, eager) forced on whole models.
 # 3. Training with the memory-lean block forced, against the built-in (auto keeps whichever it measures faster).
 set -euo pipefail
 ITERS=${ITERS:-5}
@@ -31,6 +31,7 @@ done
 
 python benchmarks/cpu_pointwise.py --rounds 7 --out $R/cpu_pointwise.json
 python benchmarks/cpu_depthwise.py --rounds 9 --out $R/cpu_depthwise.json
+python benchmarks/cpu_stem.py --rounds 9 --out $R/cpu_stem.json
 # 2b. Our CPU paths against each other on whole models (what auto chooses between)
 python benchmarks/cpu_paths.py --rounds 7 --out $R/cpu_paths.json
 

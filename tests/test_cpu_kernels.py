@@ -331,7 +331,7 @@ def _compiled_forward(model, x):
 
 
 def test_no_build_when_asked_not_to(run_python):
-    """TIMM_CONVMIXER_CPU_BUILD=0: nothing is compiled, the compiled path declines, auto weighs oneDNN's path only,
+    """TIMM_CONVMIXER_CPU_BUILD=0: nothing is compiled, the compiled path declines, auto weighs oneDNN's paths only,
     ``build()`` says why it cannot, and ``bench --engines`` falls back to the sgemm yardstick for the CPU's peak."""
     code = '''
         import warnings, torch, timm, timm_convmixer
@@ -355,7 +355,7 @@ def test_no_build_when_asked_not_to(run_python):
         print(peak['method'].split(' (')[0], peak['gflops'] > 0)
     '''
     out = run_python(code=code, env={cpu_kernels.BUILD_ENV_VAR: '0'}).stdout.strip().splitlines()
-    assert out[-4:] == ["{'eager': 2}", "['cpu']",
+    assert out[-4:] == ["{'eager': 2}", "['cpu', 'cpu_stem']",
                         'timm_convmixer: the CPU kernels are unavailable: TIMM_CONVMIXER_CPU_BUILD=0',
                         'measured sgemm peak True']
 
@@ -382,7 +382,7 @@ def test_failed_build_warns_once_and_falls_back(run_python, tmp_path):
     '''
     env = {'CXX': str(tmp_path / 'no-such-compiler'), 'TORCH_EXTENSIONS_DIR': str(tmp_path / 'extensions')}
     out = run_python(code=code, env=env, unset=[cpu_kernels.BUILD_ENV_VAR]).stdout.strip().splitlines()
-    assert out[-3:] == ['1 True', "['cpu'] True", 'True True']
+    assert out[-3:] == ['1 True', "['cpu', 'cpu_stem'] True", 'True True']
 
 
 def test_kernel_size_beyond_the_window_limit_declines(small_model, run_counted, kernels):
@@ -436,3 +436,15 @@ def test_depthwise_benchmark_script(run_python, tmp_path, kernels):
     assert res['max_rel_error'] <= 1e-5 and set(ms) == {'ours', 'onednn', 'copy'} and all(v > 0 for v in ms.values())
     assert res['ours_over_onednn'] == pytest.approx(ms['onednn'] / ms['ours'], rel=1e-2)
     assert res['shape'] == [64, 256, 16, 16] and res['kernel_size'] == 5
+
+
+def test_stem_benchmark_script(run_python, tmp_path, kernels):
+    """``benchmarks/cpu_stem.py`` end to end on one variant: both input layouts checked against float64 and timed,
+    the ratio is that of the medians."""
+    _, res = _script(run_python, tmp_path, 'cpu_stem', '--rounds', '1')
+    assert (res['batch'], res['img_size'], res['patch_size']) == (64, 32, 2)
+    for layout in ('nchw', 'channels_last'):
+        ms = res[layout]['median_ms']
+        assert res[layout]['rel_error']['ours'] <= 1e-5 and set(ms) == {'ours', 'plain'}
+        assert all(v > 0 for v in ms.values())
+        assert res[layout]['ours_over_plain'] == pytest.approx(ms['plain'] / ms['ours'], rel=1e-2)

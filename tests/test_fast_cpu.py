@@ -9,7 +9,7 @@ import torch.nn as nn
 from timm_convmixer import fast
 from timm_convmixer.fast import checked, cpu_kernels
 from timm_convmixer.fast import cpu as fast_cpu
-from timm_convmixer.fast.eligibility import block_parts
+from timm_convmixer.fast.eligibility import block_parts, stem_parts
 
 pytestmark = [pytest.mark.kernels,
               pytest.mark.skipif(not fast_cpu.available(), reason='oneDNN fused convolution not available')]
@@ -75,7 +75,7 @@ def test_block_matches_eager(kernel_size, channels_last, shape, path, make_model
 def test_inference_mode_and_auto(make_model, infer, run_counted, auto_choice):
     """auto checks each CPU path on first use of a case (here under inference_mode), keeps the fastest of those
     that match the plain modules and are faster than them, and every block then takes the path decided for its
-    case."""
+    case. The stem's path is checked the same way, and decides the first block's case (its output's layout)."""
     model = make_model(9)
     x = torch.randn(1, 3, 32, 32)
     ref, ref_paths = infer(model, x, 'eager')
@@ -85,24 +85,45 @@ def test_inference_mode_and_auto(make_model, infer, run_counted, auto_choice):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     records = checked.decision_records()
     compiled = cpu_kernels.load() is not None
-    first = [r for r in records if not r['channels_last']]  # the first block's case: the NCHW input
+    stem_fast, first_choice, _ = _choices(records, auto_choice)
+    assert fast.stem_counters == {checked.STEM if stem_fast else 'eager': 1}
+    [stem] = [r for r in records if r['fused_path'] == checked.STEM]
+    assert stem['shape'] == [1, 3, 32, 32] and stem['kernel_size'] == 4
+    blocks = [r for r in records if r['fused_path'] != checked.STEM]
+    first = [r for r in blocks if r['channels_last'] == stem_fast]  # the first block's case: the stem's output
     checks = [r for r in records if r['fused_path'] != checked.RACE]
     assert sorted(r['fused_path'] for r in first if r in checks) == (list(fast_cpu.PATHS) if compiled else ['cpu'])
-    for r in records:
-        assert r['shape'] == [1, 24, 8, 8] and r['max_rel_err'] <= checked.tolerance(torch.float32, 'cpu')
+    for r in blocks:
+        assert r['shape'] == [1, 24, 8, 8]
     for r in checks:
+        assert r['max_rel_err'] <= checked.tolerance(torch.float32, 'cpu')
         assert r['path'] == (r['fused_path'] if r['fused_ms'] < r['eager_ms'] else 'eager')
     assert paths == dict(Counter(_block_choices(records, auto_choice)))
-    with torch.inference_mode():  # decided once: the next call takes the same paths without checking again
+    with torch.inference_mode():
         _, again = run_counted(model, x, backend='auto')
-    assert again == paths and len(checked.decisions) == len(records)
+        decided = len(checked.decisions)
+        _, third = run_counted(model, x, backend='auto')
+    # decided once: later calls take the same paths without checking again -- except where the first block took no
+    # path on the fast stem's channels_last output: the plain stem runs from the second call on (a new case, once)
+    assert third == again and len(checked.decisions) == decided
+    if not (stem_fast and first_choice == 'eager'):
+        assert again == paths and decided == len(records)
+
+
+def _choices(records, auto_choice):
+    """``(stem took its fast path, first block's path, second block's path)`` as auto decided them on this file's
+    two-block model's NCHW input: the fast stem's output is channels_last, and so is a fused block's, so the second
+    block is a new case only where the first one ran the plain modules on NCHW input."""
+    stem_fast = auto_choice(records, fused_path=checked.STEM) == checked.STEM
+    blocks = [r for r in records if r['fused_path'] != checked.STEM]
+    first = auto_choice(blocks, channels_last=stem_fast)
+    second = first if stem_fast or first == 'eager' else auto_choice(blocks, channels_last=True)
+    return stem_fast, first, second
 
 
 def _block_choices(records, auto_choice):
-    """The paths auto took for this file's two-block model on NCHW input: the first block's case is the NCHW input;
-    the fused paths leave channels_last, so the second block is a new case only if the first took one."""
-    first = auto_choice(records, channels_last=False)
-    return first, first if first == 'eager' else auto_choice(records, channels_last=True)
+    """The paths auto took for this file's two blocks (see :func:`_choices`)."""
+    return _choices(records, auto_choice)[1:]
 
 
 def test_auto_keeps_only_the_chosen_paths_weights(make_model, run_counted, auto_choice):
@@ -356,10 +377,13 @@ def test_hooks_see_the_chain_run_block_by_block(make_model, infer, materialized)
 
 def test_auto_chains_blocks_only_once_decided_for_hybrid(make_model, run_counted, materialized):
     """auto carries a block's output into the next only where both blocks' cases are decided and the decision is
-    ``cpu_hybrid``; an undecided case runs alone first (its check needs the real input). Decisions are rewritten
-    here so that ``cpu_hybrid`` won the race (on a real run that is the timing's to say)."""
+    ``cpu_hybrid``; an undecided case runs alone first (its check needs the real input). Decisions are written
+    here so that the plain stem won (the first block's case is then its NCHW output) and ``cpu_hybrid`` the race (on
+    a real run that is the timing's to say)."""
     model = make_model(9, depth=3)
     x = torch.randn(1, 3, 32, 32)
+    stem_key = checked.case_key(checked.STEM, stem_parts(model.stem), x, torch.float32)
+    checked.decisions[stem_key] = checked.Decision('eager', 'as if slower', 2., 1., 0.)
     parts, feats = block_parts(model.blocks[0]), model.stem(x).detach()  # the first block's case: its NCHW input
     assert checked.settled(fast_cpu.PATHS, parts, feats, torch.float32) is None  # nothing decided yet
     ref, _ = run_counted(model, x, backend='eager')
@@ -368,7 +392,7 @@ def test_auto_chains_blocks_only_once_decided_for_hybrid(make_model, run_counted
     for key, d in list(checked.decisions.items()):
         if key[0] == 'cpu_hybrid':
             checked.decisions[(checked.RACE,) + key[1:]] = d._replace(path='cpu_hybrid', fused_ms=1., eager_ms=10.)
-        if key[0] != checked.RACE:
+        if key[0] in fast_cpu.PATHS:
             checked.decisions[key] = d._replace(path=key[0], fused_ms=1., eager_ms=10.)
     assert checked.settled(fast_cpu.PATHS, parts, feats, torch.float32) == 'cpu_hybrid'
     del materialized[:]

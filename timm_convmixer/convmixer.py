@@ -280,7 +280,7 @@ class ConvMixer(nn.Module):
         assert output_fmt in ('NCHW',), 'Output shape must be NCHW.'
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
         intermediates = []
-        x = self.stem(x)
+        x = self._forward_stem(x)
         if torch.jit.is_scripting() or not stop_early:  # can't slice blocks in torchscript
             blocks = self.blocks
         else:
@@ -310,8 +310,14 @@ class ConvMixer(nn.Module):
             self.reset_classifier(0, '')
         return take_indices
 
+    def _forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        out = None
+        if not torch.jit.is_scripting():
+            out = fast.stem_forward(self.stem, x, self.blocks)
+        return self.stem(x) if out is None else out
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
+        x = self._forward_stem(x)
         if self.grad_checkpointing and not torch.jit.is_scripting():
             x = checkpoint_seq(self.blocks, x)
         else:

@@ -99,6 +99,7 @@ def _bench_case(
         fast.reset_counters()
         y_ours = run((mode, 'ours'))
         paths = dict(fast.counters)
+        stem_paths = dict(fast.stem_counters)
         fast.reset_counters()
         y_builtin = run((mode, 'builtin'))
         fast.reset_counters()
@@ -117,6 +118,7 @@ def _bench_case(
                         saved_for_backward_bytes(make_loss(m, xm, dtype), m) / 2 ** 20
         entry['ratio'] = entry['ours']['img_s'] / entry['builtin']['img_s']
         entry['ours_block_paths'] = paths
+        entry['ours_stem_paths'] = stem_paths
         entry['max_abs_diff'] = (y_ours.float() - y_builtin.float()).abs().max().item() if task == 'infer' else None
         out[mode] = entry
     return out

@@ -338,6 +338,7 @@ def run_engines(
                      'peer': engine.peer, **engine.info}
             if not engine.peer:
                 entry['block_paths'] = dict(fast.counters)
+                entry['stem_paths'] = dict(fast.stem_counters)
             fast.reset_counters()
             ts = times[name]
             median = statistics.median(ts)

@@ -24,11 +24,16 @@ Backends:
   on first use), ``'cpu_hybrid'`` our depthwise kernel and oneDNN's pointwise conv; ``'triton'`` runs the pointwise
   conv on cuBLAS with a Triton epilogue pass, ``'triton_gemm'`` as one Triton GEMM with the epilogue fused.
 
+The patch stem has one fast path, on CPU (:mod:`.cpu_stem`: the non-overlapping conv as one GEMM over the image's
+patches, its activation fused, output channels_last), offered through :func:`stem_forward` on the same terms as a
+block's: the CPU backends force it, ``auto`` checks it per case, ``'eager'`` and the others never take it.
+
 Choose with :func:`set_backend`, the :func:`use_backend` context manager or the ``TIMM_CONVMIXER_BACKEND``
 environment variable (read at import). The choice is process-global.
 
-:data:`counters` counts which path answered each block call (a backend's name, or ``'eager'``), which is how tests
-and benchmarks check what actually ran. Calls traced by ``torch.compile`` or ``torch.export`` are not counted (they
+:data:`counters` counts which path answered each block call (a backend's name, or ``'eager'``), and
+:data:`stem_counters` each stem call (``'cpu_stem'`` or ``'eager'``), which is how tests and benchmarks check what
+actually ran. Calls traced by ``torch.compile`` or ``torch.export`` are not counted (they
 always get the plain modules; a counter bumped while tracing would be guarded on, one recompilation per call).
 """
 import contextlib
@@ -42,13 +47,13 @@ import torch.nn as nn
 
 from .checked import decisions
 from .kept import forget as forget_kept
-from .eligibility import BlockParts, block_parts, has_hooks
+from .eligibility import BlockParts, block_parts, has_hooks, stem_parts
 from .lean import TorchNorm, lean_applies, lean_block_forward
 from .runtime import autocast_state, interpreter_enabled
 
 __all__ = [
     'BACKENDS', 'block_forward', 'blocks_forward', 'counters', 'decisions', 'forget_kept', 'get_backend',
-    'reset_counters', 'set_backend', 'use_backend',
+    'reset_counters', 'set_backend', 'stem_counters', 'stem_forward', 'use_backend',
 ]
 
 BACKENDS = ('auto', 'eager', 'lean', 'lean_triton', 'cpu', 'cpu_compiled', 'cpu_hybrid', 'triton', 'triton_gemm')
@@ -56,6 +61,8 @@ ENV_VAR = 'TIMM_CONVMIXER_BACKEND'
 
 # which path answered each MixerBlock call since the last reset_counters()
 counters: Counter = Counter()
+# likewise for the stem, where a model offered it to stem_forward: 'cpu_stem' or 'eager'
+stem_counters: Counter = Counter()
 
 
 def _check_name(name: str) -> str:
@@ -103,6 +110,7 @@ def use_backend(name: str) -> Iterator[None]:
 
 def reset_counters() -> None:
     counters.clear()
+    stem_counters.clear()
 
 
 def _is_compiling() -> bool:
@@ -321,6 +329,50 @@ def block_forward(block: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
                 return answer[1]
     counters['eager'] += 1
     return None
+
+
+def _first_block_declined(blocks: nn.Sequential, stem: nn.Module, x: torch.Tensor) -> bool:
+    """Whether auto has found no CPU path for the first block on the fast stem's output (channels_last): then the
+    plain blocks would run on it, and the stem's layout would only change theirs, so the plain stem runs."""
+    first = blocks[0] if len(blocks) else None
+    parts = None if first is None else block_parts(first)
+    if parts is None or parts.mode != 'eval':
+        return False
+    from . import checked, cpu
+    conv = stem[0]
+    p = conv.kernel_size[0]
+    shape = (x.shape[0], conv.out_channels, x.shape[2] // p, x.shape[3] // p)
+    out = torch.empty(shape, dtype=torch.float32, memory_format=torch.channels_last)  # never written: a case's key
+    return checked.declined(cpu.paths(parts, out), parts, out, torch.float32)
+
+
+def stem_forward(stem: nn.Module, x: torch.Tensor, blocks: nn.Sequential) -> Optional[torch.Tensor]:
+    """The stem's output by its CPU fast path (:mod:`.cpu_stem`, channels_last), or ``None`` to let ``stem(x)``
+    run; ``blocks``: the model's blocks, which read that output.
+
+    Offered as a block is: not under a tracer, compiler or transform, a plain eval-mode stem without hooks
+    (:func:`.eligibility.stem_parts`), CPU, fp32. The CPU backends force it; ``auto`` checks it per case like a
+    block's path (against the plain stem and the first block's conversion of its output, :data:`.checked.STEM`), and
+    keeps the plain stem where the first block runs its plain modules on the fast stem's output.
+    """
+    if _is_compiling():
+        return None  # uncounted, as a block's call (see block_forward)
+    from . import checked, cpu_stem
+    parts = None
+    if (_offered(x) and x.device.type == 'cpu' and not _triton_device(x)
+            and _backend in ('auto', 'cpu', 'cpu_compiled', 'cpu_hybrid')):
+        parts = stem_parts(stem)
+    out = None
+    if parts is not None:
+        if _backend != 'auto':
+            out = cpu_stem.forward(parts, x)
+        elif cpu_stem.applies(parts, x) and not _first_block_declined(blocks, stem, x):
+            run = lambda: cpu_stem.forward(parts, x)  # noqa: E731
+            path = checked.fastest({checked.STEM: (run, lambda: cpu_stem.eager(stem, x), None)}, parts, stem, x,
+                                   _compute_dtype(x))
+            out = None if path is None else run()
+    stem_counters['eager' if out is None else checked.STEM] += 1
+    return out
 
 
 def _runs_hybrid(parts: BlockParts, x: torch.Tensor) -> bool:

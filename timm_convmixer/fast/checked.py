@@ -18,16 +18,18 @@ statistics and drawing drop-path masks exactly as an unchecked call would.
 """
 import time
 import warnings
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 
-from .eligibility import BlockParts
+from .eligibility import BlockParts, StemParts
+
+Parts = Union[BlockParts, StemParts]  # what a case is about: a block, or the stem
 
 __all__ = [
-    'Decision', 'ERROR_FACTOR', 'FastPathDecision', 'RACE', 'case_key', 'decide', 'decision_records', 'decisions',
-    'fastest', 'forget', 'settled', 'tolerance',
+    'Decision', 'ERROR_FACTOR', 'FastPathDecision', 'RACE', 'STEM', 'case_key', 'decide', 'decision_records',
+    'decisions', 'declined', 'fastest', 'forget', 'settled', 'tolerance',
 ]
 
 
@@ -47,6 +49,7 @@ class Decision(NamedTuple):
 decisions: Dict[Tuple, Decision] = {}
 
 TIMED_REPEATS = 2  # each path runs 1 + 2 times in all: the check, then two timed runs
+STEM = 'cpu_stem'  # the stem's fused path (fast.stem_forward): its cases are checked as a block's are
 RACE = 'race'  # the fused-path name under which the race between several accepted paths is recorded (see fastest)
 RACE_ROUNDS = 3
 ERROR_FACTOR = 2.  # with an fp32 reference: the fused error may be this many times the plain modules' own
@@ -72,7 +75,7 @@ def tolerance(dtype: torch.dtype, device_type: str) -> float:
     return 4e-2  # bfloat16: 8 bits of mantissa through a depthwise and a pointwise convolution
 
 
-def case_key(path: str, parts: BlockParts, x: torch.Tensor, compute_dtype: torch.dtype) -> Tuple:
+def case_key(path: str, parts: Parts, x: torch.Tensor, compute_dtype: torch.dtype) -> Tuple:
     """The case a decision about ``path`` (the fused path's name) holds for."""
     return (
         path, x.device.type, x.device.index, tuple(x.shape), x.dtype, compute_dtype,
@@ -240,7 +243,7 @@ def decide(
 
 def fastest(
         trials: Dict[str, Tuple[Callable[[], Optional[object]], Callable[[], object], Optional[Callable[[], object]]]],
-        parts: BlockParts,
+        parts: Parts,
         block: nn.Module,
         x: torch.Tensor,
         dtype: torch.dtype,
@@ -288,7 +291,7 @@ def _race(fused: Dict[str, Callable[[], object]], made: Dict[str, Decision], blo
                f' (best of {RACE_ROUNDS} interleaved rounds)')
 
 
-def settled(paths: Sequence[str], parts: BlockParts, x: torch.Tensor, dtype: torch.dtype) -> Optional[str]:
+def settled(paths: Sequence[str], parts: Parts, x: torch.Tensor, dtype: torch.dtype) -> Optional[str]:
     """What :func:`fastest` answers for this case once it has been asked, without checking or timing anything:
     ``None`` while a path or the race between them is undecided, or when the check accepted none."""
     made = [decisions.get(case_key(path, parts, x, dtype)) for path in paths]
@@ -301,9 +304,16 @@ def settled(paths: Sequence[str], parts: BlockParts, x: torch.Tensor, dtype: tor
     return None if race is None else race.path
 
 
+def declined(paths: Sequence[str], parts: Parts, x: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether every one of ``paths`` has been checked for this case and none accepted (the plain modules run)."""
+    made = [decisions.get(case_key(path, parts, x, dtype)) for path in paths]
+    return bool(made) and all(d is not None and d.path == 'eager' for d in made)
+
+
 def _describe(key: Tuple) -> str:
-    _, device_type, index, shape, dtype, compute_dtype, channels_last, mode, act, k = key
+    path, device_type, index, shape, dtype, compute_dtype, channels_last, mode, act, k = key
     device = device_type if index is None else f'{device_type}:{index}'
     fmt = 'channels_last' if channels_last else 'NCHW'
-    return (f'{mode} blocks on {device}, input {tuple(shape)} {str(dtype).replace("torch.", "")} {fmt}, compute '
-            f'{str(compute_dtype).replace("torch.", "")}, {act}, kernel {k}')
+    what, size = ('the stem', 'patch') if path == STEM else (f'{mode} blocks', 'kernel')
+    return (f'{what} on {device}, input {tuple(shape)} {str(dtype).replace("torch.", "")} {fmt}, compute '
+            f'{str(compute_dtype).replace("torch.", "")}, {act}, {size} {k}')

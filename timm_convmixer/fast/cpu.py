@@ -37,17 +37,17 @@ of the block's weights per path in use (auto's check runs both, then keeps those
 import threading
 import warnings
 import weakref
-from typing import Dict, List, NamedTuple, Optional, Set, Tuple
+from typing import Dict, List, NamedTuple, Optional, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
 
 from . import cpu_kernels, kept
-from .eligibility import BlockParts, bn_scale_shift
+from .eligibility import BlockParts, StemParts, bn_scale_shift
 from .runtime import autocast_state
 
-__all__ = ['PATHS', 'Carried', 'available', 'block_forward', 'chosen', 'clear_cache', 'hybrid_forward',
-           'materialize', 'native_bf16', 'paths', 'warn_if_bf16_is_emulated']
+__all__ = ['PATHS', 'POST_OPS', 'Carried', 'applies', 'available', 'block_forward', 'chosen', 'clear_cache',
+           'hybrid_forward', 'materialize', 'native_bf16', 'paths', 'warn_if_bf16_is_emulated']
 
 
 def available() -> bool:
@@ -176,7 +176,7 @@ def warn_if_bf16_is_emulated(x: torch.Tensor) -> None:
 
 
 # oneDNN post-op (name, scalars, algorithm) of each activation the eligibility check accepts
-_POST_OPS = {
+POST_OPS = {
     'identity': ('none', [], ''),
     'relu': ('relu', [], ''),
     'gelu': ('gelu', [], 'none'),  # erf, as nn.GELU()
@@ -232,8 +232,10 @@ def _fold(parts: BlockParts, input_size: List[int], dtype: torch.dtype, path: st
         return folded._replace(w_pw=_pack(conv_pw.weight.detach().to(dtype), [0, 0], 1, input_size))
 
 
-def _applies(parts: BlockParts, x: torch.Tensor, tensors: List[Optional[torch.Tensor]]) -> Optional[torch.dtype]:
-    """The dtype this path computes in (fp32, or bf16 under CPU bf16 autocast), or ``None`` if it does not apply."""
+def applies(parts: Union[BlockParts, StemParts], x: torch.Tensor,
+            tensors: List[Optional[torch.Tensor]]) -> Optional[torch.dtype]:
+    """The dtype the CPU paths compute in on ``x`` (fp32, or bf16 under CPU bf16 autocast), or ``None`` where they
+    do not apply; ``tensors``: the parameters and buffers they read (the stem's path asks too)."""
     if parts.mode != 'eval' or x.device.type != 'cpu' or x.layout != torch.strided or x.dim() != 4:
         return None
     if x.is_quantized or x.is_mkldnn or x.numel() == 0 or not available():
@@ -290,7 +292,7 @@ def paths(parts: BlockParts, x: torch.Tensor) -> Tuple[str, ...]:
     ``'cpu'`` (both convolutions on oneDNN) wherever this module applies; ``'cpu_compiled'`` and ``'cpu_hybrid'``
     (our depthwise kernel, and our GEMM or oneDNN's) in fp32 when the kernels load (the first call may build
     them)."""
-    dtype = _applies(parts, x, _tensors(parts))
+    dtype = applies(parts, x, _tensors(parts))
     if dtype is None:
         return ()
     return PATHS if _compiled_applies(parts, dtype) else ('cpu',)
@@ -317,7 +319,7 @@ def block_forward(parts: BlockParts, x: torch.Tensor, path: str = 'cpu') -> Opti
         carried = hybrid_forward(parts, x)
         return None if carried is None else materialize(carried)
     tensors = _tensors(parts)
-    dtype = _applies(parts, x, tensors)
+    dtype = applies(parts, x, tensors)
     if dtype is None:
         return None
     compiled = path == 'cpu_compiled'
@@ -346,7 +348,7 @@ def block_forward(parts: BlockParts, x: torch.Tensor, path: str = 'cpu') -> Opti
 def _conv(parts: BlockParts, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int) -> torch.Tensor:
     """oneDNN's convolution with the block's activation fused: the depthwise one ("same", padded k // 2 each side)
     when ``groups`` > 1, else the pointwise one."""
-    attr, scalars, algorithm = _POST_OPS[parts.act]
+    attr, scalars, algorithm = POST_OPS[parts.act]
     pad = parts.kernel_size // 2 if groups > 1 else 0
     return torch.ops.mkldnn._convolution_pointwise(
         x, weight, bias, [pad, pad], [1, 1], [1, 1], groups, attr, scalars, algorithm)
@@ -364,7 +366,7 @@ def hybrid_forward(parts: BlockParts, x: torch.Tensor, carried: Optional[Carried
     never written."""
     if carried is not None:
         x = carried.a
-    dtype = _applies(parts, x, _tensors(parts))
+    dtype = applies(parts, x, _tensors(parts))
     if dtype is None or not _compiled_applies(parts, dtype):
         return None
     f = _cached(parts, x, dtype, 'cpu_hybrid')

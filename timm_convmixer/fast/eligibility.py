@@ -25,8 +25,8 @@ import torch
 import torch.nn as nn
 from timm.layers import DropPath
 
-__all__ = ['ACT_NAMES', 'BlockParts', 'act_name', 'block_parts', 'bn_scale_shift', 'bn_uses_batch_stats',
-           'has_hooks', 'scale_shift']
+__all__ = ['ACT_NAMES', 'BlockParts', 'StemParts', 'act_name', 'block_parts', 'bn_scale_shift',
+           'bn_uses_batch_stats', 'has_hooks', 'scale_shift', 'stem_parts']
 
 # what each supported activation is called by the backends (each maps these names to its own kernels)
 ACT_NAMES = ('identity', 'relu', 'gelu', 'gelu_tanh', 'silu')
@@ -48,6 +48,32 @@ class BlockParts(NamedTuple):
     @property
     def dim(self) -> int:
         return self.conv_dw.in_channels
+
+    @property
+    def convs(self) -> Tuple[nn.Conv2d, ...]:
+        return self.conv_dw, self.conv_pw
+
+    @property
+    def norms(self) -> Tuple[nn.BatchNorm2d, ...]:
+        return self.bn_dw, self.bn_pw
+
+
+class StemParts(NamedTuple):
+    """The children of a plain patch stem (``Sequential(conv, act, bn)``, the conv's kernel equal to its stride)."""
+    conv: nn.Conv2d
+    act_module: nn.Module
+    bn: nn.BatchNorm2d
+    act: str  # one of ACT_NAMES
+    kernel_size: int  # the patch size: the conv's kernel and stride
+    mode: str  # 'eval' (the only mode with a fast stem)
+
+    @property
+    def convs(self) -> Tuple[nn.Conv2d, ...]:
+        return (self.conv,)
+
+    @property
+    def norms(self) -> Tuple[nn.BatchNorm2d, ...]:
+        return (self.bn,)
 
 
 def act_name(module: nn.Module) -> Optional[str]:
@@ -137,6 +163,29 @@ def block_parts(block: nn.Module) -> Optional[BlockParts]:
     if mode is None:
         return None
     return BlockParts(conv_dw, act_dw, bn_dw, drop_path, conv_pw, act_pw, bn_pw, act, conv_dw.kernel_size[0], mode)
+
+
+def stem_parts(stem: nn.Module) -> Optional[StemParts]:
+    """The stem's parts if it is a plain patch stem in eval mode (BatchNorm on running statistics), else ``None``.
+
+    Plain: exactly ``nn.Sequential(nn.Conv2d, act, nn.BatchNorm2d)``, the conv non-overlapping (kernel = stride, no
+    padding or dilation, one group), so that it is a matrix product of image patches; no hooks on the stem or its
+    children (the caller runs its work without calling them).
+    """
+    if type(stem) is not nn.Sequential or len(stem) != 3 or any(has_hooks(m) for m in (stem, *stem)):
+        return None
+    conv, act_module, bn = stem[0], stem[1], stem[2]
+    if type(conv) is not nn.Conv2d or type(bn) is not nn.BatchNorm2d or bn.num_features != conv.out_channels:
+        return None
+    p = conv.kernel_size[0]
+    if conv.kernel_size != (p, p) or conv.stride != (p, p) or conv.padding not in ((0, 0), 'valid'):
+        return None
+    if conv.dilation != (1, 1) or conv.groups != 1 or conv.padding_mode != 'zeros':
+        return None
+    act = act_name(act_module)
+    if act is None or bn_uses_batch_stats(bn):
+        return None
+    return StemParts(conv, act_module, bn, act, p, 'eval')
 
 
 def bn_scale_shift(bn: nn.BatchNorm2d, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -19,12 +19,12 @@ Tensors made under ``torch.inference_mode`` keep no version counter: for them no
 afresh.
 """
 import weakref
-from typing import Callable, Dict, Hashable, NamedTuple, Optional, Tuple, TypeVar
+from typing import Callable, Dict, Hashable, NamedTuple, Optional, Tuple, TypeVar, Union
 
 import torch
 import torch.nn as nn
 
-from .eligibility import BlockParts
+from .eligibility import BlockParts, StemParts
 
 __all__ = ['forget', 'kept', 'sources']
 
@@ -53,22 +53,21 @@ def forget() -> None:
         s.clear()
 
 
-def sources(parts: BlockParts) -> Tuple[Optional[torch.Tensor], ...]:
-    """Every tensor a block's constants derive from, and the BatchNorms' step counters (see the module docstring)."""
-    dw, bn1, pw, bn2 = parts.conv_dw, parts.bn_dw, parts.conv_pw, parts.bn_pw
-    return (dw.weight, dw.bias, pw.weight, pw.bias) + tuple(
-        t for bn in (bn1, bn2) for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var,
-                                         bn.num_batches_tracked))
+def sources(parts: Union[BlockParts, StemParts]) -> Tuple[Optional[torch.Tensor], ...]:
+    """Every tensor a block's (or the stem's) constants derive from, and the BatchNorms' step counters (see the
+    module docstring)."""
+    return tuple(t for conv in parts.convs for t in (conv.weight, conv.bias)) + tuple(
+        t for bn in parts.norms for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked))
 
 
-def kept(entries: Dict[Hashable, _Entry], what: Hashable, parts: BlockParts, key: Tuple,
+def kept(entries: Dict[Hashable, _Entry], what: Hashable, parts: Union[BlockParts, StemParts], key: Tuple,
          derive: Callable[[], T]) -> T:
     """``entries[what]``'s value when it was derived from the same sources with the same ``key``, else ``derive()``
     (then kept as ``entries[what]``). ``entries`` is one block's dict of a :func:`store`."""
     tensors = sources(parts)
     if any(t is not None and t.is_inference() for t in tensors):
         return derive()
-    stamp = (key, parts.bn_dw.eps, parts.bn_pw.eps) + tuple(
+    stamp = (key,) + tuple(bn.eps for bn in parts.norms) + tuple(
         None if t is None else (t.data_ptr(), t._version) for t in tensors)
     entry = entries.get(what)
     if entry is not None and entry.stamp == stamp and all(

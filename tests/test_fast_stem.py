@@ -1,0 +1,135 @@
+"""The stem's CPU fast path (patches x weight on oneDNN) computes the eager stem, applies only where it may, and auto
+checks it like a block's path. Marked ``kernels``: oneDNN's numerics."""
+import pytest
+import torch
+import torch.nn as nn
+
+from timm_convmixer import fast
+from timm_convmixer.fast import checked, cpu_stem
+from timm_convmixer.fast import cpu as fast_cpu
+from timm_convmixer.fast.eligibility import stem_parts
+
+pytestmark = [pytest.mark.kernels,
+              pytest.mark.skipif(not cpu_stem.available(), reason="oneDNN's fused linear op is not available")]
+
+
+@pytest.fixture
+def make_model(small_model):
+    """A two-block model (dim 24, kernel 5, 7 classes), every BatchNorm randomised (the stem's too), eval mode."""
+    def make(patch_size: int = 4, act: str = 'gelu') -> nn.Module:
+        return small_model(dim=24, depth=2, kernel_size=5, patch_size=patch_size, act_layer=act, num_classes=7,
+                           randomize={})
+    return make
+
+
+def _stem(model, x, backend):
+    """``(stem output, which stem ran)`` as ``forward_features`` gets it, ``backend`` forced."""
+    fast.reset_counters()
+    with torch.no_grad(), fast.use_backend(backend):
+        out = model._forward_stem(x)
+    return out, dict(fast.stem_counters)
+
+
+@pytest.mark.parametrize('patch_size', [1, 2, 7])
+@pytest.mark.parametrize('act', ['relu', 'gelu', 'silu'])
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_stem_matches_eager(patch_size, act, channels_last, make_model):
+    """Every patch order (NCHW, channels_last input), sizes that are no multiple of the patch (cropped as the conv
+    crops), batch 2; the output is channels_last with the eager stem's values, and the model's output follows."""
+    model = make_model(patch_size, act)
+    x = torch.randn(2, 3, 5 * patch_size + patch_size // 2, 3 * patch_size + 1)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    ref, ref_ran = _stem(model, x, 'eager')
+    out, ran = _stem(model, x, 'cpu')
+    assert ref_ran == {'eager': 1} and ran == {checked.STEM: 1}
+    assert out.shape == ref.shape and out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    with torch.no_grad(), fast.use_backend('cpu'):
+        fast_model = model(x)
+    with torch.no_grad(), fast.use_backend('eager'):
+        eager_model = model(x)
+    torch.testing.assert_close(fast_model, eager_model, rtol=1e-5, atol=1e-5)
+
+
+def test_stem_without_bias_and_after_weight_changes(make_model):
+    """A conv without bias; then the stem's weights and BatchNorm changed in place: the folded weights follow."""
+    model = make_model()
+    model.stem[0].bias = None
+    x = torch.randn(1, 3, 16, 20)
+    for step in range(3):
+        ref, _ = _stem(model, x, 'eager')
+        out, ran = _stem(model, x, 'cpu_hybrid')
+        assert ran == {checked.STEM: 1}
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        with torch.no_grad():
+            [model.stem[0].weight, model.stem[2].running_var][step % 2].mul_(1.5)
+
+
+def test_stem_declines_where_it_may_not(make_model):
+    """The plain stem runs where the fast one would not compute the same thing or must not run: batch statistics,
+    gradients needed, fp64, bf16/fp16 autocast, hooks, an overlapping conv, the wrong number of input channels."""
+    x = torch.randn(1, 3, 16, 16)
+    model = make_model()
+    model.stem.train()
+    assert _stem(model, x, 'cpu')[1] == {'eager': 1}
+    model.stem.eval()
+    fast.reset_counters()
+    with fast.use_backend('cpu'):
+        model._forward_stem(x)  # parameters need gradients outside no_grad
+    assert fast.stem_counters == {'eager': 1}
+    assert _stem(model.double(), x.double(), 'cpu')[1] == {'eager': 1}
+    model.float()
+    for dtype in (torch.bfloat16, torch.float16):
+        with torch.autocast('cpu', dtype=dtype):
+            assert _stem(model, x, 'cpu')[1] == {'eager': 1}
+    seen = []
+    for hooked in (model.stem, model.stem[1]):
+        handle = hooked.register_forward_hook(lambda m, i, o: seen.append(type(m).__name__))
+        assert _stem(model, x, 'cpu')[1] == {'eager': 1}
+        handle.remove()
+    assert seen == ['Sequential', 'GELU']
+    assert _stem(model, x, 'cpu')[1] == {checked.STEM: 1}
+    assert fast.stem_forward(model.stem, torch.randn(1, 4, 16, 16), model.blocks) is None
+    model.stem[0].stride = (2, 2)  # patches of 4 every 2 pixels: no longer a product of separate patches
+    assert stem_parts(model.stem) is None and _stem(model, x, 'cpu')[1] == {'eager': 1}
+
+
+def test_auto_checks_the_stem_once_and_declines_without_grad_caching(make_model):
+    """auto records one decision for the stem's case (made by the check's rule), reuses it, and does not cache a
+    call on which the path declined (gradients needed) as the case's decision."""
+    model = make_model()
+    x = torch.randn(1, 3, 32, 32)
+    fast.reset_counters()
+    with fast.use_backend('auto'):
+        model(x)
+        assert not checked.decisions and fast.stem_counters == {'eager': 1}
+        with torch.no_grad():
+            fast.reset_counters()
+            model(x)
+            decided = dict(checked.decisions)
+            model(x)
+    [d] = [d for key, d in decided.items() if key[0] == checked.STEM]
+    assert d.max_rel_err <= checked.tolerance(torch.float32, 'cpu')
+    assert d.path == (checked.STEM if d.fused_ms < d.eager_ms else 'eager')
+    assert fast.stem_counters == {d.path if d.path == checked.STEM else 'eager': 2}
+    assert checked.decisions == decided
+
+
+def test_plain_stem_where_the_first_block_takes_no_path(make_model):
+    """Where auto found no CPU path for the first block on the fast stem's output, the stem's channels_last output
+    would only move the plain blocks to that layout: the plain stem runs."""
+    model = make_model()
+    x = torch.randn(1, 3, 32, 32)
+    stem_key = checked.case_key(checked.STEM, stem_parts(model.stem), x, torch.float32)
+    checked.decisions[stem_key] = checked.Decision(checked.STEM, 'as if faster', 1., 2., 0.)
+    fast.reset_counters()
+    with torch.no_grad(), fast.use_backend('auto'):
+        model(x)
+        assert fast.stem_counters == {checked.STEM: 1}
+        for key, d in list(checked.decisions.items()):
+            if key[0] in fast_cpu.PATHS or key[0] == checked.RACE:
+                checked.decisions[key] = d._replace(path='eager')  # as if every block path lost here
+        fast.reset_counters()
+        model(x)
+    assert fast.stem_counters == {'eager': 1}
