@@ -52,6 +52,18 @@ def test_stem_matches_eager(patch_size, act, channels_last, make_model):
     torch.testing.assert_close(fast_model, eager_model, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('in_chans', [1, 4])
+def test_stem_other_input_channels(in_chans, small_model):
+    """Grey and 4-channel images (timm's ``in_chans``): the patch rows and the weight keep the same order."""
+    model = small_model(dim=16, depth=1, kernel_size=5, patch_size=2, in_chans=in_chans, randomize={})
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(2, in_chans, 9, 11).contiguous(memory_format=memory_format)
+        ref, _ = _stem(model, x, 'eager')
+        out, ran = _stem(model, x, 'cpu')
+        assert ran == {checked.STEM: 1}
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_stem_without_bias_and_after_weight_changes(make_model):
     """A conv without bias; then the stem's weights and BatchNorm changed in place: the folded weights follow."""
     model = make_model()

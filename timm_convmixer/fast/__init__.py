@@ -47,7 +47,7 @@ import torch.nn as nn
 
 from .checked import decisions
 from .kept import forget as forget_kept
-from .eligibility import BlockParts, block_parts, has_hooks, stem_parts
+from .eligibility import BlockParts, StemParts, block_parts, has_hooks, stem_parts
 from .lean import TorchNorm, lean_applies, lean_block_forward
 from .runtime import autocast_state, interpreter_enabled
 
@@ -331,7 +331,7 @@ def block_forward(block: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
     return None
 
 
-def _first_block_declined(blocks: nn.Sequential, stem: nn.Module, x: torch.Tensor) -> bool:
+def _first_block_declined(blocks: nn.Sequential, stem: StemParts, x: torch.Tensor) -> bool:
     """Whether auto has found no CPU path for the first block on the fast stem's output (channels_last): then the
     plain blocks would run on it, and the stem's layout would only change theirs, so the plain stem runs."""
     first = blocks[0] if len(blocks) else None
@@ -339,9 +339,8 @@ def _first_block_declined(blocks: nn.Sequential, stem: nn.Module, x: torch.Tenso
     if parts is None or parts.mode != 'eval':
         return False
     from . import checked, cpu
-    conv = stem[0]
-    p = conv.kernel_size[0]
-    shape = (x.shape[0], conv.out_channels, x.shape[2] // p, x.shape[3] // p)
+    p = stem.kernel_size
+    shape = (x.shape[0], stem.conv.out_channels, x.shape[2] // p, x.shape[3] // p)
     out = torch.empty(shape, dtype=torch.float32, memory_format=torch.channels_last)  # never written: a case's key
     return checked.declined(cpu.paths(parts, out), parts, out, torch.float32)
 
@@ -357,16 +356,15 @@ def stem_forward(stem: nn.Module, x: torch.Tensor, blocks: nn.Sequential) -> Opt
     """
     if _is_compiling():
         return None  # uncounted, as a block's call (see block_forward)
-    from . import checked, cpu_stem
+    from . import checked, cpu, cpu_stem
     parts = None
-    if (_offered(x) and x.device.type == 'cpu' and not _triton_device(x)
-            and _backend in ('auto', 'cpu', 'cpu_compiled', 'cpu_hybrid')):
+    if _offered(x) and x.device.type == 'cpu' and not _triton_device(x) and _backend in ('auto',) + cpu.PATHS:
         parts = stem_parts(stem)
     out = None
     if parts is not None:
         if _backend != 'auto':
             out = cpu_stem.forward(parts, x)
-        elif cpu_stem.applies(parts, x) and not _first_block_declined(blocks, stem, x):
+        elif cpu_stem.applies(parts, x) and not _first_block_declined(blocks, parts, x):
             run = lambda: cpu_stem.forward(parts, x)  # noqa: E731
             path = checked.fastest({checked.STEM: (run, lambda: cpu_stem.eager(stem, x), None)}, parts, stem, x,
                                    _compute_dtype(x))
