@@ -23,10 +23,10 @@ def make_model(small_model):
 
 
 def _stem(model, x, backend):
-    """``(stem output, which stem ran)`` as ``forward_features`` gets it, ``backend`` forced."""
+    """``(stem output, which stem ran)``, ``backend`` forced."""
     fast.reset_counters()
     with torch.no_grad(), fast.use_backend(backend):
-        out = model._forward_stem(x)
+        out = model.stem(x)
     return out, dict(fast.stem_counters)
 
 
@@ -80,7 +80,8 @@ def test_stem_without_bias_and_after_weight_changes(make_model):
 
 def test_stem_declines_where_it_may_not(make_model):
     """The plain stem runs where the fast one would not compute the same thing or must not run: batch statistics,
-    gradients needed, fp64, bf16/fp16 autocast, hooks, an overlapping conv, the wrong number of input channels."""
+    gradients needed, fp64, bf16/fp16 autocast, hooks on a child, an overlapping conv, the wrong number of input
+    channels."""
     x = torch.randn(1, 3, 16, 16)
     model = make_model()
     model.stem.train()
@@ -88,7 +89,7 @@ def test_stem_declines_where_it_may_not(make_model):
     model.stem.eval()
     fast.reset_counters()
     with fast.use_backend('cpu'):
-        model._forward_stem(x)  # parameters need gradients outside no_grad
+        model.stem(x)  # parameters need gradients outside no_grad
     assert fast.stem_counters == {'eager': 1}
     assert _stem(model.double(), x.double(), 'cpu')[1] == {'eager': 1}
     model.float()
@@ -96,13 +97,14 @@ def test_stem_declines_where_it_may_not(make_model):
         with torch.autocast('cpu', dtype=dtype):
             assert _stem(model, x, 'cpu')[1] == {'eager': 1}
     seen = []
-    for hooked in (model.stem, model.stem[1]):
-        handle = hooked.register_forward_hook(lambda m, i, o: seen.append(type(m).__name__))
-        assert _stem(model, x, 'cpu')[1] == {'eager': 1}
-        handle.remove()
-    assert seen == ['Sequential', 'GELU']
-    assert _stem(model, x, 'cpu')[1] == {checked.STEM: 1}
-    assert fast.stem_forward(model.stem, torch.randn(1, 4, 16, 16), model.blocks) is None
+    handle = model.stem[1].register_forward_hook(lambda m, i, o: seen.append(type(m).__name__))
+    assert _stem(model, x, 'cpu')[1] == {'eager': 1}  # a child's hook must see the child run
+    handle.remove()
+    handle = model.stem.register_forward_hook(lambda m, i, o: seen.append(type(m).__name__))
+    assert _stem(model, x, 'cpu')[1] == {checked.STEM: 1}  # the stem's own hook runs around the fast path
+    handle.remove()
+    assert seen == ['GELU', 'Stem']
+    assert fast.stem_forward(model.stem, torch.randn(1, 4, 16, 16)) is None
     model.stem[0].stride = (2, 2)  # patches of 4 every 2 pixels: no longer a product of separate patches
     assert stem_parts(model.stem) is None and _stem(model, x, 'cpu')[1] == {'eager': 1}
 

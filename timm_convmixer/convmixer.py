@@ -112,6 +112,24 @@ class Residual(nn.Module):
 
 
 @register_notrace_module
+class Stem(nn.Sequential):
+    """The patch stem: ``Conv(kernel = stride = patch)``, act, BN; children ``0`` to ``2`` as timm's ``stem``.
+
+    A leaf for timm's FX feature extraction, as :class:`MixerBlock` is: a traced graph calls the stem, so it keeps
+    the fast-path dispatch (:func:`timm_convmixer.fast.stem_forward`) and computes exactly what the model does.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            out = fast.stem_forward(self, x)
+            if out is not None:
+                return out
+        for layer in self:
+            x = layer(x)
+        return x
+
+
+@register_notrace_module
 class MixerBlock(nn.Sequential):
     """One ConvMixer block: depthwise mixing (spatial, residual) then pointwise mixing (channels).
 
@@ -217,7 +235,7 @@ class ConvMixer(nn.Module):
         self.drop_rate = drop_rate
         self.grad_checkpointing = False
 
-        self.stem = nn.Sequential(
+        self.stem = Stem(
             nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size, **dd),
             act_layer(),
             norm_layer(dim, **dd),
@@ -280,7 +298,7 @@ class ConvMixer(nn.Module):
         assert output_fmt in ('NCHW',), 'Output shape must be NCHW.'
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
         intermediates = []
-        x = self._forward_stem(x)
+        x = self.stem(x)
         if torch.jit.is_scripting() or not stop_early:  # can't slice blocks in torchscript
             blocks = self.blocks
         else:
@@ -310,14 +328,8 @@ class ConvMixer(nn.Module):
             self.reset_classifier(0, '')
         return take_indices
 
-    def _forward_stem(self, x: torch.Tensor) -> torch.Tensor:
-        out = None
-        if not torch.jit.is_scripting():
-            out = fast.stem_forward(self.stem, x, self.blocks)
-        return self.stem(x) if out is None else out
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._forward_stem(x)
+        x = self.stem(x)
         if self.grad_checkpointing and not torch.jit.is_scripting():
             x = checkpoint_seq(self.blocks, x)
         else:

@@ -47,7 +47,7 @@ import torch.nn as nn
 
 from .checked import decisions
 from .kept import forget as forget_kept
-from .eligibility import BlockParts, StemParts, block_parts, has_hooks, stem_parts
+from .eligibility import BlockParts, block_parts, has_hooks, stem_parts
 from .lean import TorchNorm, lean_applies, lean_block_forward
 from .runtime import autocast_state, interpreter_enabled
 
@@ -61,7 +61,7 @@ ENV_VAR = 'TIMM_CONVMIXER_BACKEND'
 
 # which path answered each MixerBlock call since the last reset_counters()
 counters: Counter = Counter()
-# likewise for the stem, where a model offered it to stem_forward: 'cpu_stem' or 'eager'
+# likewise for each Stem call: 'cpu_stem' or 'eager'
 stem_counters: Counter = Counter()
 
 
@@ -331,28 +331,15 @@ def block_forward(block: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
     return None
 
 
-def _first_block_declined(blocks: nn.Sequential, stem: StemParts, x: torch.Tensor) -> bool:
-    """Whether auto has found no CPU path for the first block on the fast stem's output (channels_last): then the
-    plain blocks would run on it, and the stem's layout would only change theirs, so the plain stem runs."""
-    first = blocks[0] if len(blocks) else None
-    parts = None if first is None else block_parts(first)
-    if parts is None or parts.mode != 'eval':
-        return False
-    from . import checked, cpu
-    p = stem.kernel_size
-    shape = (x.shape[0], stem.conv.out_channels, x.shape[2] // p, x.shape[3] // p)
-    out = torch.empty(shape, dtype=torch.float32, memory_format=torch.channels_last)  # never written: a case's key
-    return checked.declined(cpu.paths(parts, out), parts, out, torch.float32)
+def stem_forward(stem: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """The stem's output by its CPU fast path (:mod:`.cpu_stem`, channels_last), or ``None`` to let its modules run.
 
-
-def stem_forward(stem: nn.Module, x: torch.Tensor, blocks: nn.Sequential) -> Optional[torch.Tensor]:
-    """The stem's output by its CPU fast path (:mod:`.cpu_stem`, channels_last), or ``None`` to let ``stem(x)``
-    run; ``blocks``: the model's blocks, which read that output.
-
-    Offered as a block is: not under a tracer, compiler or transform, a plain eval-mode stem without hooks
+    ``Stem.forward`` calls it first, as a block's forward calls :func:`block_forward`. Offered as a block is: not
+    under a tracer, compiler or transform, a plain eval-mode stem whose children have no hooks
     (:func:`.eligibility.stem_parts`), CPU, fp32. The CPU backends force it; ``auto`` checks it per case like a
     block's path (against the plain stem and the first block's conversion of its output, :data:`.checked.STEM`), and
-    keeps the plain stem where the first block runs its plain modules on the fast stem's output.
+    keeps the plain stem where blocks have been found to take none of the CPU paths on the fast stem's output
+    (:func:`.checked.blocks_declined`): the plain blocks would then only be moved to channels_last.
     """
     if _is_compiling():
         return None  # uncounted, as a block's call (see block_forward)
@@ -364,7 +351,7 @@ def stem_forward(stem: nn.Module, x: torch.Tensor, blocks: nn.Sequential) -> Opt
     if parts is not None:
         if _backend != 'auto':
             out = cpu_stem.forward(parts, x)
-        elif cpu_stem.applies(parts, x) and not _first_block_declined(blocks, parts, x):
+        elif cpu_stem.applies(parts, x) and not checked.blocks_declined(cpu_stem.output_like(parts, x), parts.act):
             run = lambda: cpu_stem.forward(parts, x)  # noqa: E731
             path = checked.fastest({checked.STEM: (run, lambda: cpu_stem.eager(stem, x), None)}, parts, stem, x,
                                    _compute_dtype(x))

@@ -28,8 +28,8 @@ from .eligibility import BlockParts, StemParts
 Parts = Union[BlockParts, StemParts]  # what a case is about: a block, or the stem
 
 __all__ = [
-    'Decision', 'ERROR_FACTOR', 'FastPathDecision', 'RACE', 'STEM', 'case_key', 'decide', 'decision_records',
-    'decisions', 'declined', 'fastest', 'forget', 'settled', 'tolerance',
+    'Decision', 'ERROR_FACTOR', 'FastPathDecision', 'RACE', 'STEM', 'blocks_declined', 'case_key', 'decide',
+    'decision_records', 'decisions', 'fastest', 'forget', 'settled', 'tolerance',
 ]
 
 
@@ -304,10 +304,17 @@ def settled(paths: Sequence[str], parts: Parts, x: torch.Tensor, dtype: torch.dt
     return None if race is None else race.path
 
 
-def declined(paths: Sequence[str], parts: Parts, x: torch.Tensor, dtype: torch.dtype) -> bool:
-    """Whether every one of ``paths`` has been checked for this case and none accepted (the plain modules run)."""
-    made = [decisions.get(case_key(path, parts, x, dtype)) for path in paths]
-    return bool(made) and all(d is not None and d.path == 'eager' for d in made)
+def blocks_declined(x: torch.Tensor, act: str) -> bool:
+    """Whether eval-mode blocks with activation ``act`` (any kernel size) have been checked on input like ``x`` (fp32,
+    autocast off) and took none of the fused paths offered: what the stem's path asks about the blocks that read
+    its output, without holding them (a case's key names no module, only its shape and kind)."""
+    case = (x.device.type, x.device.index, tuple(x.shape), x.dtype, x.dtype,
+            x.is_contiguous(memory_format=torch.channels_last), 'eval', act)
+    taken: Dict[int, bool] = {}  # kernel size -> whether any path was accepted (all offered paths decide together)
+    for key, d in decisions.items():
+        if key[0] not in (RACE, STEM) and key[1:9] == case:
+            taken[key[9]] = taken.get(key[9], False) or d.path != 'eager'
+    return any(not accepted for accepted in taken.values())
 
 
 def _describe(key: Tuple) -> str:

@@ -26,7 +26,7 @@ import torch.nn as nn
 from . import cpu, kept
 from .eligibility import StemParts, bn_scale_shift
 
-__all__ = ['applies', 'available', 'eager', 'forward']
+__all__ = ['applies', 'available', 'eager', 'forward', 'output_like']
 
 
 class _Folded(NamedTuple):
@@ -83,6 +83,13 @@ def applies(parts: StemParts, x: torch.Tensor) -> bool:
     return x.shape[1] == conv.in_channels and x.shape[2] >= p and x.shape[3] >= p
 
 
+def output_like(parts: StemParts, x: torch.Tensor) -> torch.Tensor:
+    """An unwritten tensor shaped and laid out as this path's output for ``x`` (what a block's case key reads)."""
+    p = parts.kernel_size
+    shape = (x.shape[0], parts.conv.out_channels, x.shape[2] // p, x.shape[3] // p)
+    return torch.empty(shape, dtype=torch.float32, memory_format=torch.channels_last)
+
+
 def forward(parts: StemParts, x: torch.Tensor) -> Optional[torch.Tensor]:
     """The stem's output (channels_last), or ``None`` where this path does not apply (then the plain modules run,
     and raise whatever a wrong input deserves)."""
@@ -105,5 +112,5 @@ def forward(parts: StemParts, x: torch.Tensor) -> Optional[torch.Tensor]:
 def eager(stem: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The plain stem as auto's check compares and times it: with the conversion to channels_last that the first
     block's CPU paths would make of its output anyway."""
-    with torch.no_grad():
-        return stem(x).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():  # its modules, not the stem's forward (which would ask for this path again)
+        return nn.Sequential.forward(stem, x).contiguous(memory_format=torch.channels_last)

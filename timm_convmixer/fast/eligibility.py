@@ -168,11 +168,12 @@ def block_parts(block: nn.Module) -> Optional[BlockParts]:
 def stem_parts(stem: nn.Module) -> Optional[StemParts]:
     """The stem's parts if it is a plain patch stem in eval mode (BatchNorm on running statistics), else ``None``.
 
-    Plain: exactly ``nn.Sequential(nn.Conv2d, act, nn.BatchNorm2d)``, the conv non-overlapping (kernel = stride, no
-    padding or dilation, one group), so that it is a matrix product of image patches; no hooks on the stem or its
-    children (the caller runs its work without calling them).
+    Plain: a ``Sequential`` of exactly ``nn.Conv2d``, an activation and ``nn.BatchNorm2d`` (the model's ``Stem``,
+    whose forward asks), the conv non-overlapping (kernel = stride, no padding or dilation, one group), so that it is
+    a matrix product of image patches; no hooks on its children (the stem's own run around any path, its children's
+    must see them run).
     """
-    if type(stem) is not nn.Sequential or len(stem) != 3 or any(has_hooks(m) for m in (stem, *stem)):
+    if not isinstance(stem, nn.Sequential) or len(stem) != 3 or any(has_hooks(m) for m in stem):
         return None
     conv, act_module, bn = stem[0], stem[1], stem[2]
     if type(conv) is not nn.Conv2d or type(bn) is not nn.BatchNorm2d or bn.num_features != conv.out_channels:
