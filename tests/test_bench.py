@@ -67,14 +67,15 @@ def test_cli_writes_json_and_chart(tmp_path, auto_choice):
     # auto checked the CPU paths on the first block of each case and every block took the path decided for its case;
     # the stem's path, checked too, decides the first block's case on an NCHW image (its output is channels_last)
     blocks = [r for r in result['decisions'] if r['fused_path'] != checked.STEM]
-    choice = {cl: auto_choice(blocks, block_mode='eval', channels_last=cl) for cl in (False, True)}
+    on_channels_last = auto_choice(blocks, block_mode='eval', channels_last=True)
     stem_fast = auto_choice(result['decisions'], fused_path=checked.STEM, channels_last=False) == checked.STEM
     assert set(infer['nchw']['ours_block_paths']) <= {*fast_cpu.PATHS, 'eager'}
-    if stem_fast and choice[True] != 'eager':  # (where the blocks took no path there, the plain stem runs after)
-        assert infer['nchw']['ours_block_paths'] == {choice[True]: 2}
+    if stem_fast and on_channels_last != 'eager':  # (where the blocks took no path there, the plain stem runs after)
+        assert infer['nchw']['ours_block_paths'] == {on_channels_last: 2}
     else:
-        assert infer['nchw']['ours_block_paths'].get(choice[False], 0) >= 1
-    assert infer['channels_last']['ours_block_paths'] == {choice[True]: 2}
+        on_nchw = auto_choice(blocks, block_mode='eval', channels_last=False)
+        assert infer['nchw']['ours_block_paths'].get(on_nchw, 0) >= 1
+    assert infer['channels_last']['ours_block_paths'] == {on_channels_last: 2}
     assert infer['nchw']['max_abs_diff'] < 1e-4 and infer['channels_last']['max_abs_diff'] < 1e-4
     # training: auto timed the lean block against the plain modules on first use and kept one for both blocks
     train = result['results'][1]['modes']
