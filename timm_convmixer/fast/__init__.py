@@ -351,7 +351,7 @@ def stem_forward(stem: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
     if parts is not None:
         if _backend != 'auto':
             out = cpu_stem.forward(parts, x)
-        elif cpu_stem.applies(parts, x) and not checked.blocks_declined(cpu_stem.output_like(parts, x), parts.act):
+        elif cpu_stem.applies(parts, x) and not checked.blocks_declined(cpu_stem.output_shape(parts, x), parts.act):
             run = lambda: cpu_stem.forward(parts, x)  # noqa: E731
             path = checked.fastest({checked.STEM: (run, lambda: cpu_stem.eager(stem, x), None)}, parts, stem, x,
                                    _compute_dtype(x))

@@ -304,12 +304,12 @@ def settled(paths: Sequence[str], parts: Parts, x: torch.Tensor, dtype: torch.dt
     return None if race is None else race.path
 
 
-def blocks_declined(x: torch.Tensor, act: str) -> bool:
-    """Whether eval-mode blocks with activation ``act`` (any kernel size) have been checked on input like ``x`` (fp32,
-    autocast off) and took none of the fused paths offered: what the stem's path asks about the blocks that read
-    its output, without holding them (a case's key names no module, only its shape and kind)."""
-    case = (x.device.type, x.device.index, tuple(x.shape), x.dtype, x.dtype,
-            x.is_contiguous(memory_format=torch.channels_last), 'eval', act)
+def blocks_declined(shape: Sequence[int], act: str) -> bool:
+    """Whether eval-mode blocks with activation ``act`` (any kernel size) have been checked on a CPU fp32
+    channels_last input of ``shape`` (autocast off) and took none of the fused paths offered: what the stem's path
+    asks about the blocks that read its output, without holding them (a case's key names no module, only its
+    shape and kind)."""
+    case = ('cpu', None, tuple(shape), torch.float32, torch.float32, True, 'eval', act)
     taken: Dict[int, bool] = {}  # kernel size -> whether any path was accepted (all offered paths decide together)
     for key, d in decisions.items():
         if key[0] not in (RACE, STEM) and key[1:9] == case:

@@ -185,14 +185,6 @@ POST_OPS = {
 }
 
 
-def _tensors(parts: BlockParts) -> List[Optional[torch.Tensor]]:
-    conv_dw, bn_dw, conv_pw, bn_pw = parts.conv_dw, parts.bn_dw, parts.conv_pw, parts.bn_pw
-    return [
-        conv_dw.weight, conv_dw.bias, bn_dw.weight, bn_dw.bias, bn_dw.running_mean, bn_dw.running_var,
-        conv_pw.weight, conv_pw.bias, bn_pw.weight, bn_pw.bias, bn_pw.running_mean, bn_pw.running_var,
-    ]
-
-
 def _pack(weight: torch.Tensor, padding: List[int], groups: int, input_size: List[int]) -> torch.Tensor:
     """Weight in oneDNN's blocked layout for this input size (oneDNN would reorder it on every call otherwise)."""
     try:
@@ -232,10 +224,12 @@ def _fold(parts: BlockParts, input_size: List[int], dtype: torch.dtype, path: st
         return folded._replace(w_pw=_pack(conv_pw.weight.detach().to(dtype), [0, 0], 1, input_size))
 
 
-def applies(parts: Union[BlockParts, StemParts], x: torch.Tensor,
-            tensors: List[Optional[torch.Tensor]]) -> Optional[torch.dtype]:
+def applies(parts: Union[BlockParts, StemParts], x: torch.Tensor) -> Optional[torch.dtype]:
     """The dtype the CPU paths compute in on ``x`` (fp32, or bf16 under CPU bf16 autocast), or ``None`` where they
-    do not apply; ``tensors``: the parameters and buffers they read (the stem's path asks too)."""
+    do not apply (the stem's path asks too). What they read: the convolutions' weights and biases and the
+    BatchNorms' affine parameters and running statistics."""
+    tensors = [t for conv in parts.convs for t in (conv.weight, conv.bias)] + [
+        t for bn in parts.norms for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var)]
     if parts.mode != 'eval' or x.device.type != 'cpu' or x.layout != torch.strided or x.dim() != 4:
         return None
     if x.is_quantized or x.is_mkldnn or x.numel() == 0 or not available():
@@ -292,7 +286,7 @@ def paths(parts: BlockParts, x: torch.Tensor) -> Tuple[str, ...]:
     ``'cpu'`` (both convolutions on oneDNN) wherever this module applies; ``'cpu_compiled'`` and ``'cpu_hybrid'``
     (our depthwise kernel, and our GEMM or oneDNN's) in fp32 when the kernels load (the first call may build
     them)."""
-    dtype = applies(parts, x, _tensors(parts))
+    dtype = applies(parts, x)
     if dtype is None:
         return ()
     return PATHS if _compiled_applies(parts, dtype) else ('cpu',)
@@ -318,8 +312,7 @@ def block_forward(parts: BlockParts, x: torch.Tensor, path: str = 'cpu') -> Opti
     if path == 'cpu_hybrid':
         carried = hybrid_forward(parts, x)
         return None if carried is None else materialize(carried)
-    tensors = _tensors(parts)
-    dtype = applies(parts, x, tensors)
+    dtype = applies(parts, x)
     if dtype is None:
         return None
     compiled = path == 'cpu_compiled'
@@ -366,7 +359,7 @@ def hybrid_forward(parts: BlockParts, x: torch.Tensor, carried: Optional[Carried
     never written."""
     if carried is not None:
         x = carried.a
-    dtype = applies(parts, x, _tensors(parts))
+    dtype = applies(parts, x)
     if dtype is None or not _compiled_applies(parts, dtype):
         return None
     f = _cached(parts, x, dtype, 'cpu_hybrid')

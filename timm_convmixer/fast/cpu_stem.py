@@ -18,7 +18,7 @@ Measured against the eager stem plus the first block's conversion (same process,
 checks per case (:func:`timm_convmixer.fast.stem_forward`). fp32 only (under autocast, or for other dtypes, the
 plain modules run); an input whose size is not a multiple of ``p`` is cropped as the convolution crops it.
 """
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -26,7 +26,7 @@ import torch.nn as nn
 from . import cpu, kept
 from .eligibility import StemParts, bn_scale_shift
 
-__all__ = ['applies', 'available', 'eager', 'forward', 'output_like']
+__all__ = ['applies', 'available', 'eager', 'forward', 'output_shape']
 
 
 class _Folded(NamedTuple):
@@ -75,19 +75,16 @@ def _patches(x: torch.Tensor, p: int, channels_last: bool) -> torch.Tensor:
 
 def applies(parts: StemParts, x: torch.Tensor) -> bool:
     """Whether this path computes the stem on ``x`` (cheap; decided per call, as grad mode may change)."""
-    conv, bn = parts.conv, parts.bn
-    tensors = [conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var]
-    if cpu.applies(parts, x, tensors) != torch.float32 or not available():
+    if cpu.applies(parts, x) != torch.float32 or not available():
         return False
     p = parts.kernel_size
-    return x.shape[1] == conv.in_channels and x.shape[2] >= p and x.shape[3] >= p
+    return x.shape[1] == parts.conv.in_channels and x.shape[2] >= p and x.shape[3] >= p
 
 
-def output_like(parts: StemParts, x: torch.Tensor) -> torch.Tensor:
-    """An unwritten tensor shaped and laid out as this path's output for ``x`` (what a block's case key reads)."""
+def output_shape(parts: StemParts, x: torch.Tensor) -> Tuple[int, int, int, int]:
+    """The shape of this path's output for ``x`` (the output is fp32, channels_last)."""
     p = parts.kernel_size
-    shape = (x.shape[0], parts.conv.out_channels, x.shape[2] // p, x.shape[3] // p)
-    return torch.empty(shape, dtype=torch.float32, memory_format=torch.channels_last)
+    return x.shape[0], parts.conv.out_channels, x.shape[2] // p, x.shape[3] // p
 
 
 def forward(parts: StemParts, x: torch.Tensor) -> Optional[torch.Tensor]:
