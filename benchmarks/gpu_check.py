@@ -19,8 +19,10 @@ classes with identical weights:
   model, inference and training, bf16 autocast, in each mode (NCHW, channels_last, torch.compile), ours (backend
   ``auto`` after ``fast.checked.forget()``) vs the built-in, timed interleaved with CUDA events
   (``timm-convmixer bench``'s machinery); the fraction of the measured peak; the auto-dispatch decisions and which
-  path every block took. ``forced``: the same with each fused path forced (``triton`` and ``triton_gemm`` for
-  inference, ``lean`` and ``lean_triton`` for training), where auto did not already take that path.
+  path every block took. Under torch.compile ours runs an eval block as one node dispatching at run time
+  (``fast/compiled.py``: counted, so its paths show too); a training step compiles the plain modules on both sides.
+  ``forced``: the same with each fused path forced (``triton`` and ``triton_gemm`` for inference, ``lean`` and
+  ``lean_triton`` for training), where auto did not already take that path.
 * ``host``: per model, inference in channels_last, ours and the built-in: a step's time, the host's time to issue it,
   and the same step replayed as a CUDA graph (the GPU's own time): how much of a step is Python and dispatch.
 * ``train_py``: timm's ``train.py --amp`` for a few steps on a generated ImageFolder (``--train-py``).
@@ -28,6 +30,7 @@ classes with identical weights:
 
     python benchmarks/gpu_check.py --train-py ~/pytorch-image-models/train.py
     python benchmarks/gpu_check.py --models convmixer_1536_20 --modes nchw channels_last --budget-s 300
+    python benchmarks/gpu_check.py --modes channels_last compile --compile-tasks infer --skip correctness forced host
     python benchmarks/gpu_check.py --cpu-smoke --out /tmp/smoke.json     # no GPU: tiny sizes, Triton interpreter
 
 Run it where ``timm_convmixer`` is installed (``pip install -e .`` in this checkout): train.py finds the variants
@@ -71,8 +74,11 @@ SMOKE_MODEL_KWARGS = {'dim': 16, 'depth': 2, 'kernel_size': 3}
 FORCED = {'infer': ('triton', 'triton_gemm'), 'train': ('lean', 'lean_triton')}
 # the lean block's two implementations of its normalisations: torch's kernels, the fused Triton ones
 LEAN_BACKENDS = ('lean', 'lean_triton')
-NEEDS_S = {'correctness': 60., 'parity': 30., 'kernels': 15., 'eager': 30., 'forced': 20., 'compile': 150.,
-           'train_py': 60., 'host': 15.}
+# (compile: ours and the built-in each compiled and timed; an H100 took 28-45 s for inference, 85 s for training)
+NEEDS_S = {'correctness': 60., 'parity': 30., 'kernels': 15., 'eager': 30., 'forced': 20., 'compile/infer': 60.,
+           'compile/train': 120., 'train_py': 60., 'host': 15.}
+# sections that --skip may leave out (the throughput runs and train.py have their own switches: --modes, --train-py)
+SKIPPABLE = ('correctness', 'parity', 'kernels', 'forced', 'host')
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -85,6 +91,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument('--bench-dtype', choices=list(DTYPES), default='bf16', help='autocast dtype of the timings')
     p.add_argument('--modes', nargs='+', choices=['nchw', 'channels_last', 'compile'], default=None,
                    help='default: all three (without compile under --cpu-smoke)')
+    p.add_argument('--compile-tasks', nargs='+', choices=['infer', 'train'], default=['infer', 'train'],
+                   help='the tasks timed under torch.compile when --modes has compile')
+    p.add_argument('--skip', nargs='+', choices=list(SKIPPABLE), default=[],
+                   help='sections to leave out (reported as skipped)')
     p.add_argument('--iters', type=int, default=10, help='timed steps per model and mode')
     p.add_argument('--warmup', type=int, default=3)
     p.add_argument('--parity-model', default=TARGET_MODEL)
@@ -95,7 +105,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="timm's train.py (a pytorch-image-models checkout; default $TIMM_TRAIN_PY); else skipped")
     p.add_argument('--train-py-model', default=TARGET_MODEL)
     p.add_argument('--budget-s', type=float, default=540., help='wall-clock budget: no section starts that would '
-                   'not fit in what is left (compile ~150 s), so the run ends within about this')
+                   'not fit in what is left (compile ~60-120 s), so the run ends within about this')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--out', default=None, help='JSON path (default benchmarks/results/gpu_check_<gpu>.json)')
     p.add_argument('--cpu-smoke', action='store_true',
@@ -961,7 +971,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         _write(out, doc)
 
     def job(name: str, need: float, fn: Callable[[], Any]) -> None:
-        if out_of_time(need):
+        if name.split('/')[0] in args.skip:
+            doc['skipped'][name] = 'left out (--skip)'
+        elif out_of_time(need):
             doc['skipped'][name] = f'time budget: {max(0., remaining()):.0f} s left, needs ~{need:.0f} s'
             _log(f'skip {name}: {doc["skipped"][name]}')
         else:
@@ -1012,9 +1024,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                     lambda m=model_name, t=task: meas.run(m, t, eager_modes, deadline))
                 job(f'forced/{model_name}/{task}', NEEDS_S['forced'],
                     lambda m=model_name, t=task: meas.run_forced(m, t, deadline))
-        compile_jobs = [(f'throughput/{model_name}/{task}/compile', NEEDS_S['compile'],
+        compile_jobs = [(f'throughput/{model_name}/{task}/compile', NEEDS_S[f'compile/{task}'],
                          lambda m=model_name, t=task: meas.run(m, t, ['compile'], deadline))
-                        for task in ('infer', 'train') if 'compile' in args.modes]
+                        for task in args.compile_tasks if 'compile' in args.modes]
         if i == 0:  # the targets' model: complete it first (train.py before the compilers, which take longest)
             meas.release()
             job('train_py', NEEDS_S['train_py'] if args.train_py else 0., train_py_job)

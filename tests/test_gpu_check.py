@@ -297,6 +297,19 @@ def test_no_cuda_exit_status_and_budget_skips(tmp_path, monkeypatch, capsys):
     assert doc['targets']['all_measured'] is False and doc['errors'] == {}
 
 
+def test_skip_and_compile_tasks(tmp_path, monkeypatch):
+    """``--skip`` leaves sections out (and says so), ``--compile-tasks`` picks the tasks timed under torch.compile."""
+    gc = _load_script()
+    monkeypatch.setenv('TRITON_INTERPRET', '0')  # the smoke mode sets it; restored after the test
+    out = tmp_path / 'skip.json'
+    assert gc.main([*SMOKE, '--modes', 'channels_last', 'compile', '--compile-tasks', 'infer', '--skip', 'forced',
+                    'host', '--budget-s', '0', '--out', str(out)]) == 0
+    skipped = json.loads(out.read_text())['skipped']
+    assert skipped[f'forced/{MODEL}/infer'] == skipped[f'host/{MODEL}'] == 'left out (--skip)'
+    assert 'time budget' in skipped[f'correctness/{MODEL}'] and 'time budget' in skipped['parity']
+    assert f'throughput/{MODEL}/infer/compile' in skipped and f'throughput/{MODEL}/train/compile' not in skipped
+
+
 def test_train_py_section(tmp_path):
     """timm's own train.py through the script's runner (only where TIMM_TRAIN_PY points to one, as in
     test_training)."""

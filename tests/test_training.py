@@ -102,8 +102,9 @@ def test_torch_compile_matches_eager(small, run_counted):
         expected, eager_paths = run_counted(model, x, backend='eager')
         got, compiled_paths = run_counted(torch.compile(model), x)
     assert eager_paths == {'eager': 2}
-    # under compile the dispatcher steps aside (the CPU fast path would answer these calls otherwise), Inductor
-    # compiles the plain modules, and no call is counted (see test_torch_compile_compiles_once)
+    # on CPU, under compile, the dispatcher steps aside (the CPU fast path would answer these calls otherwise),
+    # Inductor compiles the plain modules, and no call is counted (see test_torch_compile_compiles_once; the GPU's
+    # compiled nodes: test_compile_node.py)
     assert compiled_paths == {}
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 

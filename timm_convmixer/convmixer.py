@@ -137,6 +137,8 @@ class MixerBlock(nn.Sequential):
 
     A leaf for timm's FX feature extraction (``register_notrace_module``): a traced graph calls the block, so it
     keeps the fast-path dispatch instead of baking in the eager modules, and computes exactly what the model does.
+    Under ``torch.compile`` an eval block on a GPU is one graph node that dispatches when it runs
+    (:mod:`.fast.compiled`).
     """
 
     def __init__(
@@ -160,6 +162,12 @@ class MixerBlock(nn.Sequential):
             act_layer(),
             norm_layer(dim, **dd),
         )
+        fast.compiled.register(self)
+
+    def __setstate__(self, state):
+        """Copies (``copy.deepcopy``, unpickling) register too: a compiled graph finds its blocks by ``id()``."""
+        super().__setstate__(state)
+        fast.compiled.register(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():

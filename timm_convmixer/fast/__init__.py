@@ -31,10 +31,14 @@ block's: the CPU backends force it, ``auto`` checks it per case, ``'eager'`` and
 Choose with :func:`set_backend`, the :func:`use_backend` context manager or the ``TIMM_CONVMIXER_BACKEND``
 environment variable (read at import). The choice is process-global.
 
+Under ``torch.compile`` an eval-mode block on a Triton device that wants no gradients (``auto`` or a Triton backend)
+is traced as one node that runs this same dispatch when the compiled graph runs (:mod:`.compiled`); every other traced
+call, and everything ``torch.export`` traces, gets the plain modules.
+
 :data:`counters` counts which path answered each block call (a backend's name, or ``'eager'``), and
 :data:`stem_counters` each stem call (``'cpu_stem'`` or ``'eager'``), which is how tests and benchmarks check what
-actually ran. Calls traced by ``torch.compile`` or ``torch.export`` are not counted (they
-always get the plain modules; a counter bumped while tracing would be guarded on, one recompilation per call).
+actually ran. Tracing counts nothing (a counter bumped while tracing would be guarded on, one recompilation per
+call); a compiled node's calls are counted when they run.
 """
 import contextlib
 import os
@@ -45,6 +49,7 @@ from typing import Callable, Iterator, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from . import compiled
 from .checked import decisions
 from .kept import forget as forget_kept
 from .eligibility import BlockParts, block_parts, has_hooks, stem_parts
@@ -315,10 +320,10 @@ def _offered(x: torch.Tensor) -> bool:
 def block_forward(block: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
     """The block's output by a fast path, or ``None`` to let the plain modules run."""
     if _is_compiling():
-        # compilers trace the plain modules (Inductor does its own fusion), and nothing is counted: a global bumped
-        # inside a traced function is guarded on, so each call recompiled until torch.compile's recompile limit,
-        # after which the whole forward ran uncompiled (seen on an H200 after 8 calls)
-        return None
+        # nothing is counted while tracing: a global bumped inside a traced function is guarded on, so each call
+        # recompiled until torch.compile's recompile limit, after which the whole forward ran uncompiled (seen on an
+        # H200 after 8 calls); the node's calls are counted when they run
+        return _traced_block(block, x)
     if _offered(x):
         from . import cpu
         cpu.warn_if_bf16_is_emulated(x)
@@ -329,6 +334,24 @@ def block_forward(block: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
                 return answer[1]
     counters['eager'] += 1
     return None
+
+
+def _traced_block(block: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """While ``torch.compile`` traces: an eval block that wants no gradients, on a Triton device, with ``auto`` or a
+    Triton backend, becomes one node that dispatches at run time (:mod:`.compiled`: Inductor's code for the plain
+    modules can be many times slower than our kernels on a GPU); anything else, ``None``: the plain modules are
+    traced and Inductor fuses them, as they are for ``torch.export`` (:func:`.compiled.block_node` tells). On CPU
+    Inductor's own code for them is one of the engines ours is measured against (``bench --engines``), so it is left
+    to Inductor."""
+    if _backend not in ('auto',) + tuple(TRITON_PATHS) or not _triton_device(x):
+        return None
+    parts = block_parts(block)
+    if parts is None or parts.mode != 'eval':
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in block.parameters())):
+        return None  # the node has no backward
+    _, enabled, dtype = autocast_state(x.device.type)
+    return compiled.block_node(block, x, enabled, dtype)
 
 
 def stem_forward(stem: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:

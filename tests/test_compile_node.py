@@ -1,0 +1,175 @@
+"""Our paths inside ``torch.compile`` graphs (``fast/compiled.py``): an eval block that wants no gradients, on a
+Triton device, is traced as one ``timm_convmixer::block`` node that dispatches when it runs; everything else is
+traced as the plain modules. Checked through Triton's interpreter (CPU tensors count as a Triton device), mostly
+with the ``aot_eager`` backend (the graph, its fake tensors and the node's real calls, without Inductor's C++
+build), once with Inductor.
+"""
+import copy
+import gc
+import os
+import shutil
+
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounterWithBackend
+
+from timm_convmixer import fast
+from timm_convmixer.fast import compiled
+
+pytestmark = pytest.mark.kernels  # the Triton kernels through the interpreter: ./run.sh test-min leaves these out
+
+NODE = 'timm_convmixer.block'
+
+
+def _model(small_model, depth=2):
+    return small_model(dim=8, depth=depth, kernel_size=5, patch_size=4, num_classes=3, randomize={})
+
+
+def _nodes(counter):
+    """How many block nodes the graphs a ``CompileCounterWithBackend`` saw hold."""
+    return sum(str(n.target).startswith(NODE) for g in counter.graphs for n in g.graph.nodes)
+
+
+def _compile(model, backend='aot_eager'):
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend(backend)
+    return torch.compile(model, backend=counter, fullgraph=True), counter
+
+
+@pytest.mark.parametrize('backend', ['triton', 'triton_gemm'])
+@pytest.mark.parametrize('layout', ['nchw', 'channels_last'])
+@pytest.mark.parametrize('autocast', [False, True])
+def test_each_eval_block_is_one_node_running_the_forced_path(interpreter, small_model, run_counted, backend,
+                                                             layout, autocast):
+    """Same values as the same path uncompiled, the plain modules' dtype, channels_last out whatever came in (the
+    fused paths' layout, kept between nodes), each call counted when it runs, one graph for repeated calls."""
+    model = _model(small_model)
+    x = torch.randn(2, 3, 16, 12)
+    if layout == 'channels_last':
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    cm, counter = _compile(model.forward_features)
+
+    def run(fn):
+        with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
+            return fn(x)
+    plain, _ = run_counted(run, model.forward_features, backend='eager')
+    want, _ = run_counted(run, model.forward_features, backend=backend)
+    for _ in range(2):
+        got, paths = run_counted(run, cm, backend=backend)
+    assert paths == {backend: 2} and counter.frame_count == 1 and _nodes(counter) == 2
+    assert got.dtype == plain.dtype and got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got, want, rtol=1e-2 if autocast else 1e-5, atol=1e-2 if autocast else 1e-5)
+
+
+def test_auto_checks_the_case_when_the_node_first_runs(interpreter, small_model, run_counted, auto_choice):
+    """auto's check needs a real input, which tracing has not: the node makes it on its first call, on that call's
+    input, and every later call follows the decision (through the interpreter the plain modules win)."""
+    from timm_convmixer.fast import checked
+    model = _model(small_model)
+    x = torch.randn(2, 3, 16, 12)
+    cm, counter = _compile(model)
+    with torch.no_grad():
+        want = model(x)
+        checked.forget()
+        got, first = run_counted(cm, x)
+        assert checked.decision_records(), 'the check ran inside the compiled graph'
+        _, second = run_counted(cm, x)
+    choice = auto_choice(checked.decision_records(), block_mode='eval')
+    assert first == second == {choice: 2} and counter.frame_count == 1 and _nodes(counter) == 2
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('case', ['grad', 'train', 'eager_backend'])
+def test_plain_modules_are_traced_where_the_node_does_not_apply(interpreter, small_model, run_counted, case):
+    """The node has no backward and runs eval blocks only: with gradients wanted, in training mode or under the
+    ``eager`` backend Inductor gets the plain modules, as before, and no block call is counted."""
+    model = _model(small_model)
+    if case == 'train':
+        model.train()
+    x = torch.randn(2, 3, 16, 12)
+    cm, counter = _compile(model)
+    with torch.set_grad_enabled(case != 'eager_backend'):
+        got, paths = run_counted(cm, x, backend='eager' if case == 'eager_backend' else 'triton')
+    assert paths == {} and _nodes(counter) == 0 and counter.frame_count == 1
+    if case == 'grad':
+        got.sum().backward()
+        assert all(p.grad is not None for p in model.parameters())
+
+
+def test_switching_to_training_recompiles_without_the_node(interpreter, small_model, run_counted):
+    model = _model(small_model)
+    x = torch.randn(2, 3, 16, 12)
+    cm, counter = _compile(model)
+    with torch.no_grad(), fast.use_backend('triton'):
+        _, eval_paths = run_counted(cm, x)
+        model.train()
+        _, train_paths = run_counted(cm, x)
+    assert eval_paths == {'triton': 2} and train_paths == {}
+    assert counter.frame_count == 2 and _nodes(counter) == 2  # the second graph has none
+
+
+def test_a_copy_runs_its_own_blocks(interpreter, small_model, run_counted):
+    """``copy.deepcopy`` (how benchmarks and EMA copy a model) registers the copy's blocks: its graph runs them, not
+    the original's."""
+    model = _model(small_model)
+    twin = copy.deepcopy(model)
+    for p in twin.parameters():
+        p.data.mul_(1.5)
+    assert all(compiled._blocks[id(b)] is b for b in list(model.blocks) + list(twin.blocks))
+    x = torch.randn(2, 3, 16, 12)
+    cm, _ = _compile(twin)
+    with torch.no_grad():
+        want, _ = run_counted(twin, x, backend='eager')
+        got, paths = run_counted(cm, x, backend='triton')
+    assert paths == {'triton': 2}
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('strict', [False, True])
+def test_export_gets_the_plain_modules(interpreter, small_model, strict):
+    """An exported program must stand alone: the node's key means nothing outside this process. (Strict export traces
+    with Dynamo, which answers ``is_exporting()`` with True under torch.compile too, so that is no test for it.)"""
+    model = _model(small_model)
+    with fast.use_backend('triton'), torch.no_grad():
+        program = torch.export.export(model, (torch.randn(2, 3, 16, 12),), strict=strict)
+    targets = [str(n.target) for n in program.graph.nodes]
+    # no node; the stem's conv and each block's two
+    assert not any(t.startswith(NODE) for t in targets) and sum('conv' in t for t in targets) == 5
+
+
+def test_the_op_runs_the_tensors_it_is_given(interpreter, small_model):
+    """Where the block no longer holds the op's inputs (Inductor's freezing may pass copies) the op computes the
+    plain modules on those inputs; where the block is gone it says so."""
+    model = _model(small_model)
+    block = model.blocks[0]
+    x = torch.randn(2, 8, 4, 3).contiguous(memory_format=torch.channels_last)  # the layout the op computes in
+    key = id(block)
+    tensors = [t.clone() for t in list(block.parameters()) + list(block.buffers())]
+    tensors[0].mul_(2.)  # the depthwise weight
+    with torch.no_grad():
+        got = torch.ops.timm_convmixer.block(x, key, tensors, False, torch.bfloat16)
+        names = [n for n, _ in block.named_parameters()] + [n for n, _ in block.named_buffers()]
+        with fast.use_backend('eager'):
+            want = torch.func.functional_call(block, dict(zip(names, tensors)), (x,))
+            own = block(x)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert not torch.allclose(got, own)
+    del model, block
+    gc.collect()
+    with pytest.raises(RuntimeError, match='outlived its model'):
+        torch.ops.timm_convmixer.block(x, key, tensors, False, torch.bfloat16)
+
+
+@pytest.mark.slow
+def test_inductor_runs_the_node(interpreter, small_model, run_counted):
+    """The same through Inductor's own code generation (its C++ build on CPU): the plain modules' layout and values."""
+    if shutil.which(os.environ.get('CXX', 'g++')) is None and shutil.which('c++') is None:
+        pytest.skip('torch.compile (inductor on CPU) needs a C++ compiler; none on PATH')
+    model = _model(small_model).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 16, 12).contiguous(memory_format=torch.channels_last)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        want, _ = run_counted(model, x, backend='eager')
+        got, paths = run_counted(torch.compile(model), x, backend='triton')
+    assert paths == {'triton': 2}
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

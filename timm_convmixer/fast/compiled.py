@@ -1,0 +1,107 @@
+"""Our inference paths inside ``torch.compile`` graphs: an eval block as one opaque node that dispatches at run time.
+
+Why: Inductor, handed the plain modules, compiles the depthwise convolution to cuDNN's, which on a GPU can be far
+slower than our kernels (convmixer_1536_20 on an H100: 100 img/s compiled against 1948 for ours uncompiled), so
+compiling the model threw our speed away. Yet ``auto`` may only use a fused path for a case after checking it on a
+real input of that case, which tracing (fake tensors) cannot do.
+
+So while ``torch.compile`` traces, :func:`block_node` puts one custom op, ``timm_convmixer::block``, where the block
+would be, and that op's implementation calls the ordinary dispatcher (:func:`..block_forward`) on the real tensors
+at run time: ``auto``'s check on first use, its cached decision after, a forced backend, or the plain modules. The
+block's parameters and buffers are the op's inputs, so the graph orders them as it would the modules' own reads; the
+op finds the module itself by its ``id()``, read when the graph was traced (every block registers itself when made or
+copied: :func:`register`), and runs the plain modules on the op's own inputs (``torch.func.functional_call``) should
+the module no longer hold those very tensors (Inductor's freezing may hand it copies).
+
+The op's output has the plain modules' dtype and is channels_last whatever its input: the fused GPU paths work in
+channels_last, and an NCHW graph would otherwise pay a transpose each way in every block. Measured on an H100 with
+nodes that kept NCHW (``benchmarks/results/gpu_check_nvidia_h100_compile_node_nchw.json``): those transposes took
+convmixer_768_32's compiled inference to 0.57x the built-in's compiled (1610 against 2805 img/s; its block ran 1.26
+ms in NCHW, 0.54 ms in channels_last), while convmixer_1536_20 went to 10.2x. So the first node converts its input
+once and every later one gets channels_last; only the layout of the blocks' outputs differs from the plain modules',
+never a value. The autocast state of the traced call is passed in and restored around the dispatch: the node's
+implementation must see what the traced code saw, whatever Inductor's code does with autocast.
+"""
+import weakref
+from typing import List, Optional
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+__all__ = ['block_node', 'register']
+
+# every MixerBlock alive, by id(): the op's key. Registered when a block is made or copied (__init__, __setstate__,
+# which deepcopy and unpickling call): the tracer reads id(block) but cannot record it (Dynamo runs code for real only
+# through assume_constant_result, whose arguments must be constants, which a module is not in torch 2.11)
+_blocks: 'weakref.WeakValueDictionary[int, nn.Module]' = weakref.WeakValueDictionary()
+
+_AUTOCAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what autocast casts (it leaves fp64 alone)
+
+
+def register(block: nn.Module) -> None:
+    """Make ``block`` findable by the op (``MixerBlock`` calls this when it is made or copied)."""
+    _blocks[id(block)] = block
+
+
+def _assume_constant_result(fn):
+    compiler = getattr(torch, 'compiler', None)
+    mark = getattr(compiler, 'assume_constant_result', None) or torch._dynamo.assume_constant_result
+    return mark(fn)
+
+
+@_assume_constant_result
+def _exporting() -> bool:
+    """``torch.export`` (strict or not, and the ONNX exporter on it): the graph must stand alone, so it gets the plain
+    modules. Run for real by the tracer (``assume_constant_result``): Dynamo itself answers ``is_exporting()`` with
+    True for anything it traces, torch.compile included. A torch without the flag (< 2.7) counts as exporting."""
+    is_exporting = getattr(getattr(torch, 'compiler', None), 'is_exporting', None)
+    return is_exporting is None or is_exporting()
+
+
+def _named_tensors(block: nn.Module) -> List[str]:
+    return [name for name, _ in block.named_parameters()] + [name for name, _ in block.named_buffers()]
+
+
+def _out_dtype(x: Tensor, autocast: bool, autocast_dtype: torch.dtype) -> torch.dtype:
+    """What the plain block returns: its last BatchNorm keeps the pointwise conv's dtype, autocast's when it casts."""
+    return autocast_dtype if autocast and x.dtype in _AUTOCAST_DTYPES else x.dtype
+
+
+@torch.library.custom_op('timm_convmixer::block', mutates_args=())
+def _block_op(x: Tensor, key: int, tensors: List[Tensor], autocast: bool, autocast_dtype: torch.dtype) -> Tensor:
+    from . import _eager, block_forward
+    block = _blocks.get(key)
+    if block is None:
+        raise RuntimeError(f'timm_convmixer::block: no ConvMixer block alive under key {key}: the compiled graph '
+                           'outlived its model')
+    x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast):
+        if _holds(block, tensors):
+            out = block_forward(block, x)
+            if out is None:
+                out = _eager(block, x)
+        else:
+            out = torch.func.functional_call(block, dict(zip(_named_tensors(block), tensors)), (x,))
+    out = out.to(_out_dtype(x, autocast, autocast_dtype))
+    return out.contiguous(memory_format=torch.channels_last)
+
+
+@_block_op.register_fake
+def _block_op_fake(x, key, tensors, autocast, autocast_dtype):
+    return torch.empty_like(x, dtype=_out_dtype(x, autocast, autocast_dtype), memory_format=torch.channels_last)
+
+
+def _holds(block: nn.Module, tensors: List[Tensor]) -> bool:
+    """Whether the module still holds the op's inputs (same storage), so its own dispatch computes the op."""
+    own = list(block.parameters()) + list(block.buffers())
+    return len(own) == len(tensors) and all(a.data_ptr() == b.data_ptr() for a, b in zip(own, tensors))
+
+
+def block_node(block: nn.Module, x: Tensor, autocast: bool, autocast_dtype: torch.dtype) -> Optional[Tensor]:
+    """The traced block as one ``timm_convmixer::block`` node (called while ``torch.compile`` traces), or ``None``
+    under ``torch.export``."""
+    if _exporting():
+        return None
+    tensors = list(block.parameters()) + list(block.buffers())
+    return torch.ops.timm_convmixer.block(x, id(block), tensors, autocast, autocast_dtype)
