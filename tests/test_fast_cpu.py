@@ -200,26 +200,49 @@ def test_fp16_autocast_and_tracing_run_eager(make_model, infer):
     torch.testing.assert_close(traced(x), ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.skipif(not fast_cpu.native_bf16(), reason='oneDNN has no bf16 kernels on this CPU')
 @pytest.mark.parametrize('kernel_size', [8, 9])
-def test_bf16_autocast_matches_eager_autocast(kernel_size, make_model, infer):
-    """Under bf16 autocast the fast path computes in bf16 as eager does, and is at least as close to fp32."""
+def test_bf16_autocast_matches_eager_autocast(kernel_size, path, make_model, infer):
+    """Under bf16 autocast oneDNN's path computes in bf16 as eager does, our kernels in fp32 rounded to bf16 at the
+    end; each gives autocast's output dtype and is at least as close to fp32 as eager's bf16."""
+    if path == 'cpu' and not fast_cpu.native_bf16():
+        pytest.skip('oneDNN has no bf16 kernels on this CPU')
+    if path != 'cpu' and cpu_kernels.load() is None:
+        pytest.skip('our CPU kernels are not built here')
     model = make_model(kernel_size=kernel_size, dim=32, depth=3)
     x = torch.randn(2, 3, 20, 16)
     ref32, ref_paths = infer(model, x, 'eager')
     assert ref_paths == {'eager': 3}
     outs = {}
-    for backend in ('cpu', 'eager'):
+    for backend in (path, 'eager'):
         with torch.autocast('cpu', dtype=torch.bfloat16):
             outs[backend], paths = infer(model, x, backend)
         assert paths == {backend: 3}
         assert outs[backend].dtype == torch.bfloat16  # autocast's output dtype, as eager gives it
-    err_fast = (outs['cpu'].float() - ref32).abs().max().item()
+    err_fast = (outs[path].float() - ref32).abs().max().item()
     err_eager = (outs['eager'].float() - ref32).abs().max().item()
     scale = ref32.abs().max().item()
     assert err_fast < 0.05 * scale, (err_fast, scale)
     assert err_fast <= 1.5 * err_eager + 1e-3 * scale, (err_fast, err_eager)
-    torch.testing.assert_close(outs['cpu'].float(), outs['eager'].float(), rtol=0.05, atol=0.05 * scale)
+    torch.testing.assert_close(outs[path].float(), outs['eager'].float(), rtol=0.05, atol=0.05 * scale)
+
+
+def test_bf16_autocast_without_native_bf16_offers_our_fp32_kernels(make_model, infer, monkeypatch):
+    """Where oneDNN would emulate bf16 (15-20x slower than fp32), its path declines and our fp32 kernels are what
+    auto can weigh: an answer within bf16 precision, without the emulation. (The CPU's answer is what is replaced,
+    by our own function's: this CPU may well have native bf16.)"""
+    if cpu_kernels.load() is None:
+        pytest.skip('our CPU kernels are not built here')
+    monkeypatch.setattr(fast_cpu, 'native_bf16', lambda: False)
+    model = make_model(kernel_size=7, dim=32, depth=2)
+    x = torch.randn(2, 3, 16, 16)
+    ref32, _ = infer(model, x, 'eager')
+    with torch.autocast('cpu', dtype=torch.bfloat16), torch.no_grad():
+        xb = model.stem(x)
+        assert fast_cpu.paths(block_parts(model.blocks[0]), xb) == ('cpu_compiled', 'cpu_hybrid')
+        _, declined = infer(model, x, 'cpu')
+        out, paths = infer(model, x, 'cpu_hybrid')
+    assert declined == {'eager': 2} and paths == {'cpu_hybrid': 2} and out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref32, rtol=0.05, atol=0.05 * ref32.abs().max().item())
 
 
 def test_kept_weights_follow_batch_norm_recalibration(path, make_model, infer):

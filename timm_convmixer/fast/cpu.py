@@ -22,10 +22,14 @@ then five full passes over the activations: BN, activation, residual add, activa
    block. Which path is faster on a CPU, ``auto`` measures (:func:`timm_convmixer.fast.block_forward`).
 
 Numerics: fp32 by default; the BN folds are done in float64, so results match eager to ~1e-6 relative (the
-summation order inside the 1x1 conv differs by one bias term). Under CPU autocast with bfloat16 (and oneDNN bf16
-support) the block computes in bf16 like eager autocast does: activations, conv weights and the folded BN scale/shift
-in bf16, with oneDNN's fp32 accumulation and the activation fused before rounding; it matches eager autocast to
-bf16 precision. fp16 autocast runs the eager modules.
+summation order inside the 1x1 conv differs by one bias term). Under CPU autocast with bfloat16, oneDNN's path
+(``'cpu'``, where the CPU has native bf16) computes in bf16 like eager autocast does: activations, conv weights and
+the folded BN scale/shift in bf16, with oneDNN's fp32 accumulation and the activation fused before rounding; it
+matches eager autocast to bf16 precision. Our kernels (``'cpu_compiled'``, ``'cpu_hybrid'``) compute in fp32 there
+and round the output to bf16: autocast promises bf16 precision, not bf16 arithmetic, and fp32 can be the faster (our
+k9 depthwise kernel against oneDNN's bf16 one at 256 channels) or the only fast choice (without native bf16, oneDNN
+emulates bf16 15-20x slower than fp32); ``auto`` checks each against an fp32 run and races it with oneDNN's bf16.
+fp16 autocast runs the eager modules.
 
 It applies only in eval mode (BN on running statistics, drop_path inactive), fp32 or bf16 autocast, and when no
 gradient is needed; otherwise ``None`` and the eager modules run. Folded and packed weights are kept per block
@@ -170,8 +174,10 @@ def warn_if_bf16_is_emulated(x: torch.Tensor) -> None:
     _warned_slow_bf16 = True
     warnings.warn(
         'timm_convmixer: bfloat16 autocast on a CPU without native bf16 support '
-        '(torch.ops.mkldnn._is_mkldnn_bf16_supported() is False): the convolutions are emulated and run 15-20x '
-        'slower than float32. Drop the CPU autocast (train.py: no --amp on CPU) unless you need bf16 numerics.',
+        '(torch.ops.mkldnn._is_mkldnn_bf16_supported() is False): its bf16 convolutions are emulated and run 15-20x '
+        'slower than float32. Eval-mode blocks take our float32 kernels where auto finds them within bf16 precision '
+        '(and faster), but the stem and everything else, training included, run emulated. Drop the CPU autocast '
+        '(train.py: no --amp on CPU) unless you need bf16 numerics.',
         RuntimeWarning, stacklevel=4)
 
 
@@ -224,9 +230,10 @@ def _fold(parts: BlockParts, input_size: List[int], dtype: torch.dtype, path: st
         return folded._replace(w_pw=_pack(conv_pw.weight.detach().to(dtype), [0, 0], 1, input_size))
 
 
-def applies(parts: Union[BlockParts, StemParts], x: torch.Tensor) -> Optional[torch.dtype]:
-    """The dtype the CPU paths compute in on ``x`` (fp32, or bf16 under CPU bf16 autocast), or ``None`` where they
-    do not apply (the stem's path asks too). What they read: the convolutions' weights and biases and the
+def applies(parts: Union[BlockParts, StemParts], x: torch.Tensor, kernels: bool = False) -> Optional[torch.dtype]:
+    """The dtype oneDNN's path computes in on ``x`` (fp32, or bf16 under CPU bf16 autocast where the CPU has native
+    bf16), or with ``kernels`` our compiled kernels' (fp32, under bf16 autocast too, native bf16 or not); ``None``
+    where they do not apply (the stem's path asks too). What they read: the convolutions' weights and biases and the
     BatchNorms' affine parameters and running statistics."""
     tensors = [t for conv in parts.convs for t in (conv.weight, conv.bias)] + [
         t for bn in parts.norms for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var)]
@@ -239,9 +246,12 @@ def applies(parts: Union[BlockParts, StemParts], x: torch.Tensor) -> Optional[to
         # eager autocast runs the convs in the autocast dtype; follow it for bf16 when oneDNN has bf16 kernels
         if autocast_dtype != torch.bfloat16 or x.dtype not in (torch.float32, torch.bfloat16):
             return None
-        if not native_bf16():
+        if kernels:
+            dtype = torch.float32
+        elif not native_bf16():
             return None
-        dtype = torch.bfloat16
+        else:
+            dtype = torch.bfloat16
     elif x.dtype == torch.float32:
         dtype = torch.float32
     else:
@@ -283,13 +293,12 @@ def chosen(parts: BlockParts, path: Optional[str]) -> None:
 
 def paths(parts: BlockParts, x: torch.Tensor) -> Tuple[str, ...]:
     """The CPU paths that can run this block and input (cheap: no folding, no packing; empty where none applies):
-    ``'cpu'`` (both convolutions on oneDNN) wherever this module applies; ``'cpu_compiled'`` and ``'cpu_hybrid'``
-    (our depthwise kernel, and our GEMM or oneDNN's) in fp32 when the kernels load (the first call may build
-    them)."""
-    dtype = applies(parts, x)
-    if dtype is None:
-        return ()
-    return PATHS if _compiled_applies(parts, dtype) else ('cpu',)
+    ``'cpu'`` (both convolutions on oneDNN) wherever :func:`applies`; ``'cpu_compiled'`` and ``'cpu_hybrid'`` (our
+    depthwise kernel, and our GEMM or oneDNN's) in fp32 when the kernels load (the first call may build them), also
+    under bf16 autocast."""
+    onednn = ('cpu',) if applies(parts, x) is not None else ()
+    dtype = applies(parts, x, kernels=True)
+    return onednn + PATHS[1:] if dtype is not None and _compiled_applies(parts, dtype) else onednn
 
 
 def _compiled_applies(parts: BlockParts, dtype: torch.dtype) -> bool:
@@ -309,14 +318,13 @@ def block_forward(parts: BlockParts, x: torch.Tensor, path: str = 'cpu') -> Opti
     """
     if path not in PATHS:
         raise ValueError(f'path: expected one of {PATHS}, got {path!r}')
+    out_dtype = _out_dtype(x)
     if path == 'cpu_hybrid':
         carried = hybrid_forward(parts, x)
-        return None if carried is None else materialize(carried)
-    dtype = applies(parts, x)
-    if dtype is None:
-        return None
+        return None if carried is None else materialize(carried).to(out_dtype)
     compiled = path == 'cpu_compiled'
-    if compiled and not _compiled_applies(parts, dtype):
+    dtype = applies(parts, x, kernels=compiled)
+    if dtype is None or (compiled and not _compiled_applies(parts, dtype)):
         return None
     f = _cached(parts, x, dtype, path)
     k = parts.kernel_size
@@ -326,7 +334,7 @@ def block_forward(parts: BlockParts, x: torch.Tensor, path: str = 'cpu') -> Opti
         if compiled:
             u = cpu_kernels.dw_block(x, f.taps, f.b_dw, f.s_dw.view(dim), k, parts.act, _scratch_like(x))
             return cpu_kernels.pw_block(u, f.panels, f.b_pw, f.s_pw.view(dim), f.t_pw.view(dim), parts.act,
-                                        _output_like(u))
+                                        _output_like(u)).to(out_dtype)
         a = _conv(parts, x, f.w_dw, f.b_dw, dim)
         if k % 2 == 0:
             # PyTorch's "same" for even k pads (k-1)//2 before and k//2 after: pad k//2 on both sides and drop the
@@ -336,6 +344,12 @@ def block_forward(parts: BlockParts, x: torch.Tensor, path: str = 'cpu') -> Opti
         else:
             u = torch.addcmul(x, a, f.s_dw, out=a)  # x + s1 * act(dw(x)); BN shift t1 lives in b_pw
         return materialize(Carried(_conv(parts, u, f.w_pw, f.b_pw, 1), f.s_pw, f.t_pw))
+
+
+def _out_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the plain block returns: autocast's under CPU bf16 autocast, else the input's."""
+    _, autocast, autocast_dtype = autocast_state('cpu')
+    return autocast_dtype if autocast else x.dtype
 
 
 def _conv(parts: BlockParts, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int) -> torch.Tensor:
@@ -359,14 +373,14 @@ def hybrid_forward(parts: BlockParts, x: torch.Tensor, carried: Optional[Carried
     never written."""
     if carried is not None:
         x = carried.a
-    dtype = applies(parts, x)
+    dtype = applies(parts, x, kernels=True)
     if dtype is None or not _compiled_applies(parts, dtype):
         return None
     f = _cached(parts, x, dtype, 'cpu_hybrid')
     dim = x.shape[1]
     in_affine = None if carried is None else (carried.scale.view(dim), carried.shift.view(dim))
     with torch.no_grad():
-        x = x.contiguous(memory_format=torch.channels_last)
+        x = x.to(dtype).contiguous(memory_format=torch.channels_last)
         u = cpu_kernels.dw_block(x, f.taps, f.b_dw, f.s_dw.view(dim), parts.kernel_size, parts.act, _scratch_like(x),
                                  in_affine)
         return Carried(_conv(parts, u, f.w_pw, f.b_pw, 1), f.s_pw, f.t_pw)
