@@ -652,8 +652,12 @@ class Measurements:
             ours, builtin, x = self.pair(model_name)
             # FLOPs are linear in the batch: count one image (a full fp32 training batch may not fit beside the rest)
             flops = bench.count_flops(builtin, x[:1], task)
-            tasks[task] = {'flops_per_img': flops, 'modes': {}, 'runs': [], 'missing_modes': list(self.args.modes)}
+            tasks[task] = {'flops_per_img': flops, 'modes': {}, 'runs': [], 'missing_modes': self._asked(task)}
         return tasks[task]
+
+    def _asked(self, task: str) -> List[str]:
+        """The modes asked for ``task`` (compile only where --compile-tasks has it)."""
+        return [m for m in self.args.modes if m != 'compile' or task in self.args.compile_tasks]
 
     def _summarize(self, model_name: str, task: str) -> None:
         from timm_convmixer.cli import bench
@@ -663,7 +667,7 @@ class Measurements:
             e['summary'] = bench.summarize_case(model_name, task, self.args.bench_dtype, self.args.batch,
                                                 self.args.img_size, flops, e['modes'], self.peak)
             e['summary'].pop('modes')
-            e['missing_modes'] = [m for m in self.args.modes if m not in e['modes']]
+            e['missing_modes'] = [m for m in self._asked(task) if m not in e['modes']]
 
     def run(self, model_name: str, task: str, modes: Sequence[str], deadline: float) -> None:
         """Ours (backend auto, decisions forgotten first) vs the built-in, interleaved, in ``modes``."""
@@ -842,7 +846,8 @@ def compute_targets(args, env: Dict[str, Any], results: Dict[str, Dict[str, Any]
     applies = {
         'gpu_is_h100_or_h200': any(g in gpu for g in TARGET_GPUS),
         'bf16_224px': args.bench_dtype == 'bf16' and args.img_size == 224,
-        'builtin_modes_asked': sorted(args.modes) == sorted(EAGER_MODES + ('compile',)),
+        'builtin_modes_asked': (sorted(args.modes) == sorted(EAGER_MODES + ('compile',))
+                                and sorted(args.compile_tasks) == ['infer', 'train']),
     }
     doc: Dict[str, Any] = {'scope': scope, 'applies': applies, 'checks': []}
     tasks = results.get(TARGET_MODEL, {})

@@ -81,19 +81,32 @@ def test_auto_checks_the_case_when_the_node_first_runs(interpreter, small_model,
 
 @pytest.mark.parametrize('case', ['grad', 'train', 'eager_backend'])
 def test_plain_modules_are_traced_where_the_node_does_not_apply(interpreter, small_model, run_counted, case):
-    """The node has no backward and runs eval blocks only: with gradients wanted, in training mode or under the
-    ``eager`` backend Inductor gets the plain modules, as before, and no block call is counted."""
+    """The node has no backward and runs eval blocks only: with gradients wanted, in training mode (no gradients
+    either, so the mode alone decides) or under the ``eager`` backend Inductor gets the plain modules, as before, and
+    no block call is counted."""
     model = _model(small_model)
     if case == 'train':
         model.train()
     x = torch.randn(2, 3, 16, 12)
     cm, counter = _compile(model)
-    with torch.set_grad_enabled(case != 'eager_backend'):
+    with torch.set_grad_enabled(case == 'grad'):
         got, paths = run_counted(cm, x, backend='eager' if case == 'eager_backend' else 'triton')
     assert paths == {} and _nodes(counter) == 0 and counter.frame_count == 1
     if case == 'grad':
         got.sum().backward()
         assert all(p.grad is not None for p in model.parameters())
+
+
+def test_functorch_transforms_get_the_plain_modules(interpreter, small_model, run_counted):
+    """vmap's batched tensors inside a compiled function: the node has no batching rule, so no node."""
+    model = _model(small_model)
+    xs = torch.randn(3, 2, 3, 16, 12)
+    fn, counter = _compile(torch.func.vmap(lambda x: model(x)))  # (vmap(model) itself: Dynamo fails on its repr)
+    with torch.no_grad():
+        got, paths = run_counted(fn, xs, backend='triton')
+        want, _ = run_counted(torch.func.vmap(model), xs, backend='eager')
+    assert paths == {} and _nodes(counter) == 0
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_switching_to_training_recompiles_without_the_node(interpreter, small_model, run_counted):

@@ -137,8 +137,8 @@ class MixerBlock(nn.Sequential):
 
     A leaf for timm's FX feature extraction (``register_notrace_module``): a traced graph calls the block, so it
     keeps the fast-path dispatch instead of baking in the eager modules, and computes exactly what the model does.
-    Under ``torch.compile`` an eval block on a GPU is one graph node that dispatches when it runs
-    (:mod:`.fast.compiled`).
+    Under ``torch.compile`` an eval block on a GPU that wants no gradients is one graph node that dispatches when it
+    runs (:mod:`.fast.compiled`, with ``auto`` or a Triton backend).
     """
 
     def __init__(

@@ -4,7 +4,8 @@
 or ``None`` when no fast route applies (then the plain modules run). A fast route must compute the same function
 as the eager modules, so a block is offered to one only when :func:`.eligibility.block_parts` (the one eligibility
 check) finds a plain ConvMixer block in eval or training mode, and no tracer, compiler or functorch transform is
-watching (those must see the plain modules). Each backend then adds only its own conditions (device, dtype, kernels).
+watching (those must see the plain modules; ``torch.compile`` may get a node that dispatches at run time, below).
+Each backend then adds only its own conditions (device, dtype, kernels).
 
 Backends:
 
@@ -127,7 +128,7 @@ def _is_compiling() -> bool:
 
 
 def _watched() -> bool:
-    """True under anything else that must see the plain modules (torch.compile/export tracing is turned away before,
+    """True under anything else that must see the plain modules (torch.compile/export tracing is handled before,
     uncounted, by :func:`block_forward`): TorchScript tracing, functorch transforms (vmap, grad), global module
     hooks."""
     if torch.jit.is_tracing() or torch.jit.is_scripting():
@@ -343,7 +344,10 @@ def _traced_block(block: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
     traced and Inductor fuses them, as they are for ``torch.export`` (:func:`.compiled.block_node` tells). On CPU
     Inductor's own code for them is one of the engines ours is measured against (``bench --engines``), so it is left
     to Inductor."""
-    if _backend not in ('auto',) + tuple(TRITON_PATHS) or not _triton_device(x):
+    if _backend not in ('auto',) + tuple(TRITON_PATHS) or not _triton_device(x) or type(x) is not torch.Tensor:
+        return None  # (tensor subclasses, and functorch's batched tensors: the node has no rule for them)
+    are_active = getattr(torch._C, '_are_functorch_transforms_active', None)
+    if are_active is not None and are_active():
         return None
     parts = block_parts(block)
     if parts is None or parts.mode != 'eval':

@@ -11,7 +11,15 @@ at run time: ``auto``'s check on first use, its cached decision after, a forced 
 block's parameters and buffers are the op's inputs, so the graph orders them as it would the modules' own reads; the
 op finds the module itself by its ``id()``, read when the graph was traced (every block registers itself when made or
 copied: :func:`register`), and runs the plain modules on the op's own inputs (``torch.func.functional_call``) should
-the module no longer hold those very tensors (Inductor's freezing may hand it copies).
+the module no longer hold those very tensors (Inductor's freezing may hand it copies): ``functional_call`` runs the
+block's forward, fast paths included, on them. Keying by ``id()`` has a cost: Dynamo guards on it, so each model
+instance traces its own graph (more than 8 instances of one architecture compiled in one process reach Dynamo's
+recompile limit), and Inductor's on-disk cache cannot serve another process.
+
+Not under CUDA graphs: a replay would skip the node's Python, and with it the staleness check of the constants the
+fused paths keep (weights changed in place would be read stale), so the op is tagged ``cudagraph_unsafe`` (Inductor
+then leaves its graph partition to ordinary launches). Needs ``torch.library.custom_op`` (torch >= 2.4); an older
+torch traces the plain modules.
 
 The op's output has the plain modules' dtype and is channels_last whatever its input: the fused GPU paths work in
 channels_last, and an NCHW graph would otherwise pay a transpose each way in every block. Measured on an H100 with
@@ -53,8 +61,9 @@ def _assume_constant_result(fn):
 @_assume_constant_result
 def _exporting() -> bool:
     """``torch.export`` (strict or not, and the ONNX exporter on it): the graph must stand alone, so it gets the plain
-    modules. Run for real by the tracer (``assume_constant_result``): Dynamo itself answers ``is_exporting()`` with
-    True for anything it traces, torch.compile included. A torch without the flag (< 2.7) counts as exporting."""
+    modules. Run for real by the tracer (``assume_constant_result``): torch 2.11's Dynamo itself answers
+    ``is_exporting()`` with True under torch.compile too (2.14's does not). A torch without the flag (< 2.7) counts
+    as exporting."""
     is_exporting = getattr(getattr(torch, 'compiler', None), 'is_exporting', None)
     return is_exporting is None or is_exporting()
 
@@ -68,13 +77,13 @@ def _out_dtype(x: Tensor, autocast: bool, autocast_dtype: torch.dtype) -> torch.
     return autocast_dtype if autocast and x.dtype in _AUTOCAST_DTYPES else x.dtype
 
 
-@torch.library.custom_op('timm_convmixer::block', mutates_args=())
 def _block_op(x: Tensor, key: int, tensors: List[Tensor], autocast: bool, autocast_dtype: torch.dtype) -> Tensor:
     from . import _eager, block_forward
     block = _blocks.get(key)
     if block is None:
-        raise RuntimeError(f'timm_convmixer::block: no ConvMixer block alive under key {key}: the compiled graph '
-                           'outlived its model')
+        raise RuntimeError(f'timm_convmixer::block: no ConvMixer block registered under key {key}: the compiled graph '
+                           'outlived its model, or the block was made without MixerBlock.__init__ or unpickling (a '
+                           'DataParallel replica, say)')
     x = x.contiguous(memory_format=torch.channels_last)
     with torch.no_grad(), torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast):
         if _holds(block, tensors):
@@ -84,12 +93,26 @@ def _block_op(x: Tensor, key: int, tensors: List[Tensor], autocast: bool, autoca
         else:
             out = torch.func.functional_call(block, dict(zip(_named_tensors(block), tensors)), (x,))
     out = out.to(_out_dtype(x, autocast, autocast_dtype))
-    return out.contiguous(memory_format=torch.channels_last)
+    if out.stride() != _channels_last_strides(out):  # (size-1 dims: contiguous() may keep other strides)
+        out = out.clone(memory_format=torch.channels_last)
+    return out
 
 
-@_block_op.register_fake
 def _block_op_fake(x, key, tensors, autocast, autocast_dtype):
     return torch.empty_like(x, dtype=_out_dtype(x, autocast, autocast_dtype), memory_format=torch.channels_last)
+
+
+def _channels_last_strides(t: Tensor):
+    n, c, h, w = t.shape
+    return (h * w * c, 1, w * c, c)
+
+
+_custom_op = getattr(torch.library, 'custom_op', None)  # torch >= 2.4
+if _custom_op is not None:
+    _unsafe = getattr(torch.Tag, 'cudagraph_unsafe', None)  # (a torch without the tag has no such partitioning)
+    _op = _custom_op('timm_convmixer::block', _block_op, mutates_args=(),
+                     **({'tags': (_unsafe,)} if _unsafe is not None else {}))
+    _op.register_fake(_block_op_fake)
 
 
 def _holds(block: nn.Module, tensors: List[Tensor]) -> bool:
@@ -101,7 +124,7 @@ def _holds(block: nn.Module, tensors: List[Tensor]) -> bool:
 def block_node(block: nn.Module, x: Tensor, autocast: bool, autocast_dtype: torch.dtype) -> Optional[Tensor]:
     """The traced block as one ``timm_convmixer::block`` node (called while ``torch.compile`` traces), or ``None``
     under ``torch.export``."""
-    if _exporting():
+    if _custom_op is None or _exporting():
         return None
     tensors = list(block.parameters()) + list(block.buffers())
     return torch.ops.timm_convmixer.block(x, id(block), tensors, autocast, autocast_dtype)
