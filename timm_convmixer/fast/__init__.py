@@ -133,10 +133,13 @@ def _watched() -> bool:
     hooks."""
     if torch.jit.is_tracing() or torch.jit.is_scripting():
         return True
+    return _transforms_active() or _global_hooks()
+
+
+def _transforms_active() -> bool:
+    """functorch transforms (vmap, grad) are running: their batched tensors must meet the plain modules."""
     are_active = getattr(torch._C, '_are_functorch_transforms_active', None)
-    if are_active is not None and are_active():
-        return True
-    return _global_hooks()
+    return are_active is not None and are_active()
 
 
 def _global_hooks() -> bool:
@@ -346,8 +349,7 @@ def _traced_block(block: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
     to Inductor."""
     if _backend not in ('auto',) + tuple(TRITON_PATHS) or not _triton_device(x) or type(x) is not torch.Tensor:
         return None  # (tensor subclasses, and functorch's batched tensors: the node has no rule for them)
-    are_active = getattr(torch._C, '_are_functorch_transforms_active', None)
-    if are_active is not None and are_active():
+    if _transforms_active():
         return None
     parts = block_parts(block)
     if parts is None or parts.mode != 'eval':

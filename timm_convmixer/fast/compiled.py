@@ -31,11 +31,13 @@ never a value. The autocast state of the traced call is passed in and restored a
 implementation must see what the traced code saw, whatever Inductor's code does with autocast.
 """
 import weakref
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 from torch import Tensor
+
+from .runtime import conv_dtype
 
 __all__ = ['block_node', 'register']
 
@@ -43,9 +45,6 @@ __all__ = ['block_node', 'register']
 # which deepcopy and unpickling call): the tracer reads id(block) but cannot record it (Dynamo runs code for real only
 # through assume_constant_result, whose arguments must be constants, which a module is not in torch 2.11)
 _blocks: 'weakref.WeakValueDictionary[int, nn.Module]' = weakref.WeakValueDictionary()
-
-_AUTOCAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what autocast casts (it leaves fp64 alone)
-
 
 def register(block: nn.Module) -> None:
     """Make ``block`` findable by the op (``MixerBlock`` calls this when it is made or copied)."""
@@ -68,13 +67,9 @@ def _exporting() -> bool:
     return is_exporting is None or is_exporting()
 
 
-def _named_tensors(block: nn.Module) -> List[str]:
-    return [name for name, _ in block.named_parameters()] + [name for name, _ in block.named_buffers()]
-
-
-def _out_dtype(x: Tensor, autocast: bool, autocast_dtype: torch.dtype) -> torch.dtype:
-    """What the plain block returns: its last BatchNorm keeps the pointwise conv's dtype, autocast's when it casts."""
-    return autocast_dtype if autocast and x.dtype in _AUTOCAST_DTYPES else x.dtype
+def _state(block: nn.Module) -> List[Tuple[str, Tensor]]:
+    """The block's parameters and buffers, named, in the order the op takes them."""
+    return list(block.named_parameters()) + list(block.named_buffers())
 
 
 def _block_op(x: Tensor, key: int, tensors: List[Tensor], autocast: bool, autocast_dtype: torch.dtype) -> Tensor:
@@ -91,15 +86,15 @@ def _block_op(x: Tensor, key: int, tensors: List[Tensor], autocast: bool, autoca
             if out is None:
                 out = _eager(block, x)
         else:
-            out = torch.func.functional_call(block, dict(zip(_named_tensors(block), tensors)), (x,))
-    out = out.to(_out_dtype(x, autocast, autocast_dtype))
+            out = torch.func.functional_call(block, dict(zip([n for n, _ in _state(block)], tensors)), (x,))
+    out = out.to(conv_dtype(x, (autocast, autocast_dtype)))
     if out.stride() != _channels_last_strides(out):  # (size-1 dims: contiguous() may keep other strides)
         out = out.clone(memory_format=torch.channels_last)
     return out
 
 
 def _block_op_fake(x, key, tensors, autocast, autocast_dtype):
-    return torch.empty_like(x, dtype=_out_dtype(x, autocast, autocast_dtype), memory_format=torch.channels_last)
+    return torch.empty_like(x, dtype=conv_dtype(x, (autocast, autocast_dtype)), memory_format=torch.channels_last)
 
 
 def _channels_last_strides(t: Tensor):
@@ -117,7 +112,7 @@ if _custom_op is not None:
 
 def _holds(block: nn.Module, tensors: List[Tensor]) -> bool:
     """Whether the module still holds the op's inputs (same storage), so its own dispatch computes the op."""
-    own = list(block.parameters()) + list(block.buffers())
+    own = [t for _, t in _state(block)]
     return len(own) == len(tensors) and all(a.data_ptr() == b.data_ptr() for a, b in zip(own, tensors))
 
 
@@ -126,5 +121,5 @@ def block_node(block: nn.Module, x: Tensor, autocast: bool, autocast_dtype: torc
     under ``torch.export``."""
     if _custom_op is None or _exporting():
         return None
-    tensors = list(block.parameters()) + list(block.buffers())
+    tensors = [t for _, t in _state(block)]
     return torch.ops.timm_convmixer.block(x, id(block), tensors, autocast, autocast_dtype)

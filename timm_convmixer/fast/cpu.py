@@ -48,7 +48,7 @@ import torch.nn as nn
 
 from . import cpu_kernels, kept
 from .eligibility import BlockParts, StemParts, bn_scale_shift
-from .runtime import autocast_state
+from .runtime import autocast_state, conv_dtype
 
 __all__ = ['PATHS', 'POST_OPS', 'Carried', 'applies', 'available', 'block_forward', 'chosen', 'clear_cache',
            'hybrid_forward', 'materialize', 'native_bf16', 'paths', 'warn_if_bf16_is_emulated']
@@ -318,7 +318,7 @@ def block_forward(parts: BlockParts, x: torch.Tensor, path: str = 'cpu') -> Opti
     """
     if path not in PATHS:
         raise ValueError(f'path: expected one of {PATHS}, got {path!r}')
-    out_dtype = _out_dtype(x)
+    out_dtype = conv_dtype(x)
     if path == 'cpu_hybrid':
         carried = hybrid_forward(parts, x)
         return None if carried is None else materialize(carried).to(out_dtype)
@@ -344,12 +344,6 @@ def block_forward(parts: BlockParts, x: torch.Tensor, path: str = 'cpu') -> Opti
         else:
             u = torch.addcmul(x, a, f.s_dw, out=a)  # x + s1 * act(dw(x)); BN shift t1 lives in b_pw
         return materialize(Carried(_conv(parts, u, f.w_pw, f.b_pw, 1), f.s_pw, f.t_pw))
-
-
-def _out_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype the plain block returns: autocast's under CPU bf16 autocast, else the input's."""
-    _, autocast, autocast_dtype = autocast_state('cpu')
-    return autocast_dtype if autocast else x.dtype
 
 
 def _conv(parts: BlockParts, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int) -> torch.Tensor:

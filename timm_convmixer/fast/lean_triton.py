@@ -35,7 +35,7 @@ import torch.nn as nn
 from . import triton_kernels as K
 from .eligibility import BlockParts, scale_shift
 from .lean import SavedNorm, advance_running_stats, check_batch_size, lean_applies
-from .runtime import autocast_state, interpreter_enabled
+from .runtime import conv_dtype, interpreter_enabled
 
 __all__ = ['TritonNorm', 'applies']
 
@@ -49,12 +49,6 @@ def _out_dtype(t: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.dtype
 
 def _mask_vector(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if mask is None else mask.reshape(-1)
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype a convolution of ``x`` computes in here: autocast's (fp64 is never cast), else ``x``'s."""
-    _, autocast, autocast_dtype = autocast_state(x.device.type)
-    return autocast_dtype if autocast and x.dtype != torch.float64 else x.dtype
 
 
 class TritonNorm:
@@ -73,7 +67,7 @@ class TritonNorm:
     @staticmethod
     def conv_again(conv: nn.Conv2d, x, weight, bias, needs):
         """``(z, saved)``: the convolution recomputed, and its inputs in the compute dtype for the gradients."""
-        dtype = _compute_dtype(x)
+        dtype = conv_dtype(x)
         x_c, w_c = x.to(dtype), weight.detach().to(dtype)
         b_c = None if bias is None else bias.detach().to(dtype)
         return K.dw_conv(x_c, w_c, b_c), (x_c, w_c, weight, bias)
@@ -143,7 +137,7 @@ def applies(parts: BlockParts, x: torch.Tensor) -> bool:
         return False
     if not (x.device.type == 'cuda' or (x.device.type == 'cpu' and interpreter_enabled())):
         return False
-    dtype = _compute_dtype(x)
+    dtype = conv_dtype(x)
     if dtype not in _FLOAT_DTYPES or x.dtype not in _FLOAT_DTYPES:
         return False
     for bn in (parts.bn_dw, parts.bn_pw):

@@ -1,11 +1,13 @@
 """What the runtime is doing around a block call, read in one place for every fast path: autocast, and whether
 Triton's CPU interpreter was asked for. Imports nothing beyond torch, so every path module can use it."""
 import os
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
-__all__ = ['autocast_state', 'interpreter_enabled']
+__all__ = ['AUTOCAST_DTYPES', 'autocast_state', 'conv_dtype', 'interpreter_enabled']
+
+AUTOCAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what autocast casts (it leaves fp64 alone)
 
 
 def autocast_state(device_type: str) -> Tuple[str, bool, torch.dtype]:
@@ -16,6 +18,14 @@ def autocast_state(device_type: str) -> Tuple[str, bool, torch.dtype]:
         if device_type == 'cpu':
             return device_type, torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()
         return device_type, torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
+
+
+def conv_dtype(x: torch.Tensor, autocast: Optional[Tuple[bool, torch.dtype]] = None) -> torch.dtype:
+    """The dtype a convolution of ``x`` computes in, which is also the dtype the plain block returns (its last
+    BatchNorm keeps the pointwise conv's): autocast's where autocast casts ``x``, else ``x``'s. ``autocast``: an
+    ``(enabled, dtype)`` pair to use instead of the current state (a compiled node's, fixed when it was traced)."""
+    enabled, dtype = autocast if autocast is not None else autocast_state(x.device.type)[1:]
+    return dtype if enabled and x.dtype in AUTOCAST_DTYPES else x.dtype
 
 
 def interpreter_enabled() -> bool:
