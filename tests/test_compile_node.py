@@ -121,21 +121,25 @@ def test_switching_to_training_recompiles_without_the_node(interpreter, small_mo
     assert counter.frame_count == 2 and _nodes(counter) == 2  # the second graph has none
 
 
-def test_a_copy_runs_its_own_blocks(interpreter, small_model, run_counted):
-    """``copy.deepcopy`` (how benchmarks and EMA copy a model) registers the copy's blocks: its graph runs them, not
-    the original's."""
+def test_one_graph_serves_every_instance_with_its_own_weights(interpreter, small_model, run_counted):
+    """The node holds no module's identity, only its architecture, so instances of one architecture share one graph
+    (beyond 8 Dynamo would stop compiling), and each runs its own blocks: a ``copy.deepcopy`` (how benchmarks and EMA
+    copy a model) with other weights, and fresh models."""
     model = _model(small_model)
     twin = copy.deepcopy(model)
     for p in twin.parameters():
         p.data.mul_(1.5)
-    assert all(compiled._blocks[id(b)] is b for b in list(model.blocks) + list(twin.blocks))
+    models = [model, twin] + [_model(small_model) for _ in range(8)]
     x = torch.randn(2, 3, 16, 12)
-    cm, _ = _compile(twin)
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend('aot_eager')
     with torch.no_grad():
-        want, _ = run_counted(twin, x, backend='eager')
-        got, paths = run_counted(cm, x, backend='triton')
-    assert paths == {'triton': 2}
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        for m in models:
+            want, _ = run_counted(m, x, backend='eager')
+            got, paths = run_counted(torch.compile(m, backend=counter), x, backend='triton')
+            assert paths == {'triton': 2}
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert counter.frame_count == 1 and _nodes(counter) == 2
 
 
 @pytest.mark.parametrize('strict', [False, True])
@@ -151,26 +155,31 @@ def test_export_gets_the_plain_modules(interpreter, small_model, strict):
 
 
 def test_the_op_runs_the_tensors_it_is_given(interpreter, small_model):
-    """Where the block no longer holds the op's inputs (Inductor's freezing may pass copies) the op computes the
-    plain modules on those inputs; where the block is gone it says so."""
+    """Where no block holds the op's inputs (Inductor's freezing may pass copies) a block of the same architecture
+    computes its forward on those inputs; where none is alive, or in eval mode, the op says so."""
     model = _model(small_model)
     block = model.blocks[0]
     x = torch.randn(2, 8, 4, 3).contiguous(memory_format=torch.channels_last)  # the layout the op computes in
-    key = id(block)
+    architecture = compiled._architecture(block)
     tensors = [t.clone() for t in list(block.parameters()) + list(block.buffers())]
     tensors[0].mul_(2.)  # the depthwise weight
     with torch.no_grad():
-        got = torch.ops.timm_convmixer.block(x, key, tensors, False, torch.bfloat16)
+        got = torch.ops.timm_convmixer.block(x, tensors, architecture, False, torch.bfloat16)
         names = [n for n, _ in block.named_parameters()] + [n for n, _ in block.named_buffers()]
         with fast.use_backend('eager'):
             want = torch.func.functional_call(block, dict(zip(names, tensors)), (x,))
             own = block(x)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert not torch.allclose(got, own)
+    with pytest.raises(RuntimeError, match='outlived its model'):  # another architecture
+        torch.ops.timm_convmixer.block(x, tensors, architecture.replace('k5', 'k7'), False, torch.bfloat16)
+    model.train()  # (in training mode its BatchNorms would use, and update, batch statistics)
+    with pytest.raises(RuntimeError, match='outlived its model'):
+        torch.ops.timm_convmixer.block(x, tensors, architecture, False, torch.bfloat16)
     del model, block
     gc.collect()
     with pytest.raises(RuntimeError, match='outlived its model'):
-        torch.ops.timm_convmixer.block(x, key, tensors, False, torch.bfloat16)
+        torch.ops.timm_convmixer.block(x, tensors, architecture, False, torch.bfloat16)
 
 
 @pytest.mark.slow

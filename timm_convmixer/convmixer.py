@@ -165,7 +165,7 @@ class MixerBlock(nn.Sequential):
         fast.compiled.register(self)
 
     def __setstate__(self, state):
-        """Copies (``copy.deepcopy``, unpickling) register too: a compiled graph finds its blocks by ``id()``."""
+        """Copies (``copy.deepcopy``, unpickling) register too: a compiled graph's nodes find their block among them."""
         super().__setstate__(state)
         fast.compiled.register(self)
 

@@ -8,13 +8,14 @@ real input of that case, which tracing (fake tensors) cannot do.
 So while ``torch.compile`` traces, :func:`block_node` puts one custom op, ``timm_convmixer::block``, where the block
 would be, and that op's implementation calls the ordinary dispatcher (:func:`..block_forward`) on the real tensors
 at run time: ``auto``'s check on first use, its cached decision after, a forced backend, or the plain modules. The
-block's parameters and buffers are the op's inputs, so the graph orders them as it would the modules' own reads; the
-op finds the module itself by its ``id()``, read when the graph was traced (every block registers itself when made or
-copied: :func:`register`), and runs the plain modules on the op's own inputs (``torch.func.functional_call``) should
-the module no longer hold those very tensors (Inductor's freezing may hand it copies): ``functional_call`` runs the
-block's forward, fast paths included, on them. Keying by ``id()`` has a cost: Dynamo guards on it, so each model
-instance traces its own graph (more than 8 instances of one architecture compiled in one process reach Dynamo's
-recompile limit), and Inductor's on-disk cache cannot serve another process.
+block's parameters and buffers are the op's inputs, so the graph orders them as it would the modules' own reads, and
+they are how the op finds its module when the graph runs: the live block that holds those very tensors (every block
+registers itself when made or copied: :func:`register`). The only other constant in the graph is the block's
+architecture (:func:`_architecture`: activation, kernel, BatchNorm eps), the same for every instance, so one graph
+serves every instance of an architecture, as it does for the plain modules (a graph holding a module's ``id()`` was
+traced again for each instance, and Dynamo stops compiling after 8). Where no block holds the op's inputs (Inductor's
+freezing may hand it copies, or ``torch.func.functional_call`` swapped them), a live block of the same architecture
+runs its forward, fast paths included, on them (``torch.func.functional_call``).
 
 Not under CUDA graphs: a replay would skip the node's Python, and with it the staleness check of the constants the
 fused paths keep (weights changed in place would be read stale), so the op is tagged ``cudagraph_unsafe`` (Inductor
@@ -37,18 +38,20 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from .eligibility import block_parts
 from .runtime import conv_dtype
 
 __all__ = ['block_node', 'register']
 
-# every MixerBlock alive, by id(): the op's key. Registered when a block is made or copied (__init__, __setstate__,
-# which deepcopy and unpickling call): the tracer reads id(block) but cannot record it (Dynamo runs code for real only
-# through assume_constant_result, whose arguments must be constants, which a module is not in torch 2.11)
-_blocks: 'weakref.WeakValueDictionary[int, nn.Module]' = weakref.WeakValueDictionary()
+# every MixerBlock alive (made, deep-copied or unpickled: __init__ and __setstate__ register), and for each block
+# found holding an op's inputs, by the address of its first tensor, the block (checked again on every use)
+_blocks: 'weakref.WeakSet[nn.Module]' = weakref.WeakSet()
+_holder: 'weakref.WeakValueDictionary[int, nn.Module]' = weakref.WeakValueDictionary()
+
 
 def register(block: nn.Module) -> None:
     """Make ``block`` findable by the op (``MixerBlock`` calls this when it is made or copied)."""
-    _blocks[id(block)] = block
+    _blocks.add(block)
 
 
 def _assume_constant_result(fn):
@@ -72,16 +75,44 @@ def _state(block: nn.Module) -> List[Tuple[str, Tensor]]:
     return list(block.named_parameters()) + list(block.named_buffers())
 
 
-def _block_op(x: Tensor, key: int, tensors: List[Tensor], autocast: bool, autocast_dtype: torch.dtype) -> Tensor:
+def _architecture(block: nn.Module) -> Optional[str]:
+    """What, besides its tensors, decides a block's output (its activation, kernel, BatchNorm eps and mode), or
+    ``None`` for a block no fast path computes. Traceable: the node's only constant besides the autocast state (the
+    mode is there so that a block standing in for another is in eval mode too)."""
+    parts = block_parts(block)
+    if parts is None:
+        return None
+    return f'{parts.act} k{parts.kernel_size} eps {parts.bn_dw.eps!r} {parts.bn_pw.eps!r} {parts.mode}'
+
+
+def _find(tensors: List[Tensor], architecture: str) -> Tuple[nn.Module, bool]:
+    """The live block that holds ``tensors`` (and ``True``), else one of the same architecture whose tensors have
+    their shapes (and ``False``: it must run on ``tensors``)."""
+    block = _holder.get(tensors[0].data_ptr())
+    if block is not None and _holds(block, tensors):
+        return block, True
+    for block in list(_blocks):
+        if _holds(block, tensors):
+            _holder[tensors[0].data_ptr()] = block
+            return block, True
+    for block in list(_blocks):
+        own = [t for _, t in _state(block)]
+        if (len(own) == len(tensors) and all(a.shape == b.shape for a, b in zip(own, tensors))
+                and _architecture(block) == architecture):
+            return block, False
+    raise RuntimeError(f'timm_convmixer::block: no live ConvMixer block holds the op\'s tensors or has its '
+                       f'architecture ({architecture}, dim {tensors[0].shape[0]}): the compiled graph outlived its '
+                       'model, or the block was made without MixerBlock.__init__ or unpickling (a DataParallel '
+                       'replica, say)')
+
+
+def _block_op(x: Tensor, tensors: List[Tensor], architecture: str, autocast: bool,
+              autocast_dtype: torch.dtype) -> Tensor:
     from . import _eager, block_forward
-    block = _blocks.get(key)
-    if block is None:
-        raise RuntimeError(f'timm_convmixer::block: no ConvMixer block registered under key {key}: the compiled graph '
-                           'outlived its model, or the block was made without MixerBlock.__init__ or unpickling (a '
-                           'DataParallel replica, say)')
+    block, holds = _find(tensors, architecture)
     x = x.contiguous(memory_format=torch.channels_last)
     with torch.no_grad(), torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast):
-        if _holds(block, tensors):
+        if holds:
             out = block_forward(block, x)
             if out is None:
                 out = _eager(block, x)
@@ -93,7 +124,7 @@ def _block_op(x: Tensor, key: int, tensors: List[Tensor], autocast: bool, autoca
     return out
 
 
-def _block_op_fake(x, key, tensors, autocast, autocast_dtype):
+def _block_op_fake(x, tensors, architecture, autocast, autocast_dtype):
     return torch.empty_like(x, dtype=conv_dtype(x, (autocast, autocast_dtype)), memory_format=torch.channels_last)
 
 
@@ -121,5 +152,8 @@ def block_node(block: nn.Module, x: Tensor, autocast: bool, autocast_dtype: torc
     under ``torch.export``."""
     if _custom_op is None or _exporting():
         return None
+    architecture = _architecture(block)
+    if architecture is None:
+        return None
     tensors = [t for _, t in _state(block)]
-    return torch.ops.timm_convmixer.block(x, id(block), tensors, autocast, autocast_dtype)
+    return torch.ops.timm_convmixer.block(x, tensors, architecture, autocast, autocast_dtype)
