@@ -55,6 +55,15 @@ def _check_consistent(result):
     if summary['ours_best']:
         best = engines[summary['ours_best']]
         assert summary['ours_best_vs_best_peer'] == best['vs_best_peer']
+    assert set(summary['by_dtype']) == {e['dtype'] for e in passed.values()}
+    for dtype, d in summary['by_dtype'].items():  # like against like: bf16 engines against bf16 peers
+        same = {n: e['img_s'] for n, e in passed.items() if e['dtype'] == dtype}
+        ours = {n: v for n, v in same.items() if not passed[n]['peer']}
+        peers_d = {n: v for n, v in same.items() if passed[n]['peer']}
+        assert d['ours_best'] == (max(ours, key=ours.get) if ours else None)
+        assert d['best_peer'] == (max(peers_d, key=peers_d.get) if peers_d else None)
+        assert d['ours_best_vs_best_peer'] == (
+            pytest.approx(ours[d['ours_best']] / peers_d[d['best_peer']], rel=1e-12) if ours and peers_d else None)
 
 
 def test_cli_every_engine_measured_or_explained(tmp_path):
@@ -92,10 +101,17 @@ def test_cli_every_engine_measured_or_explained(tmp_path):
         assert engines['openvino']['status'] == 'measured' and engines['openvino']['correctness']['pass']
     else:
         assert engines['openvino']['status'] == 'not installed' and meta['openvino'] is None
+    for name in bench_engines.BF16:  # ours and the peers in bf16 (OpenVINO's default there), where it is native
+        if name == 'openvino_bf16' and importlib.util.find_spec('openvino') is None:
+            continue
+        if native_bf16():
+            assert engines[name]['status'] == 'measured' and engines[name]['correctness']['pass'], name
+            assert engines[name]['dtype'] == 'bf16' and engines[name]['fraction_of_peak'] is None
+        else:
+            assert engines[name]['status'] == 'skipped' and 'native bf16' in engines[name]['reason']
     if native_bf16():
-        assert engines['ours_bf16']['status'] == 'measured' and engines['ours_bf16']['correctness']['pass']
-    else:
-        assert engines['ours_bf16']['status'] == 'skipped' and 'native bf16' in engines['ours_bf16']['reason']
+        assert 'bf16 precision hint' in engines['openvino_bf16']['description']
+        assert engines['openvino_bf16']['config']['INFERENCE_PRECISION_HINT'] == 'bf16'
     assert torch._inductor.config.freezing is False  # set for the compilation only, then restored
     assert chart.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 

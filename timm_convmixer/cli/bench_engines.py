@@ -8,10 +8,17 @@ A deploying user can run a ConvMixer several ways; this puts them side by side o
   CPU (elsewhere bf16 is emulated, 15-20x slower, and the engine is reported as skipped with that reason);
 * ``builtin_nchw`` / ``builtin_channels_last``: timm's own ``timm.models.convmixer.ConvMixer``, eager;
 * ``builtin_compile``: the built-in under ``torch.compile`` with Inductor ``freezing`` (weights folded as constants,
-  the setting Inductor's CPU inference guide recommends), NCHW input;
-* ``onnxruntime`` / ``openvino``: our ONNX export (:func:`timm_convmixer.export.export_onnx`, batch fixed to the
+  the setting Inductor's CPU inference guide recommends), NCHW input; ``builtin_compile_bf16``: the same under bf16
+  autocast;
+* ``onnxruntime`` / ``openvino``: our ONNX export (:func:`timm_convmixer.cli.export.export_onnx`, batch fixed to the
   benchmark's) run by onnxruntime's CPU execution provider (all graph optimisations) and by OpenVINO's CPU plugin
-  (fp32 precision hint, latency hint), each with ``torch.get_num_threads()`` intra-op threads.
+  (fp32 precision hint, latency hint), each with ``torch.get_num_threads()`` intra-op threads; ``openvino_bf16``:
+  OpenVINO with the bf16 precision hint, which is OpenVINO's default on a CPU with native bf16 (what a user who sets
+  no hint gets there).
+
+The bf16 engines (``ours_bf16``, ``builtin_compile_bf16``, ``openvino_bf16``) run only where the CPU has native bf16,
+and are compared with each other as well as with everything (``summary['by_dtype']``): a bf16 engine ahead of fp32
+peers has only shown what bf16 buys, and a deploying user who accepts bf16 can have it from the peers too.
 
 An engine whose package is missing is reported as ``not installed`` (never an error). All engines are timed in
 ONE interleaved run (one batch of each engine in turn, repeated ``iters`` times) so that load on a shared machine
@@ -53,8 +60,10 @@ __all__ = ['ENGINES', 'PEERS', 'TOLERANCE', 'add_arguments', 'measured_sgemm_gfl
            'save_engines_chart', 'main']
 
 ENGINES = ('ours_nchw', 'ours_channels_last', 'ours_bf16', 'builtin_nchw', 'builtin_channels_last',
-           'builtin_compile', 'onnxruntime', 'openvino')
-PEERS = ('builtin_nchw', 'builtin_channels_last', 'builtin_compile', 'onnxruntime', 'openvino')
+           'builtin_compile', 'builtin_compile_bf16', 'onnxruntime', 'openvino', 'openvino_bf16')
+PEERS = ('builtin_nchw', 'builtin_channels_last', 'builtin_compile', 'builtin_compile_bf16', 'onnxruntime',
+         'openvino', 'openvino_bf16')
+BF16 = ('ours_bf16', 'builtin_compile_bf16', 'openvino_bf16')
 BUILTIN_EAGER = ('builtin_nchw', 'builtin_channels_last')
 # max |engine - reference| / max |reference| allowed, per compute dtype. fp32: every engine reorders sums (oneDNN
 # blocking, folded BatchNorms, Winograd-free but differently tiled convolutions), which over 20-32 blocks costs
@@ -143,13 +152,14 @@ def _builtin_eager(name: str, model: nn.Module, x: torch.Tensor, layout: str) ->
     return engine
 
 
-def _builtin_compile(model: nn.Module, x: torch.Tensor) -> _Engine:
-    engine = _Engine('builtin_compile', 'timm built-in ConvMixer, torch.compile (Inductor, freezing=True), NCHW input')
+def _builtin_compile(name: str, model: nn.Module, x: torch.Tensor, dtype: str) -> _Engine:
+    engine = _Engine(name, 'timm built-in ConvMixer, torch.compile (Inductor, freezing=True), NCHW input' +
+                     (', bf16 autocast' if dtype == 'bf16' else ''), dtype)
     try:
         from torch._inductor import config as inductor_config
     except ImportError as e:
         raise _Unavailable('not installed', f'torch.compile/Inductor unavailable in this torch ({e})') from None
-    step = make_step(*prepare(model, x, 'compile'), 'infer', 'fp32')
+    step = make_step(*prepare(model, x, 'compile'), 'infer', dtype)
     # freezing is read when the graph is compiled, i.e. on the first call; it is set for that call only
     with inductor_config.patch(freezing=True):
         t0 = time.perf_counter()
@@ -190,13 +200,15 @@ def _onnxruntime(model: nn.Module, x: torch.Tensor, folder: str, cache: Dict[str
     return engine
 
 
-def _openvino(model: nn.Module, x: torch.Tensor, folder: str, cache: Dict[str, Any]) -> _Engine:
-    engine = _Engine('openvino', 'OpenVINO CPU plugin on our ONNX export, fp32 precision hint, latency hint')
+def _openvino(name: str, model: nn.Module, x: torch.Tensor, folder: str, cache: Dict[str, Any],
+              dtype: str) -> _Engine:
+    precision = {'fp32': 'f32', 'bf16': 'bf16'}[dtype]
+    engine = _Engine(name, f'OpenVINO CPU plugin on our ONNX export, {precision} precision hint, latency hint', dtype)
     ov = _import('openvino')
     core_cls = getattr(ov, 'Core', None) or importlib.import_module('openvino.runtime').Core
     path = _export(model, x, folder, cache)
-    # without the f32 hint OpenVINO computes in bf16 on CPUs that have it: not the same answer as the others
-    config = {'INFERENCE_PRECISION_HINT': 'f32', 'PERFORMANCE_HINT': 'LATENCY',
+    # without a hint OpenVINO computes in bf16 on CPUs that have it natively (openvino_bf16), else in fp32
+    config = {'INFERENCE_PRECISION_HINT': precision, 'PERFORMANCE_HINT': 'LATENCY',
               'INFERENCE_NUM_THREADS': torch.get_num_threads()}
     core = core_cls()
     t0 = time.perf_counter()
@@ -234,20 +246,22 @@ def _build(name: str, ours: nn.Module, builtin: nn.Module, x: torch.Tensor, back
         return _ours(name, ours, x, 'nchw', 'fp32', backend)
     if name == 'ours_channels_last':
         return _ours(name, ours, x, 'channels_last', 'fp32', backend)
-    if name == 'ours_bf16':
+    dtype = 'bf16' if name in BF16 else 'fp32'
+    if dtype == 'bf16':
         if bf16 is False:
             raise _Unavailable('skipped', 'bf16 not requested')
         if bf16 is None and not native_bf16():
             raise _Unavailable('skipped', 'no native bf16 on this CPU (torch.ops.mkldnn._is_mkldnn_bf16_supported() '
-                                          'is False): oneDNN would emulate bf16, 15-20x slower than fp32')
+                                          'is False): bf16 would be emulated, 15-20x slower than fp32')
+    if name == 'ours_bf16':
         return _ours(name, ours, x, 'channels_last', 'bf16', backend)
     if name in BUILTIN_EAGER:
         return _builtin_eager(name, builtin, x, name.split('_', 1)[1])
-    if name == 'builtin_compile':
-        return _builtin_compile(builtin, x)
+    if name.startswith('builtin_compile'):
+        return _builtin_compile(name, builtin, x, dtype)
     if name == 'onnxruntime':
         return _onnxruntime(ours, x, folder, cache)
-    return _openvino(ours, x, folder, cache)
+    return _openvino(name, ours, x, folder, cache, dtype)
 
 
 def run_engines(
@@ -266,9 +280,10 @@ def run_engines(
 ) -> Dict[str, Any]:
     """Time every engine (default all of :data:`ENGINES`) on one model, interleaved; returns a JSON-ready dict.
 
-    ``bf16``: None measures ``ours_bf16`` only where the CPU has native bf16; True measures it anyway (emulated),
-    False never. ``peak_gflops``: the CPU's fp32 peak; without it (and with ``measure_peak``) :func:`measured_peak`.
-    ``warmup``: untimed rounds before the timed ones (at least one, which also checks correctness).
+    ``bf16``: None measures the bf16 engines (:data:`BF16`) only where the CPU has native bf16; True measures them
+    anyway (emulated), False never. ``peak_gflops``: the CPU's fp32 peak; without it (and with ``measure_peak``)
+    :func:`measured_peak`. ``warmup``: untimed rounds before the timed ones (at least one, which also checks
+    correctness).
     """
     engines = list(ENGINES if not engines else engines)
     bad = [e for e in engines if e not in ENGINES]
@@ -364,7 +379,8 @@ def run_engines(
 
 
 def _ratios(engines: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
-    """Ratios against the built-in's best eager layout and the best peer, among engines that passed correctness."""
+    """Ratios against the built-in's best eager layout and the best peer, among engines that passed correctness; and
+    per compute dtype, ours against the peers computing in that dtype (``by_dtype``)."""
     ok = {n: e for n, e in engines.items() if e['status'] == 'measured' and e['correctness']['pass']}
 
     def best(names):
@@ -374,6 +390,12 @@ def _ratios(engines: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
     builtin_best = best(BUILTIN_EAGER)
     best_peer = best([n for n in ok if ok[n]['peer']])
     ours_best = best([n for n in ok if not ok[n]['peer']])
+    by_dtype = {}
+    for dtype in sorted({e['dtype'] for e in ok.values()}):
+        ours_d = best([n for n in ok if not ok[n]['peer'] and ok[n]['dtype'] == dtype])
+        peer_d = best([n for n in ok if ok[n]['peer'] and ok[n]['dtype'] == dtype])
+        by_dtype[dtype] = {'ours_best': ours_d, 'best_peer': peer_d, 'ours_best_vs_best_peer': (
+            ok[ours_d]['img_s'] / ok[peer_d]['img_s'] if ours_d and peer_d else None)}
     for e in engines.values():
         if e['status'] != 'measured':
             continue
@@ -385,6 +407,7 @@ def _ratios(engines: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
         'ours_best_vs_builtin_eager_best': engines[ours_best]['vs_builtin_eager_best'] if ours_best else None,
         'failed_correctness': sorted(n for n, e in engines.items()
                                      if e['status'] == 'measured' and not e['correctness']['pass']),
+        'by_dtype': by_dtype,
     }
 
 
@@ -460,7 +483,7 @@ def _single(parser_defaults: Dict[str, Any], args: argparse.Namespace) -> Option
     if args.task != ['infer']:
         return f'--task {" ".join(args.task)}: --engines measures inference only'
     if args.dtype != ['fp32']:
-        return '--dtype: --engines measures fp32, and ours in bf16 where the CPU has native bf16'
+        return '--dtype: --engines measures fp32, and bf16 engines where the CPU has native bf16'
     if args.modes != parser_defaults['modes']:
         return '--modes: --engines picks its own layouts (see --engines ENGINE ... to choose a subset)'
     if args.device != parser_defaults['device'] and torch.device(args.device).type != 'cpu':
@@ -512,3 +535,7 @@ def _print(result: Dict[str, Any]) -> None:
           f"{summary['ours_best_vs_best_peer'] and round(summary['ours_best_vs_best_peer'], 3)}x best peer, "
           f"{summary['ours_best_vs_builtin_eager_best'] and round(summary['ours_best_vs_builtin_eager_best'], 3)}x "
           'built-in eager best')
+    for dtype, d in summary['by_dtype'].items():
+        ratio = d['ours_best_vs_best_peer']
+        print(f"{dtype}: ours best {d['ours_best']}, best {dtype} peer {d['best_peer']}: "
+              f"{'-' if ratio is None else round(ratio, 3)}x")
