@@ -129,14 +129,16 @@ def test_bad_arguments_are_named(kernels):
     x, weight, bias, scale = _inputs(1, 16, 6, 6, 3)
     taps = weight.reshape(16, 9).t().contiguous()
     out = torch.empty_like(x)
-    with pytest.raises(RuntimeError, match='x must be a 4-d float32 CPU tensor'):
+    with pytest.raises(RuntimeError, match='x must be a 4-d float32 or bfloat16 CPU tensor'):
         cpu_kernels.dw_block(x.double(), taps, bias, scale, 3, 'relu', out)
     with pytest.raises(RuntimeError, match='x must be channels_last'):
         cpu_kernels.dw_block(x.contiguous(), taps, bias, scale, 3, 'relu', out)
     with pytest.raises(RuntimeError, match='expected taps of 9 x 16'):
         cpu_kernels.dw_block(x, taps[:4], bias, scale, 3, 'relu', out)
-    with pytest.raises(RuntimeError, match="out must be a channels_last float32 CPU tensor of x's shape"):
+    with pytest.raises(RuntimeError, match="out must be a channels_last CPU tensor of x's shape and dtype"):
         cpu_kernels.dw_block(x, taps, bias, scale, 3, 'relu', out[:, :8])
+    with pytest.raises(RuntimeError, match="out must be a channels_last CPU tensor of x's shape and dtype"):
+        cpu_kernels.dw_block(x, taps, bias, scale, 3, 'relu', out.bfloat16())
     with pytest.raises(RuntimeError, match='out must not be x'):
         cpu_kernels.dw_block(x, taps, bias, scale, 3, 'relu', x)
     with pytest.raises(RuntimeError, match='give both in_scale and in_shift, or neither'):
@@ -161,6 +163,26 @@ def test_input_affine_is_applied_as_the_input_is_read(shape, kernels):
     carried = cpu_kernels.dw_block(a, taps, bias, scale, k, 'gelu', torch.empty_like(a), in_affine=(s, t))
     x = (a.double() * s.double().view(1, -1, 1, 1) + t.double().view(1, -1, 1, 1))
     torch.testing.assert_close(carried.double(), _reference(x, weight, bias, scale, 'gelu'), rtol=1e-5, atol=1e-5)
+
+
+# a partial vector and block (20 channels), whole blocks (32), one pixel with both; kernels of a strip and not
+@pytest.mark.parametrize('shape,affine', [((2, 20, 7, 9, 5), True), ((1, 32, 6, 19, 9), False),
+                                          ((1, 33, 1, 1, 7), True)], ids=lambda v: 'x'.join(map(str, v))
+                         if isinstance(v, tuple) else f'affine={v}')
+def test_bfloat16_in_and_out_is_the_float32_kernel_rounded_once(shape, affine, kernels):
+    """bf16 ``x`` and ``out`` (``cpu_hybrid`` under bf16 autocast): widened exactly as read, computed in float32,
+    rounded to nearest even once as stored -- bit for bit the float32 kernel's output on the widened input, rounded
+    by torch."""
+    x, weight, bias, scale = _inputs(*shape, seed=4)
+    x = x.bfloat16()
+    c, k = weight.shape[0], weight.shape[-1]
+    taps = weight.reshape(c, k * k).t().contiguous()
+    in_affine = (torch.rand(c) + 0.5, torch.randn(c)) if affine else None
+    got = cpu_kernels.dw_block(x, taps, bias, scale, k, 'gelu', torch.empty_like(x), in_affine)
+    wide = cpu_kernels.dw_block(x.float(), taps, bias, scale, k, 'gelu', torch.empty_like(x, dtype=torch.float32),
+                                in_affine)
+    assert got.dtype == torch.bfloat16 and got.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(got, wide.bfloat16())
 
 
 def _pw_inputs(n, c_in, c_out, h, w, seed=0):

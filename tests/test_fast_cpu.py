@@ -226,6 +226,24 @@ def test_bf16_autocast_matches_eager_autocast(kernel_size, path, make_model, inf
     torch.testing.assert_close(outs[path].float(), outs['eager'].float(), rtol=0.05, atol=0.05 * scale)
 
 
+def test_hybrid_under_native_bf16_autocast_reads_and_writes_bf16(make_model, infer):
+    """Where oneDNN's bf16 is native, ``cpu_hybrid`` under bf16 autocast is a bf16 path: our depthwise kernel reads
+    and writes bf16 (fp32 inside), oneDNN's pointwise conv runs in bf16 as eager autocast's does, and the pointwise
+    BatchNorm is carried to the next block in fp32 -- the chain runs under autocast too."""
+    if not fast_cpu.native_bf16() or cpu_kernels.load() is None:
+        pytest.skip('needs native bf16 and our CPU kernels')
+    model = make_model(kernel_size=7, dim=32, depth=3)
+    x = torch.randn(2, 3, 16, 16)
+    ref32, _ = infer(model, x, 'eager')
+    with torch.autocast('cpu', dtype=torch.bfloat16), torch.no_grad():
+        carried = fast_cpu.hybrid_forward(block_parts(model.blocks[0]), model.stem(x))
+        out, paths = infer(model, x, 'cpu_hybrid')
+    assert carried.a.dtype == torch.bfloat16 and carried.scale.dtype == carried.shift.dtype == torch.float32
+    assert fast_cpu.materialize(carried).dtype == torch.bfloat16
+    assert paths == {'cpu_hybrid': 3} and out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref32, rtol=0.05, atol=0.05 * ref32.abs().max().item())
+
+
 def test_bf16_autocast_without_native_bf16_offers_our_fp32_kernels(make_model, infer, monkeypatch):
     """Where oneDNN would emulate bf16 (15-20x slower than fp32), its path declines and our fp32 kernels are what
     auto can weigh: an answer within bf16 precision, without the emulation. (The CPU's answer is what is replaced,

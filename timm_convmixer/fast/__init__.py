@@ -409,8 +409,8 @@ def blocks_forward(blocks: nn.Sequential, x: torch.Tensor) -> Optional[torch.Ten
     others are called as usual. Not offered where the chain's hooks, or a block's own, must see it run.
     """
     if (_is_compiling() or not _offered(x) or _backend not in ('auto', 'cpu_hybrid') or x.device.type != 'cpu'
-            or has_hooks(blocks) or autocast_state('cpu')[1]):
-        return None  # (under autocast each block's fp32 output is rounded to bf16, as alone: nothing to carry)
+            or has_hooks(blocks)):
+        return None
     from . import cpu
     carried = None
     for block in blocks:

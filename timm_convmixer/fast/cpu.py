@@ -25,10 +25,12 @@ Numerics: fp32 by default; the BN folds are done in float64, so results match ea
 summation order inside the 1x1 conv differs by one bias term). Under CPU autocast with bfloat16, oneDNN's path
 (``'cpu'``, where the CPU has native bf16) computes in bf16 like eager autocast does: activations, conv weights and
 the folded BN scale/shift in bf16, with oneDNN's fp32 accumulation and the activation fused before rounding; it
-matches eager autocast to bf16 precision. Our kernels (``'cpu_compiled'``, ``'cpu_hybrid'``) compute in fp32 there
-and round the output to bf16: autocast promises bf16 precision, not bf16 arithmetic, and fp32 can be the faster (our
-k9 depthwise kernel against oneDNN's bf16 one at 256 channels) or the only fast choice (without native bf16, oneDNN
-emulates bf16 15-20x slower than fp32); ``auto`` checks each against an fp32 run and races it with oneDNN's bf16.
+matches eager autocast to bf16 precision. Our depthwise kernel computes in fp32 there: ``'cpu_hybrid'`` where the
+CPU has native bf16 reads and writes bf16 (widened on load, rounded once on store) around oneDNN's bf16 pointwise
+conv, as eager autocast runs it; elsewhere, and in ``'cpu_compiled'``, our kernels compute all of it in fp32 and
+round the output to bf16: autocast promises bf16 precision, not bf16 arithmetic, and fp32 can be the only fast
+choice (without native bf16, oneDNN emulates bf16 15-20x slower than fp32); ``auto`` checks each against an fp32 run
+and races it with oneDNN's bf16.
 fp16 autocast runs the eager modules.
 
 It applies only in eval mode (BN on running statistics, drop_path inactive), fp32 or bf16 autocast, and when no
@@ -201,11 +203,13 @@ def _pack(weight: torch.Tensor, padding: List[int], groups: int, input_size: Lis
 
 
 def _fold(parts: BlockParts, input_size: List[int], dtype: torch.dtype, path: str) -> _Folded:
-    """Folded (in float64) and packed weights, stored in the compute ``dtype`` (fp32, or bf16 under autocast), for
-    one of :data:`PATHS`: our kernels read taps and panels, oneDNN's convolutions its packed weights."""
+    """Folded (in float64) and packed weights for one of :data:`PATHS`: our kernels read taps and panels, oneDNN's
+    convolutions its packed weights. oneDNN's weights and biases are stored in the compute ``dtype`` (fp32, or bf16
+    under autocast); what our kernels read, and the per-channel BatchNorm factors of a path with our kernels in it
+    (which they may apply: the carried BatchNorm), in fp32."""
     conv_dw, conv_pw = parts.conv_dw, parts.conv_pw
     dim = parts.dim
-    with torch.no_grad(), torch.inference_mode(False):
+    with torch.inference_mode(False), torch.no_grad():
         s_dw, t_dw = bn_scale_shift(parts.bn_dw, torch.float64)
         s_pw, t_pw = bn_scale_shift(parts.bn_pw, torch.float64)
         w_pw = conv_pw.weight.double().reshape(dim, dim)
@@ -214,12 +218,13 @@ def _fold(parts: BlockParts, input_size: List[int], dtype: torch.dtype, path: st
             b_pw = b_pw + conv_pw.bias.double()
         b_dw = conv_dw.bias if conv_dw.bias is not None else conv_dw.weight.new_zeros(dim)
         k = conv_dw.kernel_size[0]
+        factors = dtype if path == 'cpu' else torch.float32
         folded = _Folded(
-            b_dw=b_dw.detach().to(dtype).contiguous(),
-            s_dw=s_dw.to(dtype).view(1, dim, 1, 1),
+            b_dw=b_dw.detach().to(factors).contiguous(),
+            s_dw=s_dw.to(factors).view(1, dim, 1, 1),
             b_pw=b_pw.to(dtype).contiguous(),
-            s_pw=s_pw.to(dtype).view(1, dim, 1, 1),
-            t_pw=t_pw.to(dtype).view(1, dim, 1, 1),
+            s_pw=s_pw.to(factors).view(1, dim, 1, 1),
+            t_pw=t_pw.to(factors).view(1, dim, 1, 1),
         )
         if path in ('cpu_compiled', 'cpu_hybrid'):
             folded = folded._replace(taps=conv_dw.weight.detach().reshape(dim, k * k).t().contiguous())
@@ -294,8 +299,8 @@ def chosen(parts: BlockParts, path: Optional[str]) -> None:
 def paths(parts: BlockParts, x: torch.Tensor) -> Tuple[str, ...]:
     """The CPU paths that can run this block and input (cheap: no folding, no packing; empty where none applies):
     ``'cpu'`` (both convolutions on oneDNN) wherever :func:`applies`; ``'cpu_compiled'`` and ``'cpu_hybrid'`` (our
-    depthwise kernel, and our GEMM or oneDNN's) in fp32 when the kernels load (the first call may build them), also
-    under bf16 autocast."""
+    depthwise kernel, and our GEMM or oneDNN's) when the kernels load (the first call may build them), also under
+    bf16 autocast (:func:`_hybrid_dtype`)."""
     onednn = ('cpu',) if applies(parts, x) is not None else ()
     dtype = applies(parts, x, kernels=True)
     return onednn + PATHS[1:] if dtype is not None and _compiled_applies(parts, dtype) else onednn
@@ -305,6 +310,15 @@ def _compiled_applies(parts: BlockParts, dtype: torch.dtype) -> bool:
     """Our kernels compute in float32, for kernel sizes up to the depthwise window's limit, once built."""
     return (dtype == torch.float32 and parts.kernel_size <= cpu_kernels.MAX_KERNEL_SIZE
             and cpu_kernels.load() is not None)
+
+
+def _hybrid_dtype(parts: BlockParts, x: torch.Tensor) -> Optional[torch.dtype]:
+    """What ``'cpu_hybrid'`` reads and writes: bf16 under bf16 autocast where oneDNN's bf16 is native (its pointwise
+    conv in bf16, as eager autocast's; our depthwise kernel widening bf16 to fp32 and rounding once on store), else
+    fp32 (under autocast without native bf16 too: all of it in fp32, the output rounded); ``None`` where it does not
+    apply."""
+    onednn = applies(parts, x)
+    return onednn if onednn == torch.bfloat16 else applies(parts, x, kernels=True)
 
 
 def block_forward(parts: BlockParts, x: torch.Tensor, path: str = 'cpu') -> Optional[torch.Tensor]:
@@ -356,8 +370,11 @@ def _conv(parts: BlockParts, x: torch.Tensor, weight: torch.Tensor, bias: torch.
 
 
 def materialize(carried: Carried) -> torch.Tensor:
-    """The block output ``carried`` stands for, written over its ``a`` (which nothing else holds)."""
-    return torch.addcmul(carried.shift, carried.a, carried.scale, out=carried.a)
+    """The block output ``carried`` stands for, written over its ``a`` (which nothing else holds). In ``a``'s dtype:
+    a bf16 ``a`` with fp32 factors (``'cpu_hybrid'`` under bf16 autocast) made ``addcmul`` cast element by element,
+    ~8x the time of the pass (38 against ~4.5 ms at 8 x 768 x 32 x 32)."""
+    a, dtype = carried.a, carried.a.dtype
+    return torch.addcmul(carried.shift.to(dtype), a, carried.scale.to(dtype), out=a)
 
 
 def hybrid_forward(parts: BlockParts, x: torch.Tensor, carried: Optional[Carried] = None) -> Optional[Carried]:
@@ -367,8 +384,8 @@ def hybrid_forward(parts: BlockParts, x: torch.Tensor, carried: Optional[Carried
     never written."""
     if carried is not None:
         x = carried.a
-    dtype = applies(parts, x, kernels=True)
-    if dtype is None or not _compiled_applies(parts, dtype):
+    dtype = _hybrid_dtype(parts, x)
+    if dtype is None or not _compiled_applies(parts, torch.float32):
         return None
     f = _cached(parts, x, dtype, 'cpu_hybrid')
     dim = x.shape[1]

@@ -124,8 +124,9 @@ def build_error() -> Optional[str]:
 def dw_block(x: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor, kernel_size: int,
              act: str, out: torch.Tensor, in_affine: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
              ) -> torch.Tensor:
-    """``out = x + scale * act(depthwise_conv_same(x) + bias)`` for a channels_last float32 ``x`` (``out`` likewise,
-    not ``x``): ``taps`` is the depthwise weight as ``(k * k, C)``, ``bias``/``scale`` hold ``C`` values. With
+    """``out = x + scale * act(depthwise_conv_same(x) + bias)`` for a channels_last ``x`` (``out`` likewise, not
+    ``x``), float32 or bfloat16 (computed in float32, rounded once on store): ``taps`` is the depthwise weight as
+    ``(k * k, C)``, ``bias``/``scale`` hold ``C`` values (float32, as every per-channel operand). With
     ``in_affine = (s, t)`` (``C`` values each) the block's input is ``s * x + t`` per channel, applied as the kernel
     reads ``x``. The kernel must be loaded."""
     in_scale, in_shift = in_affine if in_affine is not None else (None, None)

@@ -52,7 +52,7 @@ def _channels_last_order(x: torch.Tensor) -> bool:
 
 def _fold(parts: StemParts, channels_last: bool) -> _Folded:
     conv = parts.conv
-    with torch.no_grad(), torch.inference_mode(False):
+    with torch.inference_mode(False), torch.no_grad():
         weight = conv.weight.detach()
         if channels_last:
             weight = weight.permute(0, 2, 3, 1)

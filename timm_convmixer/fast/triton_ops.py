@@ -299,7 +299,7 @@ def inference_constants(block: nn.Module, parts: BlockParts, dtype: torch.dtype,
 def _compute_inference_constants(parts: BlockParts, dtype: torch.dtype,
                                  affine_dtype: torch.dtype) -> InferenceConstants:
     dw, pw = parts.conv_dw, parts.conv_pw
-    with torch.no_grad(), torch.inference_mode(False):  # kept tensors stay ordinary ones, whatever mode made them
+    with torch.inference_mode(False), torch.no_grad():  # kept tensors stay ordinary ones, whatever mode made them
         s1, t1 = bn_scale_shift(parts.bn_dw, affine_dtype)
         s2, t2 = bn_scale_shift(parts.bn_pw, affine_dtype)
         return InferenceConstants(

@@ -1,9 +1,11 @@
 // What both CPU kernels share: ATen's vector type for the ISA this file is built for, the activations (ATen's own
-// formulas, so results match eager to float32 rounding), and loads/stores of a partial vector at a block's edge.
+// formulas, so results match eager to float32 rounding), and loads/stores of a partial vector at a block's edge
+// (float32, or bfloat16 converted to and from float32).
 #pragma once
 
 #include <ATen/cpu/vec/vec.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
@@ -67,6 +69,37 @@ inline Vec load_part(const float* p, int64_t v, int64_t n) {
 inline void store_part(const Vec& x, float* p, int64_t v, int64_t n) {
   const int64_t left = n - v * VL;
   if (left >= VL) x.store(p + v * VL); else x.store(p + v * VL, left);
+}
+
+// The same for bfloat16 data computed on in float32: widened exactly on load, rounded to nearest even on store
+// (ATen's conversion, NaN kept). AVX-512 builds (where CPUs with native bf16 are) convert in registers; other builds
+// go through a float array (correct, not fast: bf16 paths are offered only where the CPU has native bf16).
+inline Vec load_part(const c10::BFloat16* p, int64_t v, int64_t n) {
+  const int64_t left = std::min<int64_t>(VL, n - v * VL);
+  p += v * VL;
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m256i h = left >= VL ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
+                               : _mm256_maskz_loadu_epi16(__mmask16((1u << left) - 1), p);
+  return Vec(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+#else
+  float tmp[VL] = {};
+  for (int64_t i = 0; i < left; ++i) tmp[i] = float(p[i]);
+  return Vec::loadu(tmp);
+#endif
+}
+
+inline void store_part(const Vec& x, c10::BFloat16* p, int64_t v, int64_t n) {
+  const int64_t left = std::min<int64_t>(VL, n - v * VL);
+  p += v * VL;
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m256i h = at::vec::cvtfp32_bf16(__m512(x));
+  if (left >= VL) _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h);
+  else _mm256_mask_storeu_epi16(p, __mmask16((1u << left) - 1), h);
+#else
+  float tmp[VL];
+  x.store(tmp);
+  for (int64_t i = 0; i < left; ++i) p[i] = c10::BFloat16(tmp[i]);
+#endif
 }
 
 }  // namespace timm_convmixer_cpu
