@@ -2,10 +2,11 @@
 # The CPU results committed under benchmarks/results/. Run from the repository root on an otherwise idle machine:
 #   benchmarks/run_cpu.sh                 (ITERS=5 by default; PEAK_GFLOPS=... to give the CPU's fp32 FMA peak)
 #
-# 1. Inference, every variant: `bench --engines` puts ours (NCHW, channels_last, bf16 where the CPU has it natively)
-#    beside timm's built-in eager (both layouts), the built-in under torch.compile with Inductor freezing, and
-#    onnxruntime and OpenVINO on our ONNX export, same weights, one interleaved run per model, fp32 correctness of
-#    each against eager. Engines whose package is missing are reported as such.
+# 1. Inference, every variant: `bench --engines` puts ours (NCHW, channels_last) beside timm's built-in eager (both
+#    layouts), the built-in under torch.compile with Inductor freezing, and onnxruntime and OpenVINO on our ONNX
+#    export, and where the CPU has native bf16 ours, the compiled built-in and OpenVINO in bf16 too; same weights, one
+#    interleaved run per model, correctness of each against eager fp32. Engines whose package is missing are reported
+#    as such.
 # 2. The pointwise half alone: our GEMM against oneDNN's 1x1 convolution (+ addcmul) and MKL's sgemm; the depthwise
 #    half alone: our dw_block against oneDNN's bare depthwise conv and a copy; the stem alone: its fast path against
 #    the plain modules; our paths (cpu, cpu_compiled, cpu_hybrid, eager) forced on whole models.

@@ -64,6 +64,9 @@ def _check_consistent(result):
         assert d['best_peer'] == (max(peers_d, key=peers_d.get) if peers_d else None)
         assert d['ours_best_vs_best_peer'] == (
             pytest.approx(ours[d['ours_best']] / peers_d[d['best_peer']], rel=1e-12) if ours and peers_d else None)
+        if ours and peers_d:  # the same rounds' times, peer over ours, their median
+            rounds = [p / o for o, p in zip(passed[d['ours_best']]['times_ms'], passed[d['best_peer']]['times_ms'])]
+            assert d['ours_best_vs_best_peer_paired'] == pytest.approx(statistics.median(rounds), rel=1e-12)
 
 
 def test_cli_every_engine_measured_or_explained(tmp_path):

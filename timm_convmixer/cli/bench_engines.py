@@ -31,7 +31,8 @@ relative errors blow up on logits near zero), passing at ``max_rel_err <= TOLERA
 is still timed, but is never the "best peer" nor the fastest.
 
 Speed: img/s (median), ms per batch, the ratio to the built-in's best eager layout and to the best peer (every
-engine that is not ours), GFLOP/s (FLOPs of the forward from torch's FLOP counter on the built-in model) and the
+engine that is not ours; for ours' best also the median of its per-round ratios to that peer,
+:func:`paired_speedup`), GFLOP/s (FLOPs of the forward from torch's FLOP counter on the built-in model) and the
 fraction of the CPU's fp32 peak: ``--peak-gflops`` when given, else measured on the same threads by our FMA probe
 (:func:`measured_peak`; an sgemm yardstick where our CPU kernels cannot be built, which reads lower than the real
 peak). The peak's source is recorded with it.
@@ -56,7 +57,7 @@ from ..fast.cpu import native_bf16
 from .atomic import atomic_write
 from .measure import build_pair, count_flops, hardware, make_step, prepare, time_interleaved, write_outputs
 
-__all__ = ['ENGINES', 'PEERS', 'TOLERANCE', 'add_arguments', 'measured_sgemm_gflops', 'run_engines',
+__all__ = ['ENGINES', 'PEERS', 'TOLERANCE', 'add_arguments', 'measured_sgemm_gflops', 'paired_speedup', 'run_engines',
            'save_engines_chart', 'main']
 
 ENGINES = ('ours_nchw', 'ours_channels_last', 'ours_bf16', 'builtin_nchw', 'builtin_channels_last',
@@ -378,6 +379,16 @@ def run_engines(
             'engines': engines_out, 'summary': summary}
 
 
+def paired_speedup(ours_ms: Sequence[float], peer_ms: Sequence[float]) -> float:
+    """The median over rounds of ``peer / ours`` within each round (``times_ms[i]`` is round ``i`` for every engine).
+
+    Why beside the ratio of medians: on a shared VM the speed moves by 2-3x within a run (this project's AVX-512 VM:
+    one engine's five rounds from 325 to 761 ms), and an engine's median can land in a fast stretch while another's
+    lands in a slow one; the engines of one round run seconds apart, in the same stretch. Neither is the truth; where
+    the two disagree, the run cannot tell the engines apart."""
+    return statistics.median(p / o for o, p in zip(ours_ms, peer_ms))
+
+
 def _ratios(engines: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
     """Ratios against the built-in's best eager layout and the best peer, among engines that passed correctness; and
     per compute dtype, ours against the peers computing in that dtype (``by_dtype``)."""
@@ -394,8 +405,12 @@ def _ratios(engines: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
     for dtype in sorted({e['dtype'] for e in ok.values()}):
         ours_d = best([n for n in ok if not ok[n]['peer'] and ok[n]['dtype'] == dtype])
         peer_d = best([n for n in ok if ok[n]['peer'] and ok[n]['dtype'] == dtype])
-        by_dtype[dtype] = {'ours_best': ours_d, 'best_peer': peer_d, 'ours_best_vs_best_peer': (
-            ok[ours_d]['img_s'] / ok[peer_d]['img_s'] if ours_d and peer_d else None)}
+        both = ours_d and peer_d
+        by_dtype[dtype] = {
+            'ours_best': ours_d, 'best_peer': peer_d,
+            'ours_best_vs_best_peer': ok[ours_d]['img_s'] / ok[peer_d]['img_s'] if both else None,
+            'ours_best_vs_best_peer_paired': (
+                paired_speedup(ok[ours_d]['times_ms'], ok[peer_d]['times_ms']) if both else None)}
     for e in engines.values():
         if e['status'] != 'measured':
             continue
@@ -404,6 +419,8 @@ def _ratios(engines: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
     return {
         'fastest': best(ok), 'best_peer': best_peer, 'builtin_eager_best': builtin_best, 'ours_best': ours_best,
         'ours_best_vs_best_peer': engines[ours_best]['vs_best_peer'] if ours_best else None,
+        'ours_best_vs_best_peer_paired': (paired_speedup(ok[ours_best]['times_ms'], ok[best_peer]['times_ms'])
+                                          if ours_best and best_peer else None),
         'ours_best_vs_builtin_eager_best': engines[ours_best]['vs_builtin_eager_best'] if ours_best else None,
         'failed_correctness': sorted(n for n, e in engines.items()
                                      if e['status'] == 'measured' and not e['correctness']['pass']),
@@ -536,6 +553,7 @@ def _print(result: Dict[str, Any]) -> None:
           f"{summary['ours_best_vs_builtin_eager_best'] and round(summary['ours_best_vs_builtin_eager_best'], 3)}x "
           'built-in eager best')
     for dtype, d in summary['by_dtype'].items():
-        ratio = d['ours_best_vs_best_peer']
+        ratio, paired = d['ours_best_vs_best_peer'], d['ours_best_vs_best_peer_paired']
         print(f"{dtype}: ours best {d['ours_best']}, best {dtype} peer {d['best_peer']}: "
-              f"{'-' if ratio is None else round(ratio, 3)}x")
+              f"{'-' if ratio is None else round(ratio, 3)}x (median of per-round ratios "
+              f"{'-' if paired is None else round(paired, 3)}x)")
