@@ -154,33 +154,58 @@ def test_export_gets_the_plain_modules(interpreter, small_model, strict):
     assert not any(t.startswith(NODE) for t in targets) and sum('conv' in t for t in targets) == 5
 
 
-def test_the_op_runs_the_tensors_it_is_given(interpreter, small_model):
-    """Where no block holds the op's inputs (Inductor's freezing may pass copies) a block of the same architecture
-    computes its forward on those inputs; where none is alive, or in eval mode, the op says so. (A BatchNorm eps of
-    its own makes the architecture this test's alone: other tests' models may still be alive, in Dynamo's caches.)"""
-    model = small_model(dim=8, depth=2, kernel_size=5, patch_size=4, num_classes=3, randomize={}, bn_eps=1.25e-5)
+def _op_inputs(small_model, eps):
+    """A model whose BatchNorm eps is this test's alone (other tests' models may still be alive, in Dynamo's caches),
+    its first block, an input in the layout the op computes in, the block's architecture and tensors."""
+    model = small_model(dim=8, depth=2, kernel_size=5, patch_size=4, num_classes=3, randomize={}, bn_eps=eps)
     block = model.blocks[0]
-    x = torch.randn(2, 8, 4, 3).contiguous(memory_format=torch.channels_last)  # the layout the op computes in
-    architecture = compiled._architecture(block)
-    tensors = [t.clone() for t in list(block.parameters()) + list(block.buffers())]
+    x = torch.randn(2, 8, 4, 3).contiguous(memory_format=torch.channels_last)
+    return model, block, x, compiled._architecture(block), list(block.parameters()) + list(block.buffers())
+
+
+def test_the_op_runs_the_tensors_it_is_given(interpreter, small_model):
+    """Where no block holds the op's inputs (Inductor's freezing may pass copies) a private copy of a block of the
+    same architecture computes its forward on them, and goes on doing so once the model is gone; an architecture no
+    live block has is an error that says so."""
+    model, block, x, architecture, own = _op_inputs(small_model, 1.25e-5)
+    tensors = [t.clone() for t in own]
     tensors[0].mul_(2.)  # the depthwise weight
+    names = [n for n, _ in block.named_parameters()] + [n for n, _ in block.named_buffers()]
     with torch.no_grad():
         got = torch.ops.timm_convmixer.block(x, tensors, architecture, False, torch.bfloat16)
-        names = [n for n, _ in block.named_parameters()] + [n for n, _ in block.named_buffers()]
         with fast.use_backend('eager'):
             want = torch.func.functional_call(block, dict(zip(names, tensors)), (x,))
-            own = block(x)
+            mine = block(x)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
-    assert not torch.allclose(got, own)
+    assert not torch.allclose(got, mine)
     with pytest.raises(RuntimeError, match='outlived its model'):  # another architecture
         torch.ops.timm_convmixer.block(x, tensors, architecture.replace('k5', 'k7'), False, torch.bfloat16)
-    model.train()  # (in training mode its BatchNorms would use, and update, batch statistics)
-    with pytest.raises(RuntimeError, match='outlived its model'):
-        torch.ops.timm_convmixer.block(x, tensors, architecture, False, torch.bfloat16)
     del model, block
     gc.collect()
-    with pytest.raises(RuntimeError, match='outlived its model'):
-        torch.ops.timm_convmixer.block(x, tensors, architecture, False, torch.bfloat16)
+    with torch.no_grad():
+        again = torch.ops.timm_convmixer.block(x, tensors, architecture, False, torch.bfloat16)
+    torch.testing.assert_close(again, want, rtol=0, atol=0)
+
+
+def test_the_op_never_runs_a_block_in_another_mode_or_with_hooks(interpreter, small_model):
+    """The block holding the op's tensors counts only in the traced architecture, mode included: put in training
+    mode (or another block sharing its storage, say) it would normalise by batch statistics and update its running
+    ones. A block with hooks of its own is no stand-in (its hooks would run inside the op)."""
+    model, block, x, architecture, own = _op_inputs(small_model, 1.5e-5)
+    with torch.no_grad(), fast.use_backend('eager'):
+        want = block(x)
+    block.register_forward_hook(lambda module, args, out: out * 0)
+    model.train()
+    stats = block[3].running_mean.clone()
+    with torch.no_grad(), pytest.raises(RuntimeError, match='outlived its model'):
+        torch.ops.timm_convmixer.block(x, own, architecture, False, torch.bfloat16)
+    assert torch.equal(block[3].running_mean, stats)
+    twin = copy.deepcopy(model).eval()  # no hooks of its own: deepcopy copies them too, so take them off
+    twin.blocks[0]._forward_hooks.clear()
+    with torch.no_grad():
+        got = torch.ops.timm_convmixer.block(x, own, architecture, False, torch.bfloat16)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert torch.equal(block[3].running_mean, stats)
 
 
 @pytest.mark.slow

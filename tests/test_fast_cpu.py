@@ -259,7 +259,9 @@ def test_bf16_autocast_without_native_bf16_offers_our_fp32_kernels(make_model, i
         assert fast_cpu.paths(block_parts(model.blocks[0]), xb) == ('cpu_compiled', 'cpu_hybrid')
         _, declined = infer(model, x, 'cpu')
         out, paths = infer(model, x, 'cpu_hybrid')
+        features, _ = infer(model.forward_features, x, 'cpu_hybrid')
     assert declined == {'eager': 2} and paths == {'cpu_hybrid': 2} and out.dtype == torch.bfloat16
+    assert features.dtype == torch.bfloat16  # each block's output rounded, as alone (no fp32 chain)
     torch.testing.assert_close(out.float(), ref32, rtol=0.05, atol=0.05 * ref32.abs().max().item())
 
 

@@ -412,6 +412,11 @@ def blocks_forward(blocks: nn.Sequential, x: torch.Tensor) -> Optional[torch.Ten
             or has_hooks(blocks)):
         return None
     from . import cpu
+    _, autocast, autocast_dtype = autocast_state('cpu')
+    if autocast and not (autocast_dtype == torch.bfloat16 and cpu.native_bf16()):
+        # without native bf16 cpu_hybrid computes in fp32 and each block's output is rounded to bf16, as alone: a
+        # chain would hand on fp32, a case of its own to auto, and return fp32 where the blocks return bf16
+        return None
     carried = None
     for block in blocks:
         parts = None if has_hooks(block) else block_parts(block)

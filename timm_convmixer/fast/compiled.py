@@ -13,9 +13,12 @@ they are how the op finds its module when the graph runs: the live block that ho
 registers itself when made or copied: :func:`register`). The only other constant in the graph is the block's
 architecture (:func:`_architecture`: activation, kernel, BatchNorm eps), the same for every instance, so one graph
 serves every instance of an architecture, as it does for the plain modules (a graph holding a module's ``id()`` was
-traced again for each instance, and Dynamo stops compiling after 8). Where no block holds the op's inputs (Inductor's
-freezing may hand it copies, or ``torch.func.functional_call`` swapped them), a live block of the same architecture
-runs its forward, fast paths included, on them (``torch.func.functional_call``).
+traced again for each instance, and Dynamo stops compiling after 8). The holding block must have that architecture
+(mode included: an eval graph never runs a block put in training mode since, even one sharing storage with its own).
+Where no block holds the op's inputs (Inductor's freezing may hand it copies, or ``torch.func.functional_call``
+swapped them), a private copy of a live block of that architecture, made once per architecture and shapes, runs its
+forward, fast paths included, on them (``torch.func.functional_call``, one call at a time): never another model's
+module, whose parameters another thread could be using, and never a block with hooks of its own.
 
 Not under CUDA graphs: a replay would skip the node's Python, and with it the staleness check of the constants the
 fused paths keep (weights changed in place would be read stale), so the op is tagged ``cudagraph_unsafe`` (Inductor
@@ -31,27 +34,35 @@ once and every later one gets channels_last; only the layout of the blocks' outp
 never a value. The autocast state of the traced call is passed in and restored around the dispatch: the node's
 implementation must see what the traced code saw, whatever Inductor's code does with autocast.
 """
+import copy
+import threading
 import weakref
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .eligibility import block_parts
+from .eligibility import block_parts, has_hooks
 from .runtime import conv_dtype
 
 __all__ = ['block_node', 'register']
 
-# every MixerBlock alive (made, deep-copied or unpickled: __init__ and __setstate__ register), and for each block
-# found holding an op's inputs, by the address of its first tensor, the block (checked again on every use)
+# every MixerBlock alive (made, deep-copied or unpickled: __init__ and __setstate__ register; read and written under
+# _lock: a WeakSet iterated while another thread adds to it raises); for each block found holding an op's inputs, by
+# the address of its first tensor, the block (checked again on every use); and the fallback's private blocks, by
+# architecture and tensor shapes (kept for the process: one block's weights each), run one call at a time
 _blocks: 'weakref.WeakSet[nn.Module]' = weakref.WeakSet()
 _holder: 'weakref.WeakValueDictionary[int, nn.Module]' = weakref.WeakValueDictionary()
+_stand_ins: Dict[Tuple, nn.Module] = {}
+_lock = threading.Lock()
+_stand_in_lock = threading.Lock()
 
 
 def register(block: nn.Module) -> None:
     """Make ``block`` findable by the op (``MixerBlock`` calls this when it is made or copied)."""
-    _blocks.add(block)
+    with _lock:
+        _blocks.add(block)
 
 
 def _assume_constant_result(fn):
@@ -85,21 +96,33 @@ def _architecture(block: nn.Module) -> Optional[str]:
     return f'{parts.act} k{parts.kernel_size} eps {parts.bn_dw.eps!r} {parts.bn_pw.eps!r} {parts.mode}'
 
 
-def _find(tensors: List[Tensor], architecture: str) -> Tuple[nn.Module, bool]:
-    """The live block that holds ``tensors`` (and ``True``), else one of the same architecture whose tensors have
-    their shapes (and ``False``: it must run on ``tensors``)."""
+def _find(tensors: List[Tensor], architecture: str) -> Optional[nn.Module]:
+    """The live block of ``architecture`` that holds ``tensors``, else ``None``."""
     block = _holder.get(tensors[0].data_ptr())
-    if block is not None and _holds(block, tensors):
-        return block, True
-    for block in list(_blocks):
-        if _holds(block, tensors):
+    if block is not None and _holds(block, tensors) and _architecture(block) == architecture:
+        return block
+    with _lock:
+        candidates = list(_blocks)
+    for block in candidates:
+        if _holds(block, tensors) and _architecture(block) == architecture:
             _holder[tensors[0].data_ptr()] = block
-            return block, True
-    for block in list(_blocks):
-        own = [t for _, t in _state(block)]
+            return block
+    return None
+
+
+def _stand_in(tensors: List[Tensor], architecture: str) -> nn.Module:
+    """A private block of ``architecture`` with ``tensors``' shapes, copied from a live one the first time."""
+    key = (architecture,) + tuple(tuple(t.shape) for t in tensors)
+    block = _stand_ins.get(key)
+    if block is not None:
+        return block
+    with _lock:
+        candidates = list(_blocks)
+    for source in candidates:
+        own = [t for _, t in _state(source)]
         if (len(own) == len(tensors) and all(a.shape == b.shape for a, b in zip(own, tensors))
-                and _architecture(block) == architecture):
-            return block, False
+                and not has_hooks(source) and _architecture(source) == architecture):
+            return _stand_ins.setdefault(key, copy.deepcopy(source))
     raise RuntimeError(f'timm_convmixer::block: no live ConvMixer block holds the op\'s tensors or has its '
                        f'architecture ({architecture}, dim {tensors[0].shape[0]}): the compiled graph outlived its '
                        'model, or the block was made without MixerBlock.__init__ or unpickling (a DataParallel '
@@ -109,15 +132,18 @@ def _find(tensors: List[Tensor], architecture: str) -> Tuple[nn.Module, bool]:
 def _block_op(x: Tensor, tensors: List[Tensor], architecture: str, autocast: bool,
               autocast_dtype: torch.dtype) -> Tensor:
     from . import _eager, block_forward
-    block, holds = _find(tensors, architecture)
+    block = _find(tensors, architecture)
     x = x.contiguous(memory_format=torch.channels_last)
     with torch.no_grad(), torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast):
-        if holds:
+        if block is not None:
             out = block_forward(block, x)
             if out is None:
                 out = _eager(block, x)
         else:
-            out = torch.func.functional_call(block, dict(zip([n for n, _ in _state(block)], tensors)), (x,))
+            stand_in = _stand_in(tensors, architecture)
+            with _stand_in_lock:
+                out = torch.func.functional_call(stand_in, dict(zip([n for n, _ in _state(stand_in)], tensors)),
+                                                 (x,))
     out = out.to(conv_dtype(x, (autocast, autocast_dtype)))
     if out.stride() != _channels_last_strides(out):  # (size-1 dims: contiguous() may keep other strides)
         out = out.clone(memory_format=torch.channels_last)
