@@ -43,8 +43,8 @@ def _check_consistent(result):
             continue
         assert e['median_ms'] == pytest.approx(statistics.median(e['times_ms']), abs=1e-3)
         assert e['img_s'] == pytest.approx(result['meta']['batch_size'] * 1e3 / e['median_ms'], rel=1e-9)
-        if peers:
-            assert e['vs_best_peer'] == pytest.approx(e['img_s'] / peers[summary['best_peer']], rel=1e-12)
+        same = summary['by_dtype'].get(e['dtype'], {}).get('best_peer')  # against the best peer of its dtype
+        assert e['vs_best_peer'] == (pytest.approx(e['img_s'] / passed[same]['img_s'], rel=1e-12) if same else None)
         if builtin:
             assert e['vs_builtin_eager_best'] == pytest.approx(
                 e['img_s'] / builtin[summary['builtin_eager_best']], rel=1e-12)
@@ -54,7 +54,8 @@ def _check_consistent(result):
         assert e['gflops_s'] == pytest.approx(result['gflops_per_img'] * e['img_s'], rel=1e-9)
     if summary['ours_best']:
         best = engines[summary['ours_best']]
-        assert summary['ours_best_vs_best_peer'] == best['vs_best_peer']
+        assert summary['ours_best_vs_best_peer'] == (
+            pytest.approx(best['img_s'] / peers[summary['best_peer']], rel=1e-12) if peers else None)
     assert set(summary['by_dtype']) == {e['dtype'] for e in passed.values()}
     for dtype, d in summary['by_dtype'].items():  # like against like: bf16 engines against bf16 peers
         same = {n: e['img_s'] for n, e in passed.items() if e['dtype'] == dtype}

@@ -390,8 +390,9 @@ def paired_speedup(ours_ms: Sequence[float], peer_ms: Sequence[float]) -> float:
 
 
 def _ratios(engines: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
-    """Ratios against the built-in's best eager layout and the best peer, among engines that passed correctness; and
-    per compute dtype, ours against the peers computing in that dtype (``by_dtype``)."""
+    """Ratios among engines that passed correctness: each engine against the built-in's best eager layout and the
+    best peer computing in its dtype; ours' best against the best peer of any dtype (what is fastest here), and per
+    compute dtype against the peers computing in it (``by_dtype``)."""
     ok = {n: e for n, e in engines.items() if e['status'] == 'measured' and e['correctness']['pass']}
 
     def best(names):
@@ -415,10 +416,11 @@ def _ratios(engines: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
         if e['status'] != 'measured':
             continue
         e['vs_builtin_eager_best'] = e['img_s'] / ok[builtin_best]['img_s'] if builtin_best else None
-        e['vs_best_peer'] = e['img_s'] / ok[best_peer]['img_s'] if best_peer else None
+        same = by_dtype.get(e['dtype'], {}).get('best_peer')  # (an fp32 engine against a bf16 peer says little)
+        e['vs_best_peer'] = e['img_s'] / ok[same]['img_s'] if same else None
     return {
         'fastest': best(ok), 'best_peer': best_peer, 'builtin_eager_best': builtin_best, 'ours_best': ours_best,
-        'ours_best_vs_best_peer': engines[ours_best]['vs_best_peer'] if ours_best else None,
+        'ours_best_vs_best_peer': ok[ours_best]['img_s'] / ok[best_peer]['img_s'] if ours_best and best_peer else None,
         'ours_best_vs_best_peer_paired': (paired_speedup(ok[ours_best]['times_ms'], ok[best_peer]['times_ms'])
                                           if ours_best and best_peer else None),
         'ours_best_vs_builtin_eager_best': engines[ours_best]['vs_builtin_eager_best'] if ours_best else None,
@@ -461,7 +463,7 @@ def save_engines_chart(result: Dict[str, Any], path: str) -> None:
         color = ('#1f77b4' if not e['peer'] else '#999999') if e['correctness']['pass'] else '#d62728'
         ax.barh(i, e['img_s'], color=color)
         ratio = e.get('vs_best_peer')
-        note = f'{e["img_s"]:.2f}' + (f'  ({ratio:.2f}x best peer)' if ratio else '')
+        note = f'{e["img_s"]:.2f}' + (f'  ({ratio:.2f}x best {e["dtype"]} peer)' if ratio else '')
         if not e['correctness']['pass']:
             note += '  WRONG OUTPUT'
         ax.text(e['img_s'] + top * 0.01, i, note, va='center', fontsize=8)
