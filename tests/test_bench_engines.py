@@ -113,7 +113,7 @@ def test_cli_every_engine_measured_or_explained(tmp_path):
             assert engines[name]['dtype'] == 'bf16' and engines[name]['fraction_of_peak'] is None
         else:
             assert engines[name]['status'] == 'skipped' and 'native bf16' in engines[name]['reason']
-    if native_bf16():
+    if native_bf16() and importlib.util.find_spec('openvino') is not None:
         assert 'bf16 precision hint' in engines['openvino_bf16']['description']
         assert engines['openvino_bf16']['config']['INFERENCE_PRECISION_HINT'] == 'bf16'
     assert torch._inductor.config.freezing is False  # set for the compilation only, then restored
