@@ -368,7 +368,8 @@ def stem_forward(stem: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
     (:func:`.eligibility.stem_parts`), CPU, fp32. The CPU backends force it; ``auto`` checks it per case like a
     block's path (against the plain stem and the first block's conversion of its output, :data:`.checked.STEM`), and
     keeps the plain stem where blocks have been found to take none of the CPU paths on the fast stem's output
-    (:func:`.checked.blocks_declined`): the plain blocks would then only be moved to channels_last.
+    (:func:`.checked.blocks_declined`) before the stem's own check: the plain blocks would then only be moved to
+    channels_last. Once made, the stem's decision stands (every call of a case computes the same).
     """
     if _is_compiling():
         return None  # uncounted, as a block's call (see block_forward)
@@ -380,7 +381,12 @@ def stem_forward(stem: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
     if parts is not None:
         if _backend != 'auto':
             out = cpu_stem.forward(parts, x)
-        elif cpu_stem.applies(parts, x) and not checked.blocks_declined(cpu_stem.output_shape(parts, x), parts.act):
+        elif cpu_stem.applies(parts, x) and (
+                checked.case_key(checked.STEM, parts, x, _compute_dtype(x)) in checked.decisions
+                or not checked.blocks_declined(cpu_stem.output_shape(parts, x), parts.act)):
+            # a decision made is followed even where the blocks declined since (on the call that made it, their
+            # checks came after it): the same input gives the same output on every call (timm's battery compares
+            # forward_intermediates' output with forward_features' at allclose's default 1e-8 absolute tolerance)
             run = lambda: cpu_stem.forward(parts, x)  # noqa: E731
             path = checked.fastest({checked.STEM: (run, lambda: cpu_stem.eager(stem, x), None)}, parts, stem, x,
                                    _compute_dtype(x))
