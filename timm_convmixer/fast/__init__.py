@@ -55,7 +55,7 @@ from .checked import decisions
 from .kept import forget as forget_kept
 from .eligibility import BlockParts, block_parts, has_hooks, stem_parts
 from .lean import TorchNorm, lean_applies, lean_block_forward
-from .runtime import autocast_state, interpreter_enabled
+from .runtime import autocast_state, conv_dtype, interpreter_enabled
 
 __all__ = [
     'BACKENDS', 'block_forward', 'blocks_forward', 'counters', 'decisions', 'forget_kept', 'get_backend',
@@ -176,12 +176,6 @@ def _triton_device(x: torch.Tensor) -> bool:
     return x.device.type == 'cuda' or (x.device.type == 'cpu' and interpreter_enabled())
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype the block's convolutions compute in: autocast's, or the input's."""
-    _, enabled, dtype = autocast_state(x.device.type)
-    return dtype if enabled else x.dtype
-
-
 def _fp32_reference(x: torch.Tensor, run: Callable[[torch.Tensor], object]) -> Optional[Callable[[], object]]:
     """What a check compares both paths with under fp16/bf16 autocast (:func:`.checked.decide`): ``run`` on the
     input in fp32 with autocast off. ``None`` otherwise (the plain modules are then the yardstick themselves)."""
@@ -199,7 +193,7 @@ def _checked_eval(block: nn.Module, parts: BlockParts, x: torch.Tensor) -> Tuple
     """auto's eval path on a Triton device: ``(path, output)``, the fastest of the Triton paths the check on first
     use found right and faster than the plain modules (each is timed against them), or ``('triton', None)``."""
     from . import checked
-    dtype = _compute_dtype(x)
+    dtype = conv_dtype(x)
 
     def fused(path):
         def run():
@@ -240,7 +234,7 @@ def _checked_cpu(block: nn.Module, parts: BlockParts, x: torch.Tensor) -> Tuple[
     eager = lambda: _eager_no_grad(block, x)  # noqa: E731
     reference = _fp32_reference(x, lambda t: _eager_no_grad(block, t))
     path = checked.fastest({path: (fused(path), eager, reference) for path in paths}, parts, block, x,
-                           _compute_dtype(x))
+                           conv_dtype(x))
     cpu.chosen(parts, path)
     return ('cpu', None) if path is None else (path, cpu.block_forward(parts, x, path))
 
@@ -263,7 +257,7 @@ def _checked_train(block: nn.Module, parts: BlockParts, x: torch.Tensor) -> Tupl
     """auto's training path: ``(path, output)``, the fastest lean implementation the check on first use found right
     and faster than the plain modules (each is timed against them), or ``('lean', None)``."""
     from . import checked
-    dtype = _compute_dtype(x)
+    dtype = conv_dtype(x)
     params = [p for p in block.parameters() if p.requires_grad]
 
     def step(forward, source=x):
@@ -379,17 +373,18 @@ def stem_forward(stem: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
         parts = stem_parts(stem)
     out = None
     if parts is not None:
+        dtype = conv_dtype(x)
         if _backend != 'auto':
             out = cpu_stem.forward(parts, x)
         elif cpu_stem.applies(parts, x) and (
-                checked.case_key(checked.STEM, parts, x, _compute_dtype(x)) in checked.decisions
+                checked.case_key(checked.STEM, parts, x, dtype) in checked.decisions
                 or not checked.blocks_declined(cpu_stem.output_shape(parts, x), parts.act)):
             # a decision made is followed even where the blocks declined since (on the call that made it, their
-            # checks came after it): the same input gives the same output on every call (timm's battery compares
-            # forward_intermediates' output with forward_features' at allclose's default 1e-8 absolute tolerance)
+            # checks came after it): the same input gives the same output on every call (timm's FX test compares a
+            # model's first call with its second exactly)
             run = lambda: cpu_stem.forward(parts, x)  # noqa: E731
             path = checked.fastest({checked.STEM: (run, lambda: cpu_stem.eager(stem, x), None)}, parts, stem, x,
-                                   _compute_dtype(x))
+                                   dtype)
             out = None if path is None else run()
     stem_counters['eager' if out is None else checked.STEM] += 1
     return out
@@ -403,7 +398,7 @@ def _runs_hybrid(parts: BlockParts, x: torch.Tensor) -> bool:
     if _backend == 'cpu_hybrid':
         return True
     from . import checked, cpu
-    return checked.settled(cpu.paths(parts, x), parts, x, _compute_dtype(x)) == 'cpu_hybrid'
+    return checked.settled(cpu.paths(parts, x), parts, x, conv_dtype(x)) == 'cpu_hybrid'
 
 
 def blocks_forward(blocks: nn.Sequential, x: torch.Tensor) -> Optional[torch.Tensor]:

@@ -96,14 +96,17 @@ def _architecture(block: nn.Module) -> Optional[str]:
     return f'{parts.act} k{parts.kernel_size} eps {parts.bn_dw.eps!r} {parts.bn_pw.eps!r} {parts.mode}'
 
 
+def _live_blocks() -> List[nn.Module]:
+    with _lock:
+        return list(_blocks)
+
+
 def _find(tensors: List[Tensor], architecture: str) -> Optional[nn.Module]:
     """The live block of ``architecture`` that holds ``tensors``, else ``None``."""
     block = _holder.get(tensors[0].data_ptr())
     if block is not None and _holds(block, tensors) and _architecture(block) == architecture:
         return block
-    with _lock:
-        candidates = list(_blocks)
-    for block in candidates:
+    for block in _live_blocks():
         if _holds(block, tensors) and _architecture(block) == architecture:
             _holder[tensors[0].data_ptr()] = block
             return block
@@ -116,12 +119,9 @@ def _stand_in(tensors: List[Tensor], architecture: str) -> nn.Module:
     block = _stand_ins.get(key)
     if block is not None:
         return block
-    with _lock:
-        candidates = list(_blocks)
-    for source in candidates:
-        own = [t for _, t in _state(source)]
-        if (len(own) == len(tensors) and all(a.shape == b.shape for a, b in zip(own, tensors))
-                and not has_hooks(source) and _architecture(source) == architecture):
+    for source in _live_blocks():
+        if _matches(source, tensors, lambda t: t.shape) and not has_hooks(source) and (
+                _architecture(source) == architecture):
             return _stand_ins.setdefault(key, copy.deepcopy(source))
     raise RuntimeError(f'timm_convmixer::block: no live ConvMixer block holds the op\'s tensors or has its '
                        f'architecture ({architecture}, dim {tensors[0].shape[0]}): the compiled graph outlived its '
@@ -169,8 +169,13 @@ if _custom_op is not None:
 
 def _holds(block: nn.Module, tensors: List[Tensor]) -> bool:
     """Whether the module still holds the op's inputs (same storage), so its own dispatch computes the op."""
+    return _matches(block, tensors, Tensor.data_ptr)
+
+
+def _matches(block: nn.Module, tensors: List[Tensor], key) -> bool:
+    """Whether the block's parameters and buffers, in the op's order, equal ``tensors`` by ``key``."""
     own = [t for _, t in _state(block)]
-    return len(own) == len(tensors) and all(a.data_ptr() == b.data_ptr() for a, b in zip(own, tensors))
+    return len(own) == len(tensors) and all(key(a) == key(b) for a, b in zip(own, tensors))
 
 
 def block_node(block: nn.Module, x: Tensor, autocast: bool, autocast_dtype: torch.dtype) -> Optional[Tensor]:
