@@ -11,6 +11,8 @@ Fixtures (the functions behind them live in ``tests/helpers.py``, importable by 
   each block call), counters reset first.
 * ``auto_choice(records, **case)``: the path ``auto`` takes for a case, from ``checked.decision_records()``: the
   fused path its check accepted (the race's winner where it accepted several), else ``'eager'``.
+* ``auto_paths_from_nchw(records)``: ``(stem fast, first block's path, second block's path)`` that auto took for a
+  two-block model on an NCHW image.
 * ``run_python(*args, code=None, env=None, unset=(), cwd=None, timeout=300, check=True)``: a fresh interpreter of
   this environment; a non-zero exit fails with its output.
 * ``interpreter``: ``TRITON_INTERPRET=1`` for the test (CPU tensors count as a Triton device, so the Triton paths
@@ -63,6 +65,11 @@ def run_counted():
 @pytest.fixture
 def auto_choice():
     return helpers.auto_choice
+
+
+@pytest.fixture
+def auto_paths_from_nchw():
+    return helpers.auto_paths_from_nchw
 
 
 @pytest.fixture

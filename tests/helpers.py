@@ -122,6 +122,20 @@ def auto_choice(records: Iterable[Dict[str, Any]], **case: Any) -> str:
     return accepted[0] if accepted else 'eager'
 
 
+def auto_paths_from_nchw(records: Iterable[Dict[str, Any]]) -> Tuple[bool, str, str]:
+    """``(stem took its fast path, first block's path, second block's path)`` as auto decided them, from its decision
+    records, for a two-block model on an NCHW image: the fast stem's output is channels_last (its decision stands
+    even where the blocks then declined every fused path on it), and so is a fused block's, so the second block is a
+    case of its own only where the first ran the plain modules on NCHW input."""
+    from timm_convmixer.fast.checked import STEM
+    records = list(records)
+    stem_fast = auto_choice(records, fused_path=STEM, channels_last=False) == STEM
+    blocks = [r for r in records if r['fused_path'] != STEM]
+    first = auto_choice(blocks, block_mode='eval', channels_last=stem_fast)
+    second = first if stem_fast or first == 'eager' else auto_choice(blocks, block_mode='eval', channels_last=True)
+    return stem_fast, first, second
+
+
 def run_python(
         *args: str,
         code: Optional[str] = None,

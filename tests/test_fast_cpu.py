@@ -72,7 +72,7 @@ def test_block_matches_eager(kernel_size, channels_last, shape, path, make_model
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_inference_mode_and_auto(make_model, infer, run_counted, auto_choice):
+def test_inference_mode_and_auto(make_model, infer, run_counted, auto_paths_from_nchw):
     """auto checks each CPU path on first use of a case (here under inference_mode), keeps the fastest of those
     that match the plain modules and are faster than them, and every block then takes the path decided for its
     case. The stem's path is checked the same way, and decides the first block's case (its output's layout)."""
@@ -85,7 +85,7 @@ def test_inference_mode_and_auto(make_model, infer, run_counted, auto_choice):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     records = checked.decision_records()
     compiled = cpu_kernels.load() is not None
-    stem_fast, first_choice, _ = _choices(records, auto_choice)
+    stem_fast, *choices = auto_paths_from_nchw(records)
     assert fast.stem_counters == {checked.STEM if stem_fast else 'eager': 1}
     [stem] = [r for r in records if r['fused_path'] == checked.STEM]
     assert stem['shape'] == [1, 3, 32, 32] and stem['kernel_size'] == 4
@@ -98,42 +98,24 @@ def test_inference_mode_and_auto(make_model, infer, run_counted, auto_choice):
     for r in checks:
         assert r['max_rel_err'] <= checked.tolerance(torch.float32, 'cpu')
         assert r['path'] == (r['fused_path'] if r['fused_ms'] < r['eager_ms'] else 'eager')
-    assert paths == dict(Counter(_block_choices(records, auto_choice)))
+    assert paths == dict(Counter(choices))
     with torch.inference_mode():
         _, again = run_counted(model, x, backend='auto')
         decided = len(checked.decisions)
         _, third = run_counted(model, x, backend='auto')
-    # decided once: later calls take the same paths without checking again -- except where the first block took no
-    # path on the fast stem's channels_last output: the plain stem runs from the second call on (a new case, once)
-    assert third == again and len(checked.decisions) == decided
-    if not (stem_fast and first_choice == 'eager'):
-        assert again == paths and decided == len(records)
+    # decided once: later calls take the same paths without checking again (the stem's decision stands even where
+    # the first block then took no path on its channels_last output)
+    assert third == again == paths and len(checked.decisions) == decided == len(records)
 
 
-def _choices(records, auto_choice):
-    """``(stem took its fast path, first block's path, second block's path)`` as auto decided them on this file's
-    two-block model's NCHW input: the fast stem's output is channels_last, and so is a fused block's, so the second
-    block is a new case only where the first one ran the plain modules on NCHW input."""
-    stem_fast = auto_choice(records, fused_path=checked.STEM) == checked.STEM
-    blocks = [r for r in records if r['fused_path'] != checked.STEM]
-    first = auto_choice(blocks, channels_last=stem_fast)
-    second = first if stem_fast or first == 'eager' else auto_choice(blocks, channels_last=True)
-    return stem_fast, first, second
-
-
-def _block_choices(records, auto_choice):
-    """The paths auto took for this file's two blocks (see :func:`_choices`)."""
-    return _choices(records, auto_choice)[1:]
-
-
-def test_auto_keeps_only_the_chosen_paths_weights(make_model, run_counted, auto_choice):
+def test_auto_keeps_only_the_chosen_paths_weights(make_model, run_counted, auto_paths_from_nchw):
     """auto's check folds each CPU path's own copy of a block's weights; afterwards only the chosen path's stay."""
     model = make_model(9)
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         run_counted(model, x, backend='auto')
-    for block, path in zip(model.blocks, _block_choices(checked.decision_records(), auto_choice)):
-        kept = set(fast_cpu._cache.get(block[0].fn[0], {}))
+    for block, path in zip(model.blocks, auto_paths_from_nchw(checked.decision_records())[1:]):
+        kept = {p for p, _ in fast_cpu._cache.get(block[0].fn[0], {})}
         assert kept == (set() if path == 'eager' else {path}), (path, kept)
 
 
@@ -224,6 +206,26 @@ def test_bf16_autocast_matches_eager_autocast(kernel_size, path, make_model, inf
     assert err_fast < 0.05 * scale, (err_fast, scale)
     assert err_fast <= 1.5 * err_eager + 1e-3 * scale, (err_fast, err_eager)
     torch.testing.assert_close(outs[path].float(), outs['eager'].float(), rtol=0.05, atol=0.05 * scale)
+
+
+def test_alternating_bf16_autocast_and_fp32_keeps_both_foldings(path, make_model, infer):
+    """A model serving bf16-autocast and fp32 calls in turn keeps one folding of each block's weights per compute
+    dtype: each call finds its own, rather than refolding (and repacking) every block on every call."""
+    if path == 'cpu' and not fast_cpu.native_bf16():
+        pytest.skip('oneDNN has no bf16 kernels on this CPU')
+    model = make_model(kernel_size=7, dim=32)
+    x = torch.randn(2, 3, 16, 16)
+    entries = fast_cpu._cache.get  # block's depthwise conv -> {(path, compute dtype): kept entry}
+    first = {}
+    for _ in range(2):
+        infer(model, x, path)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            infer(model, x, path)
+        if not first:
+            first = {conv: dict(entries(conv)) for conv in (b[0].fn[0] for b in model.blocks)}
+    for conv, kept in first.items():  # (our kernels compute in fp32 under autocast too: one folding serves both)
+        assert kept and {dtype for _, dtype in kept} <= {torch.float32, torch.bfloat16}
+        assert all(entries(conv)[what] is entry for what, entry in kept.items())  # found again, not refolded
 
 
 def test_hybrid_under_native_bf16_autocast_reads_and_writes_bf16(make_model, infer):
@@ -322,7 +324,7 @@ def test_changing_batch_and_size_repacks_and_stays_exact(make_model, infer):
         ref, ref_paths = infer(model, x, 'eager')
         assert paths == {'cpu': 2} and ref_paths == {'eager': 2}, shape
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    assert fast_cpu._cache[model.blocks[0][0].fn[0]]['cpu'].stamp[0][0] == (1, 24, 5, 3)  # key: the last shape seen
+    assert fast_cpu._cache[model.blocks[0][0].fn[0]]['cpu', torch.float32].stamp[0] == (1, 24, 5, 3)  # key: the last shape seen
 
 
 def test_backend_switch(make_model, infer, monkeypatch):
@@ -432,11 +434,13 @@ def test_auto_chains_blocks_only_once_decided_for_hybrid(make_model, run_counted
     ref, _ = run_counted(model, x, backend='eager')
     with torch.no_grad():
         first, _ = run_counted(model, x, backend='auto')
-    for key, d in list(checked.decisions.items()):
-        if key[0] == 'cpu_hybrid':
-            checked.decisions[(checked.RACE,) + key[1:]] = d._replace(path='cpu_hybrid', fused_ms=1., eager_ms=10.)
-        if key[0] in fast_cpu.PATHS:
-            checked.decisions[key] = d._replace(path=key[0], fused_ms=1., eager_ms=10.)
+    # both cases the blocks meet: the stem's NCHW output, and a fused block's channels_last output (which the first
+    # run decided only where the first block took a fused path)
+    for case in (feats, feats.contiguous(memory_format=torch.channels_last)):
+        for path in (*fast_cpu.PATHS, checked.RACE):
+            won = 'cpu_hybrid' if path == checked.RACE else path
+            checked.decisions[checked.case_key(path, parts, case, torch.float32)] = checked.Decision(
+                won, 'as if faster', 1., 10., 0.)
     assert checked.settled(fast_cpu.PATHS, parts, feats, torch.float32) == 'cpu_hybrid'
     del materialized[:]
     with torch.no_grad():

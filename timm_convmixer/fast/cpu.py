@@ -36,9 +36,9 @@ fp16 autocast runs the eager modules.
 It applies only in eval mode (BN on running statistics, drop_path inactive), fp32 or bf16 autocast, and when no
 gradient is needed; otherwise ``None`` and the eager modules run. Folded and packed weights are kept per block
 while every parameter and buffer they derive from stays the same (:mod:`.kept`'s rule: ``load_state_dict``,
-optimizer steps, ``.to()``, in-place edits and BatchNorm training steps make them stale). The cache holds one extra copy
-of the block's weights per path in use (auto's check runs both, then keeps those it chose, :func:`chosen`);
-:func:`clear_cache` drops it.
+optimizer steps, ``.to()``, in-place edits and BatchNorm training steps make them stale). The cache holds one extra
+copy of the block's weights per path and compute dtype in use (auto's check runs every path, then keeps those it
+chose, :func:`chosen`); :func:`clear_cache` drops it.
 """
 import threading
 import warnings
@@ -85,7 +85,7 @@ class Carried(NamedTuple):
     shift: torch.Tensor
 
 
-# block's depthwise conv -> {path: that path's weights, as kept.kept keeps them}
+# block's depthwise conv -> {(path, compute dtype): that path's weights, as kept.kept keeps them}
 _cache = kept.store()
 # block's depthwise conv -> the paths auto chose for it, over every case it ran (see chosen)
 _chosen: 'weakref.WeakKeyDictionary[nn.Module, Set[str]]' = weakref.WeakKeyDictionary()
@@ -271,13 +271,15 @@ def applies(parts: Union[BlockParts, StemParts], x: torch.Tensor, kernels: bool 
 
 
 def _cached(parts: BlockParts, x: torch.Tensor, dtype: torch.dtype, path: str) -> _Folded:
-    """The block's folded weights for one path, kept while nothing they derive from changes (:mod:`.kept`'s rule;
-    kept per path: auto may run one path for NCHW input and the other for channels_last, alternately)."""
+    """The block's folded weights for one path and compute dtype, kept while nothing they derive from changes
+    (:mod:`.kept`'s rule). Kept per path, since auto may run one path for NCHW input and another for channels_last,
+    alternately; and per dtype, since a model serving bf16-autocast and fp32 calls in turn would otherwise refold
+    (and repack) every block's weights on every call."""
     # oneDNN's packed layout depends on the full input shape, batch included: a layout chosen for batch 1 made the
     # 1024-channel pointwise conv ~1.4x slower at batch 8 (measured), so a new shape repacks; our kernels' do not
     input_size = list(x.shape)
-    key = (None if path == 'cpu_compiled' else tuple(input_size), dtype)
-    return kept.kept(_cache.setdefault(parts.conv_dw, {}), path, parts, key,
+    key = None if path == 'cpu_compiled' else tuple(input_size)
+    return kept.kept(_cache.setdefault(parts.conv_dw, {}), (path, dtype), parts, key,
                      lambda: _fold(parts, input_size, dtype, path))
 
 
@@ -291,9 +293,9 @@ def chosen(parts: BlockParts, path: Optional[str]) -> None:
     keep = _chosen.setdefault(parts.conv_dw, set())
     if path is not None:
         keep.add(path)
-    per_path = _cache.get(parts.conv_dw, {})
-    for dropped in [p for p in per_path if p not in keep]:
-        del per_path[dropped]
+    entries = _cache.get(parts.conv_dw, {})
+    for dropped in [(p, dtype) for p, dtype in entries if p not in keep]:
+        del entries[dropped]
 
 
 def paths(parts: BlockParts, x: torch.Tensor) -> Tuple[str, ...]:
