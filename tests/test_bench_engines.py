@@ -116,6 +116,9 @@ def test_cli_every_engine_measured_or_explained(tmp_path):
     if native_bf16() and importlib.util.find_spec('openvino') is not None:
         assert 'bf16 precision hint' in engines['openvino_bf16']['description']
         assert engines['openvino_bf16']['config']['INFERENCE_PRECISION_HINT'] == 'bf16'
+        assert engines['openvino_bf16']['inference_precision'] == 'bf16'  # what the plugin says it computes in
+    if importlib.util.find_spec('openvino') is not None:
+        assert engines['openvino']['inference_precision'] == 'f32'
     assert torch._inductor.config.freezing is False  # set for the compilation only, then restored
     assert chart.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 

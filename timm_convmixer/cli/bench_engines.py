@@ -223,6 +223,14 @@ def _openvino(name: str, model: nn.Module, x: torch.Tensor, folder: str, cache: 
         return request.get_output_tensor(0).data.copy()
     engine.run = run
     engine.info['config'] = {k: str(v) for k, v in config.items()}
+    # what the plugin computes in, which is not always the hint: without native bf16 it may fall back to f32, and the
+    # engine is then an fp32 one, whatever its name (a forced bf16 run, bench_engines(bf16=True), on such a CPU)
+    effective = compiled.get_property('INFERENCE_PRECISION_HINT')
+    effective = getattr(effective, 'get_type_name', lambda: str(effective))()
+    engine.info['inference_precision'] = effective
+    if effective != precision:
+        engine.dtype = {'f32': 'fp32', 'bf16': 'bf16'}.get(effective, effective)
+        engine.description += f' (computes in {effective} on this CPU)'
     return engine
 
 
