@@ -15,6 +15,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 from timm_convmixer import fast
 from timm_convmixer.fast import compiled
+from timm_convmixer.fast.eligibility import block_parts
 
 pytestmark = pytest.mark.kernels  # the Triton kernels through the interpreter: ./run.sh test-min leaves these out
 
@@ -160,7 +161,8 @@ def _op_inputs(small_model, eps):
     model = small_model(dim=8, depth=2, kernel_size=5, patch_size=4, num_classes=3, randomize={}, bn_eps=eps)
     block = model.blocks[0]
     x = torch.randn(2, 8, 4, 3).contiguous(memory_format=torch.channels_last)
-    return model, block, x, compiled._architecture(block), list(block.parameters()) + list(block.buffers())
+    parts = block_parts(block)
+    return model, block, x, compiled._architecture(parts), compiled._tensors(parts)
 
 
 def test_the_op_runs_the_tensors_it_is_given(interpreter, small_model):
@@ -170,7 +172,8 @@ def test_the_op_runs_the_tensors_it_is_given(interpreter, small_model):
     model, block, x, architecture, own = _op_inputs(small_model, 1.25e-5)
     tensors = [t.clone() for t in own]
     tensors[0].mul_(2.)  # the depthwise weight
-    names = [n for n, _ in block.named_parameters()] + [n for n, _ in block.named_buffers()]
+    name_of = {id(t): n for n, t in [*block.named_parameters(), *block.named_buffers()]}
+    names = [name_of[id(t)] for t in own]
     with torch.no_grad():
         got = torch.ops.timm_convmixer.block(x, tensors, architecture, False, torch.bfloat16)
         with fast.use_backend('eager'):
@@ -185,6 +188,26 @@ def test_the_op_runs_the_tensors_it_is_given(interpreter, small_model):
     with torch.no_grad():
         again = torch.ops.timm_convmixer.block(x, tensors, architecture, False, torch.bfloat16)
     torch.testing.assert_close(again, want, rtol=0, atol=0)
+
+
+def test_the_stand_in_takes_a_weight_held_as_a_plain_attribute(interpreter, small_model):
+    """A weight that is no parameter (``del conv.weight; conv.weight = t``, as FSDP1 without ``use_orig_params``
+    holds them) is still one of the op's inputs, and the stand-in computes with the op's copy of it."""
+    model, block, x, _, _ = _op_inputs(small_model, 1.75e-5)
+    conv_pw = block[1]
+    weight = conv_pw.weight.detach().clone()
+    del conv_pw.weight
+    conv_pw.weight = weight
+    parts = block_parts(block)
+    tensors = [t.clone() for t in compiled._tensors(parts)]
+    assert any(t.shape == weight.shape for t in tensors)
+    tensors[2].mul_(2.)  # the pointwise weight (the convolutions' tensors come first)
+    with torch.no_grad():
+        got = torch.ops.timm_convmixer.block(x, tensors, compiled._architecture(parts), False, torch.bfloat16)
+        conv_pw.weight = tensors[2]
+        with fast.use_backend('eager'):
+            want = block(x)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
 def test_the_op_never_runs_a_block_in_another_mode_or_with_hooks(interpreter, small_model):

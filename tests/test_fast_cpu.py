@@ -324,7 +324,8 @@ def test_changing_batch_and_size_repacks_and_stays_exact(make_model, infer):
         ref, ref_paths = infer(model, x, 'eager')
         assert paths == {'cpu': 2} and ref_paths == {'eager': 2}, shape
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    assert fast_cpu._cache[model.blocks[0][0].fn[0]]['cpu', torch.float32].stamp[0] == (1, 24, 5, 3)  # key: the last shape seen
+    entry = fast_cpu._cache[model.blocks[0][0].fn[0]]['cpu', torch.float32]
+    assert entry.stamp[0] == (1, 24, 5, 3)  # key: the last shape seen
 
 
 def test_backend_switch(make_model, infer, monkeypatch):

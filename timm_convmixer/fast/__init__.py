@@ -284,9 +284,11 @@ def _checked_train(block: nn.Module, parts: BlockParts, x: torch.Tensor) -> Tupl
     return path, lean_block_forward(parts, x, norms[path])
 
 
-def _fast_forward(block: nn.Module, x: torch.Tensor, backend: str):
-    """``(path, output)`` of the first fast path that answers, or ``None``."""
-    parts = block_parts(block)
+def _fast_forward(block: nn.Module, x: torch.Tensor, backend: str, parts: Optional[BlockParts] = None):
+    """``(path, output)`` of the first fast path that answers, or ``None``. ``parts``: the block's, where the caller
+    has just taken them."""
+    if parts is None:
+        parts = block_parts(block)
     if parts is None:
         return None
     if parts.mode == 'train':
@@ -315,8 +317,9 @@ def _offered(x: torch.Tensor) -> bool:
     return type(x) is torch.Tensor and not _watched()
 
 
-def block_forward(block: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
-    """The block's output by a fast path, or ``None`` to let the plain modules run."""
+def block_forward(block: nn.Module, x: torch.Tensor, parts: Optional[BlockParts] = None) -> Optional[torch.Tensor]:
+    """The block's output by a fast path, or ``None`` to let the plain modules run. ``parts``: the block's
+    (:func:`.eligibility.block_parts`), where the caller has just taken them (the compiled graph's node)."""
     if _is_compiling():
         # nothing is counted while tracing: a global bumped inside a traced function is guarded on, so each call
         # recompiled until torch.compile's recompile limit, after which the whole forward ran uncompiled (seen on an
@@ -326,7 +329,7 @@ def block_forward(block: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
         from . import cpu
         cpu.warn_if_bf16_is_emulated(x)
         if _backend != 'eager':
-            answer = _fast_forward(block, x, _backend)
+            answer = _fast_forward(block, x, _backend, parts)
             if answer is not None and answer[1] is not None:
                 counters[answer[0]] += 1
                 return answer[1]
@@ -351,7 +354,7 @@ def _traced_block(block: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in block.parameters())):
         return None  # the node has no backward
     _, enabled, dtype = autocast_state(x.device.type)
-    return compiled.block_node(block, x, enabled, dtype)
+    return compiled.block_node(parts, x, enabled, dtype)
 
 
 def stem_forward(stem: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:

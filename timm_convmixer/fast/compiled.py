@@ -8,10 +8,11 @@ real input of that case, which tracing (fake tensors) cannot do.
 So while ``torch.compile`` traces, :func:`block_node` puts one custom op, ``timm_convmixer::block``, where the block
 would be, and that op's implementation calls the ordinary dispatcher (:func:`..block_forward`) on the real tensors
 at run time: ``auto``'s check on first use, its cached decision after, a forced backend, or the plain modules. The
-block's parameters and buffers are the op's inputs, so the graph orders them as it would the modules' own reads, and
-they are how the op finds its module when the graph runs: the live block that holds those very tensors (every block
-registers itself when made or copied: :func:`register`). The only other constant in the graph is the block's
-architecture (:func:`_architecture`: activation, kernel, BatchNorm eps), the same for every instance, so one graph
+tensors the block's output derives from (its convolutions' and BatchNorms' parameters and buffers, :func:`_tensors`)
+are the op's inputs, so the graph orders them as it would the modules' own reads, and they are how the op finds its
+module when the graph runs: the live block that holds those very tensors (every block registers itself when made or
+copied: :func:`register`). The only other constant in the graph is the block's architecture (:func:`_architecture`:
+activation, kernel, BatchNorm eps, which tensors it has), the same for every instance, so one graph
 serves every instance of an architecture, as it does for the plain modules (a graph holding a module's ``id()`` was
 traced again for each instance, and Dynamo stops compiling after 8). The holding block must have that architecture
 (mode included: an eval graph never runs a block put in training mode since, even one sharing storage with its own).
@@ -43,18 +44,20 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .eligibility import block_parts, has_hooks
+from .eligibility import BlockParts, block_parts, has_hooks
+from .kept import slots, sources
 from .runtime import conv_dtype
 
 __all__ = ['block_node', 'register']
 
 # every MixerBlock alive (made, deep-copied or unpickled: __init__ and __setstate__ register; read and written under
 # _lock: a WeakSet iterated while another thread adds to it raises); for each block found holding an op's inputs, by
-# the address of its first tensor, the block (checked again on every use); and the fallback's private blocks, by
-# architecture and tensor shapes (kept for the process: one block's weights each), run one call at a time
+# the address of its first tensor, the block (checked again on every use); and the fallback's private blocks with
+# their tensors' names, by architecture and tensor shapes (kept for the process: one block's weights each), run one
+# call at a time
 _blocks: 'weakref.WeakSet[nn.Module]' = weakref.WeakSet()
 _holder: 'weakref.WeakValueDictionary[int, nn.Module]' = weakref.WeakValueDictionary()
-_stand_ins: Dict[Tuple, nn.Module] = {}
+_stand_ins: Dict[Tuple, Tuple[nn.Module, List[str]]] = {}
 _lock = threading.Lock()
 _stand_in_lock = threading.Lock()
 
@@ -81,19 +84,18 @@ def _exporting() -> bool:
     return is_exporting is None or is_exporting()
 
 
-def _state(block: nn.Module) -> List[Tuple[str, Tensor]]:
-    """The block's parameters and buffers, named, in the order the op takes them."""
-    return list(block.named_parameters()) + list(block.named_buffers())
+def _tensors(parts: BlockParts) -> List[Tensor]:
+    """The tensors the block's output derives from, in the op's order (:func:`.kept.sources`', the same the fast
+    paths' kept constants are checked against), without the absent ones (a conv without bias, say)."""
+    return [t for t in sources(parts) if t is not None]
 
 
-def _architecture(block: nn.Module) -> Optional[str]:
-    """What, besides its tensors, decides a block's output (its activation, kernel, BatchNorm eps and mode), or
-    ``None`` for a block no fast path computes. Traceable: the node's only constant besides the autocast state (the
-    mode is there so that a block standing in for another is in eval mode too)."""
-    parts = block_parts(block)
-    if parts is None:
-        return None
-    return f'{parts.act} k{parts.kernel_size} eps {parts.bn_dw.eps!r} {parts.bn_pw.eps!r} {parts.mode}'
+def _architecture(parts: BlockParts) -> str:
+    """What, besides its tensors' values, decides a block's output: its activation, kernel, BatchNorm eps and mode,
+    and which of its tensors it has. Traceable: the node's only constant besides the autocast state (the mode is
+    there so that a block standing in for another is in eval mode too)."""
+    present = ''.join('1' if t is not None else '0' for t in sources(parts))
+    return f'{parts.act} k{parts.kernel_size} eps {parts.bn_dw.eps!r} {parts.bn_pw.eps!r} {parts.mode} {present}'
 
 
 def _live_blocks() -> List[nn.Module]:
@@ -101,28 +103,34 @@ def _live_blocks() -> List[nn.Module]:
         return list(_blocks)
 
 
-def _find(tensors: List[Tensor], architecture: str) -> Optional[nn.Module]:
-    """The live block of ``architecture`` that holds ``tensors``, else ``None``."""
+def _find(tensors: List[Tensor], architecture: str) -> Tuple[Optional[nn.Module], Optional[BlockParts]]:
+    """The live block of ``architecture`` that holds ``tensors`` and its parts, else ``(None, None)``."""
     block = _holder.get(tensors[0].data_ptr())
-    if block is not None and _holds(block, tensors) and _architecture(block) == architecture:
-        return block
+    parts = None if block is None else _parts_if(block, tensors, architecture, Tensor.data_ptr)
+    if parts is not None:
+        return block, parts
     for block in _live_blocks():
-        if _holds(block, tensors) and _architecture(block) == architecture:
+        parts = _parts_if(block, tensors, architecture, Tensor.data_ptr)
+        if parts is not None:
             _holder[tensors[0].data_ptr()] = block
-            return block
-    return None
+            return block, parts
+    return None, None
 
 
-def _stand_in(tensors: List[Tensor], architecture: str) -> nn.Module:
-    """A private block of ``architecture`` with ``tensors``' shapes, copied from a live one the first time."""
+def _stand_in(tensors: List[Tensor], architecture: str) -> Tuple[nn.Module, List[str]]:
+    """A private block of ``architecture`` with ``tensors``' shapes, copied from a live one the first time, and the
+    names of its tensors in the op's order."""
     key = (architecture,) + tuple(tuple(t.shape) for t in tensors)
-    block = _stand_ins.get(key)
-    if block is not None:
-        return block
+    found = _stand_ins.get(key)
+    if found is not None:
+        return found
     for source in _live_blocks():
-        if _matches(source, tensors, lambda t: t.shape) and not has_hooks(source) and (
-                _architecture(source) == architecture):
-            return _stand_ins.setdefault(key, copy.deepcopy(source))
+        if has_hooks(source) or _parts_if(source, tensors, architecture, lambda t: t.shape) is None:
+            continue
+        block = copy.deepcopy(source)
+        parts = _parts_if(block, tensors, architecture, lambda t: t.shape)  # (the source may have changed since)
+        if parts is not None:
+            return _stand_ins.setdefault(key, (block, _names(block, parts)))
     raise RuntimeError(f'timm_convmixer::block: no live ConvMixer block holds the op\'s tensors or has its '
                        f'architecture ({architecture}, dim {tensors[0].shape[0]}): the compiled graph outlived its '
                        'model, or the block was made without MixerBlock.__init__ or unpickling (a DataParallel '
@@ -132,18 +140,17 @@ def _stand_in(tensors: List[Tensor], architecture: str) -> nn.Module:
 def _block_op(x: Tensor, tensors: List[Tensor], architecture: str, autocast: bool,
               autocast_dtype: torch.dtype) -> Tensor:
     from . import _eager, block_forward
-    block = _find(tensors, architecture)
+    block, parts = _find(tensors, architecture)
     x = x.contiguous(memory_format=torch.channels_last)
     with torch.no_grad(), torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast):
         if block is not None:
-            out = block_forward(block, x)
+            out = block_forward(block, x, parts)
             if out is None:
                 out = _eager(block, x)
         else:
-            stand_in = _stand_in(tensors, architecture)
+            stand_in, names = _stand_in(tensors, architecture)
             with _stand_in_lock:
-                out = torch.func.functional_call(stand_in, dict(zip([n for n, _ in _state(stand_in)], tensors)),
-                                                 (x,))
+                out = torch.func.functional_call(stand_in, dict(zip(names, tensors)), (x,))
     out = out.to(conv_dtype(x, (autocast, autocast_dtype)))
     if out.stride() != _channels_last_strides(out):  # (size-1 dims: contiguous() may keep other strides)
         out = out.clone(memory_format=torch.channels_last)
@@ -167,24 +174,30 @@ if _custom_op is not None:
     _op.register_fake(_block_op_fake)
 
 
-def _holds(block: nn.Module, tensors: List[Tensor]) -> bool:
-    """Whether the module still holds the op's inputs (same storage), so its own dispatch computes the op."""
-    return _matches(block, tensors, Tensor.data_ptr)
+def _names(block: nn.Module, parts: BlockParts) -> List[str]:
+    """The names ``torch.func.functional_call`` knows the block's :func:`_tensors` by (by where they are read: a
+    weight held as a plain attribute has a name there too, though no parameter's)."""
+    qualified = {id(module): name for name, module in block.named_modules()}
+    return [f'{qualified[id(module)]}.{attr}' for (module, attr), t in zip(slots(parts), sources(parts))
+            if t is not None]
 
 
-def _matches(block: nn.Module, tensors: List[Tensor], key) -> bool:
-    """Whether the block's parameters and buffers, in the op's order, equal ``tensors`` by ``key``."""
-    own = [t for _, t in _state(block)]
-    return len(own) == len(tensors) and all(key(a) == key(b) for a, b in zip(own, tensors))
+def _parts_if(block: nn.Module, tensors: List[Tensor], architecture: str, key) -> Optional[BlockParts]:
+    """The block's parts where it has ``architecture`` and its tensors, in the op's order, equal ``tensors`` by
+    ``key`` (``Tensor.data_ptr``: it holds the op's inputs, so its own dispatch computes the op), else ``None``.
+    The op asks it of its cached holder on every call (of every live block only on a miss), so it costs one
+    :func:`.block_parts` (~10 us on a 2-core Xeon; walking ``named_parameters``/``named_buffers`` and
+    ``block_parts`` again, as before, ~60 us)."""
+    parts = block_parts(block)
+    if parts is None or _architecture(parts) != architecture:
+        return None
+    own = _tensors(parts)
+    return parts if len(own) == len(tensors) and all(key(a) == key(b) for a, b in zip(own, tensors)) else None
 
 
-def block_node(block: nn.Module, x: Tensor, autocast: bool, autocast_dtype: torch.dtype) -> Optional[Tensor]:
-    """The traced block as one ``timm_convmixer::block`` node (called while ``torch.compile`` traces), or ``None``
-    under ``torch.export``."""
+def block_node(parts: BlockParts, x: Tensor, autocast: bool, autocast_dtype: torch.dtype) -> Optional[Tensor]:
+    """The traced block (its parts) as one ``timm_convmixer::block`` node (called while ``torch.compile`` traces), or
+    ``None`` under ``torch.export``."""
     if _custom_op is None or _exporting():
         return None
-    architecture = _architecture(block)
-    if architecture is None:
-        return None
-    tensors = [t for _, t in _state(block)]
-    return torch.ops.timm_convmixer.block(x, tensors, architecture, autocast, autocast_dtype)
+    return torch.ops.timm_convmixer.block(x, _tensors(parts), _architecture(parts), autocast, autocast_dtype)

@@ -136,16 +136,19 @@ def _mode(bn_dw: nn.BatchNorm2d, bn_pw: nn.BatchNorm2d, drop_path: nn.Module) ->
 
 def block_parts(block: nn.Module) -> Optional[BlockParts]:
     """The block's parts if it is a plain ConvMixer block in a mode some fast path computes, else ``None``."""
-    if len(block) != 4:
+    # (unpacked by iterating, as a Sequential runs its children: indexing one costs ~3 us an item, and every fast
+    # path's call asks this)
+    children = tuple(block)
+    if len(children) != 4:
         return None
-    residual, conv_pw, act_pw, bn_pw = block[0], block[1], block[2], block[3]
+    residual, conv_pw, act_pw, bn_pw = children
     fn = getattr(residual, 'fn', None)
     drop_path = getattr(residual, 'drop_path', None)
     if not isinstance(fn, nn.Sequential) or len(fn) != 3 or drop_path is None:
         return None
     if type(drop_path) is not nn.Identity and type(drop_path) is not DropPath:
         return None
-    conv_dw, act_dw, bn_dw = fn[0], fn[1], fn[2]
+    conv_dw, act_dw, bn_dw = fn
     dim = getattr(conv_dw, 'in_channels', None)
     if dim is None or not _is_same_depthwise(conv_dw, dim) or not _is_pointwise(conv_pw, dim):
         return None
