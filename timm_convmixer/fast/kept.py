@@ -63,10 +63,18 @@ def slots(parts: Union[BlockParts, StemParts]) -> List[Tuple[nn.Module, str]]:
         (bn, name) for bn in parts.norms for name in _NORM]
 
 
-def sources(parts: Union[BlockParts, StemParts]) -> Tuple[Optional[torch.Tensor], ...]:
-    """Every tensor a block's (or the stem's) constants derive from, and the BatchNorms' step counters (see the
-    module docstring)."""
-    return tuple([_attr(module, name) for module, name in slots(parts)])
+def sources(parts: Union[BlockParts, StemParts], counters: bool = True) -> Tuple[Optional[torch.Tensor], ...]:
+    """Every tensor a block's (or the stem's) constants derive from, and (unless ``counters`` is false, as for what
+    the paths compute from) the BatchNorms' step counters (see the module docstring); in :func:`slots`' order."""
+    norm = _NORM if counters else _NORM[:-1]
+    tensors = []
+    for conv in parts.convs:
+        for name in _CONV:
+            tensors.append(_attr(conv, name))
+    for bn in parts.norms:
+        for name in norm:
+            tensors.append(_attr(bn, name))
+    return tuple(tensors)
 
 
 def _attr(module: nn.Module, name: str) -> Optional[torch.Tensor]:
