@@ -240,34 +240,38 @@ def applies(parts: Union[BlockParts, StemParts], x: torch.Tensor, kernels: bool 
     bf16), or with ``kernels`` our compiled kernels' (fp32, under bf16 autocast too, native bf16 or not); ``None``
     where they do not apply (the stem's path asks too). What they read: the convolutions' weights and biases and the
     BatchNorms' affine parameters and running statistics."""
+    return _compute_dtypes(parts, x)[1 if kernels else 0]
+
+
+def _compute_dtypes(parts: Union[BlockParts, StemParts],
+                    x: torch.Tensor) -> Tuple[Optional[torch.dtype], Optional[torch.dtype]]:
+    """:func:`applies`' two answers, oneDNN's and our kernels', from one pass of its checks (asked on every block's
+    call, more than once before: ~9 us each on a 2-core Xeon)."""
+    none = None, None
     if parts.mode != 'eval' or x.device.type != 'cpu' or x.layout != torch.strided or x.dim() != 4:
-        return None
+        return none
     if x.is_quantized or x.is_mkldnn or x.numel() == 0 or not available():
-        return None
+        return none
     _, autocast, autocast_dtype = autocast_state('cpu')
     if autocast:
-        # eager autocast runs the convs in the autocast dtype; follow it for bf16 when oneDNN has bf16 kernels
+        # eager autocast runs the convs in the autocast dtype; oneDNN's path follows it for bf16 where oneDNN has
+        # native bf16 kernels, our kernels compute in fp32
         if autocast_dtype != torch.bfloat16 or x.dtype not in (torch.float32, torch.bfloat16):
-            return None
-        if kernels:
-            dtype = torch.float32
-        elif not native_bf16():
-            return None
-        else:
-            dtype = torch.bfloat16
+            return none
+        dtypes = (torch.bfloat16 if native_bf16() else None), torch.float32
     elif x.dtype == torch.float32:
-        dtype = torch.float32
+        dtypes = torch.float32, torch.float32
     else:
-        return None
-    # (kept.sources reads them as getattr would, ~4x faster: this is asked several times on every block's call)
+        return none
+    # (kept.sources reads them as getattr would, ~4x faster)
     tensors = kept.sources(parts, counters=False)
     for t in tensors:
         if t is not None and (not t.is_cpu or t.dtype != torch.float32 or type(t) not in (
                 torch.Tensor, nn.Parameter)):
-            return None
+            return none
     if torch.is_grad_enabled() and (x.requires_grad or any(t is not None and t.requires_grad for t in tensors)):
-        return None  # the fused ops have no autograd; training/grad-needing calls run eagerly
-    return dtype
+        return none  # the fused ops have no autograd; training/grad-needing calls run eagerly
+    return dtypes
 
 
 def _cached(parts: BlockParts, x: torch.Tensor, dtype: torch.dtype, path: str) -> _Folded:
@@ -303,8 +307,8 @@ def paths(parts: BlockParts, x: torch.Tensor) -> Tuple[str, ...]:
     ``'cpu'`` (both convolutions on oneDNN) wherever :func:`applies`; ``'cpu_compiled'`` and ``'cpu_hybrid'`` (our
     depthwise kernel, and our GEMM or oneDNN's) when the kernels load (the first call may build them), also under
     bf16 autocast (:func:`_hybrid_dtype`)."""
-    onednn = ('cpu',) if applies(parts, x) is not None else ()
-    dtype = applies(parts, x, kernels=True)
+    onednn_dtype, dtype = _compute_dtypes(parts, x)
+    onednn = ('cpu',) if onednn_dtype is not None else ()
     return onednn + PATHS[1:] if dtype is not None and _compiled_applies(parts, dtype) else onednn
 
 
@@ -319,8 +323,8 @@ def _hybrid_dtype(parts: BlockParts, x: torch.Tensor) -> Optional[torch.dtype]:
     conv in bf16, as eager autocast's; our depthwise kernel widening bf16 to fp32 and rounding once on store), else
     fp32 (under autocast without native bf16 too: all of it in fp32, the output rounded); ``None`` where it does not
     apply."""
-    onednn = applies(parts, x)
-    return onednn if onednn == torch.bfloat16 else applies(parts, x, kernels=True)
+    onednn, ours = _compute_dtypes(parts, x)
+    return onednn if onednn == torch.bfloat16 else ours
 
 
 def block_forward(parts: BlockParts, x: torch.Tensor, path: str = 'cpu') -> Optional[torch.Tensor]:
