@@ -161,8 +161,7 @@ def _op_inputs(small_model, eps):
     model = small_model(dim=8, depth=2, kernel_size=5, patch_size=4, num_classes=3, randomize={}, bn_eps=eps)
     block = model.blocks[0]
     x = torch.randn(2, 8, 4, 3).contiguous(memory_format=torch.channels_last)
-    parts = block_parts(block)
-    return model, block, x, compiled._architecture(parts), compiled._tensors(parts)
+    return (model, block, x, *compiled._signature(block_parts(block)))
 
 
 def test_the_op_runs_the_tensors_it_is_given(interpreter, small_model):
@@ -198,12 +197,12 @@ def test_the_stand_in_takes_a_weight_held_as_a_plain_attribute(interpreter, smal
     weight = conv_pw.weight.detach().clone()
     del conv_pw.weight
     conv_pw.weight = weight
-    parts = block_parts(block)
-    tensors = [t.clone() for t in compiled._tensors(parts)]
+    architecture, own = compiled._signature(block_parts(block))
+    tensors = [t.clone() for t in own]
     assert any(t.shape == weight.shape for t in tensors)
     tensors[2].mul_(2.)  # the pointwise weight (the convolutions' tensors come first)
     with torch.no_grad():
-        got = torch.ops.timm_convmixer.block(x, tensors, compiled._architecture(parts), False, torch.bfloat16)
+        got = torch.ops.timm_convmixer.block(x, tensors, architecture, False, torch.bfloat16)
         conv_pw.weight = tensors[2]
         with fast.use_backend('eager'):
             want = block(x)

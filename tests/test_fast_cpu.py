@@ -216,13 +216,14 @@ def test_alternating_bf16_autocast_and_fp32_keeps_both_foldings(path, make_model
     model = make_model(kernel_size=7, dim=32)
     x = torch.randn(2, 3, 16, 16)
     entries = fast_cpu._cache.get  # block's depthwise conv -> {(path, compute dtype): kept entry}
-    first = {}
-    for _ in range(2):
+
+    def serve_both():
         infer(model, x, path)
         with torch.autocast('cpu', dtype=torch.bfloat16):
             infer(model, x, path)
-        if not first:
-            first = {conv: dict(entries(conv)) for conv in (b[0].fn[0] for b in model.blocks)}
+    serve_both()
+    first = {conv: dict(entries(conv)) for conv in (b[0].fn[0] for b in model.blocks)}
+    serve_both()
     for conv, kept in first.items():  # (our kernels compute in fp32 under autocast too: one folding serves both)
         assert kept and {dtype for _, dtype in kept} <= {torch.float32, torch.bfloat16}
         assert all(entries(conv)[what] is entry for what, entry in kept.items())  # found again, not refolded

@@ -8,13 +8,13 @@ real input of that case, which tracing (fake tensors) cannot do.
 So while ``torch.compile`` traces, :func:`block_node` puts one custom op, ``timm_convmixer::block``, where the block
 would be, and that op's implementation calls the ordinary dispatcher (:func:`..block_forward`) on the real tensors
 at run time: ``auto``'s check on first use, its cached decision after, a forced backend, or the plain modules. The
-tensors the block's output derives from (its convolutions' and BatchNorms' parameters and buffers, :func:`_tensors`)
-are the op's inputs, so the graph orders them as it would the modules' own reads, and they are how the op finds its
-module when the graph runs: the live block that holds those very tensors (every block registers itself when made or
-copied: :func:`register`). The only other constant in the graph is the block's architecture (:func:`_architecture`:
-activation, kernel, BatchNorm eps, which tensors it has), the same for every instance, so one graph
-serves every instance of an architecture, as it does for the plain modules (a graph holding a module's ``id()`` was
-traced again for each instance, and Dynamo stops compiling after 8). The holding block must have that architecture
+tensors the block's output derives from (its convolutions' and BatchNorms' parameters and buffers) are the op's
+inputs, so the graph orders them as it would the modules' own reads, and they are how the op finds its module when
+the graph runs: the live block that holds those very tensors (every block registers itself when made or copied:
+:func:`register`). The only other constant in the graph is the block's architecture (activation, kernel, BatchNorm
+eps, mode, which tensors it has; both from :func:`_signature`), the same for every instance, so one graph serves
+every instance of an architecture, as it does for the plain modules (a graph holding a module's ``id()`` was traced
+again for each instance, and Dynamo stops compiling after 8). The holding block must have that architecture
 (mode included: an eval graph never runs a block put in training mode since, even one sharing storage with its own).
 Where no block holds the op's inputs (Inductor's freezing may hand it copies, or ``torch.func.functional_call``
 swapped them), a private copy of a live block of that architecture, made once per architecture and shapes, runs its
@@ -84,18 +84,19 @@ def _exporting() -> bool:
     return is_exporting is None or is_exporting()
 
 
-def _tensors(parts: BlockParts) -> List[Tensor]:
-    """The tensors the block's output derives from, in the op's order (:func:`.kept.sources`', the same the fast
-    paths' kept constants are checked against), without the absent ones (a conv without bias, say)."""
-    return [t for t in sources(parts) if t is not None]
+def _signature(parts: BlockParts) -> Tuple[str, List[Tensor]]:
+    """The op's constant and inputs for a block, from one read of its tensors (:func:`.kept.sources`, the same the
+    fast paths' kept constants are checked against).
 
-
-def _architecture(parts: BlockParts) -> str:
-    """What, besides its tensors' values, decides a block's output: its activation, kernel, BatchNorm eps and mode,
-    and which of its tensors it has. Traceable: the node's only constant besides the autocast state (the mode is
-    there so that a block standing in for another is in eval mode too)."""
-    present = ''.join('1' if t is not None else '0' for t in sources(parts))
-    return f'{parts.act} k{parts.kernel_size} eps {parts.bn_dw.eps!r} {parts.bn_pw.eps!r} {parts.mode} {present}'
+    The architecture: what, besides its tensors' values, decides the block's output (its activation, kernel,
+    BatchNorm eps and mode, and which of its tensors it has). Traceable: the node's only constant besides the
+    autocast state (the mode is there so that a block standing in for another is in eval mode too). The tensors:
+    those the block's output derives from, in the op's order, without the absent ones (a conv without bias, say)."""
+    tensors = sources(parts)
+    present = ''.join('1' if t is not None else '0' for t in tensors)
+    architecture = (f'{parts.act} k{parts.kernel_size} eps {parts.bn_dw.eps!r} {parts.bn_pw.eps!r} {parts.mode} '
+                    f'{present}')
+    return architecture, [t for t in tensors if t is not None]
 
 
 def _live_blocks() -> List[nn.Module]:
@@ -125,10 +126,10 @@ def _stand_in(tensors: List[Tensor], architecture: str) -> Tuple[nn.Module, List
     if found is not None:
         return found
     for source in _live_blocks():
-        if has_hooks(source) or _parts_if(source, tensors, architecture, lambda t: t.shape) is None:
+        if has_hooks(source) or _parts_if(source, tensors, architecture, Tensor.size) is None:
             continue
         block = copy.deepcopy(source)
-        parts = _parts_if(block, tensors, architecture, lambda t: t.shape)  # (the source may have changed since)
+        parts = _parts_if(block, tensors, architecture, Tensor.size)  # (the source may have changed since)
         if parts is not None:
             return _stand_ins.setdefault(key, (block, _names(block, parts)))
     raise RuntimeError(f'timm_convmixer::block: no live ConvMixer block holds the op\'s tensors or has its '
@@ -175,8 +176,8 @@ if _custom_op is not None:
 
 
 def _names(block: nn.Module, parts: BlockParts) -> List[str]:
-    """The names ``torch.func.functional_call`` knows the block's :func:`_tensors` by (by where they are read: a
-    weight held as a plain attribute has a name there too, though no parameter's)."""
+    """The names ``torch.func.functional_call`` knows the block's op inputs (:func:`_signature`) by: by where they
+    are read, so that a weight held as a plain attribute has a name too, though no parameter's."""
     qualified = {id(module): name for name, module in block.named_modules()}
     return [f'{qualified[id(module)]}.{attr}' for (module, attr), t in zip(slots(parts), sources(parts))
             if t is not None]
@@ -189,9 +190,11 @@ def _parts_if(block: nn.Module, tensors: List[Tensor], architecture: str, key) -
     :func:`.block_parts` (~10 us on a 2-core Xeon; walking ``named_parameters``/``named_buffers`` and
     ``block_parts`` again, as before, ~60 us)."""
     parts = block_parts(block)
-    if parts is None or _architecture(parts) != architecture:
+    if parts is None:
         return None
-    own = _tensors(parts)
+    own_architecture, own = _signature(parts)
+    if own_architecture != architecture:
+        return None
     return parts if len(own) == len(tensors) and all(key(a) == key(b) for a, b in zip(own, tensors)) else None
 
 
@@ -200,4 +203,5 @@ def block_node(parts: BlockParts, x: Tensor, autocast: bool, autocast_dtype: tor
     ``None`` under ``torch.export``."""
     if _custom_op is None or _exporting():
         return None
-    return torch.ops.timm_convmixer.block(x, _tensors(parts), _architecture(parts), autocast, autocast_dtype)
+    architecture, tensors = _signature(parts)
+    return torch.ops.timm_convmixer.block(x, tensors, architecture, autocast, autocast_dtype)
