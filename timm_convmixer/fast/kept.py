@@ -54,7 +54,7 @@ def forget() -> None:
 
 
 _CONV = ('weight', 'bias')
-_NORM = ('weight', 'bias', 'running_mean', 'running_var', 'num_batches_tracked')
+_NORM = ('weight', 'bias', 'running_mean', 'running_var', 'num_batches_tracked')  # the step counter last: see sources
 
 
 def slots(parts: Union[BlockParts, StemParts]) -> List[Tuple[nn.Module, str]]:
