@@ -243,3 +243,42 @@ def test_inductor_runs_the_node(interpreter, small_model, run_counted):
         got, paths = run_counted(torch.compile(model), x, backend='triton')
     assert paths == {'triton': 2}
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_search_that_found_no_holder_is_not_repeated_on_every_call(interpreter, small_model, monkeypatch):
+    """Inductor's freezing hands every node copies, which no live block holds: the op searches the live blocks for
+    them once, not on every call (~0.8 ms a call for a 20-block model), then again at once when a block is made or
+    copied, and otherwise every ``RESCAN_EVERY`` calls, which finds a holder put back in eval mode since."""
+    model, block, x, architecture, own = _op_inputs(small_model, 2e-5)
+    searched = []
+    parts_if = compiled._parts_if
+
+    def counted(candidate, tensors, arch, key):
+        if key is torch.Tensor.data_ptr:
+            searched.append(candidate)
+        return parts_if(candidate, tensors, arch, key)
+    monkeypatch.setattr(compiled, '_parts_if', counted)
+
+    def call(tensors):
+        with torch.no_grad(), fast.use_backend('eager'):
+            return torch.ops.timm_convmixer.block(x, tensors, architecture, False, torch.bfloat16)
+    copies = [t.clone() for t in own]
+    want = call(copies)
+    first = len(searched)
+    assert first >= len(model.blocks)  # every live block
+    for _ in range(compiled.RESCAN_EVERY):
+        torch.testing.assert_close(call(copies), want, rtol=0, atol=0)
+    assert len(searched) == first
+    call(copies)
+    assert len(searched) > first
+    searched.clear()
+    twin = copy.deepcopy(model)  # registers its blocks: a search at once
+    call(copies)
+    assert twin.blocks[0] in searched
+
+    model.train()  # its tensors, but not the traced mode: the stand-in computes the op
+    torch.testing.assert_close(call(own), want, rtol=0, atol=0)
+    model.eval()
+    for _ in range(compiled.RESCAN_EVERY + 1):
+        torch.testing.assert_close(call(own), want, rtol=0, atol=0)
+    assert compiled._find(own, architecture)[0] is block

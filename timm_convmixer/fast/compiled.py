@@ -19,7 +19,8 @@ again for each instance, and Dynamo stops compiling after 8). The holding block 
 Where no block holds the op's inputs (Inductor's freezing may hand it copies, or ``torch.func.functional_call``
 swapped them), a private copy of a live block of that architecture, made once per architecture and shapes, runs its
 forward, fast paths included, on them (``torch.func.functional_call``, one call at a time): never another model's
-module, whose parameters another thread could be using, and never a block with hooks of its own.
+module, whose parameters another thread could be using, and never a block with hooks of its own. A search that found
+no holder is not repeated on every call (``_misses``).
 
 Not under CUDA graphs: a replay would skip the node's Python, and with it the staleness check of the constants the
 fused paths keep (weights changed in place would be read stale), so the op is tagged ``cudagraph_unsafe`` (Inductor
@@ -60,12 +61,30 @@ _holder: 'weakref.WeakValueDictionary[int, nn.Module]' = weakref.WeakValueDictio
 _stand_ins: Dict[Tuple, Tuple[nn.Module, List[str]]] = {}
 _lock = threading.Lock()
 _stand_in_lock = threading.Lock()
+# the searches of every live block that found none holding an op's inputs, by the address of the first input and the
+# architecture: [registrations then, the calls since]. Inductor's freezing hands every node copies, so without this
+# every node call searched every live block (~0.8 ms for convmixer_1536_20's 20 blocks on a 2-core Xeon, 20 times a
+# forward). A later registration (a model made or copied) searches again at once; anything else that could make a
+# live block hold them (a block put back in eval mode, a tensor assigned) within RESCAN_EVERY calls. Until then the
+# stand-in runs: the same output on the same tensors, only not the holder's kept constants.
+_misses: Dict[Tuple[int, str], List[int]] = {}
+_registrations = 0
+RESCAN_EVERY = 64
 
 
 def register(block: nn.Module) -> None:
     """Make ``block`` findable by the op (``MixerBlock`` calls this when it is made or copied)."""
+    global _registrations
     with _lock:
         _blocks.add(block)
+        _registrations += 1
+
+
+def _unregister(block: nn.Module) -> None:
+    global _registrations
+    with _lock:
+        _blocks.discard(block)
+        _registrations -= 1
 
 
 def _assume_constant_result(fn):
@@ -106,15 +125,25 @@ def _live_blocks() -> List[nn.Module]:
 
 def _find(tensors: List[Tensor], architecture: str) -> Tuple[Optional[nn.Module], Optional[BlockParts]]:
     """The live block of ``architecture`` that holds ``tensors`` and its parts, else ``(None, None)``."""
-    block = _holder.get(tensors[0].data_ptr())
+    address = tensors[0].data_ptr()
+    block = _holder.get(address)
     parts = None if block is None else _parts_if(block, tensors, architecture, Tensor.data_ptr)
     if parts is not None:
         return block, parts
+    miss = _misses.get((address, architecture))
+    if miss is not None and miss[0] == _registrations and miss[1] < RESCAN_EVERY:
+        miss[1] += 1
+        return None, None
+    registrations = _registrations
     for block in _live_blocks():
         parts = _parts_if(block, tensors, architecture, Tensor.data_ptr)
         if parts is not None:
-            _holder[tensors[0].data_ptr()] = block
+            _holder[address] = block
+            _misses.pop((address, architecture), None)
             return block, parts
+    if len(_misses) >= 4096:  # (addresses of freed tensors: bounded, not tracked)
+        _misses.clear()
+    _misses[(address, architecture)] = [registrations, 0]
     return None, None
 
 
@@ -129,6 +158,7 @@ def _stand_in(tensors: List[Tensor], architecture: str) -> Tuple[nn.Module, List
         if has_hooks(source) or _parts_if(source, tensors, architecture, Tensor.size) is None:
             continue
         block = copy.deepcopy(source)
+        _unregister(block)  # (nobody's block: never a holder, and no reason to search for holders again)
         parts = _parts_if(block, tensors, architecture, Tensor.size)  # (the source may have changed since)
         if parts is not None:
             return _stand_ins.setdefault(key, (block, _names(block, parts)))
@@ -186,9 +216,9 @@ def _names(block: nn.Module, parts: BlockParts) -> List[str]:
 def _parts_if(block: nn.Module, tensors: List[Tensor], architecture: str, key) -> Optional[BlockParts]:
     """The block's parts where it has ``architecture`` and its tensors, in the op's order, equal ``tensors`` by
     ``key`` (``Tensor.data_ptr``: it holds the op's inputs, so its own dispatch computes the op), else ``None``.
-    The op asks it of its cached holder on every call (of every live block only on a miss), so it costs one
-    :func:`.block_parts` (~10 us on a 2-core Xeon; walking ``named_parameters``/``named_buffers`` and
-    ``block_parts`` again, as before, ~60 us)."""
+    The op asks it of its cached holder on every call (of every live block only on a miss not searched lately:
+    ``_misses``), so it costs one :func:`.block_parts` (~10 us on a 2-core Xeon; walking
+    ``named_parameters``/``named_buffers`` and ``block_parts`` again, as before, ~60 us)."""
     parts = block_parts(block)
     if parts is None:
         return None
