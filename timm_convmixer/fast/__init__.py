@@ -432,5 +432,9 @@ def blocks_forward(blocks: nn.Sequential, x: torch.Tensor) -> Optional[torch.Ten
                 continue
         if carried is not None:
             x, carried = cpu.materialize(carried), None
-        x = block(x)
+        if parts is None:
+            x = block(x)
+        else:  # MixerBlock.forward's two steps, with the parts taken above (block(x) would take them again)
+            out = block_forward(block, x, parts)
+            x = _eager(block, x) if out is None else out
     return x if carried is None else cpu.materialize(carried)
