@@ -466,6 +466,18 @@ def test_convert_formats_ema_force_and_failures(tmp_path):
     assert not (tmp_path / 'x').exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith('.')]
 
+    # --force replaces an earlier convert's output only: never a folder with anything else in it, nor the current one
+    project = tmp_path / 'project'
+    (project / 'src').mkdir(parents=True)
+    (project / 'src' / 'notes.txt').write_text('mine')
+    (project / 'model.safetensors').write_bytes(st.read_bytes())
+    for folder, cwd, message in ((project, tmp_path, 'did not write'), (tmp_path / 'project', project, 'current'),
+                                 (project, project / 'src', 'current')):
+        with pytest.MonkeyPatch.context() as patch, pytest.raises(FileExistsError, match=message):
+            patch.chdir(cwd)
+            convert_checkpoint(project / 'model.safetensors', folder, SMALL, model_kwargs=dict(depth=2), force=True)
+        assert (project / 'src' / 'notes.txt').read_text() == 'mine'
+
 
 def test_nonfinite_weights_refused_by_convert_allowed_with_warning_elsewhere(tmp_path, capsys):
     """A diverged run's weights: convert names the problem and the tensors and writes nothing, unless told."""

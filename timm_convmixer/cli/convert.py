@@ -206,7 +206,7 @@ def convert_checkpoint(
         print(f'loaded {src} ({weights.describe()}) strictly into {model_name} {kwargs}')
     label_names = _prepare_hub_cfg(model)
     card = _model_card(model, model_name, src, _sha256(src), weights.describe())
-    name = push_to.split('/')[-1] if push_to else out.name
+    name = push_to.split('/')[-1] if push_to else out.resolve().name
     atomic_write_dir(str(out), partial(_write_folder, model=model, kwargs=kwargs, label_names=label_names,
                                        card=card, name=name), replace=force)
     if verbose:
@@ -218,12 +218,25 @@ def convert_checkpoint(
     return out
 
 
+# what a convert writes: the only entries a folder that --force replaces may hold
+WRITTEN = frozenset({'config.json', 'model.safetensors', 'README.md'})
+
+
 def _check_out(out: Path, force: bool) -> None:
-    """Fail before reading a byte when OUT is there and may not be replaced."""
+    """Fail before reading a byte when OUT is there and may not be replaced. ``--force`` replaces an earlier
+    convert's output only: a folder holding anything else (``.``, a project, the source checkpoint) is the user's."""
     if out.exists() and not force:
         raise FileExistsError(f'{out} already exists; pass --force (force=True) to replace it')
     if out.exists() and not out.is_dir():
         raise FileExistsError(f'{out} exists and is not a folder; refusing to replace it')
+    if out.exists():
+        resolved, cwd = out.resolve(), Path.cwd().resolve()
+        if resolved == cwd or resolved in cwd.parents:
+            raise FileExistsError(f'{out} is the current folder or holds it; refusing to replace it')
+        others = sorted(p.name for p in out.iterdir() if p.name not in WRITTEN)
+        if others:
+            raise FileExistsError(f'{out} holds files convert did not write ({", ".join(others[:5])}); --force '
+                                  'replaces only an earlier convert output: choose another OUT')
 
 
 def _read_weights(src: Path, use_ema: bool, unsafe_pickle: bool, allow_nonfinite: bool) -> UnpackedWeights:
