@@ -353,6 +353,44 @@ def test_wrong_architecture_or_size_leaves_model_untouched(tmp_path):
             timm.create_model(SMALL, depth=2, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
 
 
+def test_a_new_head_loads_only_a_checkpoint_of_the_same_body(tmp_path):
+    """With a new head timm loads pretrained weights ``strict=False`` (the classifier dropped), which took a
+    checkpoint of another depth without a word, its missing block left random; the filter checks the keys but the
+    classifier's. The same body loads, the stem adapted to ``in_chans`` by timm after the filter."""
+    path = tmp_path / 'depth2.safetensors'
+    ref = small_model(seed=7)
+    save_file(ref.state_dict(), str(path))
+    overlay = dict(pretrained_cfg_overlay=dict(file=str(path)))
+    for depth in (1, 3):
+        with pytest.raises(RuntimeError, match='depth=2(.|\n)*nothing was loaded') as err:
+            timm.create_model(SMALL, depth=depth, num_classes=5, pretrained=True, **overlay)
+        assert f'depth={depth}' in str(err.value)
+    tuned = timm.create_model(SMALL, depth=2, num_classes=5, in_chans=1, pretrained=True, **overlay)
+    body = {k: v for k, v in snapshot(ref).items() if not k.startswith(('head.', 'stem.0.weight'))}
+    assert_same_tensors({k: v for k, v in snapshot(tuned).items() if k in body}, body)
+
+
+def test_a_checkpoint_without_num_batches_tracked_loads_as_into_plain_timm(tmp_path):
+    """torch's BatchNorm fills in a ``num_batches_tracked`` a checkpoint predates (no version metadata: a
+    safetensors file, a converter's dict), so plain timm loads such files strictly; so do we. With version 2
+    metadata it is missing, as torch says too."""
+    ref = small_model(seed=8)
+    sd = {k: v for k, v in ref.state_dict().items() if not k.endswith('num_batches_tracked')}
+    model = small_model(seed=9)
+    model.load_state_dict(sd)
+    assert_same_tensors({k: v for k, v in snapshot(model).items() if k in sd}, sd)
+    path = tmp_path / 'no_nbt.safetensors'
+    save_file(sd, str(path))
+    loaded = small_model(seed=10)
+    load_checkpoint(loaded, str(path))  # (timm's checkpoint_path= / --initial-checkpoint)
+    assert_same_tensors({k: v for k, v in snapshot(loaded).items() if k in sd}, sd)
+    versioned = ref.state_dict()
+    for k in [k for k in versioned if k.endswith('num_batches_tracked')]:
+        del versioned[k]
+    with pytest.raises(RuntimeError, match='missing from checkpoint.*num_batches_tracked'):
+        small_model(seed=9).load_state_dict(versioned)
+
+
 def test_truncated_or_corrupt_files_fail_clearly(tmp_path):
     ref = small_model(seed=7)
     good_pth = tmp_path / 'good.pth'

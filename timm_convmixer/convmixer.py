@@ -403,8 +403,15 @@ def _check_input(x: torch.Tensor, in_chans: int) -> None:
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: ConvMixer) -> Dict[str, torch.Tensor]:
-    """Pretrained filter: unwrap train.py/DDP checkpoints and rename the authors' layout to timm's."""
-    return unpack_checkpoint(state_dict).state_dict
+    """Pretrained filter: unwrap train.py/DDP checkpoints and rename the authors' layout to timm's, and refuse one
+    whose keys, the classifier's aside, are not the model's. Why here: for a new head (``num_classes`` other than the
+    checkpoint's) timm's ``load_pretrained`` drops the classifier and loads ``strict=False``, which would leave blocks
+    a checkpoint of another depth lacks at their random initialisation without a word."""
+    state_dict = unpack_checkpoint(state_dict).state_dict
+    classifier = (getattr(model, 'pretrained_cfg', None) or {}).get('classifier') or 'head'
+    body = lambda sd: {k: v for k, v in sd.items() if k.split('.')[0] != classifier}  # noqa: E731
+    check_state_dict(body(model.state_dict()), body(state_dict), strict=True, what=type(model).__name__, shapes=False)
+    return state_dict
 
 
 def _create_convmixer(variant: str, pretrained: bool = False, **kwargs) -> ConvMixer:

@@ -273,18 +273,22 @@ def check_state_dict(
         found: Mapping[str, torch.Tensor],
         strict: bool,
         what: Optional[str] = None,
+        shapes: bool = True,
 ) -> None:
     """Raise one clear RuntimeError listing every missing/unexpected key and shape mismatch, before any copy.
 
     ``torch.nn.Module.load_state_dict`` copies the tensors that fit and only then raises for the rest, which leaves
-    a model half-loaded. Checking first keeps a failed load from touching the model at all.
+    a model half-loaded. Checking first keeps a failed load from touching the model at all. A BatchNorm's
+    ``num_batches_tracked`` that torch fills in itself (a checkpoint that predates it: no version metadata, as in a
+    safetensors file) is not missing, as it is not for plain timm. ``shapes=False``: keys only (timm's pretrained
+    loading adapts the stem to ``in_chans`` after its filter has run).
     """
     mismatched: List[Tuple[str, tuple, tuple]] = [
         (k, tuple(v.shape), tuple(expected[k].shape))
         for k, v in found.items()
         if k in expected and isinstance(v, torch.Tensor) and tuple(v.shape) != tuple(expected[k].shape)
-    ]
-    missing = [k for k in expected if k not in found] if strict else []
+    ] if shapes else []
+    missing = [k for k in expected if k not in found and not _filled_in_by_torch(k, found)] if strict else []
     unexpected = [k for k in found if k not in expected] if strict else []
     if not (mismatched or missing or unexpected):
         return
@@ -303,6 +307,16 @@ def check_state_dict(
                      (' ...' if len(unexpected) > 6 else ''))
     lines.append('  nothing was loaded; the model is unchanged')
     raise RuntimeError('\n'.join(lines))
+
+
+def _filled_in_by_torch(key: str, found: Mapping[str, torch.Tensor]) -> bool:
+    """``nn.BatchNorm2d._load_from_state_dict`` adds a missing ``num_batches_tracked`` where the checkpoint's
+    version metadata for the module is absent or below 2."""
+    if not key.endswith('.num_batches_tracked'):
+        return False
+    metadata = getattr(found, '_metadata', None)
+    version = None if metadata is None else metadata.get(key[:-len('.num_batches_tracked')], {}).get('version')
+    return version is None or version < 2
 
 
 class NonFiniteWeightsError(ValueError):
