@@ -463,3 +463,65 @@ def test_intermediates_are_each_blocks_output(make_model, infer):
     assert paths == {'cpu_hybrid': 3} and len(got) == 3
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_blocks_swapped_or_subclassed_run_as_they_are(make_model, infer):
+    """A block replaced by another module (pruned to ``nn.Identity``, say) is called, not taken apart (the chain of
+    blocks raised TypeError on it), and a subclass that overrides ``forward`` computes what it says (the chain ran
+    the parts and skipped its forward): neither is a plain block, so both run as modules."""
+    from timm_convmixer.convmixer import MixerBlock
+
+    class Halved(MixerBlock):
+        def forward(self, x):
+            return 0.5 * super().forward(x) + 0.5 * x
+    model = make_model(5, depth=3)
+    model.blocks[1] = nn.Identity()
+    model.blocks[2].__class__ = Halved
+    x = torch.randn(2, 3, 16, 16)
+    want, _ = infer(model, x, 'eager')
+    for backend in ('cpu_hybrid', 'auto'):
+        got, paths = infer(model, x, backend)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert paths.get('eager') == 1 and sum(paths.values()) == 2, (backend, paths)
+
+
+def test_a_model_made_under_inference_mode_takes_auto_under_no_grad(make_model, infer):
+    """Its buffers are inference tensors, which may not be written outside inference mode: auto's check of an eval
+    block writes back only what a trial can change (training-mode modules' buffers), so it no longer raises."""
+    with torch.inference_mode():
+        model = make_model(5)
+    x = torch.randn(2, 3, 16, 16)
+    checked.forget()
+    got, _ = infer(model, x, 'auto')
+    want, _ = infer(model, x, 'eager')
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert checked.decision_records()
+
+
+def test_forward_mode_ad_gets_the_plain_modules(path, make_model, run_counted):
+    """Dual tensors' tangents: the fused paths would drop them, so inside ``forward_ad.dual_level`` nothing is
+    offered."""
+    import torch.autograd.forward_ad as fwAD
+    model = make_model(5)
+    x, t = torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16)
+    tangents = {}
+    for backend in ('eager', path):
+        with torch.no_grad(), fwAD.dual_level():
+            out, paths = run_counted(model, fwAD.make_dual(x, t), backend=backend)
+            tangents[backend] = fwAD.unpack_dual(out).tangent
+        assert paths == {'eager': 2}
+    assert tangents['eager'] is not None
+    torch.testing.assert_close(tangents[path], tangents['eager'], rtol=0, atol=0)
+
+
+def test_output_buffers_are_kept_for_a_few_shapes_only(make_model, infer):
+    """A process meeting ever new input sizes must not keep two activation-sized buffers for each of them."""
+    if cpu_kernels.load() is None:
+        pytest.skip(f'the CPU kernels cannot be built here: {cpu_kernels.build_error()}')
+    model = make_model(5)
+    for size in range(8, 8 + 4 * (fast_cpu.OUTPUT_SHAPES + 3), 4):
+        x = torch.randn(1, 3, size, size)
+        got, paths = infer(model, x, 'cpu_compiled')
+        torch.testing.assert_close(got, infer(model, x, 'eager')[0], rtol=1e-5, atol=1e-5)
+        assert paths == {'cpu_compiled': 2}
+    assert len(fast_cpu._outputs) <= fast_cpu.OUTPUT_SHAPES

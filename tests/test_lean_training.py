@@ -214,6 +214,22 @@ def test_forward_intermediates_keep_their_values():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=GRAD_ATOL * b.abs().max().item())
 
 
+def test_double_backward_through_the_lean_block_is_refused_by_name():
+    """A gradient penalty differentiates gradients again (``create_graph=True``); the lean block computes its
+    gradients without a graph, so the second-order terms through it were silently missing. It says so instead, and
+    the plain modules compute the penalty's gradients."""
+    model = _pair(dim=16, depth=2)[1]
+    x = _input(2, 32).requires_grad_(True)
+    with fast.use_backend('lean'):
+        out = model(x)
+        with pytest.raises(RuntimeError, match='no double backward.*eager'):
+            torch.autograd.grad(out.square().sum(), x, create_graph=True)
+    with fast.use_backend('eager'):
+        g, = torch.autograd.grad(model(x).square().sum(), x, create_graph=True)
+        grads = torch.autograd.grad(g.square().sum(), list(model.blocks.parameters()), allow_unused=True)
+    assert all(t is not None for t in grads)
+
+
 def test_grad_checkpointing_runs_the_plain_modules_inside_checkpoints():
     eager, lean = _pair(dim=16, depth=3)
     lean.set_grad_checkpointing()

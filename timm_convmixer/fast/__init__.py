@@ -129,11 +129,17 @@ def _is_compiling() -> bool:
 
 def _watched() -> bool:
     """True under anything else that must see the plain modules (torch.compile/export tracing is handled before,
-    uncounted, by :func:`block_forward`): TorchScript tracing, functorch transforms (vmap, grad), global module
-    hooks."""
+    uncounted, by :func:`block_forward`): TorchScript tracing, functorch transforms (vmap, grad), forward-mode AD,
+    global module hooks."""
     if torch.jit.is_tracing() or torch.jit.is_scripting():
         return True
-    return _transforms_active() or _global_hooks()
+    return _transforms_active() or _forward_ad_active() or _global_hooks()
+
+
+def _forward_ad_active() -> bool:
+    """Inside ``torch.autograd.forward_ad.dual_level()``: dual tensors' tangents go through the plain modules' ops
+    only (the fused paths would drop them; the lean block has no forward-mode rule)."""
+    return getattr(torch.autograd.forward_ad, '_current_level', -1) >= 0
 
 
 def _transforms_active() -> bool:

@@ -135,7 +135,11 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _buffers_state(block: nn.Module) -> List[Tuple[torch.Tensor, torch.Tensor]]:
-    return [(buf, buf.detach().clone()) for buf in block.buffers()]
+    """The buffers a trial may change, to restore after it: those of modules in training mode (BatchNorm's running
+    statistics). An eval-mode block changes none, and writing them back would fail on a model made under
+    ``torch.inference_mode`` (its buffers are inference tensors) and bump their versions, which makes every kept
+    fold of them stale."""
+    return [(buf, buf.detach().clone()) for m in block.modules() if m.training for buf in m.buffers(recurse=False)]
 
 
 def _restore(state: List[Tuple[torch.Tensor, torch.Tensor]]) -> None:

@@ -40,6 +40,7 @@ optimizer steps, ``.to()``, in-place edits and BatchNorm training steps make the
 copy of the block's weights per path and compute dtype in use (auto's check runs every path, then keeps those it
 chose, :func:`chosen`); :func:`clear_cache` drops it.
 """
+from collections import OrderedDict
 import threading
 import warnings
 import weakref
@@ -95,10 +96,12 @@ _chosen: 'weakref.WeakKeyDictionary[nn.Module, Set[str]]' = weakref.WeakKeyDicti
 _scratch: Dict[int, torch.Tensor] = {}
 
 
-# (shape, dtype) -> the buffers the compiled path's block outputs live on (see _output_like)
-_outputs: Dict[Tuple, List[torch.Tensor]] = {}
+# (shape, dtype) -> the buffers the compiled path's block outputs live on (see _output_like), the shape used last at
+# the end; at most OUTPUT_SHAPES shapes: a process meeting ever new input sizes must not keep buffers for each
+_outputs: 'OrderedDict[Tuple, List[torch.Tensor]]' = OrderedDict()
 _outputs_lock = threading.Lock()
 OUTPUT_BUFFERS = 2  # per shape: in a chain of blocks, one block's input and its output
+OUTPUT_SHAPES = 4
 
 
 def clear_cache() -> None:
@@ -139,6 +142,9 @@ def _output_like(u: torch.Tensor) -> torch.Tensor:
     key = (tuple(u.shape), u.dtype)
     with _outputs_lock:
         buffers = _outputs.setdefault(key, [])
+        _outputs.move_to_end(key)
+        if len(_outputs) > OUTPUT_SHAPES:
+            _outputs.popitem(last=False)  # (a buffer still in use lives on with its user, out of the pool)
         buf = next((b for b in buffers if cpu_kernels.storage_use_count(b) == 1), None)
         if buf is None:
             if len(buffers) >= OUTPUT_BUFFERS:
@@ -298,8 +304,8 @@ def chosen(parts: BlockParts, path: Optional[str]) -> None:
     if path is not None:
         keep.add(path)
     entries = _cache.get(parts.conv_dw, {})
-    for dropped in [(p, dtype) for p, dtype in entries if p not in keep]:
-        del entries[dropped]
+    for dropped in [(p, dtype) for p, dtype in list(entries) if p not in keep]:
+        entries.pop(dropped, None)  # (two threads deciding the same case at once may both drop it)
 
 
 def paths(parts: BlockParts, x: torch.Tensor) -> Tuple[str, ...]:

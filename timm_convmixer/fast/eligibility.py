@@ -4,7 +4,8 @@ A fast path replaces the block's modules with a fused computation, so it may onl
 is *the same function*. That is decided here, once, for every backend (oneDNN on CPU, Triton on CUDA, the lean
 training block everywhere); a backend then only adds what it alone cares about (device, dtype, activation kernels).
 
-A block is plain when it is exactly timm's layout (``Residual(Sequential(conv_dw, act, bn)), conv_pw, act, bn``) with
+A block is plain when it is exactly timm's layout (``Residual(Sequential(conv_dw, act, bn)), conv_pw, act, bn``), run
+by ``MixerBlock``'s and ``Residual``'s own forwards (a subclass that overrides one computes something else), with
 ``nn.Conv2d``/``nn.BatchNorm2d`` of exactly those types (not SyncBatchNorm, frozen, parametrized or quantized
 subclasses, whose forward may differ), a depthwise "same" convolution (explicit symmetric padding counts for odd
 kernels: it is the same window), a 1x1 pointwise convolution, one of the known activations on both convolutions, and
@@ -134,14 +135,32 @@ def _mode(bn_dw: nn.BatchNorm2d, bn_pw: nn.BatchNorm2d, drop_path: nn.Module) ->
     return None
 
 
+_forwards: Tuple = ()
+
+
+def _runs_our_forwards(block: nn.Module, residual: nn.Module) -> bool:
+    """Whether ``block`` and ``residual`` compute what ``MixerBlock`` and ``Residual`` do: a subclass that overrides
+    ``forward`` computes something else, and a model's chain of blocks (:func:`..blocks_forward`) runs a block's
+    parts without calling it."""
+    global _forwards
+    if not _forwards:
+        from ..convmixer import MixerBlock, Residual  # (convmixer imports this package)
+        _forwards = (MixerBlock.forward, Residual.forward)
+    return type(block).forward is _forwards[0] and type(residual).forward is _forwards[1]
+
+
 def block_parts(block: nn.Module) -> Optional[BlockParts]:
     """The block's parts if it is a plain ConvMixer block in a mode some fast path computes, else ``None``."""
+    if not isinstance(block, nn.Sequential):  # (a block swapped for nn.Identity, say)
+        return None
     # (unpacked by iterating, as a Sequential runs its children: indexing one costs ~3 us an item, and every fast
     # path's call asks this)
     children = tuple(block)
     if len(children) != 4:
         return None
     residual, conv_pw, act_pw, bn_pw = children
+    if not _runs_our_forwards(block, residual):
+        return None
     fn = getattr(residual, 'fn', None)
     drop_path = getattr(residual, 'drop_path', None)
     if not isinstance(fn, nn.Sequential) or len(fn) != 3 or drop_path is None:

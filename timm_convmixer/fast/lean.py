@@ -275,6 +275,14 @@ class _LeanBlock(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        if torch.is_grad_enabled():
+            # create_graph=True (a gradient penalty): these gradients are computed without a graph, so a second
+            # differentiation would silently miss every term through them (torch's once_differentiable would not
+            # catch it: its error is reached only where gradients flow back into the block's own inputs)
+            raise RuntimeError(
+                'timm_convmixer: the memory-lean training block has no double backward (create_graph=True, as a '
+                "gradient penalty asks); train such a model with the plain modules: timm_convmixer.fast.set_backend("
+                "'eager') or TIMM_CONVMIXER_BACKEND=eager")
         parts: BlockParts = ctx.parts
         norm_ops = ctx.norm_ops
         (source, p, mask, mean_pw, var_pw, reserve_pw, mean_dw, var_dw, reserve_dw, prev_w, prev_b, prev_mean,
