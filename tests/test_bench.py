@@ -132,3 +132,38 @@ def test_saved_for_backward_bytes_frees_the_graph(backend):
     assert n > 0 and len(outputs) == 1
     assert outputs[0]() is None
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_the_pair_computes_one_function_or_is_refused():
+    """The built-in gets ours' pooling, head dropout and BatchNorm eps/momentum (it compared a max-pooled model with
+    an average-pooled one, and other eps, as if the same); a drop-path rate, which it cannot take, is refused."""
+    from timm_convmixer.cli.measure import build_pair
+    kwargs = dict(dim=16, depth=2, global_pool='max', bn_eps=0.5, bn_momentum=0.3, drop_rate=0.2)
+    ours, builtin = build_pair('convmixer_256_8_ks5_p2', kwargs)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(x), builtin.eval()(x), rtol=1e-5, atol=1e-6)
+    torch.manual_seed(0)
+    ours.train()(x)
+    torch.manual_seed(0)
+    builtin.train()(x)
+    for a, b in zip(ours.state_dict().values(), builtin.state_dict().values()):  # running stats, same momentum
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match='drop_path_rate'):
+        build_pair('convmixer_256_8_ks5_p2', dict(dim=16, depth=2, drop_path_rate=0.1))
+
+
+def test_bad_input_fails_before_the_benchmark_runs(tmp_path, capsys):
+    """An unwritable --out or a chart format matplotlib does not write is said at once, in one line, not after every
+    measurement (whose results were lost); counts below 1 are usage errors."""
+    blocked = tmp_path / 'file'
+    blocked.write_text('')
+    for extra, message in ((['--out', str(blocked / 'r.json')], 'cannot write'),
+                           (['--chart', str(tmp_path / 'c.txt')], "not 'txt'")):
+        checked.forget()
+        assert cli.main(['bench', *TINY, *extra]) == 1
+        err = capsys.readouterr().err
+        assert message in err and err.startswith('timm-convmixer bench: error:') and not checked.decisions, err
+    for bad in (['--iters', '0'], ['--batch-size', '0']):
+        with pytest.raises(SystemExit):
+            cli.main(['bench', *TINY, *bad])

@@ -268,3 +268,15 @@ def test_cli_export_with_checkpoint(tmp_path, capsys, make):
     with torch.no_grad():
         expected = model(x).numpy()
     np.testing.assert_allclose(_run_ort(out, x), expected, rtol=RTOL, atol=ATOL)
+
+    # a file that fails --verify never replaces OUT; bad input is one line, not a traceback
+    before = out.read_bytes()
+    rc = cli_main([
+        'export', '--model', EVEN_KERNEL, '--checkpoint', str(checkpoint), '--model-kwargs', 'depth=2',
+        'num_classes=10', '--input-size', '56', '63', '--out', str(out), '--verify', '--atol', '0'])
+    err = capsys.readouterr().err
+    assert rc == 1 and out.read_bytes() == before and 'was not written' in err, err
+    assert not [p for p in out.parent.iterdir() if p.name != out.name]
+    assert cli_main(['export', '--model', 'convmixer_999', '--out', str(tmp_path / 'x.onnx')]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        'timm-convmixer export: error: Unknown model (convmixer_999)']

@@ -171,6 +171,11 @@ def test_features_only_getter():
     assert model.feature_info.channels() == [16, 16, 16] and model.feature_info.reduction() == [2, 2, 2]
     sel = timm.create_model('convmixer_256_8_ks5_p2', dim=16, depth=4, features_only=True, out_indices=(0, 2))
     assert len(sel(torch.randn(1, 3, 16, 16))) == 2
+    for depth in (1, 2):  # the default asks for every block of a model shallower than 3
+        shallow = timm.create_model('convmixer_256_8_ks5_p2', dim=16, depth=depth, features_only=True).eval()
+        assert len(shallow(torch.randn(1, 3, 16, 16))) == depth
+    with pytest.raises(ValueError, match=r'expects input of shape \(N, 3, H, W\), got \(1, 4, 16, 16\)'):
+        model(torch.randn(1, 4, 16, 16))
 
 
 def test_group_matcher_layer_decay_groups(small):

@@ -290,6 +290,13 @@ def test_shapes_dataset_is_deterministic_imagefolder(tmp_path):
     ds = timm.data.create_dataset('', root=str(tmp_path / 'a'), split='train')
     assert len(ds) == 2 * len(shapes.CLASSES)
     assert sorted(ds.reader.class_to_idx) == sorted(shapes.CLASSES)
+    _, made = shapes.ensure_dataset(str(tmp_path / 'a'), seed=2, **kw)
+    assert made  # another spec: regenerated in place
+    mine = tmp_path / 'mine'  # a folder of the user's where the dataset would go: never replaced
+    (mine / 'train').mkdir(parents=True)
+    with pytest.raises(FileExistsError, match='no generated shapes dataset'):
+        shapes.ensure_dataset(str(mine), **kw)
+    assert (mine / 'train').is_dir()
 
 
 @pytest.mark.slow

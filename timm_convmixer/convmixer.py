@@ -304,6 +304,8 @@ class ConvMixer(nn.Module):
             intermediates_only: return only the intermediates.
         """
         assert output_fmt in ('NCHW',), 'Output shape must be NCHW.'
+        if not torch.jit.is_scripting():
+            _check_input(x, self.in_chans)
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
         intermediates = []
         x = self.stem(x)
@@ -415,7 +417,8 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: ConvMixer) -> Dict[s
 
 
 def _create_convmixer(variant: str, pretrained: bool = False, **kwargs) -> ConvMixer:
-    out_indices = kwargs.pop('out_indices', 3)
+    # the last 3 blocks' outputs, or every block's in a shallower model (depth 2 asked for 3 and failed)
+    out_indices = kwargs.pop('out_indices', min(3, kwargs['depth']) if isinstance(kwargs.get('depth'), int) else 3)
     return build_model_with_cfg(
         ConvMixer,
         variant,

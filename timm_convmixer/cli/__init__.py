@@ -13,6 +13,7 @@ demo's generated dataset), ``onecycle`` (the authors' LR schedule for the demo a
 """
 import argparse
 import importlib
+import os
 import sys
 from typing import List, Optional
 
@@ -48,4 +49,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.print_help()
         return 2
     args.argv = argv
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except (ValueError, TypeError, LookupError, RuntimeError, OSError) as e:
+        # bad input (an unknown model, a missing file, kwargs the model does not take, a Hub that cannot be
+        # reached) is said in one line; TIMM_CONVMIXER_TRACEBACK=1 shows where it was raised
+        if os.environ.get('TIMM_CONVMIXER_TRACEBACK'):
+            raise
+        message = str(e) if str(e) and not isinstance(e, LookupError) else f'{type(e).__name__}: {e}'
+        print(f'timm-convmixer {args.command}: error: {message}', file=sys.stderr)
+        return 1

@@ -3,7 +3,7 @@ import argparse
 import ast
 from typing import Any
 
-__all__ = ['ModelKwargs', 'add_model_kwargs']
+__all__ = ['ModelKwargs', 'add_model_kwargs', 'nonnegative_int', 'positive_int']
 
 
 class ModelKwargs(argparse.Action):
@@ -29,3 +29,23 @@ def add_model_kwargs(parser: Any, help: str, none_if_absent: bool = False) -> No
     model has defaults of its own, to tell "not given" from "given empty")."""
     parser.add_argument('--model-kwargs', nargs='*', default=None if none_if_absent else {}, action=ModelKwargs,
                         metavar='KEY=VALUE', help=help)
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (a batch size, an iteration count), else a usage error naming it."""
+    return _int_at_least(text, 1)
+
+
+def nonnegative_int(text: str) -> int:
+    """An argparse type: an integer >= 0 (warm-up iterations)."""
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected an integer, got {text!r}') from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f'expected an integer >= {low}, got {value}')
+    return value

@@ -35,10 +35,10 @@ import torch.nn as nn
 from .. import fast
 from ..fast import checked
 from . import bench_engines
-from .args import add_model_kwargs
+from .args import add_model_kwargs, nonnegative_int, positive_int
 from .atomic import atomic_write
 from .measure import (
-    DTYPES, MODES, TASKS, build_pair, count_flops, default_peak_tflops, hardware, make_loss, make_step,
+    DTYPES, MODES, TASKS, build_pair, check_outputs, count_flops, default_peak_tflops, hardware, make_loss, make_step,
     prepare, saved_for_backward_bytes, sync, time_interleaved, write_outputs)
 
 __all__ = ['add_parser', 'run', 'run_benchmark', 'save_chart', 'build_pair', 'summarize_case',
@@ -249,6 +249,7 @@ _DEFAULTS = {'modes': ['nchw', 'channels_last'], 'device': 'cuda' if torch.cuda.
 
 
 def run(args: argparse.Namespace) -> int:
+    check_outputs(args.out, args.chart)
     if args.engines is not None:
         return bench_engines.main(args, _DEFAULTS)
     if args.threads:
@@ -279,17 +280,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         'bench', help='throughput/memory of timm-convmixer vs timm\'s built-in ConvMixer',
         description=__doc__.split('\n\n')[1])
     p.add_argument('--models', nargs='+', default=['convmixer_768_32'])
-    p.add_argument('--batch-size', nargs='+', type=int, default=[8])
-    p.add_argument('--img-size', nargs='+', type=int, default=[224])
+    p.add_argument('--batch-size', nargs='+', type=positive_int, default=[8])
+    p.add_argument('--img-size', nargs='+', type=positive_int, default=[224])
     p.add_argument('--device', default=_DEFAULTS['device'])
     p.add_argument('--dtype', nargs='+', default=['fp32'], choices=list(DTYPES),
                    help='fp32, or autocast to bf16/fp16')
     p.add_argument('--modes', nargs='+', default=_DEFAULTS['modes'], choices=list(MODES),
                    help='compile = torch.compile (slow to warm up on CPU)')
     p.add_argument('--task', nargs='+', default=['infer'], choices=list(TASKS))
-    p.add_argument('--iters', type=int, default=10)
-    p.add_argument('--warmup', type=int, default=2)
-    p.add_argument('--threads', type=int, default=0, help='torch.set_num_threads (0: leave as is)')
+    p.add_argument('--iters', type=positive_int, default=10)
+    p.add_argument('--warmup', type=nonnegative_int, default=2)
+    p.add_argument('--threads', type=nonnegative_int, default=0, help='torch.set_num_threads (0: leave as is)')
     p.add_argument('--peak-tflops', type=float, default=None,
                    help='hardware ceiling for the fraction-of-peak column (default: CUDA table, else unknown)')
     p.add_argument('--backend', default='auto', choices=list(fast.BACKENDS),

@@ -24,7 +24,6 @@ transformers both read it; class names go at the top level as ``label_names`` fo
 import argparse
 import hashlib
 import json
-import sys
 import warnings
 from functools import partial
 from pathlib import Path
@@ -341,22 +340,19 @@ def push_folder(
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        out = convert_checkpoint(
-            args.src, args.out, args.model,
-            model_kwargs=args.model_kwargs,
-            force=args.force,
-            use_ema=args.use_ema,
-            unsafe_pickle=args.unsafe_pickle,
-            allow_nonfinite=args.allow_nonfinite,
-            push_to=args.push,
-            token=args.token,
-            private=args.private,
-            verbose=True,
-        )
-    except (ValueError, RuntimeError, OSError) as e:
-        print(f'timm-convmixer convert: error: {e}', file=sys.stderr)
-        return 1
+    """(Errors are said in one line by the command line's :func:`..main`.)"""
+    out = convert_checkpoint(
+        args.src, args.out, args.model,
+        model_kwargs=args.model_kwargs,
+        force=args.force,
+        use_ema=args.use_ema,
+        unsafe_pickle=args.unsafe_pickle,
+        allow_nonfinite=args.allow_nonfinite,
+        push_to=args.push,
+        token=args.token,
+        private=args.private,
+        verbose=True,
+    )
     print(f'done: {out}')
     return 0
 

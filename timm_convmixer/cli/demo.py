@@ -37,7 +37,7 @@ from timm.scheduler import scheduler_factory
 from timm.utils import CheckpointSaver, ModelEmaV3, NativeScaler, accuracy, random_seed
 
 from . import onecycle, shapes
-from .args import add_model_kwargs
+from .args import add_model_kwargs, nonnegative_int, positive_int
 from .atomic import atomic_write, atomic_write_json
 
 __all__ = ['add_parser', 'run', 'train_and_reload', 'train_one_epoch', 'evaluate']
@@ -60,10 +60,10 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument('--download', action='store_true', help='let torchvision datasets download (off by default)')
     data.add_argument('--train-split', default='train')
     data.add_argument('--val-split', default='validation')
-    data.add_argument('--shapes-per-class', type=int, default=200,
+    data.add_argument('--shapes-per-class', type=positive_int, default=200,
                       help='generated shapes: training images per class (val gets a quarter)')
-    data.add_argument('--img-size', type=int, default=None, help='input size (default: the model\'s, 32)')
-    data.add_argument('--workers', type=int, default=2)
+    data.add_argument('--img-size', type=positive_int, default=None, help='input size (default: the model\'s, 32)')
+    data.add_argument('--workers', type=nonnegative_int, default=2)
 
     model = parser.add_argument_group('model')
     model.add_argument('--model', default=DEFAULT_MODEL)
@@ -73,8 +73,8 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument('--channels-last', action='store_true')
 
     train = parser.add_argument_group('training')
-    train.add_argument('--epochs', type=int, default=24)
-    train.add_argument('--batch-size', '-b', type=int, default=64)
+    train.add_argument('--epochs', type=positive_int, default=24)
+    train.add_argument('--batch-size', '-b', type=positive_int, default=64)
     train.add_argument('--opt', default='adamw')
     train.add_argument('--lr', type=float, default=5e-3)
     train.add_argument('--weight-decay', type=float, default=0.05)
@@ -112,6 +112,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def _datasets(args: argparse.Namespace) -> Tuple[Any, Any, str]:
     """The train and val datasets, and a line saying what they are."""
     if args.dataset or args.data_dir:
+        if args.data_dir and not args.dataset and not os.path.isdir(args.data_dir):
+            raise FileNotFoundError(f'--data-dir {args.data_dir}: no such folder')
         root = args.data_dir or os.path.join(args.output, 'data')
         kw = dict(download=args.download) if args.dataset else {}
         train = create_dataset(args.dataset, root=root, split=args.train_split, is_training=True, **kw)

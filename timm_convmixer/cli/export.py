@@ -4,7 +4,7 @@ Exporter choice: torch's TorchScript-based exporter (``torch.onnx.export(..., dy
 pass of our own over its output. Why this one and not the torch.export-based exporter that is torch's default
 since 2.9:
 
-* it writes exactly the requested opset (17 to 23 checked with torch 2.15); the torch.export-based exporter writes
+* it writes exactly the requested opset (17 to 23 checked with torch 2.14.1 and 2.15); the torch.export-based exporter writes
   opset 18 when asked for 17 (onnxscript's ``Pad`` has no down-converter to 17), whatever the caller needs;
 * it needs nothing beyond ``onnx`` (the other needs ``onnxscript``) and takes ~0.5 s for a small model, not ~2 s.
 
@@ -24,14 +24,14 @@ standard ONNX-domain operators (no ATen fallbacks, no custom domains). The file 
 import argparse
 import os
 import warnings
-from typing import Optional, Sequence, Tuple, Union
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import timm
 import torch
 import torch.nn as nn
 
 from ..weights import load_checkpoint_file
-from .args import add_model_kwargs
+from .args import add_model_kwargs, positive_int
 from .atomic import atomic_write
 
 __all__ = ['export_onnx', 'explicit_same_pads', 'check_onnx_graph', 'verify_onnx', 'add_parser', 'run', 'MIN_OPSET']
@@ -148,6 +148,7 @@ def export_onnx(
         dynamic_batch: bool = True,
         batch_size: int = 1,
         dynamo: bool = False,
+        check: Optional[Callable[[str], None]] = None,
 ) -> str:
     """Export ``model`` (in eval mode) to an ONNX file at ``path``; returns the path.
 
@@ -160,6 +161,8 @@ def export_onnx(
         dynamic_batch: leave the batch dimension free (``batch``) instead of fixing it to ``batch_size``.
         batch_size: batch of the example input used for tracing.
         dynamo: use torch's torch.export-based exporter (needs ``onnxscript``) instead of the TorchScript-based one.
+        check: called with the new file's path before it replaces ``path`` (``--verify``); what it raises leaves
+            ``path`` as it was.
     """
     try:
         import onnx
@@ -185,6 +188,8 @@ def export_onnx(
         explicit_same_pads(proto)
         check_onnx_graph(proto, min_opset=opset)
         onnx.save(proto, tmp)
+        if check is not None:
+            check(tmp)
 
     was_training = model.training
     model.eval()
@@ -241,23 +246,25 @@ def run(args: argparse.Namespace) -> int:
     if args.checkpoint:
         load_checkpoint_file(model, args.checkpoint)
     size = _resolve_input_size(model, input_size)
+    batches = (args.batch_size,) if args.static_batch else (1, 3)
+
+    def verify(tmp: str) -> None:  # before the file replaces OUT: a file that fails never does
+        diff = verify_onnx(model, tmp, size, batch_sizes=batches)
+        ok = diff <= args.atol
+        print(f'onnxruntime vs PyTorch, batch {"/".join(map(str, batches))}: max abs diff {diff:.3g} '
+              f'({"ok" if ok else "FAILED"}, atol {args.atol:g})')
+        if not ok:
+            raise RuntimeError(f'the export differs from PyTorch beyond --atol {args.atol:g}; {args.out} was not '
+                               'written (or left as it was)')
     path = export_onnx(
         model, args.out, size, opset=args.opset, dynamic_batch=not args.static_batch,
-        batch_size=args.batch_size, dynamo=args.dynamo)
+        batch_size=args.batch_size, dynamo=args.dynamo, check=verify if args.verify else None)
     import onnx
     opset = check_onnx_graph(onnx.load(path), min_opset=args.opset)
     mb = os.path.getsize(path) / 2 ** 20
     batch = args.batch_size if args.static_batch else 'dynamic'
     print(f'wrote {path} ({mb:.1f} MiB): {args.model}, input (batch={batch}, {", ".join(map(str, size))}), '
           f'opset {opset}, {"torch.export" if args.dynamo else "TorchScript"}-based exporter')
-    if args.verify:
-        batches = (args.batch_size,) if args.static_batch else (1, 3)
-        diff = verify_onnx(model, path, size, batch_sizes=batches)
-        ok = diff <= args.atol
-        print(f'onnxruntime vs PyTorch, batch {"/".join(map(str, batches))}: max abs diff {diff:.3g} '
-              f'({"ok" if ok else "FAILED"}, atol {args.atol:g})')
-        if not ok:
-            return 1
     return 0
 
 
@@ -277,7 +284,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument('--input-size', type=int, nargs='+', default=None, metavar='N',
                         help='H, H W or C H W (default: the model\'s pretrained_cfg input_size)')
     parser.add_argument('--opset', type=int, default=MIN_OPSET, help=f'ONNX opset, >= {MIN_OPSET} (default)')
-    parser.add_argument('--batch-size', type=int, default=1, help='example batch (the batch of a --static-batch file)')
+    parser.add_argument('--batch-size', type=positive_int, default=1, help='example batch (the batch of a --static-batch file)')
     parser.add_argument('--static-batch', action='store_true', help='fix the batch dimension instead of leaving it free')
     parser.add_argument('--dynamo', action='store_true',
                         help='use torch\'s torch.export-based exporter (needs onnxscript) instead of the TorchScript one')

@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from ..fast import cpu_kernels
 from ..fast.cpu import native_bf16
+from .args import positive_int
 from .atomic import atomic_write_json
 
 __all__ = ['CUDA_PEAK_TFLOPS', 'DTYPES', 'MODES', 'TASKS', 'build_pair', 'count_flops', 'cpu_script_finish',
@@ -36,15 +37,24 @@ CUDA_PEAK_TFLOPS = {'H200': 790., 'H100': 790., 'A100': 312., 'L40S': 362., 'L4'
 
 
 def build_pair(model_name: str, model_kwargs: Optional[Dict[str, Any]] = None, device: str = 'cpu'):
-    """(ours, builtin): our registered model and timm's built-in ConvMixer class with the same weights."""
+    """(ours, builtin): our registered model and timm's built-in ConvMixer class with the same weights and the same
+    function: pooling, head dropout and BatchNorm eps/momentum follow ours; a drop-path rate, which the built-in
+    cannot take, is refused rather than compared."""
     import timm
     import timm_convmixer  # noqa: F401  (registers our variants)
     from timm.models.convmixer import ConvMixer as BuiltinConvMixer
 
     ours = timm.create_model(model_name, pretrained=False, **(model_kwargs or {}))
+    if any(b[0].drop_path.__class__ is not nn.Identity for b in ours.blocks):
+        raise ValueError('model kwarg drop_path_rate: timm\'s built-in ConvMixer has no drop path, so the two '
+                         'models would compute different functions; benchmark without it')
     builtin = BuiltinConvMixer(
         dim=ours.num_features, depth=len(ours.blocks), kernel_size=ours.kernel_size, patch_size=ours.patch_size,
-        in_chans=ours.in_chans, num_classes=ours.num_classes, act_layer=type(ours.stem[1]))
+        in_chans=ours.in_chans, num_classes=ours.num_classes, global_pool=ours.global_pool.pool_type,
+        drop_rate=ours.drop_rate, act_layer=type(ours.stem[1]))
+    norms = lambda m: [n for n in m.modules() if isinstance(n, nn.BatchNorm2d)]  # noqa: E731
+    for mine, theirs in zip(norms(ours), norms(builtin)):
+        theirs.eps, theirs.momentum = mine.eps, mine.momentum
     builtin.load_state_dict(ours.state_dict())
     return ours.to(device), builtin.to(device)
 
@@ -261,6 +271,26 @@ def time_interleaved(
     return times
 
 
+def check_outputs(out: Optional[str], chart: Optional[str]) -> None:
+    """Fail before a benchmark runs, not after, where ``--out`` or ``--chart`` could not be written: a folder that
+    cannot be made or written, or a chart format matplotlib does not write."""
+    for path in (p for p in (out, chart) if p):
+        folder = os.path.dirname(os.path.abspath(path))
+        while not os.path.exists(folder):
+            folder = os.path.dirname(folder)
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
+            raise OSError(f'{path}: cannot write in {folder}')
+    if chart:
+        try:
+            from matplotlib.backend_bases import FigureCanvasBase
+        except ImportError:
+            return  # (write_outputs says so; the JSON is still written)
+        suffix = os.path.splitext(chart)[1].lstrip('.').lower()
+        formats = FigureCanvasBase.get_supported_filetypes()
+        if suffix not in formats:
+            raise ValueError(f'--chart {chart}: matplotlib writes {", ".join(sorted(formats))}, not {suffix!r}')
+
+
 def write_outputs(result: Dict[str, Any], out: Optional[str], chart: Optional[str],
                   draw: Callable[[Dict[str, Any], str], None]) -> None:
     """Write a benchmark's JSON to ``out`` and its chart to ``chart`` (each when given, atomically); a missing
@@ -284,7 +314,7 @@ def cpu_script_start(doc: str, models: Sequence[str], rounds: int, unit: str, ar
     adds; our CPU kernels built (or a clear error); this CPU's model and flags printed first, since a speed-up on one
     CPU can be a slow-down on another. Returns the arguments and the document, its ``results`` empty."""
     parser = argparse.ArgumentParser(description=doc.split('\n\n')[0])
-    parser.add_argument('--rounds', type=int, default=rounds)
+    parser.add_argument('--rounds', type=positive_int, default=rounds)
     parser.add_argument('--models', nargs='+', default=list(models), choices=list(models))
     parser.add_argument('--out', help='write the results as JSON here')
     if extra is not None:

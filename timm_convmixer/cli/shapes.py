@@ -111,6 +111,9 @@ def generate(root: str, **kwargs) -> Dict[str, object]:
     """
     spec = _spec(**kwargs)
     root = os.path.abspath(root)
+    if os.path.exists(root) and not os.path.isfile(os.path.join(root, _SPEC_FILE)):
+        raise FileExistsError(f'{root} exists and is no generated shapes dataset (no {_SPEC_FILE}); refusing to '
+                              'replace it: move it, or choose another --output')
     tmp = root + '.tmp'
     shutil.rmtree(tmp, ignore_errors=True)
     for split, per_class, split_seed in (
