@@ -525,3 +525,24 @@ def test_output_buffers_are_kept_for_a_few_shapes_only(make_model, infer):
         torch.testing.assert_close(got, infer(model, x, 'eager')[0], rtol=1e-5, atol=1e-5)
         assert paths == {'cpu_compiled': 2}
     assert len(fast_cpu._outputs) <= fast_cpu.OUTPUT_SHAPES
+
+
+def test_a_thread_that_ends_leaves_no_scratch_buffer(make_model, infer):
+    """The compiled path's depthwise buffer is per thread: a server starting a thread per request must not keep one
+    for every thread that has ended."""
+    import gc
+    import threading
+    import weakref
+    if cpu_kernels.load() is None:
+        pytest.skip(f'the CPU kernels cannot be built here: {cpu_kernels.build_error()}')
+    model, x = make_model(5), torch.randn(1, 3, 16, 16)
+    buffers = []
+
+    def serve():
+        infer(model, x, 'cpu_compiled')
+        buffers.append(weakref.ref(fast_cpu._scratch.buf))
+    worker = threading.Thread(target=serve)
+    worker.start()
+    worker.join()
+    gc.collect()
+    assert len(buffers) == 1 and buffers[0]() is None

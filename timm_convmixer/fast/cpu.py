@@ -44,7 +44,7 @@ from collections import OrderedDict
 import threading
 import warnings
 import weakref
-from typing import Dict, List, NamedTuple, Optional, Set, Tuple, Union
+from typing import List, NamedTuple, Optional, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -92,8 +92,9 @@ _cache = kept.store()
 _chosen: 'weakref.WeakKeyDictionary[nn.Module, Set[str]]' = weakref.WeakKeyDictionary()
 
 
-# thread id -> the compiled path's depthwise output buffer of the last shape that thread ran (see _scratch_like)
-_scratch: Dict[int, torch.Tensor] = {}
+# each thread's compiled-path depthwise output buffer, of the last shape it ran (see _scratch_like); thread-local, so
+# a buffer goes with its thread (a server that starts a thread per request keeps none for threads that ended)
+_scratch = threading.local()
 
 
 # (shape, dtype) -> the buffers the compiled path's block outputs live on (see _output_like), the shape used last at
@@ -106,9 +107,10 @@ OUTPUT_SHAPES = 4
 
 def clear_cache() -> None:
     """Drop the folded weights and the compiled path's scratch and output buffers."""
+    global _scratch
     _cache.clear()
     _chosen.clear()
-    _scratch.clear()
+    _scratch = threading.local()  # (every thread's: the old one, and its buffers, go)
     with _outputs_lock:
         _outputs.clear()
 
@@ -120,10 +122,9 @@ def _scratch_like(x: torch.Tensor) -> torch.Tensor:
     them costs more than the pass that fills them (32 MiB: 11.8 ms of page faults against a 3.2 ms fill on this
     project's Zen 3 VM). One buffer per thread (blocks on two threads must not share one), of the last shape run.
     """
-    key = threading.get_ident()
-    buf = _scratch.get(key)
+    buf = getattr(_scratch, 'buf', None)
     if buf is None or buf.shape != x.shape or buf.dtype != x.dtype:
-        buf = _scratch[key] = torch.empty_like(x, memory_format=torch.channels_last)
+        buf = _scratch.buf = torch.empty_like(x, memory_format=torch.channels_last)
     return buf
 
 
