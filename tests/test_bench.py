@@ -151,6 +151,9 @@ def test_the_pair_computes_one_function_or_is_refused():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match='drop_path_rate'):
         build_pair('convmixer_256_8_ks5_p2', dict(dim=16, depth=2, drop_path_rate=0.1))
+    ours, builtin = build_pair('convmixer_256_8_ks5_p2', dict(dim=16, depth=2, drop_path_rate=0.1), training=False)
+    with torch.no_grad():  # inference: drop path does nothing, the same function
+        torch.testing.assert_close(ours.eval()(x), builtin.eval()(x), rtol=1e-5, atol=1e-6)
 
 
 def test_bad_input_fails_before_the_benchmark_runs(tmp_path, capsys):

@@ -351,6 +351,12 @@ def test_wrong_architecture_or_size_leaves_model_untouched(tmp_path):
         assert_same_tensors(snapshot(model), before)
         with pytest.raises(RuntimeError, match='does not fit'):
             timm.create_model(SMALL, depth=2, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    # tensors without data (a model built on the meta device): torch copied the others, then raised
+    with torch.device('meta'):
+        dataless = timm.create_model(SMALL, depth=2).state_dict()
+    with pytest.raises(RuntimeError, match=r'without data \(meta device\)(.|\n)*nothing was loaded'):
+        model.load_state_dict(dataless)
+    assert_same_tensors(snapshot(model), before)
 
 
 def test_a_new_head_loads_only_a_checkpoint_of_the_same_body(tmp_path):

@@ -374,7 +374,7 @@ class ConvMixer(nn.Module):
         if metadata is not None:
             state_dict = OrderedDict(state_dict)
             state_dict._metadata = metadata  # per-module versions, e.g. BatchNorm's num_batches_tracked
-        check_state_dict(self.state_dict(), state_dict, strict=strict, what=f'{type(self).__name__}')
+        check_state_dict(self.state_dict(), state_dict, strict=strict, what=f'{type(self).__name__}', meta_ok=assign)
         nonfinite = find_nonfinite(state_dict)
         if nonfinite:  # allowed (debugging a diverged run), but never silently
             warnings.warn(

@@ -274,6 +274,7 @@ def check_state_dict(
         strict: bool,
         what: Optional[str] = None,
         shapes: bool = True,
+        meta_ok: bool = False,
 ) -> None:
     """Raise one clear RuntimeError listing every missing/unexpected key and shape mismatch, before any copy.
 
@@ -281,7 +282,8 @@ def check_state_dict(
     a model half-loaded. Checking first keeps a failed load from touching the model at all. A BatchNorm's
     ``num_batches_tracked`` that torch fills in itself (a checkpoint that predates it: no version metadata, as in a
     safetensors file) is not missing, as it is not for plain timm. ``shapes=False``: keys only (timm's pretrained
-    loading adapts the stem to ``in_chans`` after its filter has run).
+    loading adapts the stem to ``in_chans`` after its filter has run). A tensor without data (meta device) cannot be
+    copied, so it fails the check too, unless ``meta_ok`` (``load_state_dict(assign=True)`` takes it as it is).
     """
     mismatched: List[Tuple[str, tuple, tuple]] = [
         (k, tuple(v.shape), tuple(expected[k].shape))
@@ -290,7 +292,8 @@ def check_state_dict(
     ] if shapes else []
     missing = [k for k in expected if k not in found and not _filled_in_by_torch(k, found)] if strict else []
     unexpected = [k for k in found if k not in expected] if strict else []
-    if not (mismatched or missing or unexpected):
+    dataless = [] if meta_ok else [k for k, v in found.items() if isinstance(v, torch.Tensor) and v.is_meta]
+    if not (mismatched or missing or unexpected or dataless):
         return
     lines = [f'checkpoint does not fit {what or "this model"}:']
     lines.append(f'  model expects:   {describe_state_dict(expected)}')
@@ -305,6 +308,9 @@ def check_state_dict(
     if unexpected:
         lines.append(f'  not in model ({len(unexpected)}): {", ".join(unexpected[:6])}' +
                      (' ...' if len(unexpected) > 6 else ''))
+    if dataless:
+        lines.append(f'  without data (meta device) ({len(dataless)}): {", ".join(dataless[:6])}' +
+                     (' ...' if len(dataless) > 6 else ''))
     lines.append('  nothing was loaded; the model is unchanged')
     raise RuntimeError('\n'.join(lines))
 

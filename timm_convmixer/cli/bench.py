@@ -163,7 +163,7 @@ def run_benchmark(
     checked.forget()  # auto decides afresh, as in a new process, and the decisions it takes are reported
     try:
         for model_name in models:
-            ours, builtin = build_pair(model_name, model_kwargs, device)
+            ours, builtin = build_pair(model_name, model_kwargs, device, training='train' in tasks)
             for task in tasks:
                 for dtype in dtypes:
                     for bs in batch_sizes:

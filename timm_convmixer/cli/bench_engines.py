@@ -306,7 +306,7 @@ def run_engines(
     fast._check_name(backend)
     device = torch.device('cpu')
 
-    ours, builtin = build_pair(model_name, model_kwargs, 'cpu')
+    ours, builtin = build_pair(model_name, model_kwargs, 'cpu', training=False)
     ours.eval()
     builtin.eval()
     torch.manual_seed(0)

@@ -36,16 +36,18 @@ CUDA_PEAK_TFLOPS = {'H200': 790., 'H100': 790., 'A100': 312., 'L40S': 362., 'L4'
                     'RTX 3090': 71., 'A10': 125., 'V100': 125., 'T4': 65.}
 
 
-def build_pair(model_name: str, model_kwargs: Optional[Dict[str, Any]] = None, device: str = 'cpu'):
+def build_pair(model_name: str, model_kwargs: Optional[Dict[str, Any]] = None, device: str = 'cpu',
+               training: bool = True):
     """(ours, builtin): our registered model and timm's built-in ConvMixer class with the same weights and the same
     function: pooling, head dropout and BatchNorm eps/momentum follow ours; a drop-path rate, which the built-in
-    cannot take, is refused rather than compared."""
+    cannot take, is refused rather than compared where the pair will train (``training``; in eval mode drop path
+    does nothing)."""
     import timm
     import timm_convmixer  # noqa: F401  (registers our variants)
     from timm.models.convmixer import ConvMixer as BuiltinConvMixer
 
     ours = timm.create_model(model_name, pretrained=False, **(model_kwargs or {}))
-    if any(b[0].drop_path.__class__ is not nn.Identity for b in ours.blocks):
+    if training and any(b[0].drop_path.__class__ is not nn.Identity for b in ours.blocks):
         raise ValueError('model kwarg drop_path_rate: timm\'s built-in ConvMixer has no drop path, so the two '
                          'models would compute different functions; benchmark without it')
     builtin = BuiltinConvMixer(
