@@ -28,7 +28,7 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog='timm-convmixer', description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog='timm-convmixer', description=__doc__.splitlines()[0].replace('``', ''))
     subparsers = parser.add_subparsers(dest='command', metavar='COMMAND')
     for name, module_name in COMMANDS.items():
         try:

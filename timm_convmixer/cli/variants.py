@@ -6,6 +6,7 @@ the classifier (multiply-adds x 2), so GMACs = FLOPs / 2 / 1e9, the convention t
 """
 import argparse
 import json
+import warnings
 from typing import Dict, List, Optional
 
 import torch
@@ -36,7 +37,9 @@ def variant_stats(name: str, input_size: Optional[int] = None) -> Dict[str, obje
         model = timm.create_model(name).eval()
         x = torch.empty(1, cfg['input_size'][0], size, size)
         counter = FlopCounterMode(display=False)
-        with counter, torch.no_grad():
+        with counter, torch.no_grad(), warnings.catch_warnings():
+            # eager's speed note for even kernels (padding='same' copies the input), nothing to do with counting
+            warnings.filterwarnings('ignore', message=r"Using padding='same' with even kernel lengths")
             model(x)
     act = type(model.stem[1]).__name__
     return {
