@@ -162,7 +162,8 @@ def test_bad_input_fails_before_the_benchmark_runs(tmp_path, capsys):
     blocked = tmp_path / 'file'
     blocked.write_text('')
     for extra, message in ((['--out', str(blocked / 'r.json')], 'cannot write'),
-                           (['--chart', str(tmp_path / 'c.txt')], "not 'txt'")):
+                           (['--chart', str(tmp_path / 'c.txt')], "not 'txt'"),
+                           (['--out', str(tmp_path)], 'is a folder')):
         checked.forget()
         assert cli.main(['bench', *TINY, *extra]) == 1
         err = capsys.readouterr().err

@@ -251,7 +251,7 @@ def test_onnx_export_sees_the_plain_modules(tmp_path, make, run_counted):
 
 
 @requires_onnx
-def test_cli_export_with_checkpoint(tmp_path, capsys, make):
+def test_cli_export_with_checkpoint(tmp_path, capsys, make, monkeypatch):
     """``timm-convmixer export --checkpoint``: the file carries the checkpoint's weights, verified by onnxruntime."""
     model = make(EVEN_KERNEL, num_classes=10)
     checkpoint = tmp_path / 'ckpt.pth'
@@ -277,6 +277,13 @@ def test_cli_export_with_checkpoint(tmp_path, capsys, make):
     err = capsys.readouterr().err
     assert rc == 1 and out.read_bytes() == before and 'was not written' in err, err
     assert not [p for p in out.parent.iterdir() if p.name != out.name]
-    assert cli_main(['export', '--model', 'convmixer_999', '--out', str(tmp_path / 'x.onnx')]) == 1
-    assert capsys.readouterr().err.strip().splitlines() == [
-        'timm-convmixer export: error: Unknown model (convmixer_999)']
+    unknown = ['export', '--model', 'convmixer_999', '--out', str(tmp_path / 'x.onnx')]
+    for switch in ('', '0'):
+        monkeypatch.setenv('TIMM_CONVMIXER_TRACEBACK', switch)
+        assert cli_main(unknown) == 1
+        assert capsys.readouterr().err.strip().splitlines() == [
+            'timm-convmixer export: error: Unknown model (convmixer_999) (TIMM_CONVMIXER_TRACEBACK=1 shows where it '
+            'was raised)']
+    monkeypatch.setenv('TIMM_CONVMIXER_TRACEBACK', '1')
+    with pytest.raises(RuntimeError, match='Unknown model'):
+        cli_main(unknown)

@@ -357,6 +357,9 @@ def test_wrong_architecture_or_size_leaves_model_untouched(tmp_path):
     with pytest.raises(RuntimeError, match=r'without data \(meta device\)(.|\n)*nothing was loaded'):
         model.load_state_dict(dataless)
     assert_same_tensors(snapshot(model), before)
+    with torch.device('meta'):  # into a model without data itself, as torch allows, or a key not loaded at all
+        timm.create_model(SMALL, depth=2).load_state_dict(dataless)
+    model.load_state_dict({**model.state_dict(), 'extra': torch.empty(1, device='meta')}, strict=False)
 
 
 def test_a_new_head_loads_only_a_checkpoint_of_the_same_body(tmp_path):
@@ -374,6 +377,8 @@ def test_a_new_head_loads_only_a_checkpoint_of_the_same_body(tmp_path):
     tuned = timm.create_model(SMALL, depth=2, num_classes=5, in_chans=1, pretrained=True, **overlay)
     body = {k: v for k, v in snapshot(ref).items() if not k.startswith(('head.', 'stem.0.weight'))}
     assert_same_tensors({k: v for k, v in snapshot(tuned).items() if k in body}, body)
+    partial = timm.create_model(SMALL, depth=3, pretrained=True, pretrained_strict=False, **overlay)  # asked for
+    assert_same_tensors({k: v for k, v in snapshot(partial).items() if k in body}, body)
 
 
 def test_a_checkpoint_without_num_batches_tracked_loads_as_into_plain_timm(tmp_path):

@@ -404,12 +404,16 @@ def _check_input(x: torch.Tensor, in_chans: int) -> None:
             f'ConvMixer expects input of shape (N, {in_chans}, H, W), got {tuple(x.shape)}')
 
 
-def checkpoint_filter_fn(state_dict: Dict[str, Any], model: ConvMixer) -> Dict[str, torch.Tensor]:
+def checkpoint_filter_fn(
+        state_dict: Dict[str, Any], model: ConvMixer, strict: bool = True) -> Dict[str, torch.Tensor]:
     """Pretrained filter: unwrap train.py/DDP checkpoints and rename the authors' layout to timm's, and refuse one
-    whose keys, the classifier's aside, are not the model's. Why here: for a new head (``num_classes`` other than the
-    checkpoint's) timm's ``load_pretrained`` drops the classifier and loads ``strict=False``, which would leave blocks
-    a checkpoint of another depth lacks at their random initialisation without a word."""
+    whose keys, the classifier's aside, are not the model's (unless ``strict`` is False: ``pretrained_strict=False``
+    asked for a partial load). Why here: for a new head (``num_classes`` other than the checkpoint's) timm's
+    ``load_pretrained`` drops the classifier and loads ``strict=False``, which would leave blocks a checkpoint of
+    another depth lacks at their random initialisation without a word."""
     state_dict = unpack_checkpoint(state_dict).state_dict
+    if not strict:
+        return state_dict
     classifier = (getattr(model, 'pretrained_cfg', None) or {}).get('classifier') or 'head'
     body = lambda sd: {k: v for k, v in sd.items() if k.split('.')[0] != classifier}  # noqa: E731
     check_state_dict(body(model.state_dict()), body(state_dict), strict=True, what=type(model).__name__, shapes=False)
@@ -423,7 +427,7 @@ def _create_convmixer(variant: str, pretrained: bool = False, **kwargs) -> ConvM
         ConvMixer,
         variant,
         pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
+        pretrained_filter_fn=partial(checkpoint_filter_fn, strict=kwargs.get('pretrained_strict', True)),
         feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
         **kwargs,
     )

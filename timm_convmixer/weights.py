@@ -283,7 +283,8 @@ def check_state_dict(
     ``num_batches_tracked`` that torch fills in itself (a checkpoint that predates it: no version metadata, as in a
     safetensors file) is not missing, as it is not for plain timm. ``shapes=False``: keys only (timm's pretrained
     loading adapts the stem to ``in_chans`` after its filter has run). A tensor without data (meta device) cannot be
-    copied, so it fails the check too, unless ``meta_ok`` (``load_state_dict(assign=True)`` takes it as it is).
+    copied into a tensor with data, so it fails the check too, unless ``meta_ok`` (``load_state_dict(assign=True)``
+    takes it as it is).
     """
     mismatched: List[Tuple[str, tuple, tuple]] = [
         (k, tuple(v.shape), tuple(expected[k].shape))
@@ -292,7 +293,8 @@ def check_state_dict(
     ] if shapes else []
     missing = [k for k in expected if k not in found and not _filled_in_by_torch(k, found)] if strict else []
     unexpected = [k for k in found if k not in expected] if strict else []
-    dataless = [] if meta_ok else [k for k, v in found.items() if isinstance(v, torch.Tensor) and v.is_meta]
+    dataless = [] if meta_ok else [k for k, v in found.items() if k in expected and isinstance(v, torch.Tensor)
+                                   and v.is_meta and not expected[k].is_meta]
     if not (mismatched or missing or unexpected or dataless):
         return
     lines = [f'checkpoint does not fit {what or "this model"}:']

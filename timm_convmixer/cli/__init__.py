@@ -17,6 +17,8 @@ import os
 import sys
 from typing import List, Optional
 
+TRACEBACK_ENV = 'TIMM_CONVMIXER_TRACEBACK'
+
 # sub-command name -> module that defines it
 COMMANDS = {
     'variants': 'timm_convmixer.cli.variants',
@@ -51,11 +53,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     args.argv = argv
     try:
         return int(args.func(args))
-    except (ValueError, TypeError, LookupError, RuntimeError, OSError) as e:
+    except (ValueError, OSError, TypeError, RuntimeError, ImportError) as e:
         # bad input (an unknown model, a missing file, kwargs the model does not take, a Hub that cannot be
-        # reached) is said in one line; TIMM_CONVMIXER_TRACEBACK=1 shows where it was raised
-        if os.environ.get('TIMM_CONVMIXER_TRACEBACK'):
+        # reached, a missing optional package) is said in one line; TIMM_CONVMIXER_TRACEBACK=1 shows where it was
+        # raised. Errors of other kinds (IndexError, KeyError...) are bugs: their traceback is printed.
+        if os.environ.get(TRACEBACK_ENV, '').strip().lower() not in ('', '0', 'false', 'no', 'off'):
             raise
-        message = str(e) if str(e) and not isinstance(e, LookupError) else f'{type(e).__name__}: {e}'
+        message = str(e) or type(e).__name__
+        if not isinstance(e, (ValueError, OSError)):  # (these may also be a bug's: say how to see where)
+            message += f' ({TRACEBACK_ENV}=1 shows where it was raised)'
         print(f'timm-convmixer {args.command}: error: {message}', file=sys.stderr)
         return 1

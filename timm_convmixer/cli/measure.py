@@ -21,7 +21,7 @@ from ..fast.cpu import native_bf16
 from .args import positive_int
 from .atomic import atomic_write_json
 
-__all__ = ['CUDA_PEAK_TFLOPS', 'DTYPES', 'MODES', 'TASKS', 'build_pair', 'count_flops', 'cpu_script_finish',
+__all__ = ['CUDA_PEAK_TFLOPS', 'DTYPES', 'MODES', 'TASKS', 'build_pair', 'check_outputs', 'count_flops', 'cpu_script_finish',
            'cpu_script_start', 'default_peak_tflops', 'hardware', 'make_loss', 'make_step', 'prepare',
            'saved_for_backward_bytes', 'sync', 'time_interleaved', 'write_outputs']
 
@@ -277,6 +277,8 @@ def check_outputs(out: Optional[str], chart: Optional[str]) -> None:
     """Fail before a benchmark runs, not after, where ``--out`` or ``--chart`` could not be written: a folder that
     cannot be made or written, or a chart format matplotlib does not write."""
     for path in (p for p in (out, chart) if p):
+        if os.path.isdir(path):
+            raise OSError(f'{path} is a folder; name a file')
         folder = os.path.dirname(os.path.abspath(path))
         while not os.path.exists(folder):
             folder = os.path.dirname(folder)

@@ -70,21 +70,17 @@ _stand_in_lock = threading.Lock()
 _misses: Dict[Tuple[int, str], List[int]] = {}
 _registrations = 0
 RESCAN_EVERY = 64
+_making_stand_in = threading.local()  # set while a stand-in is copied: nobody's block, so never registered
 
 
 def register(block: nn.Module) -> None:
     """Make ``block`` findable by the op (``MixerBlock`` calls this when it is made or copied)."""
     global _registrations
+    if getattr(_making_stand_in, 'on', False):
+        return
     with _lock:
         _blocks.add(block)
         _registrations += 1
-
-
-def _unregister(block: nn.Module) -> None:
-    global _registrations
-    with _lock:
-        _blocks.discard(block)
-        _registrations -= 1
 
 
 def _assume_constant_result(fn):
@@ -157,8 +153,11 @@ def _stand_in(tensors: List[Tensor], architecture: str) -> Tuple[nn.Module, List
     for source in _live_blocks():
         if has_hooks(source) or _parts_if(source, tensors, architecture, Tensor.size) is None:
             continue
-        block = copy.deepcopy(source)
-        _unregister(block)  # (nobody's block: never a holder, and no reason to search for holders again)
+        _making_stand_in.on = True  # (nobody's block: never a holder, and no reason to search for holders again)
+        try:
+            block = copy.deepcopy(source)
+        finally:
+            _making_stand_in.on = False
         parts = _parts_if(block, tensors, architecture, Tensor.size)  # (the source may have changed since)
         if parts is not None:
             return _stand_ins.setdefault(key, (block, _names(block, parts)))

@@ -146,7 +146,8 @@ def _runs_our_forwards(block: nn.Module, residual: nn.Module) -> bool:
     if not _forwards:
         from ..convmixer import MixerBlock, Residual  # (convmixer imports this package)
         _forwards = (MixerBlock.forward, Residual.forward)
-    return type(block).forward is _forwards[0] and type(residual).forward is _forwards[1]
+    return (type(block).forward is _forwards[0] and type(residual).forward is _forwards[1]
+            and 'forward' not in vars(block) and 'forward' not in vars(residual))  # (nor one set on the instance)
 
 
 def block_parts(block: nn.Module) -> Optional[BlockParts]:
