@@ -419,7 +419,8 @@ def blocks_forward(blocks: nn.Sequential, x: torch.Tensor) -> Optional[torch.Ten
     others are called as usual. Not offered where the chain's hooks, or a block's own, must see it run.
     """
     if (_is_compiling() or not _offered(x) or _backend not in ('auto', 'cpu_hybrid') or x.device.type != 'cpu'
-            or has_hooks(blocks)):
+            or (_backend == 'auto' and _triton_device(x)) or has_hooks(blocks)):
+        # (under Triton's interpreter CPU tensors are a Triton device: auto's blocks take no CPU path there)
         return None
     from . import cpu
     _, autocast, autocast_dtype = autocast_state('cpu')

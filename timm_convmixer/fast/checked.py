@@ -77,8 +77,13 @@ def tolerance(dtype: torch.dtype, device_type: str) -> float:
 
 def case_key(path: str, parts: Parts, x: torch.Tensor, compute_dtype: torch.dtype) -> Tuple:
     """The case a decision about ``path`` (the fused path's name) holds for."""
+    return (path,) + _case(parts, x, compute_dtype)
+
+
+def _case(parts: Parts, x: torch.Tensor, compute_dtype: torch.dtype) -> Tuple:
+    """:func:`case_key` less the path: taken once for all the keys of a call (every block call asks for several)."""
     return (
-        path, x.device.type, x.device.index, tuple(x.shape), x.dtype, compute_dtype,
+        x.device.type, x.device.index, tuple(x.shape), x.dtype, compute_dtype,
         x.is_contiguous(memory_format=torch.channels_last), parts.mode, parts.act, parts.kernel_size,
     )
 
@@ -261,17 +266,21 @@ def fastest(
     paths 10% apart swapped places between such runs (on this project's AVX-512 VM auto kept oneDNN's path over
     ours with oneDNN's pointwise conv, which a same-process A/B had at 53.8 against 48.2 ms a block).
     """
+    case = _case(parts, x, dtype)
+    answer = _settled(list(trials), case)
+    if answer is not None:  # (every call after the first of a case)
+        return answer
     made = {}
     for path, (fused, eager, reference) in trials.items():
-        key = case_key(path, parts, x, dtype)
+        key = (path,) + case
         made[path] = decisions.get(key) or decide(key, path, block, x, fused, eager, dtype, reference)
     accepted = [path for path, d in made.items() if d.path != 'eager']
-    key = case_key(RACE, parts, x, dtype)
+    key = (RACE,) + case
     if len(accepted) > 1 and key not in decisions:
         decisions[key] = _race({path: trials[path][0] for path in accepted}, made, block, x)
         warnings.warn(f'timm_convmixer: using {decisions[key].path} for {_describe(key)} ({decisions[key].reason})',
                       FastPathDecision, stacklevel=3)
-    return settled(list(trials), parts, x, dtype)
+    return _settled(list(trials), case)
 
 
 def _race(fused: Dict[str, Callable[[], object]], made: Dict[str, Decision], block: nn.Module,
@@ -298,13 +307,17 @@ def _race(fused: Dict[str, Callable[[], object]], made: Dict[str, Decision], blo
 def settled(paths: Sequence[str], parts: Parts, x: torch.Tensor, dtype: torch.dtype) -> Optional[str]:
     """What :func:`fastest` answers for this case once it has been asked, without checking or timing anything:
     ``None`` while a path or the race between them is undecided, or when the check accepted none."""
-    made = [decisions.get(case_key(path, parts, x, dtype)) for path in paths]
+    return _settled(paths, _case(parts, x, dtype))
+
+
+def _settled(paths: Sequence[str], case: Tuple) -> Optional[str]:
+    made = [decisions.get((path,) + case) for path in paths]
     if not made or None in made:
         return None
     accepted = [d.path for d in made if d.path != 'eager']
     if len(accepted) < 2:
         return accepted[0] if accepted else None
-    race = decisions.get(case_key(RACE, parts, x, dtype))
+    race = decisions.get((RACE,) + case)
     return None if race is None else race.path
 
 
