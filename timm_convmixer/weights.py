@@ -304,15 +304,10 @@ def check_state_dict(
         lines.append(f'  shape of {k}: checkpoint {list(got)}, model {list(want)}')
     if len(mismatched) > 8:
         lines.append(f'  ... and {len(mismatched) - 8} more shape mismatches')
-    if missing:
-        lines.append(f'  missing from checkpoint ({len(missing)}): {", ".join(missing[:6])}' +
-                     (' ...' if len(missing) > 6 else ''))
-    if unexpected:
-        lines.append(f'  not in model ({len(unexpected)}): {", ".join(unexpected[:6])}' +
-                     (' ...' if len(unexpected) > 6 else ''))
-    if dataless:
-        lines.append(f'  without data (meta device) ({len(dataless)}): {", ".join(dataless[:6])}' +
-                     (' ...' if len(dataless) > 6 else ''))
+    for label, keys in (('missing from checkpoint', missing), ('not in model', unexpected),
+                        ('without data (meta device)', dataless)):
+        if keys:
+            lines.append(f'  {label} ({len(keys)}): {", ".join(keys[:6])}' + (' ...' if len(keys) > 6 else ''))
     lines.append('  nothing was loaded; the model is unchanged')
     raise RuntimeError('\n'.join(lines))
 

@@ -224,18 +224,19 @@ WRITTEN = frozenset({'config.json', 'model.safetensors', 'README.md'})
 def _check_out(out: Path, force: bool) -> None:
     """Fail before reading a byte when OUT is there and may not be replaced. ``--force`` replaces an earlier
     convert's output only: a folder holding anything else (``.``, a project, the source checkpoint) is the user's."""
-    if out.exists() and not force:
+    if not out.exists():
+        return
+    if not force:
         raise FileExistsError(f'{out} already exists; pass --force (force=True) to replace it')
-    if out.exists() and not out.is_dir():
+    if not out.is_dir():
         raise FileExistsError(f'{out} exists and is not a folder; refusing to replace it')
-    if out.exists():
-        resolved, cwd = out.resolve(), Path.cwd().resolve()
-        if resolved == cwd or resolved in cwd.parents:
-            raise FileExistsError(f'{out} is the current folder or holds it; refusing to replace it')
-        others = sorted(p.name for p in out.iterdir() if p.name not in WRITTEN)
-        if others:
-            raise FileExistsError(f'{out} holds files convert did not write ({", ".join(others[:5])}); --force '
-                                  'replaces only an earlier convert output: choose another OUT')
+    resolved, cwd = out.resolve(), Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        raise FileExistsError(f'{out} is the current folder or holds it; refusing to replace it')
+    others = sorted(p.name for p in out.iterdir() if p.name not in WRITTEN)
+    if others:
+        raise FileExistsError(f'{out} holds files convert did not write ({", ".join(others[:5])}); --force '
+                              'replaces only an earlier convert output: choose another OUT')
 
 
 def _read_weights(src: Path, use_ema: bool, unsafe_pickle: bool, allow_nonfinite: bool) -> UnpackedWeights:

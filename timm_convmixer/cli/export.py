@@ -4,8 +4,9 @@ Exporter choice: torch's TorchScript-based exporter (``torch.onnx.export(..., dy
 pass of our own over its output. Why this one and not the torch.export-based exporter that is torch's default
 since 2.9:
 
-* it writes exactly the requested opset (17 to 23 checked with torch 2.14.1 and 2.15); the torch.export-based exporter writes
-  opset 18 when asked for 17 (onnxscript's ``Pad`` has no down-converter to 17), whatever the caller needs;
+* it writes exactly the requested opset (17 to 23 checked with torch 2.14.1 and 2.15); the torch.export-based
+  exporter writes opset 18 when asked for 17 (onnxscript's ``Pad`` has no down-converter to 17), whatever the caller
+  needs;
 * it needs nothing beyond ``onnx`` (the other needs ``onnxscript``) and takes ~0.5 s for a small model, not ~2 s.
 
 ``padding="same"`` is what used to break it (traced as ``aten::_convolution_mode``, pytorch issues 68880, 108975).
@@ -284,7 +285,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument('--input-size', type=int, nargs='+', default=None, metavar='N',
                         help='H, H W or C H W (default: the model\'s pretrained_cfg input_size)')
     parser.add_argument('--opset', type=int, default=MIN_OPSET, help=f'ONNX opset, >= {MIN_OPSET} (default)')
-    parser.add_argument('--batch-size', type=positive_int, default=1, help='example batch (the batch of a --static-batch file)')
+    parser.add_argument('--batch-size', type=positive_int, default=1,
+                        help='example batch (the batch of a --static-batch file)')
     parser.add_argument('--static-batch', action='store_true', help='fix the batch dimension instead of leaving it free')
     parser.add_argument('--dynamo', action='store_true',
                         help='use torch\'s torch.export-based exporter (needs onnxscript) instead of the TorchScript one')

@@ -21,9 +21,9 @@ from ..fast.cpu import native_bf16
 from .args import positive_int
 from .atomic import atomic_write_json
 
-__all__ = ['CUDA_PEAK_TFLOPS', 'DTYPES', 'MODES', 'TASKS', 'build_pair', 'check_outputs', 'count_flops', 'cpu_script_finish',
-           'cpu_script_start', 'default_peak_tflops', 'hardware', 'make_loss', 'make_step', 'prepare',
-           'saved_for_backward_bytes', 'sync', 'time_interleaved', 'write_outputs']
+__all__ = ['CUDA_PEAK_TFLOPS', 'DTYPES', 'MODES', 'TASKS', 'build_pair', 'check_outputs', 'count_flops',
+           'cpu_script_finish', 'cpu_script_start', 'default_peak_tflops', 'hardware', 'make_loss', 'make_step',
+           'prepare', 'saved_for_backward_bytes', 'sync', 'time_interleaved', 'write_outputs']
 
 MODES = ('nchw', 'channels_last', 'compile')
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
