@@ -1,5 +1,8 @@
 """The CPU fast paths compute the eager function, apply only where they may, and the backend switch works. Marked
 ``kernels``: oneDNN's and our kernels' numerics, which timm's version plays no part in (test-min leaves them out)."""
+import gc
+import threading
+import weakref
 from collections import Counter
 
 import pytest
@@ -532,9 +535,6 @@ def test_output_buffers_are_kept_for_a_few_shapes_only(make_model, infer):
 def test_a_thread_that_ends_leaves_no_scratch_buffer(make_model, infer):
     """The compiled path's depthwise buffer is per thread: a server starting a thread per request must not keep one
     for every thread that has ended."""
-    import gc
-    import threading
-    import weakref
     if cpu_kernels.load() is None:
         pytest.skip(f'the CPU kernels cannot be built here: {cpu_kernels.build_error()}')
     model, x = make_model(5), torch.randn(1, 3, 16, 16)
