@@ -1,6 +1,6 @@
 // This CPU's fp32 arithmetic ceiling, measured: every thread runs fused multiply-adds on independent accumulators
-// (16 of them: more than an FMA's latency times its throughput, so none waits for another), on ATen's vector type for
-// the ISA this file is built for, from registers only. Why: the fraction of peak that `bench --engines` reports needs
+// (more than an FMA's latency times its throughput, so none waits for another), on ATen's vector type for the ISA
+// this file is built for, from registers only. Why: the fraction of peak that `bench --engines` reports needs
 // the ceiling itself; an sgemm yardstick read 156-270 GFLOP/s on a 2-core AVX-512 VM whose FMA units do ~300, which
 // put engines above "100% of peak".
 #include <ATen/Parallel.h>
@@ -16,7 +16,10 @@ namespace {
 
 using namespace timm_convmixer_cpu;
 
-constexpr int ACCUMULATORS = 16;
+// Accumulators and the two operands must all fit in registers: AVX2 has 16 ymm, AVX-512 32 zmm. With 16 accumulators
+// on AVX2 GCC kept some on the stack, and the probe read 87 GFLOP/s on a 2-core Zen 3 whose FMA units do ~190 (12
+// is still more than Zen 3's 4-cycle latency times 2 FMAs a cycle).
+constexpr int ACCUMULATORS = VL == 8 ? 12 : 16;
 
 // Runs `per_thread` rounds of ACCUMULATORS vector FMAs on each of ATen's threads at once; returns GFLOP/s (2 per
 // lane per FMA), the best of `repeats` runs.
