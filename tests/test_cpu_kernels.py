@@ -135,10 +135,13 @@ def test_bad_arguments_are_named(kernels):
         cpu_kernels.dw_block(x.contiguous(), taps, bias, scale, 3, 'relu', out)
     with pytest.raises(RuntimeError, match='expected taps of 9 x 16'):
         cpu_kernels.dw_block(x, taps[:4], bias, scale, 3, 'relu', out)
-    with pytest.raises(RuntimeError, match="out must be a channels_last CPU tensor of x's shape and dtype"):
+    wrong_out = "out must be a channels_last CPU tensor of x's shape, in x's dtype or float32"
+    with pytest.raises(RuntimeError, match=wrong_out):
         cpu_kernels.dw_block(x, taps, bias, scale, 3, 'relu', out[:, :8])
-    with pytest.raises(RuntimeError, match="out must be a channels_last CPU tensor of x's shape and dtype"):
-        cpu_kernels.dw_block(x, taps, bias, scale, 3, 'relu', out.bfloat16())
+    with pytest.raises(RuntimeError, match=wrong_out):
+        cpu_kernels.dw_block(x, taps, bias, scale, 3, 'relu', out.bfloat16())  # fp32 in, bf16 out
+    with pytest.raises(RuntimeError, match=wrong_out):
+        cpu_kernels.dw_block(x.bfloat16(), taps, bias, scale, 3, 'relu', out.double())
     with pytest.raises(RuntimeError, match='out must not be x'):
         cpu_kernels.dw_block(x, taps, bias, scale, 3, 'relu', x)
     with pytest.raises(RuntimeError, match='give both in_scale and in_shift, or neither'):
@@ -170,9 +173,10 @@ def test_input_affine_is_applied_as_the_input_is_read(shape, kernels):
                                           ((1, 33, 1, 1, 7), True)], ids=lambda v: 'x'.join(map(str, v))
                          if isinstance(v, tuple) else f'affine={v}')
 def test_bfloat16_in_and_out_is_the_float32_kernel_rounded_once(shape, affine, kernels):
-    """bf16 ``x`` and ``out`` (``cpu_hybrid`` under bf16 autocast): widened exactly as read, computed in float32,
-    rounded to nearest even once as stored -- bit for bit the float32 kernel's output on the widened input, rounded
-    by torch."""
+    """bf16 ``x`` and ``out`` (``cpu_hybrid`` under native bf16 autocast): widened exactly as read, computed in
+    float32, rounded to nearest even once as stored -- bit for bit the float32 kernel's output on the widened input,
+    rounded by torch. With a float32 ``out`` (the compiled path under bf16 autocast, whose GEMM reads float32) it
+    is that float32 output itself."""
     x, weight, bias, scale = _inputs(*shape, seed=4)
     x = x.bfloat16()
     c, k = weight.shape[0], weight.shape[-1]
@@ -183,6 +187,9 @@ def test_bfloat16_in_and_out_is_the_float32_kernel_rounded_once(shape, affine, k
                                 in_affine)
     assert got.dtype == torch.bfloat16 and got.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(got, wide.bfloat16())
+    read_bf16 = cpu_kernels.dw_block(x, taps, bias, scale, k, 'gelu', torch.empty_like(x, dtype=torch.float32),
+                                     in_affine)
+    assert torch.equal(read_bf16, wide)
 
 
 def _pw_inputs(n, c_in, c_out, h, w, seed=0):
@@ -254,6 +261,20 @@ def test_pointwise_every_activation(act, kernels):
                                _pw_reference(u, weight, bias, scale, shift, act), rtol=1e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize('shape', [(2, 17, 33, 5, 7), (1, 64, 16, 7, 7)], ids=lambda s: 'x'.join(map(str, s)))
+def test_pointwise_bfloat16_out_is_the_float32_output_rounded_once(shape, kernels):
+    """A bf16 ``out`` (the compiled path under bf16 autocast without native bf16): the float32 result rounded to
+    nearest even as it is stored, bit for bit torch's rounding of the float32 output; output channels in whole
+    vectors and a partial one (33), rounded in registers and through the partial store."""
+    args = _pw_inputs(*shape, seed=5)
+    u, weight = args[0], args[1]
+    wide = _pw_kernel(*args, 'gelu')
+    out = torch.empty(u.shape[0], weight.shape[0], *u.shape[2:], dtype=torch.bfloat16).contiguous(
+        memory_format=torch.channels_last)
+    got = cpu_kernels.pw_block(u, cpu_kernels.pw_pack(weight), *args[2:], 'gelu', out)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, wide.bfloat16())
+
+
 def test_pointwise_bad_arguments_are_named(kernels):
     u, weight, bias, scale, shift = _pw_inputs(1, 16, 24, 3, 3)
     panels = cpu_kernels.pw_pack(weight)
@@ -268,8 +289,11 @@ def test_pointwise_bad_arguments_are_named(kernels):
         cpu_kernels.pw_block(u, cpu_kernels.pw_pack(weight[:, :8]), bias, scale, shift, 'relu', out)
     with pytest.raises(RuntimeError, match='output channels, out has 48'):
         cpu_kernels.pw_block(u, panels, bias, scale, shift, 'relu', torch.cat([out, out], 1))
-    with pytest.raises(RuntimeError, match="out must be a channels_last float32 CPU tensor of u's batch"):
+    wrong_out = "out must be a channels_last float32 or bfloat16 CPU tensor of u's batch"
+    with pytest.raises(RuntimeError, match=wrong_out):
         cpu_kernels.pw_block(u, panels, bias, scale, shift, 'relu', out.contiguous())
+    with pytest.raises(RuntimeError, match=wrong_out):
+        cpu_kernels.pw_block(u, panels, bias, scale, shift, 'relu', out.double())
     with pytest.raises(RuntimeError, match='bias, scale and shift must be'):
         cpu_kernels.pw_block(u, panels, bias[:3], scale, shift, 'relu', out)
     with pytest.raises(RuntimeError, match='out must not be u'):
@@ -315,6 +339,12 @@ def test_released_outputs_memory_is_reused(kernels):
     assert d.data_ptr() not in (held, released)
     assert cpu_kernels.storage_use_count(torch.empty(3)) == 1
     assert cpu_kernels.storage_use_count(c) == 2  # c and the pool's buffer
+    # a bf16 output of an fp32 u (the compiled path under bf16 autocast): a pool of its own dtype, reused likewise
+    e = fast_cpu._output_like(u, torch.bfloat16)
+    assert e.dtype == torch.bfloat16 and e.shape == u.shape and e.is_contiguous(memory_format=torch.channels_last)
+    released = e.data_ptr()
+    del e
+    assert fast_cpu._output_like(u, torch.bfloat16).data_ptr() == released
     fast_cpu.clear_cache()
 
 

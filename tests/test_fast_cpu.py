@@ -271,6 +271,28 @@ def test_bf16_autocast_without_native_bf16_offers_our_fp32_kernels(make_model, i
     torch.testing.assert_close(out.float(), ref32, rtol=0.05, atol=0.05 * ref32.abs().max().item())
 
 
+@pytest.mark.parametrize('kernel_size', [5, 8])
+def test_compiled_path_under_bf16_autocast_is_fp32_rounded_after_each_block(kernel_size, make_model, infer,
+                                                                             monkeypatch):
+    """Under bf16 autocast without native bf16 the compiled path reads each block's bf16 input and writes its bf16
+    output inside its kernels (no pass of its own converts either), and the stem computes in fp32 too: bit for bit
+    the fp32 stem and blocks with every output rounded to bf16 by torch. Channels in whole vectors and a partial one
+    (20)."""
+    if cpu_kernels.load() is None:
+        pytest.skip('our CPU kernels are not built here')
+    monkeypatch.setattr(fast_cpu, 'native_bf16', lambda: False)
+    model = make_model(kernel_size=kernel_size, dim=20, depth=3)
+    x = torch.randn(2, 3, 24, 20)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        got, paths = infer(model.forward_features, x, 'cpu_compiled')
+    assert paths == {'cpu_compiled': 3} and got.dtype == torch.bfloat16
+    with torch.no_grad(), fast.use_backend('cpu_compiled'):
+        want = model.stem(x).bfloat16()
+        for block in model.blocks:
+            want = block(want.float()).bfloat16()
+    assert torch.equal(got, want)
+
+
 def test_kept_weights_follow_batch_norm_recalibration(path, make_model, infer):
     """BatchNorm's training-mode forward updates the running statistics inside its kernel without bumping their
     version counters; with the weights unchanged (a BN recalibration pass, frozen weights) the folded weights must

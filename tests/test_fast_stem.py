@@ -78,10 +78,10 @@ def test_stem_without_bias_and_after_weight_changes(make_model):
             [model.stem[0].weight, model.stem[2].running_var][step % 2].mul_(1.5)
 
 
-def test_stem_declines_where_it_may_not(make_model):
+def test_stem_declines_where_it_may_not(make_model, monkeypatch):
     """The plain stem runs where the fast one would not compute the same thing or must not run: batch statistics,
-    gradients needed, fp64, bf16/fp16 autocast, hooks on a child, an overlapping conv, the wrong number of input
-    channels."""
+    gradients needed, fp64, fp16 autocast, bf16 autocast where oneDNN's bf16 is native, hooks on a child, an
+    overlapping conv, the wrong number of input channels."""
     x = torch.randn(1, 3, 16, 16)
     model = make_model()
     model.stem.train()
@@ -93,9 +93,11 @@ def test_stem_declines_where_it_may_not(make_model):
     assert fast.stem_counters == {'eager': 1}
     assert _stem(model.double(), x.double(), 'cpu')[1] == {'eager': 1}
     model.float()
+    monkeypatch.setattr(fast_cpu, 'native_bf16', lambda: True)  # (this CPU's own answer may be either)
     for dtype in (torch.bfloat16, torch.float16):
         with torch.autocast('cpu', dtype=dtype):
             assert _stem(model, x, 'cpu')[1] == {'eager': 1}
+    monkeypatch.undo()
     seen = []
     handle = model.stem[1].register_forward_hook(lambda m, i, o: seen.append(type(m).__name__))
     assert _stem(model, x, 'cpu')[1] == {'eager': 1}  # a child's hook must see the child run
@@ -107,6 +109,33 @@ def test_stem_declines_where_it_may_not(make_model):
     assert fast.stem_forward(model.stem, torch.randn(1, 4, 16, 16)) is None
     model.stem[0].stride = (2, 2)  # patches of 4 every 2 pixels: no longer a product of separate patches
     assert stem_parts(model.stem) is None and _stem(model, x, 'cpu')[1] == {'eager': 1}
+
+
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_bf16_autocast_without_native_bf16_runs_the_stem_in_fp32(channels_last, make_model, monkeypatch):
+    """Where oneDNN would emulate bf16 (15-20x slower than fp32), the fast stem computes in fp32 under bf16 autocast
+    and hands on bf16, as the plain stem does: the fp32 stem's output rounded once, within bf16 precision of the
+    plain autocast stem. auto checks it against the fp32 stem. (The CPU's answer is replaced by our own function's:
+    this CPU may well have native bf16.)"""
+    monkeypatch.setattr(fast_cpu, 'native_bf16', lambda: False)
+    model = make_model(patch_size=4)
+    x = torch.randn(2, 3, 16, 12)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    ref32, _ = _stem(model, x, 'cpu')
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out, ran = _stem(model, x, 'cpu')
+        plain, plain_ran = _stem(model, x, 'eager')
+        fast.reset_counters()
+        with torch.no_grad(), fast.use_backend('auto'):
+            model.stem(x)
+    assert ran == {checked.STEM: 1} and plain_ran == {'eager': 1}
+    assert out.dtype == plain.dtype == torch.bfloat16 and out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(out, ref32.bfloat16())
+    scale = ref32.abs().max().item()
+    torch.testing.assert_close(out.float(), plain.float(), rtol=0.05, atol=0.05 * scale)
+    [d] = checked.decisions.values()  # the check's yardstick is the fp32 stem: within bf16's tolerance of it
+    assert d.max_rel_err <= checked.tolerance(torch.bfloat16, 'cpu')
 
 
 def test_auto_checks_the_stem_once_and_declines_without_grad_caching(make_model):

@@ -103,7 +103,7 @@ def measured_peak() -> Dict[str, Any]:
     threads = torch.get_num_threads()
     if cpu_kernels.load() is not None:
         return {'gflops': cpu_kernels.fma_peak_gflops(),
-                'method': f'measured fp32 FMA peak (independent vector FMAs from registers, best of 3, {threads} '
+                'method': f'measured fp32 FMA peak (independent vector FMAs from registers, best of 12, {threads} '
                           'threads)'}
     return {'gflops': measured_sgemm_gflops(),
             'method': f'measured sgemm peak (torch.mm fp32 2048x2048, best of 5, {threads} threads; reads low under '

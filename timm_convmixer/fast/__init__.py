@@ -368,7 +368,8 @@ def stem_forward(stem: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
 
     ``Stem.forward`` calls it first, as a block's forward calls :func:`block_forward`. Offered as a block is: not
     under a tracer, compiler or transform, a plain eval-mode stem whose children have no hooks
-    (:func:`.eligibility.stem_parts`), CPU, fp32. The CPU backends force it; ``auto`` checks it per case like a
+    (:func:`.eligibility.stem_parts`), CPU, fp32 (or bf16 autocast without native bf16:
+    :func:`.cpu_stem.applies`). The CPU backends force it; ``auto`` checks it per case like a
     block's path (against the plain stem and the first block's conversion of its output, :data:`.checked.STEM`), and
     keeps the plain stem where blocks have been found to take none of the CPU paths on the fast stem's output
     (:func:`.checked.blocks_declined`) before the stem's own check: the plain blocks would then only be moved to
@@ -387,13 +388,14 @@ def stem_forward(stem: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
             out = cpu_stem.forward(parts, x)
         elif cpu_stem.applies(parts, x) and (
                 checked.case_key(checked.STEM, parts, x, dtype) in checked.decisions
-                or not checked.blocks_declined(cpu_stem.output_shape(parts, x), parts.act)):
+                or not checked.blocks_declined(cpu_stem.output_shape(parts, x), parts.act, dtype)):
             # a decision made is followed even where the blocks declined since (on the call that made it, their
             # checks came after it): the same input gives the same output on every call (timm's FX test compares a
             # model's first call with its second exactly)
             run = lambda: cpu_stem.forward(parts, x)  # noqa: E731
-            path = checked.fastest({checked.STEM: (run, lambda: cpu_stem.eager(stem, x), None)}, parts, stem, x,
-                                   dtype)
+            reference = _fp32_reference(x, lambda t: cpu_stem.eager(stem, t))
+            path = checked.fastest({checked.STEM: (run, lambda: cpu_stem.eager(stem, x), reference)}, parts, stem,
+                                   x, dtype)
             out = None if path is None else run()
     stem_counters['eager' if out is None else checked.STEM] += 1
     return out

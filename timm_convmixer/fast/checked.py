@@ -321,12 +321,12 @@ def _settled(paths: Sequence[str], case: Tuple) -> Optional[str]:
     return None if race is None else race.path
 
 
-def blocks_declined(shape: Sequence[int], act: str) -> bool:
-    """Whether eval-mode blocks with activation ``act`` (any kernel size) have been checked on a CPU fp32
-    channels_last input of ``shape`` (autocast off) and took none of the fused paths offered: what the stem's path
-    asks about the blocks that read its output, without holding them (a case's key names no module, only its
-    shape and kind)."""
-    case = ('cpu', None, tuple(shape), torch.float32, torch.float32, True, 'eval', act)
+def blocks_declined(shape: Sequence[int], act: str, dtype: torch.dtype = torch.float32) -> bool:
+    """Whether eval-mode blocks with activation ``act`` (any kernel size) have been checked on a CPU channels_last
+    input of ``shape`` and ``dtype``, computing in ``dtype`` (fp32 with autocast off, or bf16 under bf16 autocast),
+    and took none of the fused paths offered: what the stem's path asks about the blocks that read its output,
+    without holding them (a case's key names no module, only its shape and kind)."""
+    case = ('cpu', None, tuple(shape), dtype, dtype, True, 'eval', act)
     taken: Dict[int, bool] = {}  # kernel size -> whether any path was accepted (all offered paths decide together)
     for key, d in decisions.items():
         if key[0] not in (RACE, STEM) and key[1:9] == case:

@@ -27,10 +27,10 @@ summation order inside the 1x1 conv differs by one bias term). Under CPU autocas
 the folded BN scale/shift in bf16, with oneDNN's fp32 accumulation and the activation fused before rounding; it
 matches eager autocast to bf16 precision. Our depthwise kernel computes in fp32 there: ``'cpu_hybrid'`` where the
 CPU has native bf16 reads and writes bf16 (widened on load, rounded once on store) around oneDNN's bf16 pointwise
-conv, as eager autocast runs it; elsewhere, and in ``'cpu_compiled'``, our kernels compute all of it in fp32 and
-round the output to bf16: autocast promises bf16 precision, not bf16 arithmetic, and fp32 can be the only fast
-choice (without native bf16, oneDNN emulates bf16 15-20x slower than fp32); ``auto`` checks each against an fp32 run
-and races it with oneDNN's bf16.
+conv, as eager autocast runs it; elsewhere, and in ``'cpu_compiled'``, our kernels compute all of it in fp32,
+reading a bf16 input and rounding the output to bf16 as they store it: autocast promises bf16 precision, not bf16
+arithmetic, and fp32 can be the only fast choice (without native bf16, oneDNN emulates bf16 15-20x slower than
+fp32); ``auto`` checks each against an fp32 run and races it with oneDNN's bf16.
 fp16 autocast runs the eager modules.
 
 It applies only in eval mode (BN on running statistics, drop_path inactive), fp32 or bf16 autocast, and when no
@@ -115,21 +115,23 @@ def clear_cache() -> None:
         _outputs.clear()
 
 
-def _scratch_like(x: torch.Tensor) -> torch.Tensor:
-    """A reused buffer for the depthwise half's output, which only the pointwise conv of the same call reads.
+def _scratch_like(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A reused buffer of ``x``'s shape and ``dtype`` for the depthwise half's output, which only the pointwise conv of
+    the same call reads.
 
     Why reuse: a fresh activation-sized tensor beyond glibc's mmap threshold is new pages each time, and touching
     them costs more than the pass that fills them (32 MiB: 11.8 ms of page faults against a 3.2 ms fill on this
     project's Zen 3 VM). One buffer per thread (blocks on two threads must not share one), of the last shape run.
     """
     buf = getattr(_scratch, 'buf', None)
-    if buf is None or buf.shape != x.shape or buf.dtype != x.dtype:
-        buf = _scratch.buf = torch.empty_like(x, memory_format=torch.channels_last)
+    if buf is None or buf.shape != x.shape or buf.dtype != dtype:
+        buf = _scratch.buf = torch.empty_like(x, dtype=dtype, memory_format=torch.channels_last)
     return buf
 
 
-def _output_like(u: torch.Tensor) -> torch.Tensor:
-    """A channels_last tensor like ``u`` for a block's output, on the memory of an earlier output nobody holds.
+def _output_like(u: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """A channels_last tensor like ``u`` (in ``dtype``, default ``u``'s) for a block's output, on the memory of an
+    earlier output nobody holds.
 
     Why: beyond glibc's mmap threshold (32 MiB at most) every fresh tensor is new pages, and touching them costs more
     than the pass that fills them (see :func:`_scratch_like`); a 1536-channel ImageNet activation at batch 8 is 50
@@ -140,7 +142,8 @@ def _output_like(u: torch.Tensor) -> torch.Tensor:
     of blocks two buffers take turns; when both are held (say, by ``forward_intermediates``) the output is a fresh
     tensor.
     """
-    key = (tuple(u.shape), u.dtype)
+    dtype = u.dtype if dtype is None else dtype
+    key = (tuple(u.shape), dtype)
     with _outputs_lock:
         buffers = _outputs.setdefault(key, [])
         _outputs.move_to_end(key)
@@ -148,12 +151,12 @@ def _output_like(u: torch.Tensor) -> torch.Tensor:
             _outputs.popitem(last=False)  # (a buffer still in use lives on with its user, out of the pool)
         buf = next((b for b in buffers if cpu_kernels.storage_use_count(b) == 1), None)
         if buf is None:
+            buf = torch.empty_like(u, dtype=dtype, memory_format=torch.channels_last)
             if len(buffers) >= OUTPUT_BUFFERS:
-                return torch.empty_like(u, memory_format=torch.channels_last)
-            buf = torch.empty_like(u, memory_format=torch.channels_last)
+                return buf
             buffers.append(buf)
         # created under the lock: from here on the storage has a second holder, so no other thread takes it
-        return u.new_empty(0).set_(buf)  # not buf.untyped_storage(): a Python storage object is a lasting holder
+        return buf.new_empty(0).set_(buf)  # not buf.untyped_storage(): a Python storage object is a lasting holder
 
 
 def native_bf16() -> bool:
@@ -184,8 +187,8 @@ def warn_if_bf16_is_emulated(x: torch.Tensor) -> None:
     warnings.warn(
         'timm_convmixer: bfloat16 autocast on a CPU without native bf16 support '
         '(torch.ops.mkldnn._is_mkldnn_bf16_supported() is False): its bf16 convolutions are emulated and run 15-20x '
-        'slower than float32. Eval-mode blocks take our float32 kernels where auto finds them within bf16 precision '
-        '(and faster), but the stem and everything else, training included, run emulated. Drop the CPU autocast '
+        'slower than float32. Eval-mode blocks and the stem take our float32 kernels where auto finds them within '
+        'bf16 precision (and faster), but everything else, training included, runs emulated. Drop the CPU autocast '
         '(train.py: no --amp on CPU) unless you need bf16 numerics.',
         RuntimeWarning, stacklevel=4)
 
@@ -357,11 +360,14 @@ def block_forward(parts: BlockParts, x: torch.Tensor, path: str = 'cpu') -> Opti
     k = parts.kernel_size
     dim = x.shape[1]
     with torch.no_grad():
-        x = x.to(dtype).contiguous(memory_format=torch.channels_last)
         if compiled:
-            u = cpu_kernels.dw_block(x, f.taps, f.b_dw, f.s_dw.view(dim), k, parts.act, _scratch_like(x))
+            # under bf16 autocast the fp32 kernels read a bf16 x and write the bf16 output themselves: no pass of
+            # its own converts either (two such passes cost 86 against 74 ms a block at 8 x 768 x 32 x 32, AVX2)
+            x = _kernel_input(x, dtype)
+            u = cpu_kernels.dw_block(x, f.taps, f.b_dw, f.s_dw.view(dim), k, parts.act, _scratch_like(x, dtype))
             return cpu_kernels.pw_block(u, f.panels, f.b_pw, f.s_pw.view(dim), f.t_pw.view(dim), parts.act,
-                                        _output_like(u)).to(out_dtype)
+                                        _output_like(u, out_dtype))
+        x = x.to(dtype).contiguous(memory_format=torch.channels_last)
         a = _conv(parts, x, f.w_dw, f.b_dw, dim)
         if k % 2 == 0:
             # PyTorch's "same" for even k pads (k-1)//2 before and k//2 after: pad k//2 on both sides and drop the
@@ -371,6 +377,14 @@ def block_forward(parts: BlockParts, x: torch.Tensor, path: str = 'cpu') -> Opti
         else:
             u = torch.addcmul(x, a, f.s_dw, out=a)  # x + s1 * act(dw(x)); BN shift t1 lives in b_pw
         return materialize(Carried(_conv(parts, u, f.w_pw, f.b_pw, 1), f.s_pw, f.t_pw))
+
+
+def _kernel_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` as our depthwise kernel reads it for output in ``dtype``: channels_last, and in ``dtype`` unless it is
+    bf16 (which the kernel widens as it reads, for a float32 output too)."""
+    if x.dtype != dtype and x.dtype != torch.bfloat16:
+        x = x.to(dtype)
+    return x.contiguous(memory_format=torch.channels_last)
 
 
 def _conv(parts: BlockParts, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int) -> torch.Tensor:
@@ -404,7 +418,7 @@ def hybrid_forward(parts: BlockParts, x: torch.Tensor, carried: Optional[Carried
     dim = x.shape[1]
     in_affine = None if carried is None else (carried.scale.view(dim), carried.shift.view(dim))
     with torch.no_grad():
-        x = x.to(dtype).contiguous(memory_format=torch.channels_last)
-        u = cpu_kernels.dw_block(x, f.taps, f.b_dw, f.s_dw.view(dim), parts.kernel_size, parts.act, _scratch_like(x),
-                                 in_affine)
+        x = _kernel_input(x, dtype)
+        u = cpu_kernels.dw_block(x, f.taps, f.b_dw, f.s_dw.view(dim), parts.kernel_size, parts.act,
+                                 _scratch_like(x, dtype), in_affine)
         return Carried(_conv(parts, u, f.w_pw, f.b_pw, 1), f.s_pw, f.t_pw)

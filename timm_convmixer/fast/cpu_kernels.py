@@ -125,7 +125,8 @@ def dw_block(x: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor, scale: tor
              act: str, out: torch.Tensor, in_affine: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
              ) -> torch.Tensor:
     """``out = x + scale * act(depthwise_conv_same(x) + bias)`` for a channels_last ``x`` (``out`` likewise, not
-    ``x``), float32 or bfloat16 (computed in float32, rounded once on store): ``taps`` is the depthwise weight as
+    ``x``), float32 or bfloat16 (computed in float32; ``out`` in ``x``'s dtype, or float32 for a bf16 ``x``, a bf16
+    ``out`` rounded once on store): ``taps`` is the depthwise weight as
     ``(k * k, C)``, ``bias``/``scale`` hold ``C`` values (float32, as every per-channel operand). With
     ``in_affine = (s, t)`` (``C`` values each) the block's input is ``s * x + t`` per channel, applied as the kernel
     reads ``x``. The kernel must be loaded."""
@@ -141,17 +142,19 @@ def pw_pack(weight: torch.Tensor) -> torch.Tensor:
 
 def pw_block(u: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
              act: str, out: torch.Tensor) -> torch.Tensor:
-    """``out = scale * act(conv1x1(u) + bias) + shift`` for a channels_last float32 ``u`` (``out`` likewise, its own
-    storage, with the output channels): ``panels`` from :func:`pw_pack`, ``bias``/``scale``/``shift`` one value per
-    output channel. The kernels must be loaded."""
+    """``out = scale * act(conv1x1(u) + bias) + shift`` for a channels_last float32 ``u`` (``out`` likewise, float32
+    or bfloat16, rounded once on store; its own storage, with the output channels): ``panels`` from :func:`pw_pack`,
+    ``bias``/``scale``/``shift`` one value per output channel. The kernels must be loaded."""
     _ops.pw_block(u, panels, bias, scale, shift, ACT_CODES[act], out)
     return out
 
 
-def fma_peak_gflops(per_thread: int = 4_000_000, repeats: int = 3) -> float:
+def fma_peak_gflops(per_thread: int = 4_000_000, repeats: int = 12) -> float:
     """This CPU's fp32 FMA throughput in GFLOP/s on ATen's current threads (``csrc/fma_peak.cpp``: independent
-    vector FMAs from registers, the best of ``repeats`` runs of ``per_thread`` rounds of 16 each, ~25 ms a run on a
-    2-core AVX-512 VM): the ceiling a fraction of peak is a fraction of. The kernels must be loaded."""
+    vector FMAs from registers, the best of ``repeats`` runs of ``per_thread`` rounds of 12-16 each, ~16-25 ms a run
+    on these 2-core VMs): the ceiling a fraction of peak is a fraction of. The kernels must be loaded. Why 12 runs: on
+    a 2-core Zen 3 VM, best-of-3 readings ranged 94-189 GFLOP/s within minutes (a run whose second thread is held
+    off reads one core's worth), which put engines at 127% of "peak"."""
     return _ops.fma_peak_gflops(per_thread, repeats)
 
 

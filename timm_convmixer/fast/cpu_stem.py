@@ -15,8 +15,13 @@ image's non-overlapping ``p x p`` patches, one row each, with the weight flatten
 
 Measured against the eager stem plus the first block's conversion (same process, ad hoc, 2 threads, AVX-512 Xeon):
 1.2x-1.3x at patch 14, 1.8x-3.6x at patches 7 and 8, 2.4x-4.4x at patches 1 and 2. Whether it wins on a CPU, auto
-checks per case (:func:`timm_convmixer.fast.stem_forward`). fp32 only (under autocast, or for other dtypes, the
-plain modules run); an input whose size is not a multiple of ``p`` is cropped as the convolution crops it.
+checks per case (:func:`timm_convmixer.fast.stem_forward`). It computes in fp32: for fp32 input, and under bf16
+autocast on a CPU without native bf16, where the plain stem's bf16 convolution is emulated (15-20x slower than
+fp32: convmixer_768_32's stem at batch 8, 224px, on an AVX2 Zen 3 ran 787 ms from an NCHW image and 262 ms from a
+channels_last one, this path 30 and 24 ms) and the fp32 result, rounded to bf16, is within autocast's precision, as
+the blocks' kernels give theirs. Elsewhere (fp16 autocast, bf16 autocast where
+oneDNN's bf16 is native, other dtypes) the plain modules run. An input whose size is not a multiple of ``p`` is
+cropped as the convolution crops it.
 """
 from typing import NamedTuple, Optional, Tuple
 
@@ -25,6 +30,7 @@ import torch.nn as nn
 
 from . import cpu, kept
 from .eligibility import StemParts, bn_scale_shift
+from .runtime import conv_dtype
 
 __all__ = ['applies', 'available', 'eager', 'forward', 'output_shape']
 
@@ -74,15 +80,19 @@ def _patches(x: torch.Tensor, p: int, channels_last: bool) -> torch.Tensor:
 
 
 def applies(parts: StemParts, x: torch.Tensor) -> bool:
-    """Whether this path computes the stem on ``x`` (cheap; decided per call, as grad mode may change)."""
-    if cpu.applies(parts, x) != torch.float32 or not available():
+    """Whether this path computes the stem on ``x`` (cheap; decided per call, as grad mode may change): in fp32 where
+    oneDNN's path would (fp32 input), or where only our fp32 kernels would (bf16 autocast without native bf16)."""
+    onednn = cpu.applies(parts, x)
+    if onednn != torch.float32 and (onednn is not None or cpu.applies(parts, x, kernels=True) != torch.float32):
+        return False
+    if not available():
         return False
     p = parts.kernel_size
     return x.shape[1] == parts.conv.in_channels and x.shape[2] >= p and x.shape[3] >= p
 
 
 def output_shape(parts: StemParts, x: torch.Tensor) -> Tuple[int, int, int, int]:
-    """The shape of this path's output for ``x`` (the output is fp32, channels_last)."""
+    """The shape of this path's output for ``x`` (channels_last; bf16 under bf16 autocast, else fp32)."""
     p = parts.kernel_size
     return x.shape[0], parts.conv.out_channels, x.shape[2] // p, x.shape[3] // p
 
@@ -99,11 +109,12 @@ def forward(parts: StemParts, x: torch.Tensor) -> Optional[torch.Tensor]:
     f = kept.kept(_cache.setdefault(conv, {}), channels_last, parts, (),
                   lambda: _fold(parts, channels_last))
     attr, scalars, algorithm = cpu.POST_OPS[parts.act]
-    with torch.no_grad():
-        y = torch.ops.mkldnn._linear_pointwise(_patches(x, p, channels_last), f.weight, f.bias, attr, scalars,
-                                               algorithm)
+    out_dtype = conv_dtype(x)
+    with torch.no_grad(), torch.autocast('cpu', enabled=False):
+        y = torch.ops.mkldnn._linear_pointwise(_patches(x.float(), p, channels_last), f.weight, f.bias, attr,
+                                               scalars, algorithm)
         torch.addcmul(f.shift, y, f.scale, out=y)
-        return y.view(n, height // p, width // p, conv.out_channels).permute(0, 3, 1, 2)
+        return y.to(out_dtype).view(n, height // p, width // p, conv.out_channels).permute(0, 3, 1, 2)
 
 
 def eager(stem: nn.Module, x: torch.Tensor) -> torch.Tensor:

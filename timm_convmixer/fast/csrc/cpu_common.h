@@ -72,8 +72,9 @@ inline void store_part(const Vec& x, float* p, int64_t v, int64_t n) {
 }
 
 // The same for bfloat16 data computed on in float32: widened exactly on load, rounded to nearest even on store
-// (ATen's conversion, NaN kept). AVX-512 builds (where CPUs with native bf16 are) convert in registers; other builds
-// go through a float array (correct, not fast: bf16 paths are offered only where the CPU has native bf16).
+// (ATen's conversion, NaN kept). Whole vectors convert in registers, on AVX-512 (where CPUs with native bf16 are) and
+// on AVX2 (where our kernels are the fast way through bf16 autocast: without native bf16, oneDNN emulates it); a
+// partial vector at a block's edge, and other ISAs, go through a float array.
 inline Vec load_part(const c10::BFloat16* p, int64_t v, int64_t n) {
   const int64_t left = std::min<int64_t>(VL, n - v * VL);
   p += v * VL;
@@ -82,6 +83,12 @@ inline Vec load_part(const c10::BFloat16* p, int64_t v, int64_t n) {
                                : _mm256_maskz_loadu_epi16(__mmask16((1u << left) - 1), p);
   return Vec(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
 #else
+#if defined(CPU_CAPABILITY_AVX2)
+  if (left >= VL) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return Vec(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)));
+  }
+#endif
   float tmp[VL] = {};
   for (int64_t i = 0; i < left; ++i) tmp[i] = float(p[i]);
   return Vec::loadu(tmp);
@@ -96,6 +103,12 @@ inline void store_part(const Vec& x, c10::BFloat16* p, int64_t v, int64_t n) {
   if (left >= VL) _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h);
   else _mm256_mask_storeu_epi16(p, __mmask16((1u << left) - 1), h);
 #else
+#if defined(CPU_CAPABILITY_AVX2)
+  if (left >= VL) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), at::vec::cvtfp32_bf16(__m256(x)));
+    return;
+  }
+#endif
   float tmp[VL];
   x.store(tmp);
   for (int64_t i = 0; i < left; ++i) p[i] = c10::BFloat16(tmp[i]);

@@ -16,9 +16,10 @@
 // once. Built at first use by timm_convmixer/fast/cpu_kernels.py for the vector ISA ATen dispatches to on this CPU
 // (ATen's Vectorized<float>: 8 floats on AVX2, 16 on AVX-512).
 //
-// x and u may be bfloat16 (both): the kernel still computes in float32 (x widened as it is copied into the ring, u
-// rounded once as it is stored), so under bf16 autocast a block's depthwise half reads and writes half the bytes and
-// rounds once, where eager rounds after the conv, the activation, the BatchNorm and the add.
+// x may be bfloat16, and u then bfloat16 or float32: the kernel still computes in float32 (x widened as it is copied
+// into the ring, a bf16 u rounded once as it is stored). Under bf16 autocast a block's depthwise half so reads (and
+// with a bf16 u writes) half the bytes and rounds once, where eager rounds after the conv, the activation, the
+// BatchNorm and the add; a float32 u feeds our GEMM, which computes in float32 wherever the CPU has no native bf16.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
@@ -42,15 +43,15 @@ constexpr int TW = AVX512_SCHEDULE ? 16 : 8 / NV;  // output pixels of a row com
 static_assert(CB % VL == 0 && NV >= 1 && TW >= 1, "a channel block must be whole vectors");
 constexpr int64_t RING_BYTES = 16 * 1024;  // a ring this size, the taps and one row leave room in a 32 KiB L1
 
-template <typename T>
+template <typename TI, typename TO>
 struct Problem {
-  const T* x;         // N, H, W, C
+  const TI* x;        // N, H, W, C
   const float* taps;  // k * k, C
   const float* bias;  // C
   const float* scale; // C
   const float* in_scale;  // C, or null: x is the stored tensor itself
   const float* in_shift;  // C (with in_scale)
-  T* out;             // N, H, W, C
+  TO* out;            // N, H, W, C
   int64_t N, H, W, C, k, pad;
 };
 
@@ -132,8 +133,8 @@ inline void conv_row(const float* const* rows, const float* taps, const float* b
   }
 }
 
-template <int ACT, int K, typename T>
-void run_item(const Problem<T>& p, const Item& it, float* scratch) {
+template <int ACT, int K, typename TI, typename TO>
+void run_item(const Problem<TI, TO>& p, const Item& it, float* scratch) {
   const int64_t H = p.H, W = p.W, C = p.C, k = p.k, pad = p.pad;
   const int64_t cols = std::min<int64_t>(CB, C - it.c0);  // channels of this block (the last may be partial)
   const int64_t width = it.w1 - it.w0, ring_w = width + k - 1;
@@ -156,7 +157,7 @@ void run_item(const Problem<T>& p, const Item& it, float* scratch) {
   const int64_t in_lo = std::max<int64_t>(0, it.w0 - pad), in_hi = std::min<int64_t>(W, it.w1 - pad + k - 1);
   auto load_row = [&](int64_t ih) {
     float* dst = rows + (ih % k) * ring_w * CB + (in_lo - (it.w0 - pad)) * CB;
-    const T* src = p.x + ((it.n * H + ih) * W + in_lo) * C + it.c0;
+    const TI* src = p.x + ((it.n * H + ih) * W + in_lo) * C + it.c0;
     const bool ahead = ih + 1 < H;
     for (int64_t iw = 0; iw < in_hi - in_lo; ++iw) {
       if (ahead) __builtin_prefetch(src + (W + iw) * C);
@@ -179,7 +180,7 @@ void run_item(const Problem<T>& p, const Item& it, float* scratch) {
     // the next row's lines while this one is stored took the k = 1 kernel from 4.4 to 2.4 ms at 64x256x16x16. A
     // read prefetch: PREFETCHW (-mprfchw) ran 0.81x-0.99x of it, fetching two rows ahead or into L2 0.91x-1.11x
     const float* center = rows + (oh % k) * ring_w * CB + pad * CB;
-    T* out = p.out + ((it.n * H + oh) * W + it.w0) * C + it.c0;
+    TO* out = p.out + ((it.n * H + oh) * W + it.w0) * C + it.c0;
     const bool out_ahead = AVX512_SCHEDULE && oh + 1 < it.r1;
     for (int64_t j = 0; j < width; ++j) {
       if (out_ahead) __builtin_prefetch(out + (W + j) * C, 0);
@@ -192,8 +193,8 @@ void run_item(const Problem<T>& p, const Item& it, float* scratch) {
   }
 }
 
-template <int ACT, int K, typename T>
-void run(const Problem<T>& p) {
+template <int ACT, int K, typename TI, typename TO>
+void run(const Problem<TI, TO>& p) {
   // columns per item: as many as keep the ring within RING_BYTES (a multiple of TW), at least TW
   const int64_t ring_cols = RING_BYTES / (p.k * CB * int64_t(sizeof(float)));
   const int64_t seg = std::min<int64_t>(p.W, std::max<int64_t>(TW, (ring_cols - (p.k - 1)) / TW * TW));
@@ -214,7 +215,7 @@ void run(const Problem<T>& p) {
       it.w1 = std::min(p.W, it.w0 + seg);
       it.r0 = i % bands * band;
       it.r1 = std::min(p.H, it.r0 + band);
-      if (it.r0 < it.r1) run_item<ACT, K, T>(p, it, scratch.data());
+      if (it.r0 < it.r1) run_item<ACT, K, TI, TO>(p, it, scratch.data());
     }
   });
 }
@@ -239,17 +240,18 @@ void dw_block(const at::Tensor& x, const at::Tensor& taps, const at::Tensor& bia
       TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == C,
                   "dw_block: in_scale and in_shift must be contiguous float32 CPU tensors of ", C, " values");
   TORCH_CHECK(act >= IDENTITY && act <= SILU, "dw_block: unknown activation code ", act);
-  TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == x.scalar_type() && out.sizes() == x.sizes() &&
-              out.is_contiguous(at::MemoryFormat::ChannelsLast), "dw_block: out must be a channels_last CPU tensor "
-              "of x's shape and dtype");
+  TORCH_CHECK(out.device().is_cpu() && (out.scalar_type() == x.scalar_type() || out.scalar_type() == at::kFloat) &&
+              out.sizes() == x.sizes() && out.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "dw_block: out must be a channels_last CPU tensor of x's shape, in x's dtype or float32");
   TORCH_CHECK(!out.is_same(x), "dw_block: out must not be x (each output reads its neighbours' inputs)");
   if (out.numel() == 0) return;
-  auto launch = [&](auto zero) {
-    using T = decltype(zero);
-    const Problem<T> p{x.data_ptr<T>(), taps.data_ptr<float>(), bias.data_ptr<float>(), scale.data_ptr<float>(),
-                       in_scale.has_value() ? in_scale->data_ptr<float>() : nullptr,
-                       in_shift.has_value() ? in_shift->data_ptr<float>() : nullptr, out.data_ptr<T>(),
-                       x.size(0), x.size(2), x.size(3), C, k, (k - 1) / 2};
+  auto launch = [&](auto in_zero, auto out_zero) {
+    using TI = decltype(in_zero);
+    using TO = decltype(out_zero);
+    const Problem<TI, TO> p{x.data_ptr<TI>(), taps.data_ptr<float>(), bias.data_ptr<float>(), scale.data_ptr<float>(),
+                            in_scale.has_value() ? in_scale->data_ptr<float>() : nullptr,
+                            in_shift.has_value() ? in_shift->data_ptr<float>() : nullptr, out.data_ptr<TO>(),
+                            x.size(0), x.size(2), x.size(3), C, k, (k - 1) / 2};
     with_activation(act, [&](auto a) {
       constexpr int A = decltype(a)::value;
       if constexpr (AVX512_SCHEDULE) {
@@ -263,7 +265,9 @@ void dw_block(const at::Tensor& x, const at::Tensor& taps, const at::Tensor& bia
       run<A, 0>(p);
     });
   };
-  if (x.scalar_type() == at::kBFloat16) launch(c10::BFloat16()); else launch(float());
+  if (x.scalar_type() == at::kFloat) launch(float(), float());
+  else if (out.scalar_type() == at::kFloat) launch(c10::BFloat16(), float());
+  else launch(c10::BFloat16(), c10::BFloat16());
 }
 
 }  // namespace

@@ -1,6 +1,6 @@
 // The pointwise half of an eval-mode ConvMixer block on a CPU, as one GEMM with its epilogue:
 //
-//     y = scale * act(u @ W^T + bias) + shift        (u: NHWC rows of C_in floats, y: NHWC, float32)
+//     y = scale * act(u @ W^T + bias) + shift        (u: NHWC rows of C_in floats, y: NHWC, float32 or bfloat16)
 //
 // Why a GEMM of our own: the 1x1 convolution holds 76-95% of a ConvMixer's FLOPs. oneDNN's channels_last 1x1
 // convolution (with the activation fused) ran at ~110 GFLOP/s on an AVX2 Zen 3 and needs one more pass for the
@@ -17,6 +17,9 @@
 // affine are applied and each output is written once. Against the whole-K kernel with unpacked rows this replaced
 // (same process, 21 interleaved rounds, AVX2 Zen 3 VM whose noise is about +-5%): 1.01x-1.15x at K = 1536, 1.04x at
 // 512 and 1024, 0.96x at 768.
+// A bfloat16 y is the float32 result rounded once as it is stored: under bf16 autocast on a CPU without native
+// bf16 (where oneDNN emulates bf16 15-20x slower than float32) the block computes in float32 and hands on a bf16
+// output, as eager autocast's block would, without a pass of its own for the rounding.
 // Built by timm_convmixer/fast/cpu_kernels.py with dw_block.cpp.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -86,7 +89,7 @@ struct Problem {
   const float* bias;    // N
   const float* scale;   // N
   const float* shift;   // N
-  float* y;             // M x N
+  void* y;              // M x N, float32 or bfloat16 (run's TO)
   int64_t M, K, N;
 };
 
@@ -104,19 +107,20 @@ void pack_rows(const Problem& p, int64_t m0, int64_t m1, float* dst) {
 
 // Bias, activation and BatchNorm affine on R rows of a finished tile, written to rows m.. of output channels
 // [n0, n0 + cols) (cols <= NR).
-template <int ACT>
+template <int ACT, typename TO>
 void epilogue(const Problem& p, const float* tile, int64_t m, int64_t R, int64_t n0, int64_t cols) {
+  TO* const y = static_cast<TO*>(p.y);
   for (int64_t v = 0; v * VL < cols; ++v) {
     const Vec b = load_part(p.bias + n0, v, cols), s = load_part(p.scale + n0, v, cols);
     const Vec t = load_part(p.shift + n0, v, cols);
     for (int64_t r = 0; r < R; ++r) {
       const Vec z = Vec::loadu(tile + r * NR + v * VL) + b;
-      store_part(at::vec::fmadd(activate<ACT>(z), s, t), p.y + (m + r) * p.N + n0, v, cols);
+      store_part(at::vec::fmadd(activate<ACT>(z), s, t), y + (m + r) * p.N + n0, v, cols);
     }
   }
 }
 
-template <int ACT>
+template <int ACT, typename TO>
 void run(const Problem& p) {
   // enough work items for the threads (4 each) where M is small: chunks of fewer rows, whole tiles
   const int64_t threads = at::get_num_threads();
@@ -153,7 +157,7 @@ void run(const Problem& p) {
       for (int64_t n0 = nb, j = 0; n0 < nb1; n0 += NR, ++j)
         for (int64_t t = 0; t < chunk_tiles; ++t) {
           const int64_t m = m0 + t * MR;
-          epilogue<ACT>(p, sums + (j * tiles + t) * MR * NR, m, std::min<int64_t>(MR, m1 - m), n0,
+          epilogue<ACT, TO>(p, sums + (j * tiles + t) * MR * NR, m, std::min<int64_t>(MR, m1 - m), n0,
                         std::min<int64_t>(NR, nb1 - n0));
         }
     }
@@ -185,10 +189,10 @@ void pw_block(const at::Tensor& u, const at::Tensor& panels, const at::Tensor& b
               "pw_block: panels must be pw_pack's output for ", K, " input channels (shape (P, ", K, ", ", NR,
               ")), got ", panels.sizes());
   const int64_t N = out.dim() == 4 ? out.size(1) : -1;
-  TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == at::kFloat && out.dim() == 4 &&
-              out.size(0) == u.size(0) && out.size(2) == u.size(2) && out.size(3) == u.size(3) &&
+  TORCH_CHECK(out.device().is_cpu() && (out.scalar_type() == at::kFloat || out.scalar_type() == at::kBFloat16) &&
+              out.dim() == 4 && out.size(0) == u.size(0) && out.size(2) == u.size(2) && out.size(3) == u.size(3) &&
               out.is_contiguous(at::MemoryFormat::ChannelsLast),
-              "pw_block: out must be a channels_last float32 CPU tensor of u's batch and spatial size");
+              "pw_block: out must be a channels_last float32 or bfloat16 CPU tensor of u's batch and spatial size");
   TORCH_CHECK(panels.size(0) == (N + NR - 1) / NR, "pw_block: panels hold ", panels.size(0) * NR,
               " output channels, out has ", N);
   for (const at::Tensor* t : {&bias, &scale, &shift})
@@ -197,9 +201,12 @@ void pw_block(const at::Tensor& u, const at::Tensor& panels, const at::Tensor& b
   TORCH_CHECK(act >= IDENTITY && act <= SILU, "pw_block: unknown activation code ", act);
   TORCH_CHECK(!out.is_same(u), "pw_block: out must not be u (every output reads a whole input row)");
   const Problem p{u.data_ptr<float>(), panels.data_ptr<float>(), bias.data_ptr<float>(), scale.data_ptr<float>(),
-                  shift.data_ptr<float>(), out.data_ptr<float>(), u.size(0) * u.size(2) * u.size(3), K, N};
+                  shift.data_ptr<float>(), out.data_ptr(), u.size(0) * u.size(2) * u.size(3), K, N};
   if (out.numel() == 0) return;
-  with_activation(act, [&](auto a) { run<decltype(a)::value>(p); });
+  with_activation(act, [&](auto a) {
+    if (out.scalar_type() == at::kFloat) run<decltype(a)::value, float>(p);
+    else run<decltype(a)::value, c10::BFloat16>(p);
+  });
 }
 
 // How many strong references the storage under `t` has: 1 when `t` is its only holder. No Python storage object is
