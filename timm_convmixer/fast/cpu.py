@@ -54,7 +54,7 @@ from .eligibility import BlockParts, StemParts, bn_scale_shift
 from .runtime import autocast_state, conv_dtype
 
 __all__ = ['PATHS', 'POST_OPS', 'Carried', 'applies', 'available', 'block_forward', 'chosen', 'clear_cache',
-           'hybrid_forward', 'materialize', 'native_bf16', 'paths', 'warn_if_bf16_is_emulated']
+           'compute_dtypes', 'hybrid_forward', 'materialize', 'native_bf16', 'paths', 'warn_if_bf16_is_emulated']
 
 
 def available() -> bool:
@@ -250,10 +250,10 @@ def applies(parts: Union[BlockParts, StemParts], x: torch.Tensor, kernels: bool 
     bf16), or with ``kernels`` our compiled kernels' (fp32, under bf16 autocast too, native bf16 or not); ``None``
     where they do not apply (the stem's path asks too). What they read: the convolutions' weights and biases and the
     BatchNorms' affine parameters and running statistics."""
-    return _compute_dtypes(parts, x)[1 if kernels else 0]
+    return compute_dtypes(parts, x)[1 if kernels else 0]
 
 
-def _compute_dtypes(parts: Union[BlockParts, StemParts],
+def compute_dtypes(parts: Union[BlockParts, StemParts],
                     x: torch.Tensor) -> Tuple[Optional[torch.dtype], Optional[torch.dtype]]:
     """:func:`applies`' two answers, oneDNN's and our kernels', from one pass of its checks (asked on every block's
     call, more than once before: ~9 us each on a 2-core Xeon)."""
@@ -317,7 +317,7 @@ def paths(parts: BlockParts, x: torch.Tensor) -> Tuple[str, ...]:
     ``'cpu'`` (both convolutions on oneDNN) wherever :func:`applies`; ``'cpu_compiled'`` and ``'cpu_hybrid'`` (our
     depthwise kernel, and our GEMM or oneDNN's) when the kernels load (the first call may build them), also under
     bf16 autocast (:func:`_hybrid_dtype`)."""
-    onednn_dtype, dtype = _compute_dtypes(parts, x)
+    onednn_dtype, dtype = compute_dtypes(parts, x)
     onednn = ('cpu',) if onednn_dtype is not None else ()
     return onednn + PATHS[1:] if dtype is not None and _compiled_applies(parts, dtype) else onednn
 
@@ -333,7 +333,7 @@ def _hybrid_dtype(parts: BlockParts, x: torch.Tensor) -> Optional[torch.dtype]:
     conv in bf16, as eager autocast's; our depthwise kernel widening bf16 to fp32 and rounding once on store), else
     fp32 (under autocast without native bf16 too: all of it in fp32, the output rounded); ``None`` where it does not
     apply."""
-    onednn, ours = _compute_dtypes(parts, x)
+    onednn, ours = compute_dtypes(parts, x)
     return onednn if onednn == torch.bfloat16 else ours
 
 

@@ -19,9 +19,9 @@ checks per case (:func:`timm_convmixer.fast.stem_forward`). It computes in fp32:
 autocast on a CPU without native bf16, where the plain stem's bf16 convolution is emulated (15-20x slower than
 fp32: convmixer_768_32's stem at batch 8, 224px, on an AVX2 Zen 3 ran 787 ms from an NCHW image and 262 ms from a
 channels_last one, this path 30 and 24 ms) and the fp32 result, rounded to bf16, is within autocast's precision, as
-the blocks' kernels give theirs. Elsewhere (fp16 autocast, bf16 autocast where
-oneDNN's bf16 is native, other dtypes) the plain modules run. An input whose size is not a multiple of ``p`` is
-cropped as the convolution crops it.
+the blocks' kernels give theirs. Elsewhere (fp16 autocast, bf16 autocast where oneDNN's bf16 is native, other
+dtypes) the plain modules run. An input whose size is not a multiple of ``p`` is cropped as the convolution crops
+it.
 """
 from typing import NamedTuple, Optional, Tuple
 
@@ -82,10 +82,8 @@ def _patches(x: torch.Tensor, p: int, channels_last: bool) -> torch.Tensor:
 def applies(parts: StemParts, x: torch.Tensor) -> bool:
     """Whether this path computes the stem on ``x`` (cheap; decided per call, as grad mode may change): in fp32 where
     oneDNN's path would (fp32 input), or where only our fp32 kernels would (bf16 autocast without native bf16)."""
-    onednn = cpu.applies(parts, x)
-    if onednn != torch.float32 and (onednn is not None or cpu.applies(parts, x, kernels=True) != torch.float32):
-        return False
-    if not available():
+    onednn, ours = cpu.compute_dtypes(parts, x)  # (one pass of the checks for both answers)
+    if ours != torch.float32 or onednn == torch.bfloat16 or not available():
         return False
     p = parts.kernel_size
     return x.shape[1] == parts.conv.in_channels and x.shape[2] >= p and x.shape[3] >= p
