@@ -78,7 +78,8 @@ def rel(a, b):
     a, b = a.float(), b.float()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
-doc = {'gpu': 'cpu' if SMOKE else torch.cuda.get_device_name(), 'torch': torch.__version__, 'triton': __import__('triton').__version__,
+doc = {'gpu': 'cpu' if SMOKE else torch.cuda.get_device_name(), 'torch': torch.__version__,
+       'triton': __import__('triton').__version__,
        'dtype': 'bf16', 'batch': N, 'shapes': {}, 'sweep': {}}
 def save():
     if args.out:

@@ -1,5 +1,5 @@
-"""Shared test set-up: small CPU thread count, the plugin imported, deterministic seeds, no cached fast-path
-decisions, and the shared fixtures.
+"""Shared test set-up: a CPU thread count that fits the cores beside pytest-xdist's other worker (subprocesses
+inherit it), the plugin imported, deterministic seeds, no cached fast-path decisions, and the shared fixtures.
 
 Fixtures (the functions behind them live in ``tests/helpers.py``, importable by scripts and module-level code):
 
@@ -23,7 +23,21 @@ import os
 import pytest
 import torch
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def _threads_per_process() -> int:
+    """Up to 2 threads, fewer where pytest-xdist's workers would otherwise ask for more threads than there are cores.
+    torch's OpenMP threads spin while they wait; with two workers of two threads each on two cores (and a
+    subprocess of two more at times) timm's battery took 2.6x its time alone."""
+    workers = int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1'))
+    return max(1, min(2, (os.cpu_count() or 1) // workers))
+
+
+THREADS = _threads_per_process()
+torch.set_num_threads(THREADS)
+# the subprocesses tests start run on as many threads as this process: logits compared bit for bit across processes
+# need the same thread count on both sides
+os.environ['OMP_NUM_THREADS'] = str(THREADS)
 
 import timm  # noqa: E402  (the start-up hook registers our variants on this import)
 import timm_convmixer  # noqa: E402,F401  (explicit import registers too; harmless twice)

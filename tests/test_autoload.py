@@ -192,7 +192,8 @@ def test_failing_plugin_warns_and_timm_still_imports(tmp_path, run):
     """Another plugin in the same entry-point group that raises: a warning names it; our variants still register."""
     site_dir = tmp_path / 'site'
     (site_dir / 'bad_plugin-1.0.dist-info').mkdir(parents=True)
-    (site_dir / 'bad_plugin-1.0.dist-info' / 'METADATA').write_text('Metadata-Version: 2.1\nName: bad-plugin\nVersion: 1.0\n')
+    metadata = 'Metadata-Version: 2.1\nName: bad-plugin\nVersion: 1.0\n'
+    (site_dir / 'bad_plugin-1.0.dist-info' / 'METADATA').write_text(metadata)
     (site_dir / 'bad_plugin-1.0.dist-info' / 'entry_points.txt').write_text('[timm.models]\nbad = bad_plugin_mod\n')
     (site_dir / 'bad_plugin_mod.py').write_text('raise RuntimeError("plugin exploded")\n')
     out = run(code='''

@@ -94,7 +94,9 @@ def test_gelu_as_accurate_as_torchs(kernels):
 @pytest.mark.parametrize('capability', sorted(cpu_kernels._ISA_FLAGS))
 def test_compiles_for_each_vector_isa(capability, tmp_path):
     """The sources compile for AVX2 and for AVX-512 (8 and 16 floats a vector) whichever this CPU has. This CPU's
-    own ISA is built, loaded and run by the tests above, so it is not compiled twice."""
+    own ISA is built, loaded and run by the tests above, so it is not compiled twice. Unoptimised (-O0 after the
+    build's -O3): what is checked (types, templates, the ISA's intrinsics) is the same, and it compiles in a third of
+    the time (23 against 77 s for AVX-512 in CI on an AVX2 machine)."""
     from torch.utils.cpp_extension import include_paths
     if capability == torch.backends.cpu.get_cpu_capability() and cpu_kernels.load() is not None:
         pytest.skip(f'{capability} is this CPU\'s: built and run by the other tests')
@@ -103,7 +105,7 @@ def test_compiles_for_each_vector_isa(capability, tmp_path):
         pytest.skip('no C++ compiler')
     start = time.perf_counter()
     procs = {source: subprocess.Popen(
-        [cxx, '-std=c++20', '-fPIC', *cpu_kernels._flags(capability), *[f'-isystem{p}' for p in include_paths()],
+        [cxx, '-std=c++20', '-fPIC', *cpu_kernels._flags(capability), '-O0', *[f'-isystem{p}' for p in include_paths()],
          '-c', source, '-o', str(tmp_path / (os.path.basename(source) + '.o'))],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for source in cpu_kernels.SOURCES}
     for source, proc in procs.items():

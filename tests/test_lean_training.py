@@ -259,7 +259,8 @@ def test_no_grad_training_mode_and_sync_batchnorm_take_the_plain_modules():
 
 
 def _eval_model(dim=8, depth=2):
-    """Eval mode with non-trivial BatchNorm statistics (the shared randomiser), kernel 3 to keep the interpreter fast."""
+    """Eval mode with non-trivial BatchNorm statistics (the shared randomiser), kernel 3 to keep the interpreter
+    fast."""
     return small_model(dim=dim, depth=depth, kernel_size=3, randomize={})
 
 

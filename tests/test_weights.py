@@ -122,7 +122,7 @@ def hub_env(hub, tmp_path, monkeypatch):
 def subprocess_env(hub, tmp_path, **extra):
     return dict(HF_ENDPOINT=hub.endpoint, HF_HOME=str(tmp_path / 'hf_home'), HF_HUB_DISABLE_XET='1',
                 HF_HUB_DISABLE_TELEMETRY='1', HF_TOKEN='dummy-token', TORCH_HOME=str(tmp_path / 'torch_home'),
-                OMP_NUM_THREADS='2', TIMM_CONVMIXER_BACKEND='eager', **extra)  # bitwise logits: see logits()
+                TIMM_CONVMIXER_BACKEND='eager', **extra)  # bitwise logits: see logits() (threads: conftest)
 
 
 def assert_loads_from_hub(model_id, expected_logits, tmp_path, env, run_python):
@@ -623,5 +623,5 @@ def test_plugin_checkpoint_loads_into_plain_timm(tmp_path, run_python):
         assert 'timm_convmixer' not in sys.modules
         print('OK')
     '''
-    env = dict(TIMM_CONVMIXER_AUTOLOAD='0', OMP_NUM_THREADS='2')
+    env = dict(TIMM_CONVMIXER_AUTOLOAD='0')
     assert 'OK' in run_python(code=code, env=env, cwd=REPO_ROOT, timeout=240).stdout

@@ -52,6 +52,10 @@ CIFAR10_CLASSES = (
 ActLayer = Union[str, Type[nn.Module], Callable[..., nn.Module]]
 _ACT_BY_NAME = {'gelu': nn.GELU, 'relu': nn.ReLU}  # torch's own classes, as timm's built-in model uses
 
+# The start of the UserWarning PyTorch's eager conv gives for padding='same' with an even kernel (it pads a copy of the
+# input): a speed note, for a ``warnings`` filter in tools that run a variant for anything but its speed
+EVEN_KERNEL_SPEED_NOTE = r"Using padding='same' with even kernel lengths"
+
 
 def _resolve_act_layer(act_layer: ActLayer) -> Callable[..., nn.Module]:
     """Accept an activation class/factory or a name (``train.py --model-kwargs act_layer=relu``)."""

@@ -31,6 +31,7 @@ import timm
 import torch
 import torch.nn as nn
 
+from ..convmixer import EVEN_KERNEL_SPEED_NOTE
 from ..weights import load_checkpoint_file
 from .args import add_model_kwargs, positive_int
 from .atomic import atomic_write
@@ -127,7 +128,7 @@ def _torch_export(
         warnings.filterwarnings('ignore', message='The feature will be removed', module=r'torch\.onnx')
         warnings.filterwarnings('ignore', category=torch.jit.TracerWarning, module=r'timm_convmixer\.')
         # a speed note of PyTorch's eager conv (even kernel), nothing to do with the exported graph
-        warnings.filterwarnings('ignore', message=r"Using padding='same' with even kernel lengths")
+        warnings.filterwarnings('ignore', message=EVEN_KERNEL_SPEED_NOTE)
         if dynamo:
             # onnxscript implements opset 18+ only; asked for 17 it would try (and, for Pad, fail) to down-convert
             dynamic_shapes = ({0: torch.export.Dim('batch', min=1)},) if dynamic_batch else None
@@ -287,9 +288,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument('--opset', type=int, default=MIN_OPSET, help=f'ONNX opset, >= {MIN_OPSET} (default)')
     parser.add_argument('--batch-size', type=positive_int, default=1,
                         help='example batch (the batch of a --static-batch file)')
-    parser.add_argument('--static-batch', action='store_true', help='fix the batch dimension instead of leaving it free')
+    parser.add_argument('--static-batch', action='store_true',
+                        help='fix the batch dimension instead of leaving it free')
     parser.add_argument('--dynamo', action='store_true',
-                        help='use torch\'s torch.export-based exporter (needs onnxscript) instead of the TorchScript one')
+                        help='use torch.export-based ONNX exporter (needs onnxscript) instead of the TorchScript one')
     parser.add_argument('--verify', action='store_true',
                         help='run the file with onnxruntime and compare with PyTorch; exit 1 if above --atol')
     parser.add_argument('--atol', type=float, default=1e-4, help='--verify tolerance (default 1e-4)')

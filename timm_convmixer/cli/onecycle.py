@@ -60,7 +60,8 @@ class OneCycleLRScheduler(Scheduler):
 
 
 @functools.wraps(scheduler_factory.create_scheduler_v2)
-def _create_scheduler_v2(optimizer, sched: str = 'cosine', *args, _orig=scheduler_factory.create_scheduler_v2, **kwargs):
+def _create_scheduler_v2(optimizer, sched: str = 'cosine', *args, _orig=scheduler_factory.create_scheduler_v2,
+                         **kwargs):
     if sched != 'onecycle':
         return _orig(optimizer, sched, *args, **kwargs)
     num_epochs = kwargs.get('num_epochs', args[0] if args else 300)

@@ -14,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import timm
 
-from ..convmixer import default_cfgs
+from ..convmixer import EVEN_KERNEL_SPEED_NOTE, default_cfgs
 
 __all__ = ['variant_stats', 'variants_table', 'add_parser', 'run']
 
@@ -38,8 +38,8 @@ def variant_stats(name: str, input_size: Optional[int] = None) -> Dict[str, obje
         x = torch.empty(1, cfg['input_size'][0], size, size)
         counter = FlopCounterMode(display=False)
         with counter, torch.no_grad(), warnings.catch_warnings():
-            # eager's speed note for even kernels (padding='same' copies the input), nothing to do with counting
-            warnings.filterwarnings('ignore', message=r"Using padding='same' with even kernel lengths")
+            # eager's speed note for even kernels, nothing to do with counting
+            warnings.filterwarnings('ignore', message=EVEN_KERNEL_SPEED_NOTE)
             model(x)
     act = type(model.stem[1]).__name__
     return {
@@ -64,7 +64,8 @@ def variants_table(names: Optional[List[str]] = None) -> str:
     names = names or list(default_cfgs.keys())
     rows = [variant_stats(n) for n in names]
     lines = [
-        '| model | dim/depth | kernel | patch | act | params (M) | GMACs | input | classes | pretrained tags | top-1 (source) |',
+        '| model | dim/depth | kernel | patch | act | params (M) | GMACs | input | classes | pretrained tags '
+        '| top-1 (source) |',
         '|---|---|---|---|---|---|---|---|---|---|---|',
     ]
     for r in rows:

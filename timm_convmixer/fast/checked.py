@@ -116,7 +116,8 @@ def _call_ms(fn: Callable[[], object], device: torch.device) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-def _time_both_ms(fused: Callable[[], object], eager: Callable[[], object], device: torch.device) -> Tuple[float, float]:
+def _time_both_ms(fused: Callable[[], object], eager: Callable[[], object],
+                  device: torch.device) -> Tuple[float, float]:
     """Best of :data:`TIMED_REPEATS` runs of each, interleaved so drift in the machine's speed hits both alike.
 
     The correctness check has just run both once, so compilation, autotuning and the allocator are warm.
