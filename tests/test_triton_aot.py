@@ -33,6 +33,7 @@ triton = pytest.importorskip('triton', reason='triton is not importable')
 from timm_convmixer.fast import triton_kernels as K  # noqa: E402
 
 ARCHS = (80, 90)
+EXTRA_ARCHS = (90,)  # the cases beyond the models' (fp64, an unaligned width): the GPU we measure on
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TEST_DTYPES = (torch.float64,)  # launched too (the ops accept it, the interpreter tests use it); reported apart
 KERNEL_SIZES = (5, 7, 8, 9)
@@ -186,13 +187,13 @@ class Row(NamedTuple):
     usage: Usage
 
 
-def _usage_table(cases) -> List[Row]:
-    """Every distinct (specialisation, arch) the helpers launch for ``cases`` (``(dtype, shape kwargs)`` pairs),
-    compiled once each, in one pool."""
+def _usage_table(cases, archs=ARCHS) -> List[Row]:
+    """Every distinct (specialisation, arch in ``archs``) the helpers launch for ``cases`` (``(dtype, shape kwargs)``
+    pairs), compiled once each, in one pool."""
     wanted = {}
     for dtype, shape in cases:
         for launch in _launches(dtype, **shape):
-            for arch in ARCHS:
+            for arch in archs:
                 spec = _specialise(launch, arch)
                 wanted.setdefault((dtype, repr(spec), arch), (spec, arch))
     jobs = list({(repr(spec), arch): (spec, arch) for spec, arch in wanted.values()}.values())
@@ -232,9 +233,10 @@ def test_every_specialisation_within_register_budget():
 def test_fp64_and_unaligned_width_within_register_budget():
     """fp64 is launched too (the ops accept it; the tests compare against it), though no model trains in it; and a
     channel count that is not a multiple of 16 (no model variant has one) is its own specialisation of every kernel,
-    checked here at the largest kernel size for a 16-bit and a 32-bit dtype (fp16 compiles as bf16 does)."""
+    checked here at the largest kernel size for a 16-bit and a 32-bit dtype (fp16 compiles as bf16 does). For sm_90
+    only: neither is a case a model trains in, and both archs took 92 s of CI's time from an empty Triton cache."""
     unaligned = dict(kernel_sizes=(9,), **UNALIGNED)
     rows = _usage_table([(dtype, {}) for dtype in TEST_DTYPES]
-                        + [(torch.bfloat16, unaligned), (torch.float32, unaligned)])
-    assert {r.arch for r in rows} == set(ARCHS)
+                        + [(torch.bfloat16, unaligned), (torch.float32, unaligned)], archs=EXTRA_ARCHS)
+    assert {r.arch for r in rows} == set(EXTRA_ARCHS)
     _check_budget(rows)
