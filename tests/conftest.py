@@ -24,7 +24,6 @@ import pytest
 import torch
 
 
-
 def _threads_per_process() -> int:
     """Up to 2 threads, fewer where pytest-xdist's workers would otherwise ask for more threads than there are cores.
     torch's OpenMP threads spin while they wait; with two workers of two threads each on two cores (and a

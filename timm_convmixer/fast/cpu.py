@@ -254,7 +254,7 @@ def applies(parts: Union[BlockParts, StemParts], x: torch.Tensor, kernels: bool 
 
 
 def compute_dtypes(parts: Union[BlockParts, StemParts],
-                    x: torch.Tensor) -> Tuple[Optional[torch.dtype], Optional[torch.dtype]]:
+                   x: torch.Tensor) -> Tuple[Optional[torch.dtype], Optional[torch.dtype]]:
     """:func:`applies`' two answers, oneDNN's and our kernels', from one pass of its checks (asked on every block's
     call, more than once before: ~9 us each on a 2-core Xeon)."""
     none = None, None
