@@ -36,8 +36,8 @@ using namespace timm_convmixer_cpu;
 constexpr int CB = 16;        // channels per block: one 64-byte cache line of each pixel
 constexpr int NV = CB / VL;   // vectors per block: 2 on AVX2, 1 on AVX-512
 // What AVX-512 builds (one vector per channel block) do differently, measured on an AVX-512 Xeon: rows computed by
-// conv_strip for the ConvMixer kernel sizes, 16 outputs at a time, and the next output row's lines asked for ahead
-// of the stores. AVX2 builds keep the schedule measured on a Zen 3 until one is measured there.
+// conv_strip for the ConvMixer kernel sizes, 16 outputs at a time. AVX2 builds keep the schedule measured on a Zen 3
+// until one is measured there.
 constexpr bool AVX512_SCHEDULE = NV == 1;
 constexpr int TW = AVX512_SCHEDULE ? 16 : 8 / NV;  // output pixels of a row computed together: 8-16 accumulators
 static_assert(CB % VL == 0 && NV >= 1 && TW >= 1, "a channel block must be whole vectors");
@@ -177,11 +177,13 @@ void run_item(const Problem<TI, TO>& p, const Item& it, float* scratch) {
     conv_row<K>(ring, taps, bias, kh_lo, kh_hi, k, width, z);
     // epilogue while the row is in L1: u = x + scale * act(z), x read from the ring (input row oh, ring column
     // pad + j), not again from memory. The stores land C floats apart, each on a line not yet in cache: asking for
-    // the next row's lines while this one is stored took the k = 1 kernel from 4.4 to 2.4 ms at 64x256x16x16. A
-    // read prefetch: PREFETCHW (-mprfchw) ran 0.81x-0.99x of it, fetching two rows ahead or into L2 0.91x-1.11x
+    // the next row's lines while this one is stored took the k = 1 kernel from 4.4 to 2.4 ms at 64x256x16x16 on an
+    // AVX-512 Xeon, and whole blocks (with pw_block's output lines asked for likewise) 1.02x-1.09x faster on an AVX2
+    // Zen 3 (five shapes, two runs). A read prefetch: PREFETCHW (-mprfchw) ran 0.81x-0.99x of it, fetching two rows
+    // ahead or into L2 0.91x-1.11x
     const float* center = rows + (oh % k) * ring_w * CB + pad * CB;
     TO* out = p.out + ((it.n * H + oh) * W + it.w0) * C + it.c0;
-    const bool out_ahead = AVX512_SCHEDULE && oh + 1 < it.r1;
+    const bool out_ahead = oh + 1 < it.r1;
     for (int64_t j = 0; j < width; ++j) {
       if (out_ahead) __builtin_prefetch(out + (W + j) * C, 0);
       for (int64_t v = 0; v * VL < cols; ++v) {
