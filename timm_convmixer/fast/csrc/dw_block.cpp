@@ -179,7 +179,7 @@ void run_item(const Problem<TI, TO>& p, const Item& it, float* scratch) {
     // pad + j), not again from memory. The stores land C floats apart, each on a line not yet in cache: asking for
     // the next row's lines while this one is stored took the k = 1 kernel from 4.4 to 2.4 ms at 64x256x16x16 on an
     // AVX-512 Xeon, and whole blocks (with pw_block's output lines asked for likewise) 1.02x-1.09x faster on an AVX2
-    // Zen 3 (five shapes, two runs). A read prefetch: PREFETCHW (-mprfchw) ran 0.81x-0.99x of it, fetching two rows
+    // Zen 3 (eight shapes, three runs). A read prefetch: PREFETCHW (-mprfchw) ran 0.81x-0.99x of it, fetching two rows
     // ahead or into L2 0.91x-1.11x
     const float* center = rows + (oh % k) * ring_w * CB + pad * CB;
     TO* out = p.out + ((it.n * H + oh) * W + it.w0) * C + it.c0;

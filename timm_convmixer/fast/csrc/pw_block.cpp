@@ -43,7 +43,7 @@ constexpr int64_t WHOLE_K = 1024;  // up to this K, one slice (see run)
 constexpr int64_t NC = 8 * NR; // output channels per work item
 // Output rows lie N floats apart, each line of a tile's NR outputs one the epilogue would wait for: asked for while
 // the tile's last sums are computed, whole eval blocks ran 1.02x-1.09x faster on an AVX2 Zen 3 (with dw_block's
-// output lines asked for likewise; five shapes, two runs). AVX-512 builds do without until measured there.
+// output lines asked for likewise; eight shapes, three runs). AVX-512 builds do without until measured there.
 constexpr bool PREFETCH_OUTPUT = VL == 8;
 
 // MR x NR outputs over K values into `tile` (row stride NR), adding to what `tile` holds if `accumulate`. `a` is
