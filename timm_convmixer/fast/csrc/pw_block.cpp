@@ -41,10 +41,16 @@ constexpr int64_t MC = 96;     // rows per chunk at most (fewer when the threads
 constexpr int64_t KC = 4096 / NR;  // K per slice: a panel's slice (KC x NR floats) is 16 KiB, 256 x 16 on AVX2
 constexpr int64_t WHOLE_K = 1024;  // up to this K, one slice (see run)
 constexpr int64_t NC = 8 * NR; // output channels per work item
-// Output rows lie N floats apart, each line of a tile's NR outputs one the epilogue would wait for: asked for while
-// the tile's last sums are computed, whole eval blocks ran 1.02x-1.09x faster on an AVX2 Zen 3 (with dw_block's
-// output lines asked for likewise; eight shapes, three runs). AVX-512 builds do without until measured there.
+// Two prefetches, measured on an AVX2 Zen 3 only (AVX-512 builds do without them until measured there):
+// - Output rows lie N floats apart, each line of a tile's NR outputs one the epilogue would wait for: asked for while
+//   the tile's last sums are computed, whole eval blocks ran 1.02x-1.09x faster (with dw_block's output lines asked
+//   for likewise; eight shapes, three runs).
+// - Where K is taken in slices, each panel slice comes from L3 or memory when its first tile reaches it (at K = 1536
+//   the weight is 9 MiB) and that tile waited for it: the next slice, asked for a few lines per tile while this one
+//   is in use, made the GEMM 1.05x-1.11x faster at K = 1536 (M = 2048 and 8192, six runs). Whole-K panels (K <= 1024)
+//   do not fit L1 and gained nothing reliable (0.97x-1.06x at K = 256-1024), so they go without.
 constexpr bool PREFETCH_OUTPUT = VL == 8;
+constexpr bool PREFETCH_PANELS = VL == 8;
 
 // MR x NR outputs over K values into `tile` (row stride NR), adding to what `tile` holds if `accumulate`. `a` is
 // a packed tile (K x MR), `panel` a panel's slice (K x NR). Twelve named accumulators, not an array: GCC kept an
@@ -109,6 +115,14 @@ void pack_rows(const Problem& p, int64_t m0, int64_t m1, float* dst) {
   }
 }
 
+// Part `part` of `parts` of the `floats` floats at `next` (a panel slice the micro-kernel reads next), asked for
+// into L1 a cache line at a time.
+inline void prefetch_part(const float* next, int64_t floats, int64_t part, int64_t parts) {
+  constexpr int64_t LINE = 64 / sizeof(float);
+  const int64_t lines = (floats + LINE - 1) / LINE, per = (lines + parts - 1) / parts;
+  for (int64_t l = part * per; l < std::min(lines, (part + 1) * per); ++l) __builtin_prefetch(next + l * LINE, 0, 3);
+}
+
 // Bias, activation and BatchNorm affine on R rows of a finished tile, written to rows m.. of output channels
 // [n0, n0 + cols) (cols <= NR).
 template <int ACT, typename TO>
@@ -130,10 +144,14 @@ void run(const Problem& p) {
   const int64_t threads = at::get_num_threads();
   const int64_t mc = std::max<int64_t>(MR, std::min<int64_t>(MC, p.M / (4 * threads) / MR * MR));
   const int64_t chunks = (p.M + mc - 1) / mc, nblocks = (p.N + NC - 1) / NC;
-  const int64_t tiles = (mc + MR - 1) / MR;
+  // the tiles shared out evenly over the chunks (chunk c holds tiles [c * all / chunks, (c + 1) * all / chunks)), so
+  // that no thread waits on another's short last chunk: at M = 2048, 96-row chunks left the second thread a
+  // third of a chunk less work
+  const int64_t all_tiles = (p.M + MR - 1) / MR, tiles = (all_tiles + chunks - 1) / chunks;
   // K in slices only where it is wide: against whole-K packed tiles in the same runs (96-row chunks), slices of 256
   // ran 1.03x-1.08x at K = 1536 but 0.94x-1.04x at 1024 and 0.98x-0.99x at 768. At least 1, so that K = 0 ends
   const int64_t kc = std::max<int64_t>(1, p.K <= WHOLE_K ? p.K : KC);
+  const bool prefetch_panels = PREFETCH_PANELS && kc < p.K;
   // items in chunk-major order: a thread's range (at::parallel_for hands out contiguous ones) packs each of its
   // chunks once
   at::parallel_for(0, chunks * nblocks, 1, [&](int64_t begin, int64_t end) {
@@ -145,7 +163,8 @@ void run(const Problem& p) {
     int64_t packed_chunk = -1;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t chunk = item / nblocks, nb = item % nblocks * NC;
-      const int64_t m0 = chunk * mc, m1 = std::min(p.M, m0 + mc), nb1 = std::min(p.N, nb + NC);
+      const int64_t m0 = chunk * all_tiles / chunks * MR, m1 = std::min(p.M, (chunk + 1) * all_tiles / chunks * MR);
+      const int64_t nb1 = std::min(p.N, nb + NC);
       const int64_t chunk_tiles = (m1 - m0 + MR - 1) / MR;
       if (chunk != packed_chunk) {
         pack_rows(p, m0, m1, packed);
@@ -158,6 +177,10 @@ void run(const Problem& p) {
             if (PREFETCH_OUTPUT && k0 + kc >= p.K)  // the last slice: the tile's output lines, for the epilogue
               for (int64_t m = m0 + t * MR; m < std::min(m1, m0 + (t + 1) * MR); ++m)
                 __builtin_prefetch(static_cast<const TO*>(p.y) + m * p.N + n0, 0);
+            if (prefetch_panels && n0 + NR < nb1)  // the next panel's slice
+              prefetch_part(p.panels + (n0 + NR) * p.K + k0 * NR, kl * NR, t, chunk_tiles);
+            else if (prefetch_panels && k0 + kc < p.K)  // the next slice of the item's first panel
+              prefetch_part(p.panels + nb * p.K + (k0 + kc) * NR, std::min(kc, p.K - k0 - kc) * NR, t, chunk_tiles);
             micro_kernel(packed + t * p.K * MR + k0 * MR, p.panels + n0 * p.K + k0 * NR, kl,
                          sums + (j * tiles + t) * MR * NR, k0 != 0);
           }
