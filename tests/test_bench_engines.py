@@ -3,7 +3,9 @@ the built-in's eager fp32 output) or reported as not installed/skipped with a re
 rates and summary follow from its own measurements (timings themselves are not asserted)."""
 import importlib.util
 import json
+import os
 import statistics
+import subprocess
 import sys
 
 import pytest
@@ -11,6 +13,7 @@ import torch
 
 from timm_convmixer import cli
 from timm_convmixer.cli import bench_engines
+from timm_convmixer.fast import cpu_kernels
 from timm_convmixer.fast.cpu import native_bf16
 
 BATCH, IMG, DIM, DEPTH, KERNEL, PATCH, CLASSES = 2, 32, 32, 2, 5, 2, 10
@@ -70,6 +73,19 @@ def _check_consistent(result):
             assert d['ours_best_vs_best_peer_paired'] == pytest.approx(statistics.median(rounds), rel=1e-12)
 
 
+def _check_source(recorded):
+    """A result names the code that made it: this checkout's commit (when it is one) and the CPU kernels' build."""
+    checkout = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(bench_engines.__file__))))
+    git = subprocess.run(['git', '-C', checkout, 'rev-parse', '--show-toplevel', 'HEAD'], capture_output=True,
+                         text=True)
+    top, head = (git.stdout.split() + [None, None])[:2] if git.returncode == 0 else (None, None)
+    if top and os.path.samefile(top, checkout):  # the package runs from a git checkout (as the README installs it)
+        assert recorded['git_commit'] == head and isinstance(recorded['git_dirty'], bool)
+    else:
+        assert recorded['git_commit'] is None
+    assert recorded['cpu_kernels'] == cpu_kernels._name(cpu_kernels._flags())
+
+
 def test_cli_every_engine_measured_or_explained(tmp_path):
     pytest.importorskip('matplotlib')
     pytest.importorskip('onnxruntime')
@@ -83,6 +99,7 @@ def test_cli_every_engine_measured_or_explained(tmp_path):
     assert list(engines) == list(bench_engines.ENGINES)
     for key in ('cpu_model', 'cpu_flags', 'cpu_native_bf16', 'torch', 'timm', 'onnxruntime', 'openvino', 'command'):
         assert key in meta
+    _check_source(meta['source'])
     assert (meta['threads'], meta['batch_size'], meta['img_size']) == (torch.get_num_threads(), BATCH, IMG)
     assert meta['peak'] == {'gflops': 100., 'method': 'user (--peak-gflops)'}
     assert result['gflops_per_img'] == pytest.approx(_forward_gflops_per_img(), rel=1e-12)

@@ -8,6 +8,7 @@ import argparse
 import copy
 import os
 import platform
+import subprocess
 import sys
 import time
 from contextlib import nullcontext
@@ -66,6 +67,25 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def source() -> Dict[str, Any]:
+    """Which code made a result: the git commit of the checkout this package runs from (None when installed from a
+    wheel or without git), whether that checkout had uncommitted changes, and the CPU kernels' build name (a digest
+    of their sources, flags and torch version), so that a committed JSON names what it measured."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    commit, dirty = None, None
+    try:
+        top = subprocess.run(['git', '-C', root, 'rev-parse', '--show-toplevel'], capture_output=True, text=True,
+                             timeout=10)
+        if top.returncode == 0 and os.path.samefile(top.stdout.strip(), root):
+            commit = subprocess.run(['git', '-C', root, 'rev-parse', 'HEAD'], capture_output=True, text=True,
+                                    timeout=10).stdout.strip() or None
+            dirty = bool(subprocess.run(['git', '-C', root, 'status', '--porcelain', '--untracked-files=no'],
+                                        capture_output=True, text=True, timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {'git_commit': commit, 'git_dirty': dirty, 'cpu_kernels': cpu_kernels._name(cpu_kernels._flags())}
+
+
 def hardware(device: torch.device) -> Dict[str, Any]:
     import timm
     from ..version import __version__
@@ -89,7 +109,7 @@ def hardware(device: torch.device) -> Dict[str, Any]:
         'cpu_flags': cpu_flags, 'cpu_native_bf16': native_bf16(),
         'cpu_count': os.cpu_count(), 'threads': torch.get_num_threads(), 'device': str(device),
         'cuda_device': torch.cuda.get_device_name(device) if device.type == 'cuda' else None,
-        'cuda_version': torch.version.cuda, 'mkldnn': torch.backends.mkldnn.is_available(),
+        'cuda_version': torch.version.cuda, 'mkldnn': torch.backends.mkldnn.is_available(), 'source': source(),
     }
     return info
 
