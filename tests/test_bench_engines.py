@@ -80,7 +80,7 @@ def _check_source(recorded):
                          text=True)
     top, head = (git.stdout.split() + [None, None])[:2] if git.returncode == 0 else (None, None)
     if top and os.path.samefile(top, checkout):  # the package runs from a git checkout (as the README installs it)
-        assert recorded['git_commit'] == head and isinstance(recorded['git_dirty'], bool)
+        assert recorded['git_commit'] == head and isinstance(recorded['package_changed'], bool)
     else:
         assert recorded['git_commit'] is None
     assert recorded['cpu_kernels'] == cpu_kernels._name(cpu_kernels._flags())

@@ -69,21 +69,23 @@ def sync(device: torch.device) -> None:
 
 def source() -> Dict[str, Any]:
     """Which code made a result: the git commit of the checkout this package runs from (None when installed from a
-    wheel or without git), whether that checkout had uncommitted changes, and the CPU kernels' build name (a digest
-    of their sources, flags and torch version), so that a committed JSON names what it measured."""
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    commit, dirty = None, None
+    wheel or without git), whether the package's own files differed from it (result files a benchmark writes into
+    the checkout do not count), and the CPU kernels' build name (a digest of their sources, flags and torch
+    version), so that a committed JSON names what it measured."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(package)
+    commit, changed = None, None
     try:
         top = subprocess.run(['git', '-C', root, 'rev-parse', '--show-toplevel'], capture_output=True, text=True,
                              timeout=10)
         if top.returncode == 0 and os.path.samefile(top.stdout.strip(), root):
             commit = subprocess.run(['git', '-C', root, 'rev-parse', 'HEAD'], capture_output=True, text=True,
                                     timeout=10).stdout.strip() or None
-            dirty = bool(subprocess.run(['git', '-C', root, 'status', '--porcelain', '--untracked-files=no'],
-                                        capture_output=True, text=True, timeout=10).stdout.strip())
+            changed = bool(subprocess.run(['git', '-C', root, 'status', '--porcelain', '--', package],
+                                          capture_output=True, text=True, timeout=10).stdout.strip())
     except (OSError, subprocess.SubprocessError):
         pass
-    return {'git_commit': commit, 'git_dirty': dirty, 'cpu_kernels': cpu_kernels._name(cpu_kernels._flags())}
+    return {'git_commit': commit, 'package_changed': changed, 'cpu_kernels': cpu_kernels._name(cpu_kernels._flags())}
 
 
 def hardware(device: torch.device) -> Dict[str, Any]:

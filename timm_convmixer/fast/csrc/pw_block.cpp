@@ -47,8 +47,8 @@ constexpr int64_t NC = 8 * NR; // output channels per work item
 //   for likewise; eight shapes, three runs).
 // - Where K is taken in slices, each panel slice comes from L3 or memory when its first tile reaches it (at K = 1536
 //   the weight is 9 MiB) and that tile waited for it: the next slice, asked for a few lines per tile while this one
-//   is in use, made the GEMM 1.05x-1.11x faster at K = 1536 (M = 2048 and 8192, six runs). Whole-K panels (K <= 1024)
-//   do not fit L1 and gained nothing reliable (0.97x-1.06x at K = 256-1024), so they go without.
+//   is in use, made the GEMM 1.05x-1.11x faster at K = 1536 (M = 2048 and 8192, six runs). Asking for the next
+//   whole-K panel (K <= 1024, 16-64 KiB) gained nothing reliable (0.97x-1.06x at K = 256-1024), so those go without.
 constexpr bool PREFETCH_OUTPUT = VL == 8;
 constexpr bool PREFETCH_PANELS = VL == 8;
 
