@@ -76,11 +76,11 @@ def source() -> Dict[str, Any]:
     root = os.path.dirname(package)
     commit, changed = None, None
     try:
-        top = subprocess.run(['git', '-C', root, 'rev-parse', '--show-toplevel'], capture_output=True, text=True,
-                             timeout=10)
-        if top.returncode == 0 and os.path.samefile(top.stdout.strip(), root):
-            commit = subprocess.run(['git', '-C', root, 'rev-parse', 'HEAD'], capture_output=True, text=True,
-                                    timeout=10).stdout.strip() or None
+        git = subprocess.run(['git', '-C', root, 'rev-parse', '--show-toplevel', 'HEAD'], capture_output=True,
+                             text=True, timeout=10)
+        top, head = (git.stdout.split('\n') + ['', ''])[:2]
+        if git.returncode == 0 and os.path.samefile(top, root):
+            commit = head or None
             changed = bool(subprocess.run(['git', '-C', root, 'status', '--porcelain', '--', package],
                                           capture_output=True, text=True, timeout=10).stdout.strip())
     except (OSError, subprocess.SubprocessError):
