@@ -14,7 +14,6 @@ module from beside itself rather than by ``--old``; otherwise the same code)::
 """
 import argparse
 import importlib.util
-import json
 import os
 import statistics
 import time
@@ -22,6 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from timm_convmixer.cli.atomic import atomic_write_json
 from timm_convmixer.fast import triton_kernels as NEW
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -81,10 +81,9 @@ def rel(a, b):
 doc = {'gpu': 'cpu' if SMOKE else torch.cuda.get_device_name(), 'torch': torch.__version__,
        'triton': __import__('triton').__version__,
        'dtype': 'bf16', 'batch': N, 'shapes': {}, 'sweep': {}}
-def save():
+def save():  # after each shape, so a run cut short keeps what it measured; atomic, so never a half-written file
     if args.out:
-        with open(args.out, 'w') as f:
-            json.dump(doc, f, indent=1)
+        atomic_write_json(args.out, doc)
 g = torch.Generator(device=dev).manual_seed(0)
 for name, C, HW, k, act in SHAPES:
     r = {}

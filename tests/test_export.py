@@ -101,6 +101,18 @@ def test_onnx_matches_pytorch(name, tmp_path, make):
 
 
 @requires_onnx
+def test_onnx_check_names_non_standard_operators():
+    """A graph with an ATen fallback (a valid ONNX graph, which plain runtimes cannot run) is refused by name."""
+    from onnx import TensorProto, helper
+    io = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [1]) for name in ('x', 'y')]
+    nodes = [helper.make_node('Relu', ['x'], ['t']), helper.make_node('ATen', ['t'], ['y'], domain='org.pytorch.aten')]
+    proto = helper.make_model(helper.make_graph(nodes, 'g', io[:1], io[1:]), opset_imports=[
+        helper.make_opsetid('', MIN_OPSET), helper.make_opsetid('org.pytorch.aten', 1)])
+    with pytest.raises(RuntimeError, match='non-standard operators: org.pytorch.aten::ATen$'):
+        check_onnx_graph(proto)
+
+
+@requires_onnx
 def test_onnx_even_kernel_pads_the_pytorch_side(tmp_path, make):
     """Kernel 8 pads 3 before and 4 after; the same graph padded 4/3 must disagree (so the check above can fail)."""
     model = make(EVEN_KERNEL)

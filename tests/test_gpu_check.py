@@ -10,15 +10,13 @@ import json
 import math
 import os
 import statistics
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import timm
 
-from helpers import auto_choice
+from helpers import auto_choice, run_python
 from timm_convmixer.fast import checked
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,10 +34,9 @@ def _load_script():
 
 
 def _run(args, tmp_path, timeout=600):
-    env = {k: v for k, v in os.environ.items() if k not in ('TIMM_TRAIN_PY', 'TRITON_INTERPRET')}
-    env['PYTHONPATH'] = REPO + os.pathsep + env.get('PYTHONPATH', '')  # this checkout's timm_convmixer
-    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=timeout,
-                          cwd=str(tmp_path), env=env)
+    pythonpath = REPO + os.pathsep + os.environ.get('PYTHONPATH', '')  # this checkout's timm_convmixer
+    return run_python(SCRIPT, *args, unset=('TIMM_TRAIN_PY', 'TRITON_INTERPRET'), env={'PYTHONPATH': pythonpath},
+                      cwd=tmp_path, timeout=timeout, check=False)
 
 
 @pytest.fixture(scope='module')

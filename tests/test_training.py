@@ -24,12 +24,12 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import CheckpointSaver, ModelEmaV3
 
+from helpers import SMALL_VARIANT as VARIANT
 from timm_convmixer.cli import onecycle, shapes
 from timm_convmixer.convmixer import ConvMixer
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(TESTS_DIR)
-VARIANT = 'convmixer_256_8_ks5_p2'
 
 
 @pytest.fixture
@@ -264,6 +264,11 @@ def test_onecycle_schedule_matches_authors_points(small):
         scheduler.step_update(t)
         for g, s in zip(optimizer.param_groups, scales):
             assert g['lr'] == pytest.approx(0.01 * factor * s), (t, factor)
+    # bad arguments are named with the values given
+    with pytest.raises(ValueError, match=r'updates_per_epoch >= 1, got 0'):
+        timm.scheduler.create_scheduler_v2(optimizer, sched='onecycle', num_epochs=10, step_on_epochs=False)
+    with pytest.raises(ValueError, match=r'non-decreasing .* got milestones \[0.5, 0.2\] and lr_factors \[1.0, 0.0\]'):
+        onecycle.OneCycleLRScheduler(optimizer, t_initial=10, milestones=(0.5, 0.2), lr_factors=(1., 0.))
     # every other name still reaches timm's own factory
     other, _ = timm.scheduler.create_scheduler_v2(optimizer, sched='cosine', num_epochs=10)
     assert type(other).__name__ == 'CosineLRScheduler'
@@ -297,6 +302,13 @@ def test_shapes_dataset_is_deterministic_imagefolder(tmp_path):
     with pytest.raises(FileExistsError, match='no generated shapes dataset'):
         shapes.ensure_dataset(str(mine), **kw)
     assert (mine / 'train').is_dir()
+    # a generation that fails part-way (an unknown class, after the others were drawn) leaves the dataset there as it
+    # was, and no temporary folder beside it
+    before = _tree_bytes(tmp_path / 'a')
+    with pytest.raises(ValueError, match="unknown shape 'hexagon'"):
+        shapes.ensure_dataset(str(tmp_path / 'a'), classes=('circle', 'hexagon'), **kw)
+    assert _tree_bytes(tmp_path / 'a') == before
+    assert sorted(os.listdir(tmp_path)) == ['a', 'b', 'c', 'mine']
 
 
 @pytest.mark.slow

@@ -25,6 +25,7 @@ import torch
 import timm
 from timm.data import create_transform, resolve_data_config
 
+from helpers import SMALL_VARIANT as SMALL
 from hub_server import HubLookAlike
 from timm_convmixer import cli, fast
 from timm_convmixer.cli.convert import push_folder
@@ -32,7 +33,6 @@ from timm_convmixer.convmixer import CIFAR10_CLASSES, ConvMixer
 
 transformers = pytest.importorskip('transformers')
 
-SMALL = 'convmixer_256_8_ks5_p2'
 ARCH = dict(depth=2, dim=32)
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -28,7 +28,7 @@ from timm_convmixer.cli.convert import convert_checkpoint
 from timm_convmixer.convmixer import CIFAR10_CLASSES
 from timm_convmixer.weights import CheckpointError, read_checkpoint
 
-SMALL = 'convmixer_256_8_ks5_p2'
+SMALL = shared.SMALL_VARIANT
 WEIGHTED = {  # variant -> (authors' release file name, an input size that is a small multiple of the patch)
     'convmixer_1536_20': ('convmixer_1536_20_ks9_p7.pth.tar', 14),
     'convmixer_768_32': ('convmixer_768_32_ks7_p7_relu.pth.tar', 14),
@@ -446,6 +446,8 @@ def test_unknown_architecture_in_config_and_unknown_tag(tmp_path):
         convert_checkpoint(tmp_path / 'missing.pth', tmp_path / 'o', 'convmixer_768_32.nope')
     with pytest.raises(ValueError, match='unknown model'):
         convert_checkpoint(tmp_path / 'missing.pth', tmp_path / 'o', 'convmixer_4096_99')
+    with pytest.raises(ValueError, match='resnet10t builds a ResNet; convert handles ConvMixer variants only'):
+        convert_checkpoint(tmp_path / 'missing.pth', tmp_path / 'o', 'resnet10t')
 
 
 # --- conversion, round trips, publishing -------------------------------------------------------------------------

@@ -9,7 +9,8 @@ types are in :mod:`timm_convmixer.cli.args`. A module is imported only when the 
 
 The tools' modules: ``variants``, ``convert``, ``bench``, ``demo``, ``export`` (the sub-commands); ``shapes`` (the
 demo's generated dataset), ``onecycle`` (the authors' LR schedule for the demo and ``examples/train_onecycle.py``),
-``atomic`` (atomic writes of every output).
+``atomic`` (atomic writes of every output), ``measure`` (the timing, memory and results-file helpers ``bench`` and
+the scripts in ``benchmarks/`` share), ``bench_engines`` (``bench --engines``: ours against the other CPU engines).
 """
 import argparse
 import importlib

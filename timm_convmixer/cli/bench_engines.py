@@ -224,7 +224,7 @@ def _openvino(name: str, model: nn.Module, x: torch.Tensor, folder: str, cache: 
     engine.run = run
     engine.info['config'] = {k: str(v) for k, v in config.items()}
     # what the plugin computes in, which is not always the hint: without native bf16 it may fall back to f32, and the
-    # engine is then an fp32 one, whatever its name (a forced bf16 run, bench_engines(bf16=True), on such a CPU)
+    # engine is then an fp32 one, whatever its name (a forced bf16 run, run_engines(bf16=True), on such a CPU)
     effective = compiled.get_property('INFERENCE_PRECISION_HINT')
     effective = getattr(effective, 'get_type_name', lambda: str(effective))()
     engine.info['inference_precision'] = effective

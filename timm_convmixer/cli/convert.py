@@ -56,13 +56,18 @@ def _sha256(path: Path) -> str:
 
 
 def _check_model_name(model_name: str) -> None:
-    """Fail before reading a byte when the name or its tag is unknown."""
+    """Fail before reading a byte when the name or its tag is unknown, or names no ConvMixer (built on the meta device
+    to tell: a variant registered by the user is accepted, any other timm model is not)."""
     arch, tag = split_model_name_tag(model_name)
     if not timm.is_model(arch):
         known = ', '.join(timm.list_models('convmixer*'))
         raise ValueError(f'unknown model {arch!r}; expected one of: {known}')
     if tag and get_pretrained_cfg(model_name) is None:
         raise ValueError(f'unknown pretrained tag {tag!r} for {arch}')
+    with torch.device('meta'):
+        model = timm.create_model(arch, pretrained=False)
+    if not isinstance(model, ConvMixer):
+        raise ValueError(f'{arch} builds a {type(model).__name__}; convert handles ConvMixer variants only')
 
 
 def _infer_io(state_dict: Dict[str, torch.Tensor]) -> Dict[str, int]:
@@ -268,9 +273,7 @@ def _load_strictly(
     strictly, in eval mode; and the kwargs it was built with."""
     kwargs = dict(_infer_io(state_dict))
     kwargs.update(model_kwargs or {})
-    model = timm.create_model(model_name, pretrained=False, **kwargs)
-    if not isinstance(model, ConvMixer):
-        raise ValueError(f'{model_name} builds a {type(model).__name__}; convert handles ConvMixer variants only')
+    model = timm.create_model(model_name, pretrained=False, **kwargs)  # a ConvMixer: _check_model_name said so
     with warnings.catch_warnings():  # non-finite weights were reported already, once
         warnings.simplefilter('ignore', NonFiniteWeightsWarning)
         model.load_state_dict(state_dict, strict=True)  # every key and shape checked before a tensor is copied

@@ -336,9 +336,9 @@ def cpu_script_start(doc: str, models: Sequence[str], rounds: int, unit: str, ar
                      extra: Optional[Callable[[argparse.ArgumentParser], None]] = None
                      ) -> Tuple[argparse.Namespace, Dict[str, Any]]:
     """The command line and JSON skeleton the CPU scripts in ``benchmarks/`` share (``cpu_paths``, ``cpu_pointwise``,
-    ``cpu_depthwise``): ``--rounds`` (default ``rounds``), ``--models`` (of ``models``), ``--out`` and what ``extra``
-    adds; our CPU kernels built (or a clear error); this CPU's model and flags printed first, since a speed-up on one
-    CPU can be a slow-down on another. Returns the arguments and the document, its ``results`` empty."""
+    ``cpu_depthwise``, ``cpu_stem``): ``--rounds`` (default ``rounds``), ``--models`` (of ``models``), ``--out`` and
+    what ``extra`` adds; our CPU kernels built (or a clear error); this CPU's model and flags printed first, since a
+    speed-up on one CPU can be a slow-down on another. Returns the arguments and the document, its ``results`` empty."""
     parser = argparse.ArgumentParser(description=doc.split('\n\n')[0])
     parser.add_argument('--rounds', type=positive_int, default=rounds)
     parser.add_argument('--models', nargs='+', default=list(models), choices=list(models))

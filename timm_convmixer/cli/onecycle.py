@@ -46,7 +46,8 @@ class OneCycleLRScheduler(Scheduler):
         if t_initial < 1:
             raise ValueError(f't_initial: expected a positive length of training, got {t_initial}')
         if len(milestones) != len(lr_factors) or list(milestones) != sorted(milestones):
-            raise ValueError('milestones must be increasing and match lr_factors one to one')
+            raise ValueError(f'milestones must be non-decreasing and match lr_factors one to one, got milestones '
+                             f'{list(milestones)} and lr_factors {list(lr_factors)}')
         super().__init__(optimizer, param_group_field='lr', t_in_epochs=t_in_epochs, initialize=initialize)
         self.t_initial = t_initial
         self.milestones = [float(m) for m in milestones]
@@ -71,7 +72,7 @@ def _create_scheduler_v2(optimizer, sched: str = 'cosine', *args, _orig=schedule
         t_initial = num_epochs
     else:
         if updates_per_epoch < 1:
-            raise ValueError('onecycle stepped per update needs updates_per_epoch')
+            raise ValueError(f'onecycle stepped per update needs updates_per_epoch >= 1, got {updates_per_epoch!r}')
         t_initial = num_epochs * updates_per_epoch
     return OneCycleLRScheduler(optimizer, t_initial=t_initial, t_in_epochs=step_on_epochs), num_epochs
 

@@ -13,10 +13,11 @@ import json
 import math
 import os
 import random
-import shutil
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from PIL import Image, ImageDraw, ImageFilter
+
+from .atomic import atomic_write_dir
 
 __all__ = ['CLASSES', 'draw_shape', 'generate', 'ensure_dataset']
 
@@ -106,30 +107,28 @@ def generate(root: str, **kwargs) -> Dict[str, object]:
     """Write ``root/train`` and ``root/val`` ImageFolders; returns the spec written to ``root/shapes.json``.
 
     Keyword arguments: ``train_per_class`` (200), ``val_per_class`` (50), ``image_size`` (32), ``seed`` (0),
-    ``classes`` (all of :data:`CLASSES`). Written in a temporary sibling folder renamed into place at the end, so an
-    interrupted run never leaves a half-written dataset that a later run would take for complete.
+    ``classes`` (all of :data:`CLASSES`). Written atomically (:func:`.atomic.atomic_write_dir`), so an interrupted run
+    never leaves a half-written dataset that a later run would take for complete, nor a previous one half-removed.
     """
     spec = _spec(**kwargs)
     root = os.path.abspath(root)
     if os.path.exists(root) and not os.path.isfile(os.path.join(root, _SPEC_FILE)):
         raise FileExistsError(f'{root} exists and is no generated shapes dataset (no {_SPEC_FILE}); refusing to '
                               'replace it: move it, or choose another --output')
-    tmp = root + '.tmp'
-    shutil.rmtree(tmp, ignore_errors=True)
-    for split, per_class, split_seed in (
-            ('train', spec['train_per_class'], spec['seed']), ('val', spec['val_per_class'], spec['seed'] + 1)):
-        rng = random.Random(f'shapes-{split_seed}')
-        for cls in spec['classes']:
-            os.makedirs(os.path.join(tmp, split, cls), exist_ok=True)
-        for i in range(per_class):
+
+    def write(tmp: str) -> None:
+        for split, per_class, split_seed in (
+                ('train', spec['train_per_class'], spec['seed']), ('val', spec['val_per_class'], spec['seed'] + 1)):
+            rng = random.Random(f'shapes-{split_seed}')
             for cls in spec['classes']:
-                draw_shape(cls, rng, spec['image_size']).save(os.path.join(tmp, split, cls, f'{i:05d}.png'))
-    with open(os.path.join(tmp, _SPEC_FILE), 'w') as f:
-        json.dump(spec, f, indent=1)
-    if os.path.exists(root):
-        shutil.rmtree(root)
-    os.makedirs(os.path.dirname(root), exist_ok=True)
-    os.replace(tmp, root)
+                os.makedirs(os.path.join(tmp, split, cls), exist_ok=True)
+            for i in range(per_class):
+                for cls in spec['classes']:
+                    draw_shape(cls, rng, spec['image_size']).save(os.path.join(tmp, split, cls, f'{i:05d}.png'))
+        with open(os.path.join(tmp, _SPEC_FILE), 'w') as f:
+            json.dump(spec, f, indent=1)
+
+    atomic_write_dir(root, write, replace=True)
     return spec
 
 

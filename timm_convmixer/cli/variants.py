@@ -1,7 +1,7 @@
 """The variants table: parameters and GMACs measured with torch's own FLOP counter, never typed in by hand.
 
-``timm-convmixer variants`` prints the README's table. Models are built on the meta device, so even the 51M-parameter
-variants cost no memory and almost no time; ``torch.utils.flop_counter.FlopCounterMode`` counts the convolutions and
+``timm-convmixer variants`` prints the README's table. Models are built on the meta device, so even the largest (62M
+parameters) costs no memory and almost no time; ``torch.utils.flop_counter.FlopCounterMode`` counts the convolutions and
 the classifier (multiply-adds x 2), so GMACs = FLOPs / 2 / 1e9, the convention timm's results tables use.
 """
 import argparse

@@ -55,7 +55,7 @@ from .checked import decisions
 from .kept import forget as forget_kept
 from .eligibility import BlockParts, block_parts, has_hooks, stem_parts
 from .lean import TorchNorm, lean_applies, lean_block_forward
-from .runtime import autocast_state, conv_dtype, interpreter_enabled
+from .runtime import autocast_state, conv_dtype, triton_device
 
 __all__ = [
     'BACKENDS', 'block_forward', 'blocks_forward', 'counters', 'decisions', 'forget_kept', 'get_backend',
@@ -178,10 +178,6 @@ def _triton_forward(
     return triton_block_forward(block, x, parts=parts, pointwise=TRITON_PATHS[path])
 
 
-def _triton_device(x: torch.Tensor) -> bool:
-    return x.device.type == 'cuda' or (x.device.type == 'cpu' and interpreter_enabled())
-
-
 def _fp32_reference(x: torch.Tensor, run: Callable[[torch.Tensor], object]) -> Optional[Callable[[], object]]:
     """What a check compares both paths with under fp16/bf16 autocast (:func:`.checked.decide`): ``run`` on the
     input in fp32 with autocast off. ``None`` otherwise (the plain modules are then the yardstick themselves)."""
@@ -249,7 +245,7 @@ def _lean_norms(parts: BlockParts, x: torch.Tensor):
     """The lean block's implementations that apply here by path name: torch's kernels everywhere, the fused Triton
     ones on a Triton device."""
     norms = {'lean': TorchNorm}
-    if _triton_device(x):
+    if triton_device(x):
         try:
             from . import lean_triton
         except ImportError:  # triton or a GPU toolchain missing: torch's kernels only
@@ -309,11 +305,11 @@ def _fast_forward(block: nn.Module, x: torch.Tensor, backend: str, parts: Option
     if x.device.type == 'cpu' and backend.startswith('cpu'):
         from . import cpu
         return backend, cpu.block_forward(parts, x, backend)
-    if x.device.type == 'cpu' and backend == 'auto' and not _triton_device(x):
+    if x.device.type == 'cpu' and backend == 'auto' and not triton_device(x):
         return _checked_cpu(block, parts, x)
     if backend in TRITON_PATHS:
         return backend, _triton_forward(block, parts, x, backend)
-    if backend == 'auto' and _triton_device(x):
+    if backend == 'auto' and triton_device(x):
         return _checked_eval(block, parts, x)
     return None
 
@@ -350,7 +346,7 @@ def _traced_block(block: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
     traced and Inductor fuses them, as they are for ``torch.export`` (:func:`.compiled.block_node` tells). On CPU
     Inductor's own code for them is one of the engines ours is measured against (``bench --engines``), so it is left
     to Inductor."""
-    if _backend not in ('auto',) + tuple(TRITON_PATHS) or not _triton_device(x) or type(x) is not torch.Tensor:
+    if _backend not in ('auto',) + tuple(TRITON_PATHS) or not triton_device(x) or type(x) is not torch.Tensor:
         return None  # (tensor subclasses, and functorch's batched tensors: the node has no rule for them)
     if _transforms_active():
         return None
@@ -379,7 +375,7 @@ def stem_forward(stem: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
         return None  # uncounted, as a block's call (see block_forward)
     from . import checked, cpu, cpu_stem
     parts = None
-    if _offered(x) and x.device.type == 'cpu' and not _triton_device(x) and _backend in ('auto',) + cpu.PATHS:
+    if _offered(x) and x.device.type == 'cpu' and not triton_device(x) and _backend in ('auto',) + cpu.PATHS:
         parts = stem_parts(stem)
     out = None
     if parts is not None:
@@ -421,7 +417,7 @@ def blocks_forward(blocks: nn.Sequential, x: torch.Tensor) -> Optional[torch.Ten
     others are called as usual. Not offered where the chain's hooks, or a block's own, must see it run.
     """
     if (_is_compiling() or not _offered(x) or _backend not in ('auto', 'cpu_hybrid') or x.device.type != 'cpu'
-            or (_backend == 'auto' and _triton_device(x)) or has_hooks(blocks)):
+            or (_backend == 'auto' and triton_device(x)) or has_hooks(blocks)):
         # (under Triton's interpreter CPU tensors are a Triton device: auto's blocks take no CPU path there)
         return None
     from . import cpu

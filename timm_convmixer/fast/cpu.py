@@ -274,7 +274,7 @@ def compute_dtypes(parts: Union[BlockParts, StemParts],
     else:
         return none
     # (kept.sources reads them as getattr would, ~4x faster)
-    tensors = kept.sources(parts, counters=False)
+    tensors = kept.sources(parts, num_batches_tracked=False)
     for t in tensors:
         if t is not None and (not t.is_cpu or t.dtype != torch.float32 or type(t) not in (
                 torch.Tensor, nn.Parameter)):

@@ -24,7 +24,7 @@ import torch
 
 from .checked import FastPathDecision
 
-__all__ = ['ACT_CODES', 'BUILD_ENV_VAR', 'MAX_KERNEL_SIZE', 'build', 'build_error', 'dw_block', 'fma_peak_gflops',
+__all__ = ['ACT_BY_NAME', 'BUILD_ENV_VAR', 'MAX_KERNEL_SIZE', 'build', 'build_error', 'dw_block', 'fma_peak_gflops',
            'load', 'pw_block', 'pw_pack', 'storage_use_count']
 
 BUILD_ENV_VAR = 'TIMM_CONVMIXER_CPU_BUILD'
@@ -32,7 +32,7 @@ _CSRC = os.path.join(os.path.dirname(__file__), 'csrc')
 SOURCES = [os.path.join(_CSRC, name) for name in ('dw_block.cpp', 'pw_block.cpp', 'fma_peak.cpp')]
 HEADERS = [os.path.join(_CSRC, 'cpu_common.h')]
 # activation name (eligibility.ACT_NAMES) -> the kernel's code (enum Act in the C++ source)
-ACT_CODES: Dict[str, int] = {'identity': 0, 'relu': 1, 'gelu': 2, 'gelu_tanh': 3, 'silu': 4}
+ACT_BY_NAME: Dict[str, int] = {'identity': 0, 'relu': 1, 'gelu': 2, 'gelu_tanh': 3, 'silu': 4}
 MAX_KERNEL_SIZE = 64  # the kernel keeps one pointer per window row on its stack
 # ATen's CPU capability -> (the macro selecting ATen's Vectorized<float> implementation, compiler flags), as
 # Inductor builds its CPU kernels for that ISA; any other capability gets ATen's portable vectors
@@ -131,7 +131,7 @@ def dw_block(x: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor, scale: tor
     ``in_affine = (s, t)`` (``C`` values each) the block's input is ``s * x + t`` per channel, applied as the kernel
     reads ``x``. The kernel must be loaded."""
     in_scale, in_shift = in_affine if in_affine is not None else (None, None)
-    _ops.dw_block(x, taps, bias, scale, kernel_size, ACT_CODES[act], out, in_scale, in_shift)
+    _ops.dw_block(x, taps, bias, scale, kernel_size, ACT_BY_NAME[act], out, in_scale, in_shift)
     return out
 
 
@@ -145,7 +145,7 @@ def pw_block(u: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor, scale: t
     """``out = scale * act(conv1x1(u) + bias) + shift`` for a channels_last float32 ``u`` (``out`` likewise, float32
     or bfloat16, rounded once on store; its own storage, with the output channels): ``panels`` from :func:`pw_pack`,
     ``bias``/``scale``/``shift`` one value per output channel. The kernels must be loaded."""
-    _ops.pw_block(u, panels, bias, scale, shift, ACT_CODES[act], out)
+    _ops.pw_block(u, panels, bias, scale, shift, ACT_BY_NAME[act], out)
     return out
 
 

@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from .eligibility import BlockParts, StemParts
 
-__all__ = ['forget', 'kept', 'slots', 'sources']
+__all__ = ['forget', 'kept', 'slots', 'sources', 'store']
 
 T = TypeVar('T')
 
@@ -63,10 +63,12 @@ def slots(parts: Union[BlockParts, StemParts]) -> List[Tuple[nn.Module, str]]:
         (bn, name) for bn in parts.norms for name in _NORM]
 
 
-def sources(parts: Union[BlockParts, StemParts], counters: bool = True) -> Tuple[Optional[torch.Tensor], ...]:
-    """Every tensor a block's (or the stem's) constants derive from, and (unless ``counters`` is false, as for what
-    the paths compute from) the BatchNorms' step counters (see the module docstring); in :func:`slots`' order."""
-    norm = _NORM if counters else _NORM[:-1]
+def sources(parts: Union[BlockParts, StemParts], num_batches_tracked: bool = True
+            ) -> Tuple[Optional[torch.Tensor], ...]:
+    """Every tensor a block's (or the stem's) constants derive from, and (unless ``num_batches_tracked`` is false, as
+    for what the paths compute from) the BatchNorms' step counters (see the module docstring); in :func:`slots`'
+    order."""
+    norm = _NORM if num_batches_tracked else _NORM[:-1]
     tensors = []
     for conv in parts.convs:
         for name in _CONV:

@@ -35,11 +35,9 @@ import torch.nn as nn
 from . import triton_kernels as K
 from .eligibility import BlockParts, scale_shift
 from .lean import SavedNorm, advance_running_stats, check_batch_size, lean_applies
-from .runtime import conv_dtype, interpreter_enabled
+from .runtime import TRITON_DTYPES, conv_dtype, triton_device
 
 __all__ = ['TritonNorm', 'applies']
-
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _out_dtype(t: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.dtype:
@@ -135,10 +133,10 @@ def applies(parts: BlockParts, x: torch.Tensor) -> bool:
     under ``TRITON_INTERPRET=1``), in a floating dtype the kernels take, images within 32-bit offsets."""
     if not lean_applies(parts, x):
         return False
-    if not (x.device.type == 'cuda' or (x.device.type == 'cpu' and interpreter_enabled())):
+    if not triton_device(x):
         return False
     dtype = conv_dtype(x)
-    if dtype not in _FLOAT_DTYPES or x.dtype not in _FLOAT_DTYPES:
+    if dtype not in TRITON_DTYPES or x.dtype not in TRITON_DTYPES:
         return False
     for bn in (parts.bn_dw, parts.bn_pw):
         for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var):

@@ -5,9 +5,11 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ['AUTOCAST_DTYPES', 'autocast_state', 'conv_dtype', 'interpreter_enabled']
+__all__ = ['AUTOCAST_DTYPES', 'TRITON_DTYPES', 'autocast_state', 'conv_dtype', 'interpreter_enabled', 'triton_device']
 
 AUTOCAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what autocast casts (it leaves fp64 alone)
+# what the Triton kernels take (fp64 too: the interpreter tests compare against it)
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def autocast_state(device_type: str) -> Tuple[str, bool, torch.dtype]:
@@ -31,3 +33,11 @@ def conv_dtype(x: torch.Tensor, autocast: Optional[Tuple[bool, torch.dtype]] = N
 def interpreter_enabled() -> bool:
     """CPU tensors may take the Triton paths only when the interpreter is asked for explicitly (tests)."""
     return os.environ.get('TRITON_INTERPRET', '0') == '1'
+
+
+def triton_device(x: torch.Tensor, allow_interpreter: Optional[bool] = None) -> bool:
+    """Whether ``x`` is where the Triton kernels run: CUDA, or the CPU through the interpreter (asked for with
+    ``TRITON_INTERPRET=1``, or ``allow_interpreter``)."""
+    if allow_interpreter is None:
+        allow_interpreter = interpreter_enabled()
+    return x.device.type == 'cuda' or (x.device.type == 'cpu' and allow_interpreter)

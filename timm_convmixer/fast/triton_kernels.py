@@ -59,8 +59,8 @@ from triton.runtime.jit import JITFunction
 
 __all__ = [
     'ACT_IDENTITY', 'ACT_GELU', 'ACT_RELU', 'ACT_SILU', 'ACT_GELU_TANH', 'ACT_CODES', 'ACT_BY_NAME',
-    'dw_fwd', 'dw_fwd_taps', 'taps', 'dw_bwd', 'act_affine_fwd', 'act_affine_bwd', 'bn_batch_stats',
-    'BatchNormStats', 'bn_train_bwd', 'pw_fwd', 'pw_bwd',
+    'dw_fwd', 'dw_fwd_taps', 'taps', 'dw_bwd', 'dw_conv', 'dw_conv_bwd', 'act_affine_fwd', 'act_affine_bwd',
+    'bn_batch_stats', 'BatchNormStats', 'bn_train_bwd', 'pw_fwd', 'pw_bwd',
     'Launch', 'record_launches', 'kernels', 'rows', 'image',
 ]
 

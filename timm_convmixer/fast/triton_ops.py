@@ -38,9 +38,9 @@ from torch import Tensor
 from . import kept
 from . import triton_kernels as K
 from .eligibility import BlockParts, act_name, block_parts, bn_scale_shift
-from .runtime import autocast_state, interpreter_enabled
+from .runtime import TRITON_DTYPES, autocast_state, triton_device
 
-__all__ = ['dw_block', 'act_affine', 'pw_block', 'triton_block_forward', 'interpreter_enabled']
+__all__ = ['dw_block', 'act_affine', 'pw_block', 'triton_block_forward']
 
 _LIB = 'timm_convmixer'
 
@@ -328,7 +328,6 @@ def _inference_forward(block: nn.Module, parts: BlockParts, x: Tensor, dtype: to
 # --------------------------------------------------------------------------------------------------------------------
 # block-level entry
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 POINTWISE = ('cublas', 'triton')  # triton_block_forward's ways to run the pointwise conv and its epilogue
 
 
@@ -361,14 +360,7 @@ def triton_block_forward(
     """
     if pointwise not in POINTWISE:
         raise ValueError(f'pointwise: expected one of {POINTWISE}, got {pointwise!r}')
-    if allow_interpreter is None:
-        allow_interpreter = interpreter_enabled()
-    if not isinstance(x, Tensor) or x.dim() != 4 or x.numel() == 0:
-        return None
-    if x.device.type == 'cpu':
-        if not allow_interpreter:
-            return None
-    elif x.device.type != 'cuda':
+    if not isinstance(x, Tensor) or x.dim() != 4 or x.numel() == 0 or not triton_device(x, allow_interpreter):
         return None
     if parts is None:
         parts = block_parts(block)
@@ -388,7 +380,7 @@ def triton_block_forward(
         dtype = x.dtype
         if dw.weight.dtype != dtype or pw.weight.dtype != dtype:
             return None  # eager would raise (or promote); let it
-    if dtype not in _FLOAT_DTYPES:
+    if dtype not in TRITON_DTYPES:
         return None
     affine_dtype = torch.float64 if dtype == torch.float64 else torch.float32
 
