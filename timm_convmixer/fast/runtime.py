@@ -38,6 +38,8 @@ def interpreter_enabled() -> bool:
 def triton_device(x: torch.Tensor, allow_interpreter: Optional[bool] = None) -> bool:
     """Whether ``x`` is where the Triton kernels run: CUDA, or the CPU through the interpreter (asked for with
     ``TRITON_INTERPRET=1``, or ``allow_interpreter``)."""
-    if allow_interpreter is None:
-        allow_interpreter = interpreter_enabled()
-    return x.device.type == 'cuda' or (x.device.type == 'cpu' and allow_interpreter)
+    if x.device.type == 'cuda':
+        return True  # (first: a block's call on a GPU reads no environment variable)
+    if x.device.type != 'cpu':
+        return False
+    return interpreter_enabled() if allow_interpreter is None else allow_interpreter
