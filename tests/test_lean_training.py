@@ -10,6 +10,7 @@ Memory: bytes autograd keeps for backward in one training step, unique storages 
 whether or not a step runs); ours against timm's built-in class with the same weights.
 """
 import copy
+import time
 import warnings
 
 import pytest
@@ -111,7 +112,7 @@ def test_auto_checks_the_lean_block_on_first_use_and_keeps_the_faster():
     assert len(said) == 1 and decision.path in str(said[0].message)
     assert key[:2] == ('lean', 'cpu') and key[7] == 'train'
     assert decision.fused_ms is not None and decision.eager_ms is not None
-    assert decision.path == ('lean' if decision.fused_ms < decision.eager_ms else 'eager')
+    assert decision.path == ('lean' if checked.wins(decision.fused_ms, decision.eager_ms) else 'eager')
     assert decision.max_rel_err <= checked.tolerance(torch.float32, 'cpu')
     assert got[3] == {decision.path: 2}  # both blocks took the chosen path
     # the trial's running-statistics updates were rolled back: exactly one step's worth
@@ -513,6 +514,27 @@ def test_check_under_16_bit_autocast_judges_each_tensor_against_fp32():
             far = decide(2, (torch.full((100,), 1.1), torch.ones(100)))  # 10% where the plain modules are exact
     assert far.path == 'eager' and far.fused_ms is None
     assert far.max_rel_err == pytest.approx(0.1) and far.limit == tol
+
+
+def test_check_keeps_the_plain_modules_on_a_tie():
+    """A fused path is taken only where its check ran it more than FASTER_BY faster than the plain modules: a tie
+    (here both sleep as long) keeps the plain modules, a clear win (half the time) takes the fused path. Sleeps of
+    50 ms: a timing's jitter would have to reach 1.5 ms to flip the tie."""
+    block, x, out = nn.BatchNorm2d(2), torch.zeros(1, 2, 1, 1), torch.ones(4)
+
+    def sleeping(ms):
+        return lambda: time.sleep(ms / 1e3) or out
+
+    def decide(case, fused_ms):
+        key = ('fused', 'cpu', None, (1, 2, 1, 1), torch.float32, torch.float32, False, 'eval', 'gelu', case)
+        return checked.decide(key, 'fused', block, x, sleeping(fused_ms), sleeping(50), torch.float32)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        tie, win = decide(1, 50), decide(2, 25)
+    assert tie.path == 'eager' and tie.fused_ms is not None and not checked.wins(tie.fused_ms, tie.eager_ms), tie
+    assert win.path == 'fused' and checked.wins(win.fused_ms, win.eager_ms), win
+    assert checked.wins(96., 100.) and not checked.wins(98., 100.) and not checked.wins(101., 100.)
 
 
 def test_check_without_an_fp32_run_judges_against_the_plain_modules():
