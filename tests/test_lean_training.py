@@ -519,7 +519,7 @@ def test_check_under_16_bit_autocast_judges_each_tensor_against_fp32():
 def test_check_keeps_the_plain_modules_on_a_tie():
     """A fused path is taken only where its check ran it more than FASTER_BY faster than the plain modules: a tie
     (here both sleep as long) keeps the plain modules, a clear win (half the time) takes the fused path. Sleeps of
-    50 ms: a timing's jitter would have to reach 1.5 ms to flip the tie."""
+    100 ms: both of the plain modules' timed runs would have to wake 3 ms late to flip the tie."""
     block, x, out = nn.BatchNorm2d(2), torch.zeros(1, 2, 1, 1), torch.ones(4)
 
     def sleeping(ms):
@@ -527,11 +527,11 @@ def test_check_keeps_the_plain_modules_on_a_tie():
 
     def decide(case, fused_ms):
         key = ('fused', 'cpu', None, (1, 2, 1, 1), torch.float32, torch.float32, False, 'eval', 'gelu', case)
-        return checked.decide(key, 'fused', block, x, sleeping(fused_ms), sleeping(50), torch.float32)
+        return checked.decide(key, 'fused', block, x, sleeping(fused_ms), sleeping(100), torch.float32)
 
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
-        tie, win = decide(1, 50), decide(2, 25)
+        tie, win = decide(1, 100), decide(2, 50)
     assert tie.path == 'eager' and tie.fused_ms is not None and not checked.wins(tie.fused_ms, tie.eager_ms), tie
     assert win.path == 'fused' and checked.wins(win.fused_ms, win.eager_ms), win
     assert checked.wins(96., 100.) and not checked.wins(98., 100.) and not checked.wins(101., 100.)
