@@ -83,7 +83,7 @@ def _check_source(recorded):
         assert recorded['git_commit'] == head and isinstance(recorded['package_changed'], bool)
     else:
         assert recorded['git_commit'] is None
-    assert recorded['cpu_kernels'] == cpu_kernels._name(cpu_kernels._flags())
+    assert recorded['cpu_kernels'] == cpu_kernels.build_id()
 
 
 def test_cli_every_engine_measured_or_explained(tmp_path):

@@ -96,7 +96,7 @@ def test_lean_training_steps_match_eager(act, kernel, drop_path, momentum, chann
     assert int(lean.blocks[0][3].num_batches_tracked) == 2
 
 
-def test_auto_checks_the_lean_block_on_first_use_and_keeps_the_faster():
+def test_auto_checks_the_lean_block_on_first_use_and_keeps_it_only_if_clearly_faster():
     eager, model = _pair(dim=16, depth=2)
     x = _input(2, 32)
     checked.forget()

@@ -303,7 +303,7 @@ def run_engines(
             raise ValueError(f'{label}: expected a positive integer, got {value!r}')
     if peak_gflops is not None and not peak_gflops > 0:
         raise ValueError(f'peak_gflops: expected a positive number, got {peak_gflops!r}')
-    fast._check_name(backend)
+    fast.check_backend(backend)
     device = torch.device('cpu')
 
     ours, builtin = build_pair(model_name, model_kwargs, 'cpu', training=False)

@@ -85,7 +85,7 @@ def source() -> Dict[str, Any]:
                                           capture_output=True, text=True, timeout=10).stdout.strip())
     except (OSError, subprocess.SubprocessError):
         pass
-    return {'git_commit': commit, 'package_changed': changed, 'cpu_kernels': cpu_kernels._name(cpu_kernels._flags())}
+    return {'git_commit': commit, 'package_changed': changed, 'cpu_kernels': cpu_kernels.build_id()}
 
 
 def hardware(device: torch.device) -> Dict[str, Any]:

@@ -58,7 +58,7 @@ from .lean import TorchNorm, lean_applies, lean_block_forward
 from .runtime import autocast_state, conv_dtype, triton_device
 
 __all__ = [
-    'BACKENDS', 'block_forward', 'blocks_forward', 'counters', 'decisions', 'forget_kept', 'get_backend',
+    'BACKENDS', 'block_forward', 'blocks_forward', 'check_backend', 'counters', 'decisions', 'forget_kept', 'get_backend',
     'reset_counters', 'set_backend', 'stem_counters', 'stem_forward', 'use_backend',
 ]
 
@@ -71,7 +71,9 @@ counters: Counter = Counter()
 stem_counters: Counter = Counter()
 
 
-def _check_name(name: str) -> str:
+def check_backend(name: str) -> str:
+    """``name`` as one of :data:`BACKENDS` (any case), or a ``ValueError`` naming the choices: for anything that
+    takes a backend name before it sets it (``set_backend``, ``bench --engines``'s ``backend=``)."""
     if not isinstance(name, str) or name.lower() not in BACKENDS:
         raise ValueError(f'backend: expected one of {BACKENDS}, got {name!r}')
     return name.lower()
@@ -82,7 +84,7 @@ def _backend_from_env() -> str:
     if not value:
         return 'auto'
     try:
-        return _check_name(value)
+        return check_backend(value)
     except ValueError:
         # never break ``import timm`` (the autoload hook imports us) over a typo in the environment
         warnings.warn(f'{ENV_VAR}={value!r} is not one of {BACKENDS}; using "auto"')
@@ -95,7 +97,7 @@ _backend = _backend_from_env()
 def set_backend(name: str) -> None:
     """Select the fast path for all ConvMixer blocks: one of :data:`BACKENDS` (see the module docstring)."""
     global _backend
-    _backend = _check_name(name)
+    _backend = check_backend(name)
 
 
 def get_backend() -> str:
@@ -107,7 +109,7 @@ def use_backend(name: str) -> Iterator[None]:
     """Temporarily select a backend (process-global, so not meant for concurrent threads choosing differently)."""
     global _backend
     previous = _backend
-    _backend = _check_name(name)
+    _backend = check_backend(name)
     try:
         yield
     finally:

@@ -24,8 +24,8 @@ import torch
 
 from .checked import FastPathDecision
 
-__all__ = ['ACT_BY_NAME', 'BUILD_ENV_VAR', 'MAX_KERNEL_SIZE', 'build', 'build_error', 'dw_block', 'fma_peak_gflops',
-           'load', 'pw_block', 'pw_pack', 'storage_use_count']
+__all__ = ['ACT_BY_NAME', 'BUILD_ENV_VAR', 'MAX_KERNEL_SIZE', 'build', 'build_error', 'build_id', 'dw_block',
+           'fma_peak_gflops', 'load', 'pw_block', 'pw_pack', 'storage_use_count']
 
 BUILD_ENV_VAR = 'TIMM_CONVMIXER_CPU_BUILD'
 _CSRC = os.path.join(os.path.dirname(__file__), 'csrc')
@@ -67,6 +67,12 @@ def _name(flags: List[str]) -> str:
     digest.update(' '.join(flags).encode())
     digest.update(torch.__version__.encode())
     return f'timm_convmixer_cpu_{digest.hexdigest()[:12]}'
+
+
+def build_id() -> str:
+    """The name of this CPU's build (a digest of the sources, flags and torch version): what a benchmark records
+    as the kernels it ran, whether or not they are built yet."""
+    return _name(_flags())
 
 
 def _compile():
