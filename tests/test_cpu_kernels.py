@@ -194,6 +194,60 @@ def test_bfloat16_in_and_out_is_the_float32_kernel_rounded_once(shape, affine, k
     assert torch.equal(read_bf16, wide)
 
 
+def _weight_grad_reference(x, grad, k):
+    """The depthwise "same" conv's weight and bias gradients by autograd in float64."""
+    c = x.shape[1]
+    weight = torch.zeros(c, 1, k, k, dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(c, dtype=torch.float64, requires_grad=True)
+    out = F.conv2d(x.double(), weight, bias, padding='same', groups=c)
+    return torch.autograd.grad(out, (weight, bias), grad.double())
+
+
+# partial channel blocks (13, 20, 40), every compiled kernel size (5, 7, 8, 9) and the generic loop (1, 3, 4),
+# images narrower or shorter than the kernel, non-square images
+WEIGHT_GRAD_SHAPES = [(2, 13, 7, 9, 3), (1, 20, 5, 4, 8), (3, 24, 6, 6, 5), (2, 40, 9, 11, 9), (1, 17, 3, 3, 1),
+                      (2, 16, 4, 4, 7), (1, 8, 3, 2, 9), (2, 32, 5, 8, 4)]
+
+
+@pytest.mark.parametrize('shape', WEIGHT_GRAD_SHAPES, ids=lambda s: 'x'.join(map(str, s)))
+def test_depthwise_weight_grad_matches_autograd_in_float64(shape, kernels):
+    n, c, h, w, k = shape
+    g = torch.Generator().manual_seed(7)
+    x, grad = (torch.randn(n, c, h, w, generator=g).contiguous(memory_format=torch.channels_last) for _ in range(2))
+    grad_w, grad_b = cpu_kernels.dw_weight_grad(x, grad, k)
+    ref_w, ref_b = _weight_grad_reference(x, grad, k)
+    assert grad_w.shape == (c, 1, k, k) and grad_b.shape == (c,) and grad_w.dtype == torch.float32
+    torch.testing.assert_close(grad_w.double(), ref_w, rtol=1e-5, atol=1e-5 * ref_w.abs().max().item())
+    torch.testing.assert_close(grad_b.double(), ref_b, rtol=1e-5, atol=1e-5 * ref_b.abs().max().item())
+
+
+def test_depthwise_weight_grad_same_bits_on_any_thread_count(kernels):
+    """Threads split the channel blocks; each block's sums run over the images, rows and taps in one order."""
+    g = torch.Generator().manual_seed(3)
+    x, grad = (torch.randn(3, 72, 10, 12, generator=g).contiguous(memory_format=torch.channels_last) for _ in range(2))
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            outs.append(cpu_kernels.dw_weight_grad(x, grad, 7))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for out in outs[1:] for a, b in zip(outs[0], out))
+
+
+def test_depthwise_weight_grad_bad_arguments_are_named(kernels):
+    x = torch.randn(1, 8, 4, 4).contiguous(memory_format=torch.channels_last)
+    with pytest.raises(RuntimeError, match='x must be a 4-d float32 CPU tensor'):
+        cpu_kernels.dw_weight_grad(x.double(), x, 3)
+    with pytest.raises(RuntimeError, match="grad must be a float32 CPU tensor of x's shape"):
+        cpu_kernels.dw_weight_grad(x, x[:, :4], 3)
+    with pytest.raises(RuntimeError, match='x and grad must be channels_last'):
+        cpu_kernels.dw_weight_grad(x, x.contiguous(), 3)
+    with pytest.raises(RuntimeError, match='kernel size must be 1..64, got 0'):
+        cpu_kernels.dw_weight_grad(x, x, 0)
+
+
 def _pw_inputs(n, c_in, c_out, h, w, seed=0):
     g = torch.Generator().manual_seed(seed)
     u = torch.randn(n, c_in, h, w, generator=g).contiguous(memory_format=torch.channels_last)

@@ -96,6 +96,34 @@ def test_lean_training_steps_match_eager(act, kernel, drop_path, momentum, chann
     assert int(lean.blocks[0][3].num_batches_tracked) == 2
 
 
+def test_lean_on_cpu_takes_the_depthwise_weight_gradient_from_our_kernel(monkeypatch):
+    """In float32 on a CPU whose kernels build, the depthwise conv's weight and bias gradients come from
+    ``cpu_kernels.dw_weight_grad`` (ATen's took 4-18x the conv's forward there), one call per block and step, and
+    agree with eager's (the steps above check every kernel size); under bf16 autocast, where the conv runs in bf16,
+    autograd computes them as before."""
+    from timm_convmixer.fast import cpu_kernels
+    if cpu_kernels.load() is None:
+        pytest.skip(f'the CPU kernels cannot be built here: {cpu_kernels.build_error()}')
+    calls = []
+    real = cpu_kernels.dw_weight_grad
+
+    def counted(x, grad, k):
+        calls.append((tuple(x.shape), k))
+        return real(x, grad, k)
+
+    monkeypatch.setattr(cpu_kernels, 'dw_weight_grad', counted)
+    eager, lean = _pair(dim=16, depth=2, kernel_size=7)
+    x = _input(2, 32)
+    ref = _step(eager, x, 'eager')
+    got = _step(lean, x, 'lean')
+    assert calls == [((2, 16, 16, 16), 7)] * 2  # patch 2: 16 x 16 tokens
+    _assert_same_step(ref, got, depth=2, steps=1)
+    calls.clear()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        _step(lean, x, 'lean')
+    assert calls == []
+
+
 def test_auto_checks_the_lean_block_on_first_use_and_keeps_it_only_if_clearly_faster():
     eager, model = _pair(dim=16, depth=2)
     x = _input(2, 32)

@@ -25,11 +25,11 @@ import torch
 from .checked import FastPathDecision
 
 __all__ = ['ACT_BY_NAME', 'BUILD_ENV_VAR', 'MAX_KERNEL_SIZE', 'build', 'build_error', 'build_id', 'dw_block',
-           'fma_peak_gflops', 'load', 'pw_block', 'pw_pack', 'storage_use_count']
+           'dw_weight_grad', 'fma_peak_gflops', 'load', 'pw_block', 'pw_pack', 'storage_use_count']
 
 BUILD_ENV_VAR = 'TIMM_CONVMIXER_CPU_BUILD'
 _CSRC = os.path.join(os.path.dirname(__file__), 'csrc')
-SOURCES = [os.path.join(_CSRC, name) for name in ('dw_block.cpp', 'pw_block.cpp', 'fma_peak.cpp')]
+SOURCES = [os.path.join(_CSRC, name) for name in ('dw_block.cpp', 'dw_grad.cpp', 'pw_block.cpp', 'fma_peak.cpp')]
 HEADERS = [os.path.join(_CSRC, 'cpu_common.h')]
 # activation name (eligibility.ACT_NAMES) -> the kernel's code (enum Act in the C++ source)
 ACT_BY_NAME: Dict[str, int] = {'identity': 0, 'relu': 1, 'gelu': 2, 'gelu_tanh': 3, 'silu': 4}
@@ -139,6 +139,12 @@ def dw_block(x: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor, scale: tor
     in_scale, in_shift = in_affine if in_affine is not None else (None, None)
     _ops.dw_block(x, taps, bias, scale, kernel_size, ACT_BY_NAME[act], out, in_scale, in_shift)
     return out
+
+
+def dw_weight_grad(x: torch.Tensor, grad: torch.Tensor, kernel_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(grad_weight, grad_bias)`` of a depthwise "same" convolution (stride 1) with input ``x`` and output gradient
+    ``grad``, both channels_last float32 of one shape: ``(C, 1, k, k)`` and ``(C,)``. The kernels must be loaded."""
+    return _ops.dw_weight_grad(x, grad, kernel_size)
 
 
 def pw_pack(weight: torch.Tensor) -> torch.Tensor:

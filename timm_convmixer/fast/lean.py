@@ -16,12 +16,16 @@ unbiased variance; drop path's own random draw), so outputs and running statisti
 recomputes the depthwise branch from ``x`` and re-applies the saved statistics (one elementwise pass each; the
 result is within an ulp of forward's), then runs the kernels autograd itself would run (BatchNorm, activation and
 convolution backward); the pointwise convolution's gradients come from ``aten.convolution_backward``, so its GEMM
-is never repeated. Autocast is restored in backward as it was in forward, so the recomputed casts are eager's.
+is never repeated. Autocast is restored in backward as it was in forward, so the recomputed casts are eager's. One
+exception, on a CPU in float32: the depthwise conv's weight and bias gradients come from our compiled kernel
+(``cpu_kernels.dw_weight_grad``; ATen's took 4-18x the conv's forward at ConvMixer's shapes), which more than pays
+for the recomputation there.
 
 The price is the recomputation: a depthwise convolution and a few elementwise passes per block. This is plain
-torch and runs on every device; ``auto`` times it against the plain modules on first use (:mod:`.checked`) and keeps
-the faster, ``set_backend('lean')`` asks for the memory saving whatever it costs, and ``torch.compile`` never sees
-it (the dispatcher hands tracers the plain modules).
+torch (and that one CPU kernel, where it builds) and runs on every device; ``auto`` times it against the plain
+modules on first use (:mod:`.checked`) and keeps it only where it ran clearly faster, ``set_backend('lean')``
+asks for the memory saving whatever it costs, and ``torch.compile`` never sees it (the dispatcher hands tracers the
+plain modules).
 """
 import contextlib
 import weakref
@@ -31,8 +35,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import cpu_kernels
 from .eligibility import BlockParts
-from .runtime import autocast_state
+from .runtime import autocast_state, conv_dtype
 
 __all__ = ['SavedNorm', 'TorchNorm', 'advance_running_stats', 'check_batch_size', 'lean_applies', 'lean_block_forward',
            'under_checkpoint']
@@ -172,21 +177,30 @@ class TorchNorm:
     @staticmethod
     def conv_again(conv: nn.Conv2d, x, weight, bias, needs) -> Tuple[torch.Tensor, Any]:
         """The depthwise convolution recomputed in backward: ``(z, saved)``, ``saved`` for :meth:`conv_backward`
-        (here the recomputation's own autograd graph; ``needs``: gradients wanted for x, weight, bias)."""
+        (here the recomputation's own autograd graph; ``needs``: gradients wanted for x, weight, bias). Where the
+        conv computes in float32 on a CPU and our compiled kernels load, its weight and bias gradients are left to
+        :func:`.cpu_kernels.dw_weight_grad` (ATen's weight gradient took 4-18x the conv's forward at ConvMixer's
+        shapes on an AVX2 Zen 3; ours 2.7x-10x less than ATen's), and autograd computes only x's."""
+        ours = needs[1] and _cpu_weight_grad_applies(x, weight)
         with torch.enable_grad():
             x_ = x.detach().requires_grad_(needs[0])
-            w_ = weight.detach().requires_grad_(needs[1])
-            b_ = None if bias is None else bias.detach().requires_grad_(needs[2])
+            w_ = weight.detach().requires_grad_(needs[1] and not ours)
+            b_ = None if bias is None else bias.detach().requires_grad_(needs[2] and not ours)
             z = F.conv2d(x_, w_, b_, conv.stride, conv.padding, conv.dilation, conv.groups)
-        return z.detach(), (z, (x_, w_, b_))
+        return z.detach(), (z, (x_, w_, b_), x if ours else None, conv.kernel_size[0])
 
     @staticmethod
     def conv_backward(saved, grad_z, grad_residual, needs) -> Tuple[Optional[torch.Tensor], ...]:
         """Gradients wrt ``(x, weight, bias)``; ``x``'s includes ``grad_residual``, what it gets past the conv."""
-        z, inputs = saved
+        z, inputs, x_for_weight_grad, k = saved
         wrt = [t for t in inputs if t is not None and t.requires_grad]
         grads = iter(torch.autograd.grad(z, wrt, grad_z) if wrt else ())
         grad_x, grad_w, grad_b = (next(grads) if t is not None and t.requires_grad else None for t in inputs)
+        if x_for_weight_grad is not None:
+            cl = torch.channels_last
+            grad_w, grad_b = cpu_kernels.dw_weight_grad(
+                x_for_weight_grad.contiguous(memory_format=cl), grad_z.contiguous(memory_format=cl), k)
+            grad_b = grad_b if needs[2] else None
         return (grad_residual + grad_x if needs[0] else None), grad_w, grad_b
 
     @staticmethod
@@ -221,6 +235,14 @@ class TorchNorm:
             grad = grad * mask
         grad_a, grad_w, grad_b = _batch_norm_backward(bn, norm, a, grad, weight, needs)
         return _act_backward(act, grad_a, t, a), grad_w, grad_b
+
+
+def _cpu_weight_grad_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether :func:`.cpu_kernels.dw_weight_grad` computes this depthwise conv's weight gradient: a float32 conv
+    (not one autocast runs in bf16) on a CPU, with the kernels loaded (built on first use; never where the build
+    is off or failed)."""
+    return (x.device.type == 'cpu' and x.dtype == weight.dtype == torch.float32 and conv_dtype(x) == torch.float32
+            and cpu_kernels.load() is not None)
 
 
 def _params(parts: BlockParts) -> List[Optional[torch.Tensor]]:
