@@ -3,11 +3,12 @@
 Why compile at all: the depthwise half of a block (conv, bias, activation, BatchNorm scale, residual add) is where
 oneDNN is weakest at ConvMixer's shapes on AVX2 CPUs (``csrc/dw_block.cpp``'s header); one kernel of ours does it in
 a single pass. The pointwise half is a GEMM of ours with the bias, activation and BatchNorm affine applied to each
-tile in registers (``csrc/pw_block.cpp``), one pass where oneDNN needs two. Both are compiled the way Inductor
-compiles its CPU kernels, for the vector ISA ATen itself dispatches to on this CPU
-(``torch.backends.cpu.get_cpu_capability()``), by ``torch.utils.cpp_extension`` (a C++ compiler and ``ninja``
-needed; ~25 s once, then loaded from torch's extension cache, keyed by the sources, the flags and the
-torch version).
+tile in registers (``csrc/pw_block.cpp``), one pass where oneDNN needs two. In training, the depthwise conv's weight
+gradient, which ATen computes at a fraction of its forward's speed, is ours too (``csrc/dw_grad.cpp``, for the lean
+block's backward). All are compiled the way Inductor compiles its CPU kernels, for the vector ISA ATen itself
+dispatches to on this CPU (``torch.backends.cpu.get_cpu_capability()``), by ``torch.utils.cpp_extension`` (a C++
+compiler and ``ninja`` needed; ~25 s once, then loaded from torch's extension cache, keyed by the sources, the flags
+and the torch version).
 
 Nothing depends on them: when the build is impossible or fails, :func:`load` returns ``None`` after one
 ``RuntimeWarning`` naming why, and the oneDNN path runs. ``TIMM_CONVMIXER_CPU_BUILD=0`` skips the build (for

@@ -18,7 +18,7 @@ result is within an ulp of forward's), then runs the kernels autograd itself wou
 convolution backward); the pointwise convolution's gradients come from ``aten.convolution_backward``, so its GEMM
 is never repeated. Autocast is restored in backward as it was in forward, so the recomputed casts are eager's. One
 exception, on a CPU in float32: the depthwise conv's weight and bias gradients come from our compiled kernel
-(``cpu_kernels.dw_weight_grad``; ATen's took 4-18x the conv's forward at ConvMixer's shapes), which more than pays
+(``cpu_kernels.dw_weight_grad``; ATen's took 3.7x-18x the conv's forward at ConvMixer's shapes), which more than pays
 for the recomputation there.
 
 The price is the recomputation: a depthwise convolution and a few elementwise passes per block. This is plain
@@ -179,8 +179,8 @@ class TorchNorm:
         """The depthwise convolution recomputed in backward: ``(z, saved)``, ``saved`` for :meth:`conv_backward`
         (here the recomputation's own autograd graph; ``needs``: gradients wanted for x, weight, bias). Where the
         conv computes in float32 on a CPU and our compiled kernels load, its weight and bias gradients are left to
-        :func:`.cpu_kernels.dw_weight_grad` (ATen's weight gradient took 4-18x the conv's forward at ConvMixer's
-        shapes on an AVX2 Zen 3; ours 2.7x-10x less than ATen's), and autograd computes only x's."""
+        :func:`.cpu_kernels.dw_weight_grad` (ATen's weight gradient took 3.7x-18x the conv's forward at ConvMixer's
+        shapes on an AVX2 Zen 3; ours ran 2.7x-10.3x faster), and autograd computes only x's."""
         ours = needs[1] and _cpu_weight_grad_applies(x, weight)
         with torch.enable_grad():
             x_ = x.detach().requires_grad_(needs[0])
