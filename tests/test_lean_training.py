@@ -100,7 +100,7 @@ def test_lean_on_cpu_takes_the_depthwise_weight_gradient_from_our_kernel(monkeyp
     """In float32 on a CPU whose kernels build, the depthwise conv's weight and bias gradients come from
     ``cpu_kernels.dw_weight_grad`` (ATen's took 3.7x-18x the conv's forward there), one call per block and step, and
     agree with eager's (the steps above check every kernel size); under bf16 autocast, where the conv runs in bf16,
-    autograd computes them as before."""
+    and beyond the kernels' largest kernel size, autograd computes them as before."""
     from timm_convmixer.fast import cpu_kernels
     if cpu_kernels.load() is None:
         pytest.skip(f'the CPU kernels cannot be built here: {cpu_kernels.build_error()}')
@@ -121,6 +121,10 @@ def test_lean_on_cpu_takes_the_depthwise_weight_gradient_from_our_kernel(monkeyp
     calls.clear()
     with torch.autocast('cpu', dtype=torch.bfloat16):
         _step(lean, x, 'lean')
+    assert calls == []
+    # a kernel size beyond what our kernels take: autograd's weight gradient, as before the kernel
+    eager, lean = _pair(dim=8, depth=1, kernel_size=cpu_kernels.MAX_KERNEL_SIZE + 1)
+    _assert_same_step(_step(eager, x, 'eager'), _step(lean, x, 'lean'), depth=1, steps=1)
     assert calls == []
 
 

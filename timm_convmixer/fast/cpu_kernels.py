@@ -34,7 +34,7 @@ SOURCES = [os.path.join(_CSRC, name) for name in ('dw_block.cpp', 'dw_grad.cpp',
 HEADERS = [os.path.join(_CSRC, 'cpu_common.h')]
 # activation name (eligibility.ACT_NAMES) -> the kernel's code (enum Act in the C++ source)
 ACT_BY_NAME: Dict[str, int] = {'identity': 0, 'relu': 1, 'gelu': 2, 'gelu_tanh': 3, 'silu': 4}
-MAX_KERNEL_SIZE = 64  # the kernel keeps one pointer per window row on its stack
+MAX_KERNEL_SIZE = 64  # dw_block keeps one pointer per window row on its stack; dw_weight_grad takes the same
 # ATen's CPU capability -> (the macro selecting ATen's Vectorized<float> implementation, compiler flags), as
 # Inductor builds its CPU kernels for that ISA; any other capability gets ATen's portable vectors
 _ISA_FLAGS: Dict[str, Tuple[List[str], List[str]]] = {

@@ -181,7 +181,7 @@ class TorchNorm:
         conv computes in float32 on a CPU and our compiled kernels load, its weight and bias gradients are left to
         :func:`.cpu_kernels.dw_weight_grad` (ATen's weight gradient took 3.7x-18x the conv's forward at ConvMixer's
         shapes on an AVX2 Zen 3; ours ran 2.7x-10.3x faster), and autograd computes only x's."""
-        ours = needs[1] and _cpu_weight_grad_applies(x, weight)
+        ours = needs[1] and _cpu_weight_grad_applies(x, weight, conv.kernel_size[0])
         with torch.enable_grad():
             x_ = x.detach().requires_grad_(needs[0])
             w_ = weight.detach().requires_grad_(needs[1] and not ours)
@@ -237,12 +237,12 @@ class TorchNorm:
         return _act_backward(act, grad_a, t, a), grad_w, grad_b
 
 
-def _cpu_weight_grad_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def _cpu_weight_grad_applies(x: torch.Tensor, weight: torch.Tensor, kernel_size: int) -> bool:
     """Whether :func:`.cpu_kernels.dw_weight_grad` computes this depthwise conv's weight gradient: a float32 conv
-    (not one autocast runs in bf16) on a CPU, with the kernels loaded (built on first use; never where the build
-    is off or failed)."""
+    (not one autocast runs in bf16) on a CPU, a kernel size our kernels take, with the kernels loaded (built on first
+    use; never where the build is off or failed)."""
     return (x.device.type == 'cpu' and x.dtype == weight.dtype == torch.float32 and conv_dtype(x) == torch.float32
-            and cpu_kernels.load() is not None)
+            and kernel_size <= cpu_kernels.MAX_KERNEL_SIZE and cpu_kernels.load() is not None)
 
 
 def _params(parts: BlockParts) -> List[Optional[torch.Tensor]]:
