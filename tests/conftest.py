@@ -15,6 +15,7 @@ Fixtures (the functions behind them live in ``tests/helpers.py``, importable by 
   two-block model on an NCHW image.
 * ``run_python(*args, code=None, env=None, unset=(), cwd=None, timeout=300, check=True)``: a fresh interpreter of
   this environment; a non-zero exit fails with its output.
+* ``kernels``: our compiled CPU kernels loaded (built on first use); skips where they cannot be built here.
 * ``interpreter``: ``TRITON_INTERPRET=1`` for the test (CPU tensors count as a Triton device, so the Triton paths
   run through Triton's CPU interpreter); skips where triton is not importable.
 """
@@ -99,6 +100,13 @@ def auto_paths_from_nchw():
 @pytest.fixture
 def run_python():
     return helpers.run_python
+
+
+@pytest.fixture(scope='session')
+def kernels():
+    from timm_convmixer.fast import cpu_kernels
+    if cpu_kernels.load() is None:
+        pytest.skip(f'the CPU kernels cannot be built here: {cpu_kernels.build_error()}')
 
 
 @pytest.fixture

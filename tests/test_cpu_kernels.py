@@ -1,7 +1,8 @@
-"""Our compiled CPU kernels (``fast/csrc/``: the depthwise half ``dw_block``, the pointwise GEMM ``pw_block``): the
-functions they compute, the errors they raise, that they compile for each vector ISA, that their build is optional,
-and that the path built on them never hands out memory it reuses. Marked ``kernels``: timm's version plays no
-part, so ``./run.sh test-min`` leaves them out."""
+"""Our compiled CPU kernels (``fast/csrc/``: the depthwise half ``dw_block``, the pointwise GEMM ``pw_block``, and
+for training the depthwise weight gradient and the batch-statistics normalisation steps): the functions they
+compute, the errors they raise, that they compile for each vector ISA, that their build is optional, and that the
+path built on them never hands out memory it reuses. Marked ``kernels``: timm's version plays no part, so ``./run.sh
+test-min`` leaves them out."""
 import os
 import shutil
 import subprocess
@@ -23,12 +24,6 @@ ACTS = {
     'identity': lambda z: z, 'relu': F.relu, 'gelu': F.gelu, 'gelu_tanh': lambda z: F.gelu(z, approximate='tanh'),
     'silu': F.silu,
 }
-
-
-@pytest.fixture(scope='module')
-def kernels():
-    if cpu_kernels.load() is None:
-        pytest.skip(f'the CPU kernels cannot be built here: {cpu_kernels.build_error()}')
 
 
 def _inputs(n, c, h, w, k, seed=0):
@@ -246,6 +241,101 @@ def test_depthwise_weight_grad_bad_arguments_are_named(kernels):
         cpu_kernels.dw_weight_grad(x, x.contiguous(), 3)
     with pytest.raises(RuntimeError, match='kernel size must be 1..64, got 0'):
         cpu_kernels.dw_weight_grad(x, x, 0)
+
+
+def _norm_reference(t, act, weight, bias, mask, residual, grad):
+    """``residual + mask * batch_norm(act(t))`` on batch statistics, and its gradients wrt (t, weight, bias), by
+    autograd in float64."""
+    t, weight, bias = (v.double().requires_grad_() for v in (t, weight, bias))
+    y = F.batch_norm(ACTS[act](t), None, None, weight, bias, True, 0., 1e-5)
+    out = residual.double() + y * mask.double().view(-1, 1, 1, 1)
+    return (out.detach(),) + torch.autograd.grad(out, (t, weight, bias), grad.double())
+
+
+# partial vectors of channels (13, 40), chunks and runs of rows cut short (35, 54, 1020 rows), one image per
+# drop-path factor over several chunks, a single row per image
+NORM_SHAPES = [(3, 13, 5, 7), (4, 40, 9, 6), (2, 64, 4, 4), (5, 24, 1, 1), (1, 16, 30, 34)]
+
+
+@pytest.mark.parametrize('act', ACTS)
+@pytest.mark.parametrize('shape', NORM_SHAPES, ids=lambda s: 'x'.join(map(str, s)))
+def test_training_norm_matches_autograd_in_float64(shape, act, kernels):
+    g = torch.Generator().manual_seed(11)
+    t, residual, grad = ((torch.randn(shape, generator=g) * 2 + 0.5).contiguous(memory_format=torch.channels_last)
+                         for _ in range(3))
+    c = shape[1]
+    weight, bias = torch.randn(c, generator=g), torch.randn(c, generator=g)
+    mask = torch.tensor([1.25, 0., 2., 1.25, 1.25][:shape[0]])  # drop path's factors: 1 / keep or 0
+    ref_out, ref_t, ref_w, ref_b = _norm_reference(t, act, weight, bias, mask, residual, grad)
+
+    mean, var = cpu_kernels.bn_act_stats(t, act)
+    a = ACTS[act](t.double())
+    torch.testing.assert_close(mean, a.mean((0, 2, 3)), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(var, a.var((0, 2, 3), unbiased=False), rtol=1e-6, atol=1e-6)
+    invstd = (var + 1e-5).rsqrt()
+    scale, shift = weight * invstd, bias - mean * weight * invstd
+    out = cpu_kernels.bn_act_apply(t, act, scale.float(), shift.float(), mask, residual, torch.empty_like(t))
+    torch.testing.assert_close(out.double(), ref_out, rtol=1e-5, atol=1e-5 * ref_out.abs().max().item())
+    grad_t, grad_w, grad_b = cpu_kernels.bn_act_backward(grad, t, act, mean.float(), invstd.float(), weight, mask)
+    assert grad_t.is_contiguous(memory_format=torch.channels_last) and grad_t.dtype == torch.float32
+    for got, ref in ((grad_t, ref_t), (grad_w, ref_w), (grad_b, ref_b)):
+        torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+def test_training_norm_without_mask_residual_or_weight(kernels):
+    """The optional operands left out: ``scale * act(t) + shift`` and the affine-free norm's gradient."""
+    g = torch.Generator().manual_seed(5)
+    t, grad = (torch.randn(2, 20, 6, 5, generator=g).contiguous(memory_format=torch.channels_last) for _ in range(2))
+    scale, shift = torch.randn(20, generator=g), torch.randn(20, generator=g)
+    out = cpu_kernels.bn_act_apply(t, 'gelu', scale, shift, None, None, torch.empty_like(t))
+    expected = F.gelu(t.double()) * scale.double().view(1, -1, 1, 1) + shift.double().view(1, -1, 1, 1)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    mean, var = cpu_kernels.bn_act_stats(t, 'silu')
+    invstd = (var + 1e-5).rsqrt()
+    ref = _norm_reference(t, 'silu', torch.ones(20), torch.zeros(20), torch.ones(2), torch.zeros_like(t), grad)
+    grad_t, _, grad_b = cpu_kernels.bn_act_backward(grad, t, 'silu', mean.float(), invstd.float(), None, None)
+    torch.testing.assert_close(grad_t.double(), ref[1], rtol=1e-5, atol=1e-5 * ref[1].abs().max().item())
+    torch.testing.assert_close(grad_b.double(), ref[3], rtol=1e-5, atol=1e-5 * ref[3].abs().max().item())
+
+
+def test_training_norm_same_bits_on_any_thread_count(kernels):
+    """Threads split chunks of rows; the chunks' sums are added in one order whatever the thread count."""
+    g = torch.Generator().manual_seed(3)
+    t, grad = (torch.randn(3, 72, 10, 12, generator=g).contiguous(memory_format=torch.channels_last)
+               for _ in range(2))
+    weight, mask = torch.randn(72, generator=g), torch.tensor([1., 0., 2.])
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            mean, var = cpu_kernels.bn_act_stats(t, 'gelu')
+            outs.append((mean, var) + cpu_kernels.bn_act_backward(
+                grad, t, 'gelu', mean.float(), (var + 1e-5).rsqrt().float(), weight, mask))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for out in outs[1:] for a, b in zip(outs[0], out))
+
+
+def test_training_norm_bad_arguments_are_named(kernels):
+    t = torch.randn(2, 8, 4, 4).contiguous(memory_format=torch.channels_last)
+    v = torch.ones(8)
+    with pytest.raises(RuntimeError, match='bn_act_stats: expected a 4-d float32 CPU tensor'):
+        cpu_kernels.bn_act_stats(t.double(), 'relu')
+    with pytest.raises(RuntimeError, match='bn_act_stats: expected a channels_last tensor'):
+        cpu_kernels.bn_act_stats(t.contiguous(), 'relu')
+    with pytest.raises(RuntimeError, match='bn_act_stats: t is empty'):
+        cpu_kernels.bn_act_stats(t[:0], 'relu')
+    with pytest.raises(RuntimeError, match="bn_act_apply: out must be a channels_last float32 tensor of t's shape"):
+        cpu_kernels.bn_act_apply(t, 'relu', v, v, None, None, torch.empty_like(t).contiguous())
+    with pytest.raises(RuntimeError, match='bn_act_apply: out must not be t'):
+        cpu_kernels.bn_act_apply(t, 'relu', v, v, None, None, t)
+    with pytest.raises(RuntimeError, match='bn_act_apply: mask must hold 2 contiguous float32 values'):
+        cpu_kernels.bn_act_apply(t, 'relu', v, v, torch.ones(3), None, torch.empty_like(t))
+    with pytest.raises(RuntimeError, match='bn_act_backward: weight must hold 8 contiguous float32 values'):
+        cpu_kernels.bn_act_backward(t, t, 'relu', v, v, torch.ones(8, dtype=torch.float64), None)
+    with pytest.raises(RuntimeError, match="bn_act_backward: grad must be a channels_last float32 tensor of t's shape"):
+        cpu_kernels.bn_act_backward(t[:1], t, 'relu', v, v, None, None)
 
 
 def _pw_inputs(n, c_in, c_out, h, w, seed=0):

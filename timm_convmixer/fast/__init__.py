@@ -9,21 +9,23 @@ Each backend then adds only its own conditions (device, dtype, kernels).
 
 Backends:
 
-* ``'auto'`` (default): the fastest correct path, measured where it is not known. Eval-mode CPU tensors -> the
-  paths of :mod:`.cpu` (oneDNN's convolutions, our compiled kernels, or ours and oneDNN's), eval-mode CUDA tensors
-  -> the Triton kernels, and training-mode blocks (BatchNorm on batch statistics) on any device -> the memory-lean
-  block of :mod:`.lean` (on a Triton device also its Triton implementation, :mod:`.lean_triton`), each only for a
-  case (device, shape, dtype, mode...) where :mod:`.checked` found it correct and faster than the plain modules on
-  first use; where several paths pass, the winner of a race between them (:func:`.checked.fastest`). With
-  ``TRITON_INTERPRET=1`` CPU tensors count as a Triton device (tests). A model's chain of blocks goes through
-  :func:`blocks_forward`, which lets consecutive ``cpu_hybrid`` blocks hand each other their output unwritten.
+* ``'auto'`` (default): the fastest correct path, measured where it is not known. Eval-mode CPU tensors -> the paths
+  of :mod:`.cpu` (oneDNN's convolutions, our compiled kernels, or ours and oneDNN's), eval-mode CUDA tensors -> the
+  Triton kernels, and training-mode blocks (BatchNorm on batch statistics) on any device -> the memory-lean block of
+  :mod:`.lean` (on a CPU also its compiled implementation, :mod:`.lean_cpu`, on a Triton device its Triton one,
+  :mod:`.lean_triton`), each only for a case (device, shape, dtype, mode...) where :mod:`.checked` found it correct
+  and faster than the plain modules on first use; where several paths pass, the winner of a race between them
+  (:func:`.checked.fastest`). With ``TRITON_INTERPRET=1`` CPU tensors count as a Triton device (tests). A model's
+  chain of blocks goes through :func:`blocks_forward`, which lets consecutive ``cpu_hybrid`` blocks hand each other
+  their output unwritten.
 * ``'eager'``: never a fast path.
-* ``'lean'``, ``'lean_triton'``, ``'cpu'``, ``'cpu_compiled'``, ``'cpu_hybrid'``, ``'triton'``, ``'triton_gemm'``:
-  only that path, unchecked, where it applies (the way to force one). ``'lean'`` runs the lean block's
-  normalisations on torch's kernels, ``'lean_triton'`` its normalisations and depthwise conv on Triton kernels (the
-  same memory kept); ``'cpu'`` both convolutions on oneDNN, ``'cpu_compiled'`` both halves in our C++ kernels (built
-  on first use), ``'cpu_hybrid'`` our depthwise kernel and oneDNN's pointwise conv; ``'triton'`` runs the pointwise
-  conv on cuBLAS with a Triton epilogue pass, ``'triton_gemm'`` as one Triton GEMM with the epilogue fused.
+* ``'lean'``, ``'lean_cpu'``, ``'lean_triton'``, ``'cpu'``, ``'cpu_compiled'``, ``'cpu_hybrid'``, ``'triton'``,
+  ``'triton_gemm'``: only that path, unchecked, where it applies (the way to force one). ``'lean'`` runs the lean
+  block's normalisations on torch's kernels, ``'lean_cpu'`` on our compiled CPU kernels, ``'lean_triton'`` its
+  normalisations and depthwise conv on Triton kernels (the same memory kept); ``'cpu'`` both convolutions on
+  oneDNN, ``'cpu_compiled'`` both halves in our C++ kernels (built on first use), ``'cpu_hybrid'`` our depthwise
+  kernel and oneDNN's pointwise conv; ``'triton'`` runs the pointwise conv on cuBLAS with a Triton epilogue pass,
+  ``'triton_gemm'`` as one Triton GEMM with the epilogue fused.
 
 The patch stem has one fast path, on CPU (:mod:`.cpu_stem`: the non-overlapping conv as one GEMM over the image's
 patches, its activation fused, output channels_last), offered through :func:`stem_forward` on the same terms as a
@@ -62,7 +64,8 @@ __all__ = [
     'reset_counters', 'set_backend', 'stem_counters', 'stem_forward', 'use_backend',
 ]
 
-BACKENDS = ('auto', 'eager', 'lean', 'lean_triton', 'cpu', 'cpu_compiled', 'cpu_hybrid', 'triton', 'triton_gemm')
+BACKENDS = ('auto', 'eager', 'lean', 'lean_cpu', 'lean_triton', 'cpu', 'cpu_compiled', 'cpu_hybrid', 'triton',
+            'triton_gemm')
 ENV_VAR = 'TIMM_CONVMIXER_BACKEND'
 
 # which path answered each MixerBlock call since the last reset_counters()
@@ -244,9 +247,12 @@ def _checked_cpu(block: nn.Module, parts: BlockParts, x: torch.Tensor) -> Tuple[
 
 
 def _lean_norms(parts: BlockParts, x: torch.Tensor):
-    """The lean block's implementations that apply here by path name: torch's kernels everywhere, the fused Triton
-    ones on a Triton device."""
+    """The lean block's implementations that apply here by path name: torch's kernels everywhere, our compiled
+    ones on a CPU, the fused Triton ones on a Triton device."""
     norms = {'lean': TorchNorm}
+    from . import lean_cpu
+    if lean_cpu.applies(parts, x):
+        norms['lean_cpu'] = lean_cpu.CpuNorm
     if triton_device(x):
         try:
             from . import lean_triton
@@ -298,9 +304,9 @@ def _fast_forward(block: nn.Module, x: torch.Tensor, backend: str, parts: Option
     if parts.mode == 'train':
         if backend == 'lean':
             return 'lean', lean_block_forward(parts, x)
-        if backend == 'lean_triton':
-            norm = _lean_norms(parts, x).get('lean_triton')
-            return 'lean_triton', None if norm is None else lean_block_forward(parts, x, norm)
+        if backend in ('lean_cpu', 'lean_triton'):
+            norm = _lean_norms(parts, x).get(backend)
+            return backend, None if norm is None else lean_block_forward(parts, x, norm)
         if backend == 'auto' and lean_applies(parts, x):
             return _checked_train(block, parts, x)
         return None

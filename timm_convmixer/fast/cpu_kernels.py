@@ -5,10 +5,12 @@ oneDNN is weakest at ConvMixer's shapes on AVX2 CPUs (``csrc/dw_block.cpp``'s he
 a single pass. The pointwise half is a GEMM of ours with the bias, activation and BatchNorm affine applied to each
 tile in registers (``csrc/pw_block.cpp``), one pass where oneDNN needs two. In training, the depthwise conv's weight
 gradient, which ATen computes at a fraction of its forward's speed, is ours too (``csrc/dw_grad.cpp``, for the lean
-block's backward). All are compiled the way Inductor compiles its CPU kernels, for the vector ISA ATen itself
-dispatches to on this CPU (``torch.backends.cpu.get_cpu_capability()``), by ``torch.utils.cpp_extension`` (a C++
-compiler and ``ninja`` needed; ~25 s once, then loaded from torch's extension cache, keyed by the sources, the flags
-and the torch version).
+block's backward), and so are the lean block's batch-statistics normalisations with their activation, drop path and
+residual (``csrc/bn_train.cpp``: two reads and a write per step where torch's kernels make five to seven passes).
+All are compiled the way Inductor compiles its CPU kernels, for the vector ISA ATen itself dispatches to on this CPU
+(``torch.backends.cpu.get_cpu_capability()``), by ``torch.utils.cpp_extension`` (a C++ compiler and ``ninja``
+needed; ~25 s once, then loaded from torch's extension cache, keyed by the sources, the flags and the torch
+version).
 
 Nothing depends on them: when the build is impossible or fails, :func:`load` returns ``None`` after one
 ``RuntimeWarning`` naming why, and the oneDNN path runs. ``TIMM_CONVMIXER_CPU_BUILD=0`` skips the build (for
@@ -25,12 +27,14 @@ import torch
 
 from .checked import FastPathDecision
 
-__all__ = ['ACT_BY_NAME', 'BUILD_ENV_VAR', 'MAX_KERNEL_SIZE', 'build', 'build_error', 'build_id', 'dw_block',
-           'dw_weight_grad', 'fma_peak_gflops', 'load', 'pw_block', 'pw_pack', 'storage_use_count']
+__all__ = ['ACT_BY_NAME', 'BUILD_ENV_VAR', 'MAX_KERNEL_SIZE', 'bn_act_apply', 'bn_act_backward', 'bn_act_stats',
+           'build', 'build_error', 'build_id', 'dw_block', 'dw_weight_grad', 'fma_peak_gflops', 'load', 'pw_block',
+           'pw_pack', 'storage_use_count']
 
 BUILD_ENV_VAR = 'TIMM_CONVMIXER_CPU_BUILD'
 _CSRC = os.path.join(os.path.dirname(__file__), 'csrc')
-SOURCES = [os.path.join(_CSRC, name) for name in ('dw_block.cpp', 'dw_grad.cpp', 'pw_block.cpp', 'fma_peak.cpp')]
+SOURCES = [os.path.join(_CSRC, name) for name in ('dw_block.cpp', 'dw_grad.cpp', 'bn_train.cpp', 'pw_block.cpp',
+                                                    'fma_peak.cpp')]
 HEADERS = [os.path.join(_CSRC, 'cpu_common.h')]
 # activation name (eligibility.ACT_NAMES) -> the kernel's code (enum Act in the C++ source)
 ACT_BY_NAME: Dict[str, int] = {'identity': 0, 'relu': 1, 'gelu': 2, 'gelu_tanh': 3, 'silu': 4}
@@ -146,6 +150,30 @@ def dw_weight_grad(x: torch.Tensor, grad: torch.Tensor, kernel_size: int) -> Tup
     """``(grad_weight, grad_bias)`` of a depthwise "same" convolution (stride 1) with input ``x`` and output gradient
     ``grad``, both channels_last float32 of one shape: ``(C, 1, k, k)`` and ``(C,)``. The kernels must be loaded."""
     return _ops.dw_weight_grad(x, grad, kernel_size)
+
+
+def bn_act_stats(t: torch.Tensor, act: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per channel, the mean and biased variance of ``act(t)`` over a channels_last float32 ``t`` (float64 ``[C]``
+    each; the same bits on any number of threads). The kernels must be loaded."""
+    return _ops.bn_act_stats(t, ACT_BY_NAME[act])
+
+
+def bn_act_apply(t: torch.Tensor, act: str, scale: torch.Tensor, shift: torch.Tensor, mask: Optional[torch.Tensor],
+                 residual: Optional[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+    """``out = residual + mask[n] * (scale * act(t) + shift)`` for channels_last float32 ``t``, ``residual`` and
+    ``out`` of one shape: ``scale``/``shift`` one float32 per channel, ``mask`` one per image (either may be
+    ``None``). The kernels must be loaded."""
+    _ops.bn_act_apply(t, ACT_BY_NAME[act], scale, shift, mask, residual, out)
+    return out
+
+
+def bn_act_backward(grad: torch.Tensor, t: torch.Tensor, act: str, mean: torch.Tensor, invstd: torch.Tensor,
+                    weight: Optional[torch.Tensor], mask: Optional[torch.Tensor]
+                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients wrt ``(t, weight, bias)`` of ``mask[n] * batch_norm(act(t))`` normalised with the batch statistics
+    ``mean``/``invstd`` (float32 ``[C]``; ``weight`` ``None`` for an affine-free norm) for the output gradient
+    ``grad``: ``t`` and ``grad`` channels_last float32, the result ``t``'s layout. The kernels must be loaded."""
+    return _ops.bn_act_backward(grad, t, ACT_BY_NAME[act], mean, invstd, weight, mask)
 
 
 def pw_pack(weight: torch.Tensor) -> torch.Tensor:

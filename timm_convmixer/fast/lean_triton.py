@@ -34,7 +34,7 @@ import torch.nn as nn
 
 from . import triton_kernels as K
 from .eligibility import BlockParts, scale_shift
-from .lean import SavedNorm, advance_running_stats, check_batch_size, lean_applies
+from .lean import SavedNorm, TorchNorm, advance_running_stats, check_batch_size, lean_applies
 from .runtime import TRITON_DTYPES, conv_dtype, triton_device
 
 __all__ = ['TritonNorm', 'applies']
@@ -53,6 +53,9 @@ class TritonNorm:
     """:class:`.lean.TorchNorm`'s interface on the Triton kernels (channels_last in, channels_last out): the
     normalisations and the depthwise convolution."""
     name = 'lean_triton'
+    # the pointwise convolution stays cuBLAS's, as torch runs it
+    pointwise = staticmethod(TorchNorm.pointwise)
+    pointwise_backward = staticmethod(TorchNorm.pointwise_backward)
 
     @staticmethod
     def conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:

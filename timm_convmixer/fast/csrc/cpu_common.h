@@ -1,4 +1,4 @@
-// What both CPU kernels share: ATen's vector type for the ISA this file is built for, the activations (ATen's own
+// What our CPU kernels share: ATen's vector type for the ISA this file is built for, the activations (ATen's own
 // formulas, so results match eager to float32 rounding), and loads/stores of a partial vector at a block's edge
 // (float32, or bfloat16 converted to and from float32).
 #pragma once
@@ -18,31 +18,69 @@ constexpr int VL = Vec::size();  // floats per vector: 8 on AVX2, 16 on AVX-512
 // activation codes, as timm_convmixer/fast/cpu_kernels.py passes them
 enum Act { IDENTITY = 0, RELU = 1, GELU = 2, GELU_TANH = 3, SILU = 4 };
 
+// GELU's pieces at z: Phi(z), the normal CDF, and exp(-z^2 / 2), the unnormalised density. ATen's erf
+// (Abramowitz-Stegun 7.1.26), with ATen's inlined exp_u20 for its out-of-line Sleef exp: 20% faster for the whole
+// depthwise kernel, and the same largest error against float64 GELU (4.7e-7 absolute over [-12, 12]).
+inline void gelu_parts(Vec z, Vec& cdf, Vec& density) {
+  const Vec a = z * Vec(float(M_SQRT1_2));
+  const Vec sign = a & Vec(-0.f);
+  const Vec ax = a ^ sign;
+  const Vec t = Vec(1.f) / at::vec::fmadd(Vec(0.3275911f), ax, Vec(1.f));
+  Vec r = at::vec::fmadd(Vec(1.061405429f), t, Vec(-1.453152027f));
+  r = at::vec::fmadd(r, t, Vec(1.421413741f));
+  r = at::vec::fmadd(r, t, Vec(-0.284496736f));
+  r = at::vec::fmadd(r, t, Vec(0.254829592f));
+  density = (ax * ax).neg().exp_u20();
+  const Vec erf = (Vec(1.f) - r * t * density) ^ sign;
+  cdf = Vec(0.5f) * (Vec(1.f) + erf);
+}
+
+constexpr float GELU_TANH_K = float(M_SQRT2 * M_2_SQRTPI * 0.5);  // sqrt(2 / pi)
+
 template <int ACT>
 inline Vec activate(Vec z) {
   if constexpr (ACT == RELU) {
     return at::vec::clamp_min(z, Vec(0.f));
   } else if constexpr (ACT == GELU) {
-    // ATen's erf (Abramowitz-Stegun 7.1.26), with ATen's inlined exp_u20 for its out-of-line Sleef exp: 20% faster
-    // for the whole kernel, and the same largest error against float64 GELU (4.7e-7 absolute over [-12, 12])
-    const Vec a = z * Vec(float(M_SQRT1_2));
-    const Vec sign = a & Vec(-0.f);
-    const Vec ax = a ^ sign;
-    const Vec t = Vec(1.f) / at::vec::fmadd(Vec(0.3275911f), ax, Vec(1.f));
-    Vec r = at::vec::fmadd(Vec(1.061405429f), t, Vec(-1.453152027f));
-    r = at::vec::fmadd(r, t, Vec(1.421413741f));
-    r = at::vec::fmadd(r, t, Vec(-0.284496736f));
-    r = at::vec::fmadd(r, t, Vec(0.254829592f));
-    const Vec e = (ax * ax).neg().exp_u20();
-    const Vec erf = (Vec(1.f) - r * t * e) ^ sign;
-    return z * Vec(0.5f) * (Vec(1.f) + erf);
+    Vec cdf, density;
+    gelu_parts(z, cdf, density);
+    return z * cdf;
   } else if constexpr (ACT == GELU_TANH) {
-    const Vec inner = Vec(float(M_SQRT2 * M_2_SQRTPI * 0.5)) * (z + Vec(0.044715f) * z * z * z);
+    const Vec inner = Vec(GELU_TANH_K) * (z + Vec(0.044715f) * z * z * z);
     return Vec(0.5f) * z * (Vec(1.f) + inner.tanh());
   } else if constexpr (ACT == SILU) {
     return z / (Vec(1.f) + z.neg().exp());
   } else {
     return z;
+  }
+}
+
+// The activation at z and its derivative there, sharing their transcendental (for a backward pass that needs both).
+template <int ACT>
+inline void activate_with_slope(Vec z, Vec& a, Vec& slope) {
+  if constexpr (ACT == RELU) {
+    const Vec positive = z > Vec(0.f);  // all-ones lanes where z > 0, as ATen's threshold_backward keeps them
+    a = at::vec::clamp_min(z, Vec(0.f));
+    slope = positive & Vec(1.f);
+  } else if constexpr (ACT == GELU) {
+    Vec cdf, density;
+    gelu_parts(z, cdf, density);
+    a = z * cdf;
+    slope = at::vec::fmadd(z * Vec(float(0.5 * M_2_SQRTPI * M_SQRT1_2)), density, cdf);  // Phi + z * phi
+  } else if constexpr (ACT == GELU_TANH) {
+    const Vec z2 = z * z;
+    const Vec th = (Vec(GELU_TANH_K) * (z + Vec(0.044715f) * z2 * z)).tanh();
+    const Vec half_1p = Vec(0.5f) * (Vec(1.f) + th);
+    a = z * half_1p;
+    const Vec d_inner = Vec(GELU_TANH_K) * at::vec::fmadd(Vec(3.f * 0.044715f), z2, Vec(1.f));
+    slope = half_1p + Vec(0.5f) * z * (Vec(1.f) - th * th) * d_inner;
+  } else if constexpr (ACT == SILU) {
+    const Vec sig = Vec(1.f) / (Vec(1.f) + z.neg().exp());
+    a = z * sig;
+    slope = sig * at::vec::fmadd(z, Vec(1.f) - sig, Vec(1.f));
+  } else {
+    a = z;
+    slope = Vec(1.f);
   }
 }
 

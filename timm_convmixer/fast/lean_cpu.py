@@ -1,0 +1,139 @@
+"""The lean training block's normalisations and pointwise convolution in our compiled CPU kernels.
+
+The lean block (:mod:`.lean`) keeps what it keeps whichever implementation runs its two ``residual + mask *
+bn(act(t))`` steps; this one changes how many times a CPU reads and writes memory for them, and whose GEMM runs the
+pointwise convolution. Per step:
+
+* forward: one read of ``t`` for the per-channel batch statistics of ``act(t)`` (:func:`.cpu_kernels.bn_act_stats`),
+  then one pass applying activation, normalisation, drop path's per-image factor and the residual add
+  (:func:`.cpu_kernels.bn_act_apply`), where torch's kernels make an activation pass, BatchNorm's two, a drop-path
+  multiply and a residual add; the recomputation in backward is one more apply pass;
+* backward: two passes (:func:`.cpu_kernels.bn_act_backward`: the per-channel sums, then the gradient wrt ``t`` with
+  the activation's slope and the mask folded in) instead of BatchNorm's backward and the activation's;
+* the pointwise convolution's forward and its input gradient on our GEMM (:func:`.cpu_kernels.pw_block`, 135-155
+  GFLOP/s at 8 x 768 x 32 x 32 and 64 x 256 x 16 x 16 where oneDNN's 1x1 convolution ran 119-130 and MKL's sgemm
+  101-109); its weight gradient, a GEMM over all rows, is MKL's.
+
+Measured on an AVX2 Zen 3 (2 threads, interleaved medians): a normalisation step alone 2.1x torch's forward and
+backward at 8 x 768 x 32 x 32 with ReLU, 1.3x / 1.8x at 64 x 256 x 16 x 16 with GELU; whole training steps in
+the README. The depthwise convolution is :class:`.lean.TorchNorm`'s (oneDNN, and our weight gradient). Activations
+are kept channels_last, the kernels' row layout: an NCHW input is converted once, at the first block (its output
+stays channels_last, like the CPU inference paths'; values are unchanged), which also takes oneDNN's faster
+channels_last depthwise convolution.
+
+Statistics are summed in float over runs of 8 rows and in double beyond, the running statistics advanced with
+eager's rule (momentum or cumulative average, unbiased variance, ``num_batches_tracked``); results are not eager's
+bit for bit, and against a float64 step they came out as close as eager's fp32 or closer. Whether this beats
+torch's kernels on a given CPU is not assumed: ``auto`` checks it against the plain modules (and races it against
+the torch-kernel lean block) on first use, like every fast path.
+"""
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from . import cpu_kernels
+from .eligibility import BlockParts
+from .lean import SavedNorm, TorchNorm, advance_running_stats, check_batch_size, lean_applies, pointwise_backward_gemm
+from .runtime import conv_dtype
+
+__all__ = ['CpuNorm', 'applies']
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def _mask_vector(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if mask is None else mask.reshape(-1).float().contiguous()
+
+
+def _gemm(u: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``conv1x1(u, weight) + bias`` (``weight`` as ``(C_out, C_in)`` or ``(C_out, C_in, 1, 1)``) on our GEMM."""
+    c_out = weight.shape[0]
+    panels = cpu_kernels.pw_pack(weight.detach().reshape(c_out, -1).contiguous())
+    ones, zeros = u.new_ones(c_out), u.new_zeros(c_out)
+    b = zeros if bias is None else bias.detach()
+    out = torch.empty((u.shape[0], c_out) + tuple(u.shape[2:]), dtype=u.dtype, memory_format=torch.channels_last)
+    return cpu_kernels.pw_block(_rows(u), panels, b, ones, zeros, 'identity', out)
+
+
+class CpuNorm(TorchNorm):
+    """:class:`.lean.TorchNorm`'s interface with the normalisation steps and the pointwise convolution in
+    :mod:`.cpu_kernels` (channels_last in, channels_last out); the depthwise convolution is TorchNorm's."""
+    name = 'lean_cpu'
+
+    @staticmethod
+    def prepare(x: torch.Tensor) -> torch.Tensor:
+        return _rows(x)
+
+    @staticmethod
+    def pointwise(conv: nn.Conv2d, u: torch.Tensor) -> torch.Tensor:
+        """``conv1x1(u) + bias`` on our GEMM (:func:`.cpu_kernels.pw_block`, the weight packed anew each step)."""
+        return _gemm(u, conv.weight, conv.bias)
+
+    @staticmethod
+    def pointwise_backward(grad_p, u, dtype, weight, bias, needs):
+        """The input's gradient on our GEMM too (``grad_p`` times the weight is a 1x1 convolution with the
+        transposed weight); the weight's is torch's GEMM over the rows (:func:`.lean.pointwise_backward_gemm`)."""
+        need_w, need_b = needs
+        grad_p = _rows(grad_p)
+        w = weight.detach()
+        grad_u = _gemm(grad_p, w.reshape(w.shape[0], w.shape[1]).t(), None)
+        _, grad_w, grad_b = pointwise_backward_gemm(grad_p, _rows(u), w, need_w, grad_u)
+        grad_w = grad_w.view_as(weight) if need_w else None
+        return grad_u, grad_w, grad_b if bias is not None and need_b else None
+
+    @staticmethod
+    def forward(bn: nn.BatchNorm2d, t, act: str, weight, bias, mask=None,
+                residual=None) -> Tuple[torch.Tensor, SavedNorm]:
+        check_batch_size(bn, t)
+        t = _rows(t)
+        mean, var = cpu_kernels.bn_act_stats(t, act)  # float64, biased
+        invstd = (var + bn.eps).rsqrt()
+        momentum = advance_running_stats(bn, update=True)
+        if bn.running_mean is not None and momentum:
+            rows = t.numel() // t.shape[1]
+            # eager's update: the unbiased variance, in the running buffers' dtype (one fused op for both)
+            torch._foreach_lerp_([bn.running_mean, bn.running_var], [
+                mean.to(bn.running_mean.dtype), (var * (rows / (rows - 1))).to(bn.running_var.dtype)], momentum)
+        out = CpuNorm._apply(t, act, weight, bias, mean, invstd, mask, residual)
+        mean, invstd = mean.float(), invstd.float()
+        return out, SavedNorm(None, mean, invstd, mean.new_empty(0), -1)
+
+    @staticmethod
+    def again(bn, t, act: str, weight, bias, mean, invstd, mask=None, residual=None):
+        return CpuNorm._apply(_rows(t), act, weight, bias, mean, invstd, mask, residual), None
+
+    @staticmethod
+    def _apply(t, act: str, weight, bias, mean, invstd, mask, residual) -> torch.Tensor:
+        """``residual + mask * bn(act(t))`` with the statistics ``mean``/``invstd``, in one pass."""
+        mean, invstd = mean.double(), invstd.double()
+        scale = invstd if weight is None else weight.detach().double() * invstd
+        shift = -mean * scale if bias is None else bias.detach().double() - mean * scale
+        residual = None if residual is None else _rows(residual)
+        return cpu_kernels.bn_act_apply(t, act, scale.float(), shift.float(), _mask_vector(mask), residual,
+                                        torch.empty_like(t, memory_format=torch.channels_last))
+
+    @staticmethod
+    def backward(bn, norm: SavedNorm, t, act: str, grad, weight, needs, mask=None, act_out=None):
+        w = None if weight is None else weight.detach().float().contiguous()
+        grad_t, grad_w, grad_b = cpu_kernels.bn_act_backward(
+            _rows(grad), _rows(t), act, norm.save_mean, norm.save_var, w, _mask_vector(mask))
+        grad_w = grad_w.to(weight.dtype) if weight is not None and needs[0] else None
+        grad_b = grad_b.to(bn.bias.dtype) if bn.bias is not None and needs[1] else None
+        return grad_t, grad_w, grad_b
+
+
+def applies(parts: BlockParts, x: torch.Tensor) -> bool:
+    """Where these kernels may run: what the lean block needs, on a CPU, everything float32 (not under bf16
+    autocast), with the kernels loaded (built on first use; never where the build is off or failed)."""
+    if not lean_applies(parts, x) or x.device.type != 'cpu':
+        return False
+    if x.dtype != torch.float32 or conv_dtype(x) != torch.float32:
+        return False
+    for module in (parts.conv_dw, parts.bn_dw, parts.conv_pw, parts.bn_pw):
+        for t in module.parameters():
+            if t.device.type != 'cpu' or t.dtype != torch.float32:
+                return False
+    return cpu_kernels.load() is not None
