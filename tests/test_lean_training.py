@@ -10,6 +10,7 @@ Memory: bytes autograd keeps for backward in one training step, unique storages 
 whether or not a step runs); ours against timm's built-in class with the same weights.
 """
 import copy
+import importlib
 import time
 import warnings
 
@@ -262,25 +263,6 @@ def test_auto_checks_each_lean_implementation_on_a_cpu_and_keeps_the_fastest_cor
     for n in ref[2]:
         torch.testing.assert_close(got[2][n], ref[2][n], rtol=1e-5, atol=1e-6, msg=n)
     assert int(model.blocks[0][3].num_batches_tracked) == 1  # the trials left no trace
-
-
-@pytest.mark.kernels
-def test_auto_rejects_a_lean_cpu_result_off_by_one_percent(kernels, monkeypatch):
-    """The float64 judgement's floor still catches a path that is wrong: an output 1% off is refused, by name."""
-    from timm_convmixer.fast import lean_cpu
-    real = lean_cpu.CpuNorm.forward
-
-    def off_by_a_bit(*args, **kwargs):
-        out, norm = real(*args, **kwargs)
-        return out * 1.01, norm
-
-    monkeypatch.setattr(lean_cpu.CpuNorm, 'forward', staticmethod(off_by_a_bit))
-    _, model = _pair(dim=16, depth=2)
-    with pytest.warns(RuntimeWarning, match=r'fused lean_cpu path gave a different result from the plain modules in '
-                                            r'float64'):
-        _step(model, _input(2, 32), 'auto')
-    decision = checked.decisions[next(k for k in checked.decisions if k[0] == 'lean_cpu')]
-    assert decision.path == 'eager' and decision.max_rel_err > checked.FLOAT64_REFERENCE_FLOOR
 
 
 def test_lean_under_bf16_autocast_matches_eager_autocast():
@@ -637,21 +619,27 @@ def test_auto_checks_both_lean_paths_and_keeps_the_fastest_correct_one(interpret
         assert torch.equal(got[2][n], ref[2][n]), n
 
 
-@pytest.mark.kernels  # as above
-def test_auto_rejects_a_lean_triton_result_that_differs(interpreter, monkeypatch):
-    from timm_convmixer.fast import lean_triton
-    real = lean_triton.TritonNorm.forward
+@pytest.mark.kernels  # timm's version plays no part
+@pytest.mark.parametrize('path,size', [('lean_cpu', 32), ('lean_triton', 16)])
+def test_auto_rejects_a_lean_result_that_differs(path, size, monkeypatch, request):
+    """An output 1% off is refused, by name: judged against a float64 step (fp32 on a CPU), the floor that lets
+    correct fp32 paths through still catches a wrong one."""
+    request.getfixturevalue('kernels' if path == 'lean_cpu' else 'interpreter')
+    norm = getattr(importlib.import_module(f'timm_convmixer.fast.{path}'),
+                   {'lean_cpu': 'CpuNorm', 'lean_triton': 'TritonNorm'}[path])
+    real = norm.forward
 
     def off_by_a_bit(*args, **kwargs):
-        out, norm = real(*args, **kwargs)
-        return out * 1.01, norm
+        out, saved = real(*args, **kwargs)
+        return out * 1.01, saved
 
-    monkeypatch.setattr(lean_triton.TritonNorm, 'forward', staticmethod(off_by_a_bit))
+    monkeypatch.setattr(norm, 'forward', staticmethod(off_by_a_bit))
     _, model = _pair(dim=16, depth=2)
-    with pytest.warns(RuntimeWarning, match=r'fused lean_triton path gave a different result'):
-        _step(model, _input(2, 16), 'auto')
-    decision = checked.decisions[next(k for k in checked.decisions if k[0] == 'lean_triton')]
-    assert decision.path == 'eager' and decision.max_rel_err > 1e-3
+    with pytest.warns(RuntimeWarning, match=rf'fused {path} path gave a different result from the plain modules in '
+                                            r'float64'):
+        _step(model, _input(2, size), 'auto')
+    decision = checked.decisions[next(k for k in checked.decisions if k[0] == path)]
+    assert decision.path == 'eager' and decision.max_rel_err > checked.FLOAT64_REFERENCE_FLOOR
 
 
 def test_forcing_lean_triton_without_a_triton_device_runs_the_plain_modules(monkeypatch):

@@ -294,7 +294,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument('--peak-tflops', type=float, default=None,
                    help='hardware ceiling for the fraction-of-peak column (default: CUDA table, else unknown)')
     p.add_argument('--backend', default='auto', choices=list(fast.BACKENDS),
-                   help="timm_convmixer.fast backend for our model ('lean': the memory-lean training block)")
+                   help="timm_convmixer.fast backend for our model ('lean': the memory-lean training block on "
+                        "torch's kernels, 'lean_cpu': on our CPU kernels)")
     add_model_kwargs(p, help='key=value overrides, e.g. depth=4 dim=256')
     p.add_argument('--out', default=None, help='JSON output path')
     p.add_argument('--chart', default=None, help='PNG chart path (matplotlib)')
