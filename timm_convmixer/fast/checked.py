@@ -61,7 +61,7 @@ ERROR_FACTOR = 2.  # with an fp32 reference: the fused error may be this many ti
 # against a float64 step (fp32 training on a CPU), the least a fused result's error is allowed: where a pre-activation
 # lies within fp32 rounding of zero, two correct fp32 implementations put it on either side of a ReLU, and each such
 # element moves a gradient's norm by ~1/sqrt(its size); at 8 x 768 x 32 x 32 a handful of them put lean_cpu 1.05e-3
-# from float64 where the plain modules were 5e-6 from it (another input: 9.9e-5 against 3.3e-5). The kernels
+# from float64 where the plain modules were at most 5e-6 from it (another input: 9.9e-5 against 3.3e-5). The kernels
 # themselves are held to float64 within 1e-5 by the tests; this check is there to catch a path that is wrong.
 FLOAT64_REFERENCE_FLOOR = 2e-3
 # A fused path is taken only where its check ran it this much faster than the plain modules: closer than that is the

@@ -15,11 +15,13 @@ running-statistics update: ``momentum`` or the cumulative average when it is ``N
 unbiased variance; drop path's own random draw), so outputs and running statistics equal eager's exactly. Backward
 recomputes the depthwise branch from ``x`` and re-applies the saved statistics (one elementwise pass each; the
 result is within an ulp of forward's), then runs the kernels autograd itself would run (BatchNorm, activation and
-convolution backward); the pointwise convolution's gradients come from ``aten.convolution_backward``, so its GEMM
-is never repeated. Autocast is restored in backward as it was in forward, so the recomputed casts are eager's. One
-exception, on a CPU in float32: the depthwise conv's weight and bias gradients come from our compiled kernel
+convolution backward); the pointwise convolution's gradients come from ``aten.convolution_backward`` (on a CPU
+from two BLAS GEMMs, which oneDNN's convolution backward ran at 0.75x-0.95x of), so its GEMM is never repeated.
+Autocast is restored in backward as it was in forward, so the recomputed casts are eager's. One exception, on a CPU
+in float32: the depthwise conv's weight and bias gradients come from our compiled kernel
 (``cpu_kernels.dw_weight_grad``; ATen's took 3.7x-18x the conv's forward at ConvMixer's shapes), which more than pays
-for the recomputation there.
+for the recomputation there. :mod:`.lean_cpu` runs the normalisations and the pointwise convolution on our CPU
+kernels too.
 
 The price is the recomputation: a depthwise convolution and a few elementwise passes per block. This is plain
 torch (and that one CPU kernel, where it builds) and runs on every device; ``auto`` times it against the plain
