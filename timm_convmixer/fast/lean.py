@@ -42,7 +42,7 @@ from .eligibility import BlockParts
 from .runtime import autocast_state, conv_dtype
 
 __all__ = ['SavedNorm', 'TorchNorm', 'advance_running_stats', 'check_batch_size', 'lean_applies', 'lean_block_forward',
-           'pointwise_backward_gemm', 'under_checkpoint']
+           'pointwise_backward_gemm', 'under_checkpoint', 'update_running_stats']
 
 # attribute on a lean block's output: how to rebuild it from the previous block's pre-activation
 _LINK = '_timm_convmixer_lean_link'
@@ -119,6 +119,16 @@ def advance_running_stats(bn: nn.BatchNorm2d, update: bool) -> float:
         bn.num_batches_tracked.add_(1)
         momentum = 1. / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
     return momentum
+
+
+def update_running_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, var_unbiased: torch.Tensor) -> None:
+    """Advance ``bn``'s running statistics with a batch's ``mean`` and unbiased variance by eager's rule
+    (:func:`advance_running_stats`), for the implementations that compute the statistics themselves (one fused
+    ``lerp`` for both buffers, in their dtype)."""
+    momentum = advance_running_stats(bn, update=True)
+    if bn.running_mean is not None and momentum:
+        torch._foreach_lerp_([bn.running_mean, bn.running_var], [
+            mean.to(bn.running_mean.dtype), var_unbiased.to(bn.running_var.dtype)], momentum)
 
 
 def _batch_norm(bn: nn.BatchNorm2d, t: torch.Tensor, weight, bias, update: bool) -> SavedNorm:

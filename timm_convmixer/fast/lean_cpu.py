@@ -33,8 +33,8 @@ import torch
 import torch.nn as nn
 
 from . import cpu_kernels
-from .eligibility import BlockParts
-from .lean import SavedNorm, TorchNorm, advance_running_stats, check_batch_size, lean_applies, pointwise_backward_gemm
+from .eligibility import BlockParts, scale_shift
+from .lean import SavedNorm, TorchNorm, check_batch_size, lean_applies, pointwise_backward_gemm, update_running_stats
 from .runtime import conv_dtype
 
 __all__ = ['CpuNorm', 'applies']
@@ -91,12 +91,8 @@ class CpuNorm(TorchNorm):
         t = _rows(t)
         mean, var = cpu_kernels.bn_act_stats(t, act)  # float64, biased
         invstd = (var + bn.eps).rsqrt()
-        momentum = advance_running_stats(bn, update=True)
-        if bn.running_mean is not None and momentum:
-            rows = t.numel() // t.shape[1]
-            # eager's update: the unbiased variance, in the running buffers' dtype (one fused op for both)
-            torch._foreach_lerp_([bn.running_mean, bn.running_var], [
-                mean.to(bn.running_mean.dtype), (var * (rows / (rows - 1))).to(bn.running_var.dtype)], momentum)
+        rows = t.numel() // t.shape[1]
+        update_running_stats(bn, mean, var * (rows / (rows - 1)))
         out = CpuNorm._apply(t, act, weight, bias, mean, invstd, mask, residual)
         mean, invstd = mean.float(), invstd.float()
         return out, SavedNorm(None, mean, invstd, mean.new_empty(0), -1)
@@ -108,9 +104,7 @@ class CpuNorm(TorchNorm):
     @staticmethod
     def _apply(t, act: str, weight, bias, mean, invstd, mask, residual) -> torch.Tensor:
         """``residual + mask * bn(act(t))`` with the statistics ``mean``/``invstd``, in one pass."""
-        mean, invstd = mean.double(), invstd.double()
-        scale = invstd if weight is None else weight.detach().double() * invstd
-        shift = -mean * scale if bias is None else bias.detach().double() - mean * scale
+        scale, shift = scale_shift(weight, bias, mean.double(), invstd.double())
         residual = None if residual is None else _rows(residual)
         return cpu_kernels.bn_act_apply(t, act, scale.float(), shift.float(), _mask_vector(mask), residual,
                                         torch.empty_like(t, memory_format=torch.channels_last))

@@ -34,7 +34,7 @@ import torch.nn as nn
 
 from . import triton_kernels as K
 from .eligibility import BlockParts, scale_shift
-from .lean import SavedNorm, TorchNorm, advance_running_stats, check_batch_size, lean_applies
+from .lean import SavedNorm, TorchNorm, check_batch_size, lean_applies, update_running_stats
 from .runtime import TRITON_DTYPES, conv_dtype, triton_device
 
 __all__ = ['TritonNorm', 'applies']
@@ -93,11 +93,7 @@ class TritonNorm:
         t = t.contiguous(memory_format=torch.channels_last)
         code = K.ACT_BY_NAME[act]
         stats = K.bn_batch_stats(K.rows(t), code, weight, bias, bn.eps)
-        momentum = advance_running_stats(bn, update=True)
-        if bn.running_mean is not None and momentum:
-            # eager's update: the unbiased variance, in the running buffers' dtype (one fused launch for both)
-            torch._foreach_lerp_([bn.running_mean, bn.running_var], [
-                stats.mean.to(bn.running_mean.dtype), stats.var_unbiased.to(bn.running_var.dtype)], momentum)
+        update_running_stats(bn, stats.mean, stats.var_unbiased)
         out = TritonNorm._normalize(t, code, stats.scale, stats.shift, mask, residual)
         return out, SavedNorm(None, stats.mean, stats.invstd, stats.mean.new_empty(0), -1)
 
