@@ -82,15 +82,20 @@ def _assert_same_step(eager, lean, depth, steps, rtol=1e-5, atol=GRAD_ATOL, forw
         torch.testing.assert_close(grads_l[n], grads_e[n], rtol=rtol, atol=atol * scale, msg=n)
 
 
-@pytest.mark.parametrize('act,kernel,drop_path,momentum,channels_last', [
-    ('gelu', 5, 0., 0.1, False),
+ACT_LAYERS = {'gelu': nn.GELU, 'relu': nn.ReLU, 'silu': nn.SiLU, 'gelu_tanh': lambda: nn.GELU(approximate='tanh')}
+# training-step cases for each lean implementation on a CPU: every activation, kernel sizes 3/5/7/8, drop path,
+# both momentum rules, both layouts
+STEP_CASES = [
+    ('gelu', 5, 0., 0.1, False),  # NCHW input (lean_cpu turns it channels_last at the first block)
     ('relu', 7, 0.3, None, True),  # drop path masks, the cumulative running average
     ('silu', 8, 0.2, 0.1, False),  # even kernel: asymmetric "same" padding
     ('gelu_tanh', 3, 0., None, True),
-])
+]
+
+
+@pytest.mark.parametrize('act,kernel,drop_path,momentum,channels_last', STEP_CASES)
 def test_lean_training_steps_match_eager(act, kernel, drop_path, momentum, channels_last):
-    act_layer = {'gelu': nn.GELU, 'relu': nn.ReLU, 'silu': nn.SiLU,
-                 'gelu_tanh': lambda: nn.GELU(approximate='tanh')}[act]
+    act_layer = ACT_LAYERS[act]
     depth = 3
     eager, lean = _pair(dim=16, depth=depth, kernel_size=kernel, act_layer=act_layer, drop_path_rate=drop_path,
                         bn_momentum=momentum, channels_last=channels_last)
@@ -137,15 +142,9 @@ def test_lean_on_cpu_takes_the_depthwise_weight_gradient_from_our_kernel(monkeyp
 # ``kernels``: timm's version plays no part
 
 @pytest.mark.kernels
-@pytest.mark.parametrize('act,kernel,drop_path,momentum,channels_last', [
-    ('gelu', 5, 0., 0.1, False),  # NCHW input: converted to channels_last at the first block
-    ('relu', 7, 0.3, None, True),  # drop path masks, the cumulative running average
-    ('silu', 8, 0.2, 0.1, False),  # even kernel: asymmetric "same" padding
-    ('gelu_tanh', 3, 0., None, True),
-])
+@pytest.mark.parametrize('act,kernel,drop_path,momentum,channels_last', STEP_CASES)
 def test_lean_cpu_training_steps_match_eager(act, kernel, drop_path, momentum, channels_last, kernels):
-    act_layer = {'gelu': nn.GELU, 'relu': nn.ReLU, 'silu': nn.SiLU,
-                 'gelu_tanh': lambda: nn.GELU(approximate='tanh')}[act]
+    act_layer = ACT_LAYERS[act]
     depth = 3
     eager, lean = _pair(dim=16, depth=depth, kernel_size=kernel, act_layer=act_layer, drop_path_rate=drop_path,
                         bn_momentum=momentum, channels_last=channels_last)
@@ -246,9 +245,11 @@ def test_auto_checks_the_lean_block_on_first_use_and_keeps_it_only_if_clearly_fa
 @pytest.mark.kernels
 def test_auto_checks_each_lean_implementation_on_a_cpu_and_keeps_the_fastest_correct_one(kernels):
     """On a CPU whose kernels build, both lean implementations are checked against the plain modules (and race if
-    both pass); whichever runs, the step is eager's within float32 rounding, with one step's statistics."""
-    eager, model = _pair(dim=16, depth=2)
-    x = _input(2, 32)
+    both pass); whichever runs, the step is eager's within float32 rounding, with one step's statistics.
+    channels_last: lean_cpu's output is channels_last, so after an NCHW input the second block would be a case of its
+    own whenever lean_cpu won the first, and the decisions below would depend on which path the timing favoured."""
+    eager, model = _pair(dim=16, depth=2, channels_last=True)
+    x = _input(2, 32, channels_last=True)
     ref = _step(eager, x, 'eager')
     with warnings.catch_warnings(record=True):
         warnings.simplefilter('always')
@@ -561,7 +562,7 @@ def test_auto_takes_the_triton_path_that_won_the_race(interpreter, gemm_accepted
 ])
 def test_lean_triton_training_steps_match_eager(interpreter, dtype, act, kernel, drop_path, momentum,
                                                 channels_last, size):
-    act_layer = {'gelu': nn.GELU, 'relu': nn.ReLU, 'silu': nn.SiLU}[act]
+    act_layer = ACT_LAYERS[act]
     depth = 2
     eager, lean = _pair(dim=16, depth=depth, kernel_size=kernel, act_layer=act_layer, drop_path_rate=drop_path,
                         bn_momentum=momentum, channels_last=channels_last)
