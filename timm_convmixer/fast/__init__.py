@@ -404,12 +404,12 @@ def stem_forward(stem: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
 
     ``Stem.forward`` calls it first, as a block's forward calls :func:`block_forward`. Offered as a block is: not
     under a tracer, compiler or transform, a plain eval-mode stem whose children have no hooks
-    (:func:`.eligibility.stem_parts`), CPU, fp32 (or bf16 autocast without native bf16:
-    :func:`.cpu_stem.applies`). The CPU backends force it; ``auto`` checks it per case like a
-    block's path (against the plain stem and the first block's conversion of its output, :data:`.checked.STEM`), and
-    keeps the plain stem where blocks have been found to take none of the CPU paths on the fast stem's output
-    (:func:`.checked.blocks_declined`) before the stem's own check: the plain blocks would then only be moved to
-    channels_last. Once made, the stem's decision stands (every call of a case computes the same).
+    (:func:`.eligibility.stem_parts`), CPU, fp32 or bf16 autocast (:func:`.cpu_stem.applies`). The CPU backends
+    force it; ``auto`` checks it per case like a block's path (against the plain stem and the first block's
+    conversion of its output, :data:`.checked.STEM`), and keeps the plain stem where blocks have been found to take
+    none of the CPU paths on the fast stem's output (:func:`.checked.blocks_declined`) before the stem's own check:
+    the plain blocks would then only be moved to channels_last. Once made, the stem's decision stands (every call of
+    a case computes the same).
     """
     if _is_compiling():
         return None  # uncounted, as a block's call (see block_forward)

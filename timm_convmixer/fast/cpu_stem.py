@@ -15,13 +15,15 @@ image's non-overlapping ``p x p`` patches, one row each, with the weight flatten
 
 Measured against the eager stem plus the first block's conversion (same process, ad hoc, 2 threads, AVX-512 Xeon):
 1.2x-1.3x at patch 14, 1.8x-3.6x at patches 7 and 8, 2.4x-4.4x at patches 1 and 2. Whether it wins on a CPU, auto
-checks per case (:func:`timm_convmixer.fast.stem_forward`). It computes in fp32: for fp32 input, and under bf16
-autocast on a CPU without native bf16, where the plain stem's bf16 convolution is emulated (15-20x slower than
-fp32: convmixer_768_32's stem at batch 8, 224px, on an AVX2 Zen 3 ran 787 ms from an NCHW image and 262 ms from a
-channels_last one, this path 30 and 24 ms) and the fp32 result, rounded to bf16, is within autocast's precision, as
-the blocks' kernels give theirs. Elsewhere (fp16 autocast, bf16 autocast where oneDNN's bf16 is native, other
-dtypes) the plain modules run. An input whose size is not a multiple of ``p`` is cropped as the convolution crops
-it.
+checks per case (:func:`timm_convmixer.fast.stem_forward`). It computes in fp32, for fp32 input and under bf16
+autocast, rounding its output to bf16 there once (within autocast's precision, as the blocks' kernels give theirs,
+and closer to the fp32 stem than the plain bf16 stem). Without native bf16 the plain stem's bf16 convolution is
+emulated (15-20x slower than fp32: convmixer_768_32's stem at batch 8, 224px, on an AVX2 Zen 3 ran 787 ms from an
+NCHW image and 262 ms from a channels_last one, this path 30 and 24 ms). With native bf16 (an AVX-512 Zen 4) the plain
+stem's three bf16 passes cost more than this path's fp32 GEMM where the stem's output is large (patch 1, 64 CIFAR
+images: 81 against 41 ms) and less at patch 14 (10 against 13 ms): auto's timing decides. Elsewhere (fp16
+autocast, other dtypes) the plain modules run. An input whose size is not a multiple of ``p`` is cropped as the
+convolution crops it.
 """
 from typing import NamedTuple, Optional, Tuple
 
@@ -80,10 +82,10 @@ def _patches(x: torch.Tensor, p: int, channels_last: bool) -> torch.Tensor:
 
 
 def applies(parts: StemParts, x: torch.Tensor) -> bool:
-    """Whether this path computes the stem on ``x`` (cheap; decided per call, as grad mode may change): in fp32 where
-    oneDNN's path would (fp32 input), or where only our fp32 kernels would (bf16 autocast without native bf16)."""
-    onednn, ours = cpu.compute_dtypes(parts, x)  # (one pass of the checks for both answers)
-    if ours != torch.float32 or onednn == torch.bfloat16 or not available():
+    """Whether this path computes the stem on ``x`` (cheap; decided per call, as grad mode may change): in fp32
+    wherever our fp32 kernels would compute a block (fp32 input; bf16 autocast, native or not)."""
+    _, ours = cpu.compute_dtypes(parts, x)
+    if ours != torch.float32 or not available():
         return False
     p = parts.kernel_size
     return x.shape[1] == parts.conv.in_channels and x.shape[2] >= p and x.shape[3] >= p
