@@ -9,7 +9,8 @@
 #    as such.
 # 2. The pointwise half alone: our GEMM against oneDNN's 1x1 convolution (+ addcmul) and MKL's sgemm; the depthwise
 #    half alone: our dw_block against oneDNN's bare depthwise conv and a copy; the stem alone: its fast path against
-#    the plain modules; our paths (cpu, cpu_compiled, cpu_hybrid, eager) forced on whole models.
+#    the plain modules; our paths (cpu, cpu_compiled, cpu_hybrid, eager) forced on whole models (fp32, and bf16
+#    autocast where the CPU has native bf16).
 # 3. Training with the memory-lean block forced, against the built-in (auto keeps whichever it measures faster).
 set -euo pipefail
 ITERS=${ITERS:-5}
@@ -35,6 +36,10 @@ python benchmarks/cpu_depthwise.py --rounds 9 --out $R/cpu_depthwise.json
 python benchmarks/cpu_stem.py --rounds 9 --out $R/cpu_stem.json
 # 2b. Our CPU paths against each other on whole models (what auto chooses between)
 python benchmarks/cpu_paths.py --rounds 7 --out $R/cpu_paths.json
+# ... and under bf16 autocast where the CPU has native bf16 (elsewhere oneDNN would emulate it)
+if python -c 'import sys; from timm_convmixer.fast import cpu; sys.exit(not cpu.native_bf16())'; then
+  python benchmarks/cpu_paths.py --bf16 --rounds 7 --out $R/cpu_paths_bf16.json
+fi
 
 # 3. Training: the memory-lean block against the built-in, in each implementation a CPU has, forced (--backend lean:
 #    torch's kernels; lean_cpu: our compiled normalisations and GEMM), and as auto chooses on first use (what a user

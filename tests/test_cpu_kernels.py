@@ -421,13 +421,74 @@ def test_pointwise_bfloat16_out_is_the_float32_output_rounded_once(shape, kernel
     assert got.dtype == torch.bfloat16 and torch.equal(got, wide.bfloat16())
 
 
+def _needs_bf16_dot():
+    if not cpu_kernels.bf16_dot():
+        pytest.skip('the bf16 pair GEMM needs AVX-512 kernels on a CPU with AVX512-BF16')
+
+
+# PW_SHAPES with an even number of input channels (the pairs' K), and one whose K (1536 / 2 steps) is taken in slices
+PW_PAIR_SHAPES = [s for s in PW_SHAPES if s[1] % 2 == 0] + [(1, 1536, 40, 5, 5)]
+
+
+@pytest.mark.parametrize('shape', PW_PAIR_SHAPES, ids=lambda s: 'x'.join(map(str, s)))
+def test_pointwise_bfloat16_pairs_are_exact_products_summed_in_float32(shape, kernels):
+    """A bf16 ``u`` with a bf16 weight (the compiled path under native bf16 autocast): every product of bf16
+    values is exact in float32, so the result is the float64 GEMM of the same bf16 values to float32 summation
+    error, with the epilogue in float32 -- eager autocast's operands, without its bf16 roundings after the conv."""
+    _needs_bf16_dot()
+    u, weight, bias, scale, shift = _pw_inputs(*shape, seed=7)
+    u, weight = u.bfloat16(), weight.bfloat16()
+    out = torch.empty(u.shape[0], weight.shape[0], *u.shape[2:]).contiguous(memory_format=torch.channels_last)
+    got = cpu_kernels.pw_block(u, cpu_kernels.pw_pack(weight), bias, scale, shift, 'gelu', out)
+    torch.testing.assert_close(got.double(), _pw_reference(u, weight, bias, scale, shift, 'gelu'), rtol=1e-5,
+                               atol=2e-5)
+    rounded = torch.empty_like(out, dtype=torch.bfloat16)  # a bf16 out: that result rounded once, as stored
+    cpu_kernels.pw_block(u, cpu_kernels.pw_pack(weight), bias, scale, shift, 'gelu', rounded)
+    assert torch.equal(rounded, got.bfloat16())
+
+
+def test_pointwise_bfloat16_pairs_same_bits_on_any_thread_count(kernels):
+    _needs_bf16_dot()
+    u, weight, *rest = _pw_inputs(1, 1100, 300, 28, 29, seed=3)
+    panels = cpu_kernels.pw_pack(weight.bfloat16())
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            out = torch.empty(1, 300, 28, 29).contiguous(memory_format=torch.channels_last)
+            outs.append(cpu_kernels.pw_block(u.bfloat16(), panels, *rest, 'relu', out))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+def test_pointwise_bfloat16_needs_even_channels_and_the_instruction(kernels):
+    """A bf16 GEMM is refused with the reason: on a CPU without AVX512-BF16 always, elsewhere for an odd number of
+    input channels or panels of the other dtype."""
+    u, weight, bias, scale, shift = _pw_inputs(1, 16, 24, 3, 3)
+    out = torch.empty(1, 24, 3, 3).contiguous(memory_format=torch.channels_last)
+    if not cpu_kernels.bf16_dot():
+        with pytest.raises(RuntimeError, match='a CPU with AVX512-BF16 \\(this one has not\\)'):
+            cpu_kernels.pw_pack(weight.bfloat16())
+        with pytest.raises(RuntimeError, match='a CPU with AVX512-BF16 \\(this one has not\\)'):
+            cpu_kernels.pw_block(u.bfloat16(), cpu_kernels.pw_pack(weight), bias, scale, shift, 'relu', out)
+        return
+    with pytest.raises(RuntimeError, match='an even number of input channels \\(got 15\\)'):
+        cpu_kernels.pw_pack(weight[:, :15].bfloat16())
+    with pytest.raises(RuntimeError, match="panels must be pw_pack's output for 16 input channels in u's dtype"):
+        cpu_kernels.pw_block(u.bfloat16(), cpu_kernels.pw_pack(weight), bias, scale, shift, 'relu', out)
+    with pytest.raises(RuntimeError, match="panels must be pw_pack's output for 16 input channels in u's dtype"):
+        cpu_kernels.pw_block(u, cpu_kernels.pw_pack(weight.bfloat16()), bias, scale, shift, 'relu', out)
+
+
 def test_pointwise_bad_arguments_are_named(kernels):
     u, weight, bias, scale, shift = _pw_inputs(1, 16, 24, 3, 3)
     panels = cpu_kernels.pw_pack(weight)
     out = torch.empty(1, 24, 3, 3).contiguous(memory_format=torch.channels_last)
     with pytest.raises(RuntimeError, match='weight must be a 2-d'):
         cpu_kernels.pw_pack(weight[:, :, None])
-    with pytest.raises(RuntimeError, match='u must be a 4-d float32 CPU tensor'):
+    with pytest.raises(RuntimeError, match='u must be a 4-d float32 or bfloat16 CPU tensor'):
         cpu_kernels.pw_block(u.double(), panels, bias, scale, shift, 'relu', out)
     with pytest.raises(RuntimeError, match='u must be channels_last'):
         cpu_kernels.pw_block(u.contiguous(), panels, bias, scale, shift, 'relu', out)
@@ -607,10 +668,14 @@ def _script(run_python, tmp_path, name, *args):
 
 
 def test_pointwise_benchmark_script(run_python, tmp_path, kernels):
-    """``benchmarks/cpu_pointwise.py`` end to end on its smallest shape: checked output, all three timed."""
+    """``benchmarks/cpu_pointwise.py`` end to end on its smallest shape: checked output, all three timed, and the
+    bf16 pair where this CPU runs it."""
     _, res = _script(run_python, tmp_path, 'cpu_pointwise', '--rounds', '1')
-    assert res['max_rel_error'] <= 1e-5 and set(res['gflop_s']) == {'ours', 'onednn', 'sgemm'}
+    bf16 = cpu_kernels.bf16_dot() and fast_cpu.native_bf16()
+    assert res['max_rel_error'] <= 1e-5 and set(res['gflop_s']) == {'ours', 'onednn', 'sgemm'} | (
+        {'ours_bf16', 'onednn_bf16'} if bf16 else set())
     assert all(v > 0 for v in res['gflop_s'].values())
+    assert not bf16 or res['bf16_max_rel_error'] <= 2 ** -8
 
 
 def test_paths_benchmark_script(run_python, tmp_path, kernels):
@@ -624,6 +689,20 @@ def test_paths_benchmark_script(run_python, tmp_path, kernels):
     assert res['fastest'] == min(ms, key=ms.get)
     assert res['hybrid_over']['cpu'] == pytest.approx(ms['cpu'] / ms['cpu_hybrid'], rel=1e-2)
     assert doc['depth'] == 1
+
+
+def test_paths_benchmark_script_under_bf16_autocast(run_python, tmp_path, kernels):
+    """``benchmarks/cpu_paths.py --bf16``: where the CPU has native bf16 every path ran under autocast, within bf16
+    precision of eager fp32; elsewhere it refuses with the reason."""
+    if not fast_cpu.native_bf16():
+        repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        proc = run_python(os.path.join(repo, 'benchmarks', 'cpu_paths.py'), '--bf16', '--depth', '1', check=False)
+        assert proc.returncode != 0 and 'this CPU has no native bf16' in proc.stderr
+        return
+    doc, res = _script(run_python, tmp_path, 'cpu_paths', '--bf16', '--depth', '1', '--rounds', '1')
+    assert doc['bf16'] and res['dtype'] == 'bf16 autocast'
+    assert set(res['median_ms']) == {'eager', 'cpu', 'cpu_compiled', 'cpu_hybrid'}
+    assert all(0 <= err <= 5e-2 for err in res['max_rel_err'].values())
 
 
 def test_depthwise_benchmark_script(run_python, tmp_path, kernels):

@@ -250,6 +250,25 @@ def test_hybrid_under_native_bf16_autocast_reads_and_writes_bf16(make_model, inf
     torch.testing.assert_close(out.float(), ref32, rtol=0.05, atol=0.05 * ref32.abs().max().item())
 
 
+def test_compiled_under_native_bf16_autocast_multiplies_bf16_pairs(make_model, infer):
+    """Where oneDNN's bf16 is native and the CPU has AVX512-BF16, ``cpu_compiled`` under bf16 autocast runs its GEMM on
+    bf16 operands, as eager autocast's convolution (the depthwise half writes bf16, the weight is packed as bf16
+    pairs), with fp32 sums and epilogue: the answer is eager's fp32 to bf16 precision. Channels in a whole vector and
+    a partial one (40)."""
+    if not fast_cpu.native_bf16() or cpu_kernels.load() is None or not cpu_kernels.bf16_dot():
+        pytest.skip('needs native bf16 and our CPU kernels with the bf16 dot product')
+    model = make_model(kernel_size=9, dim=40, depth=3)
+    x = torch.randn(2, 3, 16, 16)
+    ref32, _ = infer(model, x, 'eager')
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out, paths = infer(model, x, 'cpu_compiled')
+    assert paths == {'cpu_compiled': 3} and out.dtype == torch.bfloat16
+    for block in model.blocks:
+        (what, entry), = fast_cpu._cache.get(block[0].fn[0]).items()
+        assert what == ('cpu_compiled', torch.bfloat16) and entry.value.panels.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref32, rtol=0.05, atol=0.05 * ref32.abs().max().item())
+
+
 def test_bf16_autocast_without_native_bf16_offers_our_fp32_kernels(make_model, infer, monkeypatch):
     """Where oneDNN would emulate bf16 (15-20x slower than fp32), its path declines and our fp32 kernels are what
     auto can weigh: an answer within bf16 precision, without the emulation. (The CPU's answer is what is replaced,

@@ -27,10 +27,12 @@ summation order inside the 1x1 conv differs by one bias term). Under CPU autocas
 the folded BN scale/shift in bf16, with oneDNN's fp32 accumulation and the activation fused before rounding; it
 matches eager autocast to bf16 precision. Our depthwise kernel computes in fp32 there: ``'cpu_hybrid'`` where the
 CPU has native bf16 reads and writes bf16 (widened on load, rounded once on store) around oneDNN's bf16 pointwise
-conv, as eager autocast runs it; elsewhere, and in ``'cpu_compiled'``, our kernels compute all of it in fp32,
-reading a bf16 input and rounding the output to bf16 as they store it: autocast promises bf16 precision, not bf16
-arithmetic, and fp32 can be the only fast choice (without native bf16, oneDNN emulates bf16 15-20x slower than
-fp32); ``auto`` checks each against an fp32 run and races it with oneDNN's bf16.
+conv, as eager autocast runs it; ``'cpu_compiled'`` there (where the CPU has AVX512-BF16) likewise, its GEMM
+multiplying bf16 pairs into fp32 sums (``vdpbf16ps``) with the epilogue in fp32 and the output rounded once.
+Elsewhere our kernels compute all of it in fp32, reading a bf16 input and rounding the output to bf16 as they store
+it: autocast promises bf16 precision, not bf16 arithmetic, and fp32 can be the only fast choice (without native
+bf16, oneDNN emulates bf16 15-20x slower than fp32); ``auto`` checks each against an fp32 run and races it with
+oneDNN's bf16.
 fp16 autocast runs the eager modules.
 
 It applies only in eval mode (BN on running statistics, drop_path inactive), fp32 or bf16 autocast, and when no
@@ -216,7 +218,8 @@ def _fold(parts: BlockParts, input_size: List[int], dtype: torch.dtype, path: st
     """Folded (in float64) and packed weights for one of :data:`PATHS`: our kernels read taps and panels, oneDNN's
     convolutions its packed weights. oneDNN's weights and biases are stored in the compute ``dtype`` (fp32, or bf16
     under autocast); what our kernels read, and the per-channel BatchNorm factors of a path with our kernels in it
-    (which they may apply: the carried BatchNorm), in fp32."""
+    (which they may apply: the carried BatchNorm), in fp32; our GEMM's panels in ``dtype`` (bf16 pairs under native
+    bf16)."""
     conv_dw, conv_pw = parts.conv_dw, parts.conv_pw
     dim = parts.dim
     with torch.inference_mode(False), torch.no_grad():
@@ -232,7 +235,7 @@ def _fold(parts: BlockParts, input_size: List[int], dtype: torch.dtype, path: st
         folded = _Folded(
             b_dw=b_dw.detach().to(factors).contiguous(),
             s_dw=s_dw.to(factors).view(1, dim, 1, 1),
-            b_pw=b_pw.to(dtype).contiguous(),
+            b_pw=b_pw.to(factors if path == 'cpu_compiled' else dtype).contiguous(),
             s_pw=s_pw.to(factors).view(1, dim, 1, 1),
             t_pw=t_pw.to(factors).view(1, dim, 1, 1),
         )
@@ -241,7 +244,7 @@ def _fold(parts: BlockParts, input_size: List[int], dtype: torch.dtype, path: st
         else:
             folded = folded._replace(w_dw=_pack(conv_dw.weight.detach().to(dtype), [k // 2, k // 2], dim, input_size))
         if path == 'cpu_compiled':
-            return folded._replace(panels=cpu_kernels.pw_pack(conv_pw.weight.detach().reshape(dim, dim)))
+            return folded._replace(panels=cpu_kernels.pw_pack(conv_pw.weight.detach().reshape(dim, dim).to(dtype)))
         return folded._replace(w_pw=_pack(conv_pw.weight.detach().to(dtype), [0, 0], 1, input_size))
 
 
@@ -316,16 +319,28 @@ def paths(parts: BlockParts, x: torch.Tensor) -> Tuple[str, ...]:
     """The CPU paths that can run this block and input (cheap: no folding, no packing; empty where none applies):
     ``'cpu'`` (both convolutions on oneDNN) wherever :func:`applies`; ``'cpu_compiled'`` and ``'cpu_hybrid'`` (our
     depthwise kernel, and our GEMM or oneDNN's) when the kernels load (the first call may build them), also under
-    bf16 autocast (:func:`_hybrid_dtype`)."""
+    bf16 autocast (:func:`_hybrid_dtype`, :func:`_compiled_dtype`)."""
     onednn_dtype, dtype = compute_dtypes(parts, x)
     onednn = ('cpu',) if onednn_dtype is not None else ()
-    return onednn + PATHS[1:] if dtype is not None and _compiled_applies(parts, dtype) else onednn
+    return onednn + PATHS[1:] if dtype is not None and _kernels_apply(parts) else onednn
 
 
-def _compiled_applies(parts: BlockParts, dtype: torch.dtype) -> bool:
-    """Our kernels compute in float32, for kernel sizes up to the depthwise window's limit, once built."""
-    return (dtype == torch.float32 and parts.kernel_size <= cpu_kernels.MAX_KERNEL_SIZE
-            and cpu_kernels.load() is not None)
+def _kernels_apply(parts: BlockParts) -> bool:
+    """Our kernels take this block: kernel sizes up to the depthwise window's limit, once built."""
+    return parts.kernel_size <= cpu_kernels.MAX_KERNEL_SIZE and cpu_kernels.load() is not None
+
+
+def _compiled_dtype(parts: BlockParts, x: torch.Tensor) -> Optional[torch.dtype]:
+    """What ``'cpu_compiled'``'s GEMM multiplies: bf16 under bf16 autocast where oneDNN's bf16 is native and our GEMM
+    has the bf16 dot product (AVX512-BF16; the block's input, its depthwise half's output and the pointwise weight in
+    bf16, as eager autocast's; an even number of channels, as every ConvMixer has), else fp32 (the depthwise
+    kernel's output and the GEMM in fp32, under autocast too); ``None`` where the path does not apply."""
+    onednn, ours = compute_dtypes(parts, x)
+    if ours is None or not _kernels_apply(parts):
+        return None
+    if onednn == torch.bfloat16 and parts.dim % 2 == 0 and cpu_kernels.bf16_dot():
+        return torch.bfloat16
+    return ours
 
 
 def _hybrid_dtype(parts: BlockParts, x: torch.Tensor) -> Optional[torch.dtype]:
@@ -353,16 +368,16 @@ def block_forward(parts: BlockParts, x: torch.Tensor, path: str = 'cpu') -> Opti
         carried = hybrid_forward(parts, x)
         return None if carried is None else materialize(carried).to(out_dtype)
     compiled = path == 'cpu_compiled'
-    dtype = applies(parts, x, kernels=compiled)
-    if dtype is None or (compiled and not _compiled_applies(parts, dtype)):
+    dtype = _compiled_dtype(parts, x) if compiled else applies(parts, x)
+    if dtype is None:
         return None
     f = _cached(parts, x, dtype, path)
     k = parts.kernel_size
     dim = x.shape[1]
     with torch.no_grad():
         if compiled:
-            # under bf16 autocast the fp32 kernels read a bf16 x and write the bf16 output themselves: no pass of
-            # its own converts either (two such passes cost 86 against 74 ms a block at 8 x 768 x 32 x 32, AVX2)
+            # under bf16 autocast the kernels read a bf16 x and write the bf16 output themselves: no pass of its
+            # own converts either (two such passes cost 86 against 74 ms a block at 8 x 768 x 32 x 32, AVX2)
             x = _kernel_input(x, dtype)
             u = cpu_kernels.dw_block(x, f.taps, f.b_dw, f.s_dw.view(dim), k, parts.act, _scratch_like(x, dtype))
             return cpu_kernels.pw_block(u, f.panels, f.b_pw, f.s_pw.view(dim), f.t_pw.view(dim), parts.act,
@@ -412,7 +427,7 @@ def hybrid_forward(parts: BlockParts, x: torch.Tensor, carried: Optional[Carried
     if carried is not None:
         x = carried.a
     dtype = _hybrid_dtype(parts, x)
-    if dtype is None or not _compiled_applies(parts, torch.float32):
+    if dtype is None or not _kernels_apply(parts):
         return None
     f = _cached(parts, x, dtype, 'cpu_hybrid')
     dim = x.shape[1]

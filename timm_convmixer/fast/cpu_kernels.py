@@ -27,8 +27,8 @@ import torch
 
 from .checked import FastPathDecision
 
-__all__ = ['ACT_BY_NAME', 'BUILD_ENV_VAR', 'MAX_KERNEL_SIZE', 'bn_act_apply', 'bn_act_backward', 'bn_act_stats',
-           'build', 'build_error', 'build_id', 'dw_block', 'dw_weight_grad', 'fma_peak_gflops', 'load', 'pw_block',
+__all__ = ['ACT_BY_NAME', 'BUILD_ENV_VAR', 'MAX_KERNEL_SIZE', 'bf16_dot', 'bn_act_apply', 'bn_act_backward',
+           'bn_act_stats', 'build', 'build_error', 'build_id', 'dw_block', 'dw_weight_grad', 'fma_peak_gflops', 'load', 'pw_block',
            'pw_pack', 'storage_use_count']
 
 BUILD_ENV_VAR = 'TIMM_CONVMIXER_CPU_BUILD'
@@ -177,15 +177,24 @@ def bn_act_backward(grad: torch.Tensor, t: torch.Tensor, act: str, mean: torch.T
 
 
 def pw_pack(weight: torch.Tensor) -> torch.Tensor:
-    """The pointwise weight ``(C_out, C_in)`` float32 in the panels :func:`pw_block` reads (done once per weight)."""
+    """The pointwise weight ``(C_out, C_in)`` in the panels :func:`pw_block` reads (done once per weight): float32,
+    or bfloat16 (in pairs along ``C_in``, which must be even; where :func:`bf16_dot` is True)."""
     return _ops.pw_pack(weight)
+
+
+def bf16_dot() -> bool:
+    """Whether :func:`pw_block` takes a bfloat16 ``u`` here: kernels built for AVX-512 on a CPU with AVX512-BF16,
+    whose ``vdpbf16ps`` multiplies bf16 pairs at twice the float32 FMA's rate. The kernels must be loaded."""
+    return _ops.bf16_dot_supported()
 
 
 def pw_block(u: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
              act: str, out: torch.Tensor) -> torch.Tensor:
-    """``out = scale * act(conv1x1(u) + bias) + shift`` for a channels_last float32 ``u`` (``out`` likewise, float32
-    or bfloat16, rounded once on store; its own storage, with the output channels): ``panels`` from :func:`pw_pack`,
-    ``bias``/``scale``/``shift`` one value per output channel. The kernels must be loaded."""
+    """``out = scale * act(conv1x1(u) + bias) + shift`` for a channels_last ``u`` (``out`` likewise, float32 or
+    bfloat16, rounded once on store; its own storage, with the output channels): ``panels`` from :func:`pw_pack` of
+    the weight in ``u``'s dtype, ``bias``/``scale``/``shift`` one float32 per output channel. A float32 ``u`` is
+    multiplied in float32, a bfloat16 one (where :func:`bf16_dot`) in bf16 pairs with float32 sums, as eager
+    autocast's convolution. The kernels must be loaded."""
     _ops.pw_block(u, panels, bias, scale, shift, ACT_BY_NAME[act], out)
     return out
 
