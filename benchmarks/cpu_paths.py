@@ -59,7 +59,8 @@ def _case(name: str, rounds: int, depth=None, bf16=False):
     times = time_interleaved(runs, rounds, torch.device('cpu'))
     ms = {path: statistics.median(t) * 1e3 for path, t in times.items()}
     best = min(ms, key=ms.get)
-    return {'batch': batch, 'img_size': size, 'dtype': 'bf16 autocast' if bf16 else 'fp32', 'median_ms': {k: round(v, 2) for k, v in ms.items()},
+    return {'batch': batch, 'img_size': size, 'dtype': 'bf16 autocast' if bf16 else 'fp32',
+            'median_ms': {k: round(v, 2) for k, v in ms.items()},
             'times_ms': {k: [round(s * 1e3, 2) for s in t] for k, t in times.items()},
             'max_rel_err': errors, 'fastest': best,
             'hybrid_over': {k: round(ms[k] / ms['cpu_hybrid'], 3) for k in PATHS if k != 'cpu_hybrid'}}

@@ -28,8 +28,8 @@ import torch
 from .checked import FastPathDecision
 
 __all__ = ['ACT_BY_NAME', 'BUILD_ENV_VAR', 'MAX_KERNEL_SIZE', 'bf16_dot', 'bn_act_apply', 'bn_act_backward',
-           'bn_act_stats', 'build', 'build_error', 'build_id', 'dw_block', 'dw_weight_grad', 'fma_peak_gflops', 'load', 'pw_block',
-           'pw_pack', 'storage_use_count']
+           'bn_act_stats', 'build', 'build_error', 'build_id', 'dw_block', 'dw_weight_grad', 'fma_peak_gflops', 'load',
+           'pw_block', 'pw_pack', 'storage_use_count']
 
 BUILD_ENV_VAR = 'TIMM_CONVMIXER_CPU_BUILD'
 _CSRC = os.path.join(os.path.dirname(__file__), 'csrc')
