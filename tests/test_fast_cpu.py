@@ -111,6 +111,34 @@ def test_inference_mode_and_auto(make_model, infer, run_counted, auto_paths_from
     assert third == again == paths and len(checked.decisions) == decided == len(records)
 
 
+def test_race_times_what_a_path_costs_in_a_model(make_model):
+    """A trial may name what the race times apart from what is checked (``cpu_hybrid``: the block as a chain runs it,
+    its output not written): the check runs ``fused`` only, the race the fourth callable only. Both candidates return
+    the right answer at once, so both beat the plain modules and race."""
+    block = make_model(kernel_size=7, dim=32).blocks[0].eval()
+    x = torch.randn(2, 32, 24, 24)
+    calls = Counter()
+
+    def counted(name, value=None):
+        def run():
+            calls[name] += 1
+            return want if value is None else value
+        return run
+    def plain():
+        with fast.use_backend('eager'):
+            return block(x)
+    want = plain()
+    trials = {'cpu_compiled': (counted('compiled'), plain, None),
+              'cpu_hybrid': (counted('hybrid checked'), plain, None, counted('hybrid raced', 'carried'))}
+    with torch.no_grad():
+        winner = checked.fastest(trials, block_parts(block), block, x, torch.float32)
+    assert winner in trials
+    race = [r for r in checked.decision_records() if r['fused_path'] == checked.RACE]
+    assert len(race) == 1 and calls['hybrid raced'] == checked.RACE_ROUNDS
+    assert calls['compiled'] > checked.RACE_ROUNDS
+    assert 0 < calls['hybrid checked'] == calls['compiled'] - checked.RACE_ROUNDS
+
+
 def test_auto_keeps_only_the_chosen_paths_weights(make_model, run_counted, auto_paths_from_nchw):
     """auto's check folds each CPU path's own copy of a block's weights; afterwards only the chosen path's stay."""
     model = make_model(9)

@@ -255,7 +255,10 @@ def _checked_cpu(block: nn.Module, parts: BlockParts, x: torch.Tensor) -> Tuple[
     Whether one wins depends on the CPU (measured: oneDNN's path 1.5x the built-in on an AVX-512 CPU, 0.87-1.06x on
     an AVX2-only Zen 3), so it is timed rather than assumed. The fused paths work in channels_last; their trials get
     the input already converted, since in a model only the first block pays that conversion and every later block
-    would be denied the path if the first one's decision counted it.
+    would be denied the path if the first one's decision counted it. Likewise ``cpu_hybrid`` races the others as a
+    block of a chain runs it (:func:`blocks_forward`): its output's BatchNorm not written but carried into the next
+    block, a pass a lone block pays and a model's blocks do not (timed with it, the race took ``cpu_compiled`` under
+    bf16 autocast on 512_16_ks8_p7 and 768_32, whose chains ran 1.02x-1.05x faster on ``cpu_hybrid``, Zen 4).
     """
     from . import checked, cpu
     paths = cpu.paths(parts, x)
@@ -270,10 +273,13 @@ def _checked_cpu(block: nn.Module, parts: BlockParts, x: torch.Tensor) -> Tuple[
             return cpu.block_forward(parts, converted[0], path)
         return run
 
+    def chained():
+        return cpu.hybrid_forward(parts, converted[0] if converted else x.contiguous(memory_format=torch.channels_last))
+
     eager = lambda: _eager_no_grad(block, x)  # noqa: E731
     reference = _fp32_reference(x, lambda t: _eager_no_grad(block, t))
-    path = checked.fastest({path: (fused(path), eager, reference) for path in paths}, parts, block, x,
-                           conv_dtype(x))
+    trials = {path: (fused(path), eager, reference) + ((chained,) if path == 'cpu_hybrid' else ()) for path in paths}
+    path = checked.fastest(trials, parts, block, x, conv_dtype(x))
     cpu.chosen(parts, path)
     return ('cpu', None) if path is None else (path, cpu.block_forward(parts, x, path))
 

@@ -284,14 +284,16 @@ def decide(
 
 
 def fastest(
-        trials: Dict[str, Tuple[Callable[[], Optional[object]], Callable[[], object], Optional[Callable[[], object]]]],
+        trials: Dict[str, Tuple[Callable[..., Optional[object]], ...]],
         parts: Parts,
         block: nn.Module,
         x: torch.Tensor,
         dtype: torch.dtype,
 ) -> Optional[str]:
     """The fastest of several fused paths for one case, each checked with :func:`decide` on first use: ``trials``
-    maps a path's name to its ``(fused, eager, reference)`` callables. ``None`` when the check accepted none.
+    maps a path's name to its ``(fused, eager, reference)`` callables, or ``(fused, eager, reference, raced)`` where
+    what the path costs in a model is not ``fused`` (``raced``: what the race times instead; ``fused`` is what is
+    checked). ``None`` when the check accepted none.
 
     Where the check accepts several, they race: :data:`RACE_ROUNDS` interleaved rounds, one call of each per round,
     best time kept, recorded (and said once) as the case's :data:`RACE` decision. Why not compare what each path's own
@@ -304,13 +306,14 @@ def fastest(
     if answer is not None:  # (every call after the first of a case)
         return answer
     made = {}
-    for path, (fused, eager, reference) in trials.items():
+    for path, (fused, eager, reference, *_) in trials.items():
         key = (path,) + case
         made[path] = decisions.get(key) or decide(key, path, block, x, fused, eager, dtype, reference)
     accepted = [path for path, d in made.items() if d.path != 'eager']
     key = (RACE,) + case
     if len(accepted) > 1 and key not in decisions:
-        decisions[key] = _race({path: trials[path][0] for path in accepted}, made, block, x)
+        decisions[key] = _race({path: trials[path][-1 if len(trials[path]) > 3 else 0] for path in accepted}, made,
+                               block, x)
         warnings.warn(f'timm_convmixer: using {decisions[key].path} for {_describe(key)} ({decisions[key].reason})',
                       FastPathDecision, stacklevel=3)
     return _settled(list(trials), case)
