@@ -16,6 +16,7 @@ Nothing depends on them: when the build is impossible or fails, :func:`load` ret
 ``RuntimeWarning`` naming why, and the oneDNN path runs. ``TIMM_CONVMIXER_CPU_BUILD=0`` skips the build (for
 machines where compiling at run time is unwelcome); :func:`build` builds ahead of time (e.g. in an image).
 """
+import functools
 import hashlib
 import logging
 import os
@@ -182,9 +183,11 @@ def pw_pack(weight: torch.Tensor) -> torch.Tensor:
     return _ops.pw_pack(weight)
 
 
+@functools.lru_cache(maxsize=None)
 def bf16_dot() -> bool:
     """Whether :func:`pw_block` takes a bfloat16 ``u`` here: kernels built for AVX-512 on a CPU with AVX512-BF16,
-    whose ``vdpbf16ps`` multiplies bf16 pairs at twice the float32 FMA's rate. The kernels must be loaded."""
+    whose ``vdpbf16ps`` multiplies bf16 pairs at twice the float32 FMA's rate (asked once: every bf16 block call
+    asks). The kernels must be loaded."""
     return _ops.bf16_dot_supported()
 
 
