@@ -266,15 +266,16 @@ def _checked_cpu(block: nn.Module, parts: BlockParts, x: torch.Tensor) -> Tuple[
         return 'cpu', None  # decided per call (grad mode, dtypes), so not cached as a case's decision
     converted = []
 
+    def channels_last():
+        if not converted:
+            converted.append(x.contiguous(memory_format=torch.channels_last))
+        return converted[0]
+
     def fused(path):
-        def run():
-            if not converted:
-                converted.append(x.contiguous(memory_format=torch.channels_last))
-            return cpu.block_forward(parts, converted[0], path)
-        return run
+        return lambda: cpu.block_forward(parts, channels_last(), path)
 
     def chained():
-        return cpu.hybrid_forward(parts, converted[0] if converted else x.contiguous(memory_format=torch.channels_last))
+        return cpu.hybrid_forward(parts, channels_last())
 
     eager = lambda: _eager_no_grad(block, x)  # noqa: E731
     reference = _fp32_reference(x, lambda t: _eager_no_grad(block, t))

@@ -248,18 +248,19 @@ def _fold(parts: BlockParts, input_size: List[int], dtype: torch.dtype, path: st
         return folded._replace(w_pw=_pack(conv_pw.weight.detach().to(dtype), [0, 0], 1, input_size))
 
 
-def applies(parts: Union[BlockParts, StemParts], x: torch.Tensor, kernels: bool = False) -> Optional[torch.dtype]:
+def applies(parts: Union[BlockParts, StemParts], x: torch.Tensor) -> Optional[torch.dtype]:
     """The dtype oneDNN's path computes in on ``x`` (fp32, or bf16 under CPU bf16 autocast where the CPU has native
-    bf16), or with ``kernels`` our compiled kernels' (fp32, under bf16 autocast too, native bf16 or not); ``None``
-    where they do not apply (the stem's path asks too). What they read: the convolutions' weights and biases and the
-    BatchNorms' affine parameters and running statistics."""
-    return compute_dtypes(parts, x)[1 if kernels else 0]
+    bf16); ``None`` where it does not apply. What it reads: the convolutions' weights and biases and the BatchNorms'
+    affine parameters and running statistics."""
+    return compute_dtypes(parts, x)[0]
 
 
 def compute_dtypes(parts: Union[BlockParts, StemParts],
                    x: torch.Tensor) -> Tuple[Optional[torch.dtype], Optional[torch.dtype]]:
-    """:func:`applies`' two answers, oneDNN's and our kernels', from one pass of its checks (asked on every block's
-    call, more than once before: ~9 us each on a 2-core Xeon)."""
+    """The dtypes oneDNN's path and our compiled kernels compute in on ``x`` (:func:`applies`' answer, and fp32 for
+    ours, under bf16 autocast too, native bf16 or not; ``None`` each where it does not apply; the stem's path asks
+    too), from one pass of the checks (asked on every block's call, more than once before: ~9 us each on a 2-core
+    Xeon)."""
     none = None, None
     if parts.mode != 'eval' or x.device.type != 'cpu' or x.layout != torch.strided or x.dim() != 4:
         return none
@@ -346,9 +347,11 @@ def _compiled_dtype(parts: BlockParts, x: torch.Tensor) -> Optional[torch.dtype]
 def _hybrid_dtype(parts: BlockParts, x: torch.Tensor) -> Optional[torch.dtype]:
     """What ``'cpu_hybrid'`` reads and writes: bf16 under bf16 autocast where oneDNN's bf16 is native (its pointwise
     conv in bf16, as eager autocast's; our depthwise kernel widening bf16 to fp32 and rounding once on store), else
-    fp32 (under autocast without native bf16 too: all of it in fp32, the output rounded); ``None`` where it does not
-    apply."""
+    fp32 (under autocast without native bf16 too: all of it in fp32, the output rounded); ``None`` where the path does
+    not apply."""
     onednn, ours = compute_dtypes(parts, x)
+    if ours is None or not _kernels_apply(parts):
+        return None
     return onednn if onednn == torch.bfloat16 else ours
 
 
@@ -427,7 +430,7 @@ def hybrid_forward(parts: BlockParts, x: torch.Tensor, carried: Optional[Carried
     if carried is not None:
         x = carried.a
     dtype = _hybrid_dtype(parts, x)
-    if dtype is None or not _kernels_apply(parts):
+    if dtype is None:
         return None
     f = _cached(parts, x, dtype, 'cpu_hybrid')
     dim = x.shape[1]

@@ -21,8 +21,9 @@
 // bf16 products into float32 at twice the float32 FMA's rate (235 against 118 GFLOP/s a thread on a Zen 4): what
 // eager autocast computes (bf16 operands, float32 sums), with the epilogue fused. On that Zen 4 it ran 1.00x-1.03x
 // oneDNN's bf16 1x1 convolution with its BatchNorm pass at seven variants' shapes and 1.39x at K = 256 with 65536
-// rows, where oneDNN falls off (317 against 229 GFLOP/s; benchmarks/cpu_pointwise.py). The weight is then packed as pairs along K (pw_pack of a bf16 weight), and u's rows hold theirs as they lie: both
-// GEMMs take K in steps of one 32-bit word (a float, or two bf16), so the blocking below is the same in bytes.
+// rows, where oneDNN falls off (317 against 229 GFLOP/s; benchmarks/cpu_pointwise.py). The weight is then packed as
+// pairs along K (pw_pack of a bf16 weight), and u's rows hold theirs as they lie: both GEMMs take K in steps of one
+// 32-bit word (a float, or two bf16), so the blocking below is the same in bytes.
 // A bfloat16 y is the float32 result rounded once as it is stored: under bf16 autocast on a CPU without native
 // bf16 (where oneDNN emulates bf16 15-20x slower than float32) the block computes in float32 and hands on a bf16
 // output, as eager autocast's block would, without a pass of its own for the rounding.
@@ -169,6 +170,12 @@ bool bf16_dot_supported() {
 #endif
 }
 
+// What a GEMM on bf16 pairs needs, asked by pw_pack and pw_block alike: pairs along K, and the instruction.
+void check_pairs(const char* what, int64_t K) {
+  TORCH_CHECK(bf16_dot_supported() && K % 2 == 0, what, " needs an even number of input channels (got ", K,
+              ") and a CPU with AVX512-BF16 (this one ", bf16_dot_supported() ? "has it" : "has not", ")");
+}
+
 struct Problem {
   const void* u;        // M x K words (NHWC rows): float32, or bf16 pairs
   const void* panels;   // ceil(N / NR) x K x NR words, zero beyond N
@@ -286,9 +293,7 @@ at::Tensor pw_pack(const at::Tensor& weight) {
               "pw_pack: weight must be a 2-d (C_out, C_in) float32 or bfloat16 CPU tensor, got ",
               weight.scalar_type(), " with ", weight.dim(), " dims");
   const int64_t N = weight.size(0), K = weight.size(1);
-  TORCH_CHECK(!pairs || (bf16_dot_supported() && K % 2 == 0), "pw_pack: a bfloat16 weight needs an even number of "
-              "input channels (got ", K, ") and a CPU with AVX512-BF16 (this one ",
-              bf16_dot_supported() ? "has it" : "has not", ")");
+  if (pairs) check_pairs("pw_pack: a bfloat16 weight", K);
   // (P, K, NR) floats, or (P, K / 2, NR, 2) bf16: NR words per step of K either way
   at::Tensor panels = pairs ? at::zeros({(N + NR - 1) / NR, K / 2, NR, 2}, weight.options())
                             : at::zeros({(N + NR - 1) / NR, K, NR}, weight.options());
@@ -315,9 +320,7 @@ void pw_block(const at::Tensor& u, const at::Tensor& panels, const at::Tensor& b
               " dims");
   TORCH_CHECK(u.is_contiguous(at::MemoryFormat::ChannelsLast), "pw_block: u must be channels_last");
   const int64_t K = u.size(1);
-  TORCH_CHECK(!pairs || (bf16_dot_supported() && K % 2 == 0), "pw_block: a bfloat16 u needs an even number of "
-              "input channels (got ", K, ") and a CPU with AVX512-BF16 (this one ",
-              bf16_dot_supported() ? "has it" : "has not", ")");
+  if (pairs) check_pairs("pw_block: a bfloat16 u", K);
   const int64_t steps = pairs ? K / 2 : K;
   const bool packed_so = pairs ? panels.dim() == 4 && panels.size(3) == 2 : panels.dim() == 3;
   TORCH_CHECK(panels.device().is_cpu() && panels.scalar_type() == u.scalar_type() && panels.is_contiguous() &&
