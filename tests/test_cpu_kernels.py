@@ -75,15 +75,47 @@ def test_every_activation(act, kernels):
 
 
 def test_gelu_as_accurate_as_torchs(kernels):
-    """GELU on its own (taps zero, input zero: the output is ``gelu(bias)``) over [-12, 12]: no further from float64
-    than torch's own float32 GELU, give or take a float32 rounding."""
-    z = torch.linspace(-12, 12, 4096)
+    """GELU on its own (taps zero, input zero: the output is ``gelu(bias)``) over [-12, 12], and on each side of
+    every boundary of the AVX-512 kernels' table (``gelu_table.py``): no further from float64 than torch's own
+    float32 GELU, give or take a float32 rounding."""
+    table = _gelu_table()
+    edges = torch.arange(1, table.INTERVALS, dtype=torch.float64) * (table.W_MAX / table.INTERVALS)
+    edges = torch.cat([edges, -edges]).float()
+    z = torch.cat([torch.linspace(-12, 12, 4096), edges, torch.nextafter(edges, torch.zeros(())),
+                   torch.nextafter(edges, edges * 2)])
     x = torch.zeros(1, z.numel(), 1, 1).contiguous(memory_format=torch.channels_last)
     out = cpu_kernels.dw_block(x, torch.zeros(1, z.numel()), z, torch.ones_like(z), 1, 'gelu', torch.empty_like(x))
     exact = F.gelu(z.double())
     ours = (out.flatten().double() - exact).abs().max().item()
     torchs = (F.gelu(z).double() - exact).abs().max().item()
     assert ours <= torchs + 2 ** -22, (ours, torchs)
+
+
+def _gelu_table():
+    """``csrc/gelu_table.py``, the generator of the AVX-512 kernels' GELU table (a script beside the C++ sources)."""
+    import importlib.util
+    path = os.path.join(os.path.dirname(cpu_kernels.__file__), 'csrc', 'gelu_table.py')
+    spec = importlib.util.spec_from_file_location('gelu_table', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gelu_table_is_what_its_generator_writes():
+    """``gelu_table.h`` is the generator's output, not a hand edit: refitting gives the same text."""
+    with open(os.path.join(os.path.dirname(cpu_kernels.__file__), 'csrc', 'gelu_table.h')) as f:
+        assert f.read() == _gelu_table().header()
+
+
+def test_gelu_at_infinities_and_nan(kernels):
+    """+inf stays +inf (torch's float32 GELU gives NaN) and NaN stays NaN, with either GELU (the table on AVX-512,
+    ATen's erf elsewhere). -inf differs between them (0 and NaN) and is left out."""
+    z = torch.tensor([float('inf'), float('nan'), 3.0, -3.0])
+    x = torch.zeros(1, z.numel(), 1, 1).contiguous(memory_format=torch.channels_last)
+    out = cpu_kernels.dw_block(x, torch.zeros(1, z.numel()), z, torch.ones_like(z), 1, 'gelu', torch.empty_like(x))
+    out = out.flatten()
+    assert out[0] == float('inf') and out[1].isnan(), out
+    torch.testing.assert_close(out[2:], F.gelu(z[2:]), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize('capability', sorted(cpu_kernels._ISA_FLAGS))

@@ -36,7 +36,7 @@ BUILD_ENV_VAR = 'TIMM_CONVMIXER_CPU_BUILD'
 _CSRC = os.path.join(os.path.dirname(__file__), 'csrc')
 SOURCES = [os.path.join(_CSRC, name) for name in ('dw_block.cpp', 'dw_grad.cpp', 'bn_train.cpp', 'pw_block.cpp',
                                                     'fma_peak.cpp')]
-HEADERS = [os.path.join(_CSRC, 'cpu_common.h')]
+HEADERS = [os.path.join(_CSRC, name) for name in ('cpu_common.h', 'gelu_table.h')]
 # activation name (eligibility.ACT_NAMES) -> the kernel's code (enum Act in the C++ source)
 ACT_BY_NAME: Dict[str, int] = {'identity': 0, 'relu': 1, 'gelu': 2, 'gelu_tanh': 3, 'silu': 4}
 MAX_KERNEL_SIZE = 64  # dw_block keeps one pointer per window row on its stack; dw_weight_grad takes the same

@@ -10,6 +10,8 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "gelu_table.h"
+
 namespace timm_convmixer_cpu {
 
 using Vec = at::vec::Vectorized<float>;
@@ -35,6 +37,36 @@ inline void gelu_parts(Vec z, Vec& cdf, Vec& density) {
   cdf = Vec(0.5f) * (Vec(1.f) + erf);
 }
 
+// GELU(z) = z * Phi(z). On AVX-512 from a table (gelu_table.h, made and explained by gelu_table.py): q =
+// Phi(-|z|) as a cubic on one of 32 intervals, its coefficients picked per lane by a two-register permute, then
+// -|z| q for z <= 0 and z - |z| q above; 17 instructions, 6 of them multiplies, where gelu_parts takes ~37 with a
+// division. Largest error against float64 over [-12, 12] 2.6e-7 (torch's float32 GELU: 4.7e-7). An infinite |z|
+// lands in the last (zero) interval: GELU(+inf) = +inf, GELU(-inf) = 0; a NaN stays NaN. Elsewhere gelu_parts.
+inline Vec gelu(Vec z) {
+#if defined(CPU_CAPABILITY_AVX512)
+  static_assert(GELU_INTERVALS == 32, "two 16-lane registers hold a coefficient's table");
+  const __m512 zv = z;
+  const __m512 w = _mm512_and_ps(zv, _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff)));
+  const __m512 pos = _mm512_min_ps(_mm512_mul_ps(w, _mm512_set1_ps(GELU_INTERVALS / GELU_W_MAX)),
+                                   _mm512_set1_ps(GELU_INTERVALS - 1));  // NaN -> the last interval
+  const __m512i i = _mm512_cvttps_epi32(pos);
+  const __m512 s = _mm512_sub_ps(pos, _mm512_cvtepi32_ps(i));
+  const auto coef = [&](int k) {
+    return _mm512_permutex2var_ps(_mm512_load_ps(GELU_COEF[k]), i, _mm512_load_ps(GELU_COEF[k] + 16));
+  };
+  __m512 q = _mm512_fmadd_ps(coef(3), s, coef(2));
+  q = _mm512_fmadd_ps(q, s, coef(1));
+  q = _mm512_fmadd_ps(q, s, coef(0));
+  // |z| q with |z| capped where q is zero (so that an infinite z gives 0, not NaN; min keeps a NaN, its 1st operand)
+  const __m512 t = _mm512_mul_ps(_mm512_min_ps(_mm512_set1_ps(GELU_W_MAX), w), q);
+  return Vec(_mm512_sub_ps(_mm512_maskz_mov_ps(_mm512_cmp_ps_mask(zv, _mm512_setzero_ps(), _CMP_GT_OQ), zv), t));
+#else
+  Vec cdf, density;
+  gelu_parts(z, cdf, density);
+  return z * cdf;
+#endif
+}
+
 constexpr float GELU_TANH_K = float(M_SQRT2 * M_2_SQRTPI * 0.5);  // sqrt(2 / pi)
 
 template <int ACT>
@@ -42,9 +74,7 @@ inline Vec activate(Vec z) {
   if constexpr (ACT == RELU) {
     return at::vec::clamp_min(z, Vec(0.f));
   } else if constexpr (ACT == GELU) {
-    Vec cdf, density;
-    gelu_parts(z, cdf, density);
-    return z * cdf;
+    return gelu(z);
   } else if constexpr (ACT == GELU_TANH) {
     const Vec inner = Vec(GELU_TANH_K) * (z + Vec(0.044715f) * z * z * z);
     return Vec(0.5f) * z * (Vec(1.f) + inner.tanh());
@@ -65,7 +95,7 @@ inline void activate_with_slope(Vec z, Vec& a, Vec& slope) {
   } else if constexpr (ACT == GELU) {
     Vec cdf, density;
     gelu_parts(z, cdf, density);
-    a = z * cdf;
+    a = gelu(z);  // as the forward computed it
     slope = at::vec::fmadd(z * Vec(float(0.5 * M_2_SQRTPI * M_SQRT1_2)), density, cdf);  // Phi + z * phi
   } else if constexpr (ACT == GELU_TANH) {
     const Vec z2 = z * z;
