@@ -198,27 +198,79 @@ def test_input_affine_is_applied_as_the_input_is_read(shape, kernels):
 
 
 # a partial vector and block (20 channels), whole blocks (32), one pixel with both; kernels of a strip and not
-@pytest.mark.parametrize('shape,affine', [((2, 20, 7, 9, 5), True), ((1, 32, 6, 19, 9), False),
-                                          ((1, 33, 1, 1, 7), True)], ids=lambda v: 'x'.join(map(str, v))
+BF16_DW_SHAPES = [((2, 20, 7, 9, 5), True), ((1, 32, 6, 19, 9), False), ((1, 33, 1, 1, 7), True),
+                  ((2, 20, 5, 11, 3), True), ((1, 32, 4, 13, 4), False)]
+PAIR_KERNEL_SIZES = (5, 7, 8, 9)  # the strips' sizes: where a bf16 x and out are multiplied in pairs (if the CPU can)
+
+
+def _bf16_dw_case(shape, affine, seed=4):
+    x, weight, bias, scale = _inputs(*shape, seed=seed)
+    c = weight.shape[0]
+    g = torch.Generator().manual_seed(seed + 1)
+    in_affine = (torch.rand(c, generator=g) + 0.5, torch.randn(c, generator=g)) if affine else None
+    return x.bfloat16(), weight, bias, scale, in_affine
+
+
+@pytest.mark.parametrize('shape,affine', BF16_DW_SHAPES, ids=lambda v: 'x'.join(map(str, v))
                          if isinstance(v, tuple) else f'affine={v}')
-def test_bfloat16_in_and_out_is_the_float32_kernel_rounded_once(shape, affine, kernels):
-    """bf16 ``x`` and ``out`` (``cpu_hybrid`` under native bf16 autocast): widened exactly as read, computed in
-    float32, rounded to nearest even once as stored -- bit for bit the float32 kernel's output on the widened input,
-    rounded by torch. With a float32 ``out`` (the compiled path under bf16 autocast, whose GEMM reads float32) it
-    is that float32 output itself."""
-    x, weight, bias, scale = _inputs(*shape, seed=4)
-    x = x.bfloat16()
+def test_bfloat16_in_float32_out_is_the_float32_kernel(shape, affine, kernels):
+    """bf16 ``x`` with a float32 ``out`` (the compiled path under bf16 autocast on a CPU without native bf16, whose
+    GEMM reads float32): widened exactly as read and computed in float32, bit for bit the float32 kernel's output on
+    the widened input."""
+    x, weight, bias, scale, in_affine = _bf16_dw_case(shape, affine)
     c, k = weight.shape[0], weight.shape[-1]
     taps = weight.reshape(c, k * k).t().contiguous()
-    in_affine = (torch.rand(c) + 0.5, torch.randn(c)) if affine else None
+    wide = cpu_kernels.dw_block(x.float(), taps, bias, scale, k, 'gelu', torch.empty_like(x, dtype=torch.float32),
+                                in_affine)
+    read_bf16 = cpu_kernels.dw_block(x, taps, bias, scale, k, 'gelu', torch.empty_like(x, dtype=torch.float32),
+                                     in_affine)
+    assert torch.equal(read_bf16, wide)
+
+
+@pytest.mark.parametrize('shape,affine', BF16_DW_SHAPES, ids=lambda v: 'x'.join(map(str, v))
+                         if isinstance(v, tuple) else f'affine={v}')
+def test_bfloat16_in_and_out_is_the_float32_kernel_rounded_once(shape, affine, kernels):
+    """bf16 ``x`` and ``out`` where they are not multiplied in pairs (``cpu_hybrid`` under native bf16 autocast at
+    other kernel sizes, or on a CPU without AVX512-BF16): computed in float32, rounded to nearest even once as
+    stored -- bit for bit the float32 kernel's output on the widened input, rounded by torch."""
+    x, weight, bias, scale, in_affine = _bf16_dw_case(shape, affine)
+    c, k = weight.shape[0], weight.shape[-1]
+    if k in PAIR_KERNEL_SIZES and cpu_kernels.bf16_dot():
+        pytest.skip('multiplied in bf16 pairs on this CPU: test_bfloat16_pairs_are_bf16_operands_summed_in_float32')
+    taps = weight.reshape(c, k * k).t().contiguous()
     got = cpu_kernels.dw_block(x, taps, bias, scale, k, 'gelu', torch.empty_like(x), in_affine)
     wide = cpu_kernels.dw_block(x.float(), taps, bias, scale, k, 'gelu', torch.empty_like(x, dtype=torch.float32),
                                 in_affine)
     assert got.dtype == torch.bfloat16 and got.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(got, wide.bfloat16())
-    read_bf16 = cpu_kernels.dw_block(x, taps, bias, scale, k, 'gelu', torch.empty_like(x, dtype=torch.float32),
-                                     in_affine)
-    assert torch.equal(read_bf16, wide)
+
+
+# every strip size, partial channel blocks (20, 40) and a whole one (48); rows of 37 pixels (strips of 16, 8 and
+# single outputs), 9 and 1; images narrower and shorter than the kernel
+DW_PAIR_SHAPES = [((2, 20, 7, 9, 5), True), ((1, 48, 6, 37, 9), False), ((1, 33, 1, 1, 7), True),
+                  ((2, 40, 18, 37, 8), True), ((1, 16, 3, 12, 9), False), ((2, 48, 16, 16, 5), False),
+                  ((1, 20, 5, 4, 8), False)]
+
+
+@pytest.mark.parametrize('shape,affine', DW_PAIR_SHAPES, ids=lambda v: 'x'.join(map(str, v))
+                         if isinstance(v, tuple) else f'affine={v}')
+def test_bfloat16_pairs_are_bf16_operands_summed_in_float32(shape, affine, kernels):
+    """bf16 ``x`` and ``out`` at the strips' kernel sizes on a CPU with AVX512-BF16: the taps rounded to bf16 (as
+    eager autocast's convolution rounds its weight) and multiplied in pairs by ``vdpbf16ps``, the input affine
+    rounded to bf16 as read; the rest in float32 and the output rounded once. So the output is the float64 block
+    on those bf16 values, to float32 summation and one bf16 rounding (a neighbour of a tie may round either way)."""
+    _needs_bf16_dot()
+    x, weight, bias, scale, in_affine = _bf16_dw_case(shape, affine, seed=6)
+    c, k = weight.shape[0], weight.shape[-1]
+    taps = weight.reshape(c, k * k).t().contiguous()
+    got = cpu_kernels.dw_block(x, taps, bias, scale, k, 'gelu', torch.empty_like(x), in_affine)
+    read = x.double()
+    if in_affine is not None:
+        s, t = (v.double().view(1, -1, 1, 1) for v in in_affine)
+        read = (read * s + t).bfloat16().double()
+    want = _reference(read, weight.bfloat16().double(), bias, scale, 'gelu')
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.double(), want, rtol=2 ** -8, atol=1e-5)
 
 
 def _weight_grad_reference(x, grad, k):
@@ -455,7 +507,7 @@ def test_pointwise_bfloat16_out_is_the_float32_output_rounded_once(shape, kernel
 
 def _needs_bf16_dot():
     if not cpu_kernels.bf16_dot():
-        pytest.skip('the bf16 pair GEMM needs AVX-512 kernels on a CPU with AVX512-BF16')
+        pytest.skip('bf16 pairs need AVX-512 kernels on a CPU with AVX512-BF16')
 
 
 # PW_SHAPES with an even number of input channels (the pairs' K), and one whose K (1536 / 2 steps) is taken in slices

@@ -138,7 +138,8 @@ def dw_block(x: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor, scale: tor
              ) -> torch.Tensor:
     """``out = x + scale * act(depthwise_conv_same(x) + bias)`` for a channels_last ``x`` (``out`` likewise, not
     ``x``), float32 or bfloat16 (computed in float32; ``out`` in ``x``'s dtype, or float32 for a bf16 ``x``, a bf16
-    ``out`` rounded once on store): ``taps`` is the depthwise weight as
+    ``out`` rounded once on store; a bf16 ``x`` and ``out`` at kernel sizes 5, 7, 8 and 9 where :func:`bf16_dot`
+    have the taps rounded to bf16 and multiplied in pairs, sums in float32): ``taps`` is the depthwise weight as
     ``(k * k, C)``, ``bias``/``scale`` hold ``C`` values (float32, as every per-channel operand). With
     ``in_affine = (s, t)`` (``C`` values each) the block's input is ``s * x + t`` per channel, applied as the kernel
     reads ``x``. The kernel must be loaded."""

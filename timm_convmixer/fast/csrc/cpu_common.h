@@ -17,6 +17,23 @@ namespace timm_convmixer_cpu {
 using Vec = at::vec::Vectorized<float>;
 constexpr int VL = Vec::size();  // floats per vector: 8 on AVX2, 16 on AVX-512
 
+// bf16 pairs multiplied by vdpbf16ps (two bf16 products summed into float32 at twice the float32 FMA's rate): compiled
+// into AVX-512 builds, in functions of their own (target "avx512bf16"), and run where the CPU has AVX512-BF16.
+#if defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#define TIMM_CONVMIXER_BF16_DOT 1
+#else
+#define TIMM_CONVMIXER_BF16_DOT 0
+#endif
+
+inline bool bf16_dot_supported() {
+#if TIMM_CONVMIXER_BF16_DOT
+  return __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
+}
+
 // activation codes, as timm_convmixer/fast/cpu_kernels.py passes them
 enum Act { IDENTITY = 0, RELU = 1, GELU = 2, GELU_TANH = 3, SILU = 4 };
 

@@ -16,10 +16,14 @@
 // once. Built at first use by timm_convmixer/fast/cpu_kernels.py for the vector ISA ATen dispatches to on this CPU
 // (ATen's Vectorized<float>: 8 floats on AVX2, 16 on AVX-512).
 //
-// x may be bfloat16, and u then bfloat16 or float32: the kernel still computes in float32 (x widened as it is copied
+// x may be bfloat16, and u then bfloat16 or float32: the kernel computes in float32 (x widened as it is copied
 // into the ring, a bf16 u rounded once as it is stored). Under bf16 autocast a block's depthwise half so reads (and
 // with a bf16 u writes) half the bytes and rounds once, where eager rounds after the conv, the activation, the
 // BatchNorm and the add; a float32 u feeds our GEMM, which computes in float32 wherever the CPU has no native bf16.
+// Where it has (AVX512-BF16), a bf16 x and u at the strips' kernel sizes take the pair ring instead (conv_strip_pairs):
+// taps rounded to bf16, as eager autocast's convolution rounds its weight, two taps to a vdpbf16ps; the sums and the
+// epilogue stay float32. On a Zen 4 that ran 1.10x-1.39x the float32-computing kernel on bf16 data at six
+// variants' shapes (GELU, batch 8 at 224 px or 64 at 32 px).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
@@ -133,42 +137,162 @@ inline void conv_row(const float* const* rows, const float* taps, const float* b
   }
 }
 
-template <int ACT, int K, typename TI, typename TO>
+#if TIMM_CONVMIXER_BF16_DOT
+// The bf16 pair ring: word (j, c) holds channel c of ring columns j and j + 1 as two bf16 (j's low), and a pair of
+// taps (kw = 2p, 2p + 1; the last of an odd kernel with a zero) multiplies it in one vdpbf16ps, which sums both
+// products into the float32 sum: output t of a row takes pairs t + 2p, so a window row costs ceil(K / 2)
+// instructions per output where conv_strip takes K FMAs. Otherwise conv_strip's schedule: each pair loaded once
+// feeds every output it reaches, the row's taps held in registers.
+template <int K, int T>
+__attribute__((target("avx512bf16"))) inline void conv_strip_pairs(const uint32_t* const* ring,
+                                                                   const uint32_t* taps, const float* bias,
+                                                                   int64_t kh_lo, int64_t kh_hi, float* z) {
+  constexpr int KP = (K + 1) / 2;
+  __m512 acc[T];
+  const __m512 b = _mm512_loadu_ps(bias);
+#pragma GCC unroll 32
+  for (int t = 0; t < T; ++t) acc[t] = b;
+  for (int64_t kh = kh_lo; kh < kh_hi; ++kh) {
+    const uint32_t* row = ring[kh];
+    __m512bh w[KP];
+#pragma GCC unroll 8
+    for (int p = 0; p < KP; ++p) w[p] = (__m512bh)_mm512_loadu_si512(taps + (kh * KP + p) * CB);
+#pragma GCC unroll 64
+    for (int q = 0; q < T + 2 * (KP - 1); ++q) {
+      const __m512bh in = (__m512bh)_mm512_loadu_si512(row + q * CB);
+#pragma GCC unroll 8
+      for (int p = 0; p < KP; ++p) {
+        const int t = q - 2 * p;
+        if (t >= 0 && t < T) acc[t] = _mm512_dpbf16_ps(acc[t], in, w[p]);
+      }
+    }
+  }
+#pragma GCC unroll 32
+  for (int t = 0; t < T; ++t) _mm512_storeu_ps(z + t * CB, acc[t]);
+}
+
+// One output row from the pair ring, as conv_row: strips of 16 and 8 outputs, then one at a time.
+template <int K>
+__attribute__((noinline, target("avx512bf16"))) void conv_row_pairs(const uint32_t* const* rows,
+                                                                    const uint32_t* taps, const float* bias,
+                                                                    int64_t kh_lo, int64_t kh_hi, int64_t width,
+                                                                    float* z) {
+  const uint32_t* ring[64];
+  for (int64_t j = 0; j < width;) {
+    for (int64_t kh = kh_lo; kh < kh_hi; ++kh) ring[kh] = rows[kh] + j * CB;
+    if (width - j >= 16) { conv_strip_pairs<K, 16>(ring, taps, bias, kh_lo, kh_hi, z + j * CB); j += 16; }
+    else if (width - j >= 8) { conv_strip_pairs<K, 8>(ring, taps, bias, kh_lo, kh_hi, z + j * CB); j += 8; }
+    else { conv_strip_pairs<K, 1>(ring, taps, bias, kh_lo, kh_hi, z + j * CB); j += 1; }
+  }
+}
+
+// The epilogue of one output row from the pair ring (run_item's, for PAIRS): the residual is a pair's low bf16, and
+// the output is rounded by vcvtneps2bf16, one instruction where ATen's rounding takes eight (it flushes float32
+// denormals, below 1.2e-38, to zero, as vdpbf16ps does).
+template <int ACT>
+__attribute__((noinline, target("avx512bf16"))) void finish_row_pairs(const float* z, const uint32_t* center,
+                                                                       const float* scale, int64_t cols,
+                                                                       int64_t width, c10::BFloat16* out, int64_t C,
+                                                                       bool ahead, int64_t W) {
+  const __mmask16 mask = __mmask16((1u << cols) - 1);
+  const Vec s = Vec::loadu(scale, cols);
+  for (int64_t j = 0; j < width; ++j) {
+    if (ahead) __builtin_prefetch(out + (W + j) * C, 0);
+    const __m512 x = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_loadu_si512(center + j * CB), 16));
+    const __m512 r = at::vec::fmadd(activate<ACT>(Vec::loadu(z + j * CB)), s, Vec(x));
+    _mm256_mask_storeu_epi16(out + j * C, mask, (__m256i)_mm512_cvtneps_pbh(r));
+  }
+}
+
+// Input row `src` (`count` pixels C bf16 apart, `cols` channels each; with `in_scale`, the affine applied in float32
+// and rounded to bf16) into the pair ring's slot `pairs` from ring column `first`, through `line` (a bf16 copy of
+// the row's ring_w + 1 columns, zero outside the image): pair column j is then one 64-byte load of columns j and
+// j + 1 and one permute interleaving them.
+__attribute__((noinline, target("avx512bf16"))) void pair_row(const c10::BFloat16* src, int64_t C, int64_t count,
+                                                               int64_t cols, const float* in_scale,
+                                                               const float* in_shift, int64_t first, int64_t ring_w,
+                                                               bool ahead, int64_t W, uint16_t* line,
+                                                               uint32_t* pairs) {
+  const __mmask16 mask = __mmask16((1u << cols) - 1);
+  for (int64_t iw = 0; iw < count; ++iw) {
+    if (ahead) __builtin_prefetch(src + (W + iw) * C);
+    __m256i h = _mm256_maskz_loadu_epi16(mask, src + iw * C);
+    if (in_scale != nullptr) {
+      const __m512 a = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+      h = (__m256i)_mm512_cvtneps_pbh(_mm512_fmadd_ps(a, _mm512_loadu_ps(in_scale), _mm512_loadu_ps(in_shift)));
+    }
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(line + (first + iw) * CB), h);
+  }
+  alignas(64) static constexpr uint16_t INTERLEAVE[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
+                                                          8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i order = _mm512_load_si512(INTERLEAVE);
+  for (int64_t j = 0; j < ring_w; ++j)
+    _mm512_storeu_si512(pairs + j * CB, _mm512_permutexvar_epi16(order, _mm512_loadu_si512(line + j * CB)));
+}
+#endif
+
+// PAIRS: a bf16 x and out with AVX512-BF16 (K one of the strips'), taps rounded to bf16 and multiplied in pairs
+// (conv_row_pairs) as eager bf16 autocast's convolution multiplies bf16 operands; the sums, bias, activation,
+// BatchNorm and residual in float32 as otherwise, the output rounded once.
+template <int ACT, int K, bool PAIRS, typename TI, typename TO>
 void run_item(const Problem<TI, TO>& p, const Item& it, float* scratch) {
   const int64_t H = p.H, W = p.W, C = p.C, k = p.k, pad = p.pad;
   const int64_t cols = std::min<int64_t>(CB, C - it.c0);  // channels of this block (the last may be partial)
   const int64_t width = it.w1 - it.w0, ring_w = width + k - 1;
-  float* taps = scratch;                // k*k x CB, zero beyond `cols`
+  float* taps = scratch;                // k*k x CB, zero beyond `cols` (PAIRS: k x ceil(k / 2) x CB pairs)
   float* bias = taps + k * k * CB;      // CB
   float* in_scale = bias + CB;          // CB: the input's affine (identity when the input is x itself)
   float* in_shift = in_scale + CB;      // CB
-  float* rows = in_shift + CB;          // k ring slots x ring_w x CB
+  float* rows = in_shift + CB;          // k ring slots x ring_w x CB (PAIRS: pairs of columns j, j + 1)
   float* z = rows + k * ring_w * CB;    // width x CB: one output row before its epilogue
   // a tap at a time, its channels one contiguous read. Channel by channel, the k * k reads lay C floats apart: at
   // ConvMixer's widths (768-1536) in one to four of L1's sets, fewer lines than taps, so every read missed L1. Tap
   // by tap, the kernel ran 1.02x-1.14x faster (AVX2 Zen 3, eight shapes, two runs; bitwise the same output)
-  for (int64_t tap = 0; tap < k * k; ++tap)
-    for (int64_t c = 0; c < CB; ++c) taps[tap * CB + c] = c < cols ? p.taps[tap * C + it.c0 + c] : 0.f;
+  const auto tap = [&](int64_t t, int64_t c) { return c < cols ? p.taps[t * C + it.c0 + c] : 0.f; };
+  if constexpr (PAIRS) {
+    const int64_t kp = (k + 1) / 2;
+    uint32_t* words = reinterpret_cast<uint32_t*>(taps);
+    for (int64_t kh = 0; kh < k; ++kh)
+      for (int64_t q = 0; q < kp; ++q)
+        for (int64_t c = 0; c < CB; ++c) {
+          const c10::BFloat16 lo(tap(kh * k + 2 * q, c)), hi(2 * q + 1 < k ? tap(kh * k + 2 * q + 1, c) : 0.f);
+          words[(kh * kp + q) * CB + c] = uint32_t(lo.x) | uint32_t(hi.x) << 16;
+        }
+  } else {
+    for (int64_t t = 0; t < k * k; ++t)
+      for (int64_t c = 0; c < CB; ++c) taps[t * CB + c] = tap(t, c);
+  }
   for (int64_t c = 0; c < CB; ++c) {
     bias[c] = c < cols ? p.bias[it.c0 + c] : 0.f;
     in_scale[c] = p.in_scale && c < cols ? p.in_scale[it.c0 + c] : 1.f;
     in_shift[c] = p.in_scale && c < cols ? p.in_shift[it.c0 + c] : 0.f;
   }
   std::fill(rows, rows + k * ring_w * CB, 0.f);
+  // PAIRS: an input row as bf16 first (ring columns 0..ring_w, one past the last pair's), then paired
+  c10::BFloat16* line = reinterpret_cast<c10::BFloat16*>(z + width * CB);
+  if constexpr (PAIRS) std::fill(line, line + (ring_w + 1) * CB, c10::BFloat16(0.f));
   // ring column j holds input column w0 - pad + j; columns outside the image stay zero for the whole item. A
   // pixel lies C floats from the next, too far apart for the hardware prefetchers, so the next row's lines are
   // asked for while this one is copied
   const int64_t in_lo = std::max<int64_t>(0, it.w0 - pad), in_hi = std::min<int64_t>(W, it.w1 - pad + k - 1);
+  const int64_t first = in_lo - (it.w0 - pad);  // the ring column of input column in_lo
   auto load_row = [&](int64_t ih) {
-    float* dst = rows + (ih % k) * ring_w * CB + (in_lo - (it.w0 - pad)) * CB;
+    float* dst = rows + (ih % k) * ring_w * CB;
     const TI* src = p.x + ((it.n * H + ih) * W + in_lo) * C + it.c0;
     const bool ahead = ih + 1 < H;
+#if TIMM_CONVMIXER_BF16_DOT
+    if constexpr (PAIRS) {
+      pair_row(src, C, in_hi - in_lo, cols, p.in_scale ? in_scale : nullptr, in_shift, first, ring_w, ahead, W,
+               reinterpret_cast<uint16_t*>(line), reinterpret_cast<uint32_t*>(dst));
+      return;
+    }
+#endif
     for (int64_t iw = 0; iw < in_hi - in_lo; ++iw) {
       if (ahead) __builtin_prefetch(src + (W + iw) * C);
       for (int64_t v = 0; v * VL < cols; ++v) {
         const Vec a = load_part(src + iw * C, v, cols);
         (p.in_scale ? at::vec::fmadd(a, Vec::loadu(in_scale + v * VL), Vec::loadu(in_shift + v * VL)) : a)
-            .store(dst + iw * CB + v * VL);
+            .store(dst + (first + iw) * CB + v * VL);
       }
     }
   };
@@ -178,16 +302,29 @@ void run_item(const Problem<TI, TO>& p, const Item& it, float* scratch) {
     for (; next < std::min<int64_t>(H, oh - pad + k); ++next) load_row(next);
     const int64_t kh_lo = std::max<int64_t>(0, pad - oh), kh_hi = std::min<int64_t>(k, H + pad - oh);
     for (int64_t kh = kh_lo; kh < kh_hi; ++kh) ring[kh] = rows + ((oh - pad + kh) % k) * ring_w * CB;
-    conv_row<K>(ring, taps, bias, kh_lo, kh_hi, k, width, z);
+#if TIMM_CONVMIXER_BF16_DOT
+    if constexpr (PAIRS)
+      conv_row_pairs<K>(reinterpret_cast<const uint32_t* const*>(ring), reinterpret_cast<const uint32_t*>(taps),
+                        bias, kh_lo, kh_hi, width, z);
+    else
+#endif
+      conv_row<K>(ring, taps, bias, kh_lo, kh_hi, k, width, z);
     // epilogue while the row is in L1: u = x + scale * act(z), x read from the ring (input row oh, ring column
-    // pad + j), not again from memory. The stores land C floats apart, each on a line not yet in cache: asking for
-    // the next row's lines while this one is stored took the k = 1 kernel from 4.4 to 2.4 ms at 64x256x16x16 on an
-    // AVX-512 Xeon, and whole blocks (with pw_block's output lines asked for likewise) 1.02x-1.09x faster on an AVX2
-    // Zen 3 (eight shapes, three runs). A read prefetch: PREFETCHW (-mprfchw) ran 0.81x-0.99x of it, fetching two rows
-    // ahead or into L2 0.91x-1.11x
+    // pad + j; PAIRS: a pair's low bf16), not again from memory. The stores land C floats apart, each on a line not
+    // yet in cache: asking for the next row's lines while this one is stored took the k = 1 kernel from 4.4 to 2.4 ms
+    // at 64x256x16x16 on an AVX-512 Xeon, and whole blocks (with pw_block's output lines asked for likewise)
+    // 1.02x-1.09x faster on an AVX2 Zen 3 (eight shapes, three runs). A read prefetch: PREFETCHW (-mprfchw) ran
+    // 0.81x-0.99x of it, fetching two rows ahead or into L2 0.91x-1.11x
     const float* center = rows + (oh % k) * ring_w * CB + pad * CB;
     TO* out = p.out + ((it.n * H + oh) * W + it.w0) * C + it.c0;
     const bool out_ahead = oh + 1 < it.r1;
+#if TIMM_CONVMIXER_BF16_DOT
+    if constexpr (PAIRS) {
+      finish_row_pairs<ACT>(z, reinterpret_cast<const uint32_t*>(center), p.scale + it.c0, cols, width, out, C,
+                            out_ahead, W);
+      continue;
+    }
+#endif
     for (int64_t j = 0; j < width; ++j) {
       if (out_ahead) __builtin_prefetch(out + (W + j) * C, 0);
       for (int64_t v = 0; v * VL < cols; ++v) {
@@ -199,7 +336,7 @@ void run_item(const Problem<TI, TO>& p, const Item& it, float* scratch) {
   }
 }
 
-template <int ACT, int K, typename TI, typename TO>
+template <int ACT, int K, bool PAIRS, typename TI, typename TO>
 void run(const Problem<TI, TO>& p) {
   // columns per item: as many as keep the ring within RING_BYTES (a multiple of TW), at least TW
   const int64_t ring_cols = RING_BYTES / (p.k * CB * int64_t(sizeof(float)));
@@ -210,7 +347,8 @@ void run(const Problem<TI, TO>& p) {
   const int64_t per_band = p.N * blocks * segs, want = 4 * int64_t(at::get_num_threads());
   const int64_t bands = std::min<int64_t>(p.H, std::max<int64_t>(1, (want + per_band - 1) / per_band));
   const int64_t band = (p.H + bands - 1) / bands;
-  const int64_t scratch_floats = (p.k * p.k + 3 + p.k * (seg + p.k - 1) + seg) * CB;
+  // taps, bias, the input affine, the ring, one output row, and (PAIRS) an input row in bf16
+  const int64_t scratch_floats = (p.k * p.k + 3 + p.k * (seg + p.k - 1) + seg + (seg + p.k + 1) / 2 + 1) * CB;
   at::parallel_for(0, per_band * bands, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scratch(scratch_floats);
     for (int64_t i = begin; i < end; ++i) {
@@ -221,7 +359,7 @@ void run(const Problem<TI, TO>& p) {
       it.w1 = std::min(p.W, it.w0 + seg);
       it.r0 = i % bands * band;
       it.r1 = std::min(p.H, it.r0 + band);
-      if (it.r0 < it.r1) run_item<ACT, K, TI, TO>(p, it, scratch.data());
+      if (it.r0 < it.r1) run_item<ACT, K, PAIRS, TI, TO>(p, it, scratch.data());
     }
   });
 }
@@ -258,17 +396,26 @@ void dw_block(const at::Tensor& x, const at::Tensor& taps, const at::Tensor& bia
                             in_scale.has_value() ? in_scale->data_ptr<float>() : nullptr,
                             in_shift.has_value() ? in_shift->data_ptr<float>() : nullptr, out.data_ptr<TO>(),
                             x.size(0), x.size(2), x.size(3), C, k, (k - 1) / 2};
+    // bf16 in and out where the CPU multiplies bf16 pairs: the strips' kernel sizes on pairs (see run_item)
+    constexpr bool BF16 = std::is_same_v<TI, c10::BFloat16> && std::is_same_v<TO, c10::BFloat16>;
+    const bool pairs = BF16 && bf16_dot_supported();
     with_activation(act, [&](auto a) {
       constexpr int A = decltype(a)::value;
       if constexpr (AVX512_SCHEDULE) {
+        const auto strip = [&](auto size) {
+          constexpr int K = decltype(size)::value;
+          if constexpr (BF16 && TIMM_CONVMIXER_BF16_DOT)
+            if (pairs) return run<A, K, true>(p);
+          run<A, K, false>(p);
+        };
         switch (k) {  // ConvMixer's kernel sizes get a strip compiled for them
-          case 5: return run<A, 5>(p);
-          case 7: return run<A, 7>(p);
-          case 8: return run<A, 8>(p);
-          case 9: return run<A, 9>(p);
+          case 5: return strip(std::integral_constant<int, 5>{});
+          case 7: return strip(std::integral_constant<int, 7>{});
+          case 8: return strip(std::integral_constant<int, 8>{});
+          case 9: return strip(std::integral_constant<int, 9>{});
         }
       }
-      run<A, 0>(p);
+      run<A, 0, false>(p);
     });
   };
   if (x.scalar_type() == at::kFloat) launch(float(), float());

@@ -38,12 +38,6 @@
 
 #include "cpu_common.h"
 
-#if defined(CPU_CAPABILITY_AVX512)
-#include <immintrin.h>
-#define TIMM_CONVMIXER_BF16_DOT 1  // compiled for AVX512-BF16 (in its own functions), run where the CPU has it
-#else
-#define TIMM_CONVMIXER_BF16_DOT 0
-#endif
 
 namespace {
 
@@ -160,15 +154,7 @@ __attribute__((noinline, target("avx512bf16"))) void micro_kernel(const uint32_t
 }
 #endif
 
-// Whether this build and CPU run the bf16 pair GEMM.
-bool bf16_dot_supported() {
-#if TIMM_CONVMIXER_BF16_DOT
-  static_assert(NR == 32, "the bf16 micro-kernel holds a panel row in two 512-bit vectors");
-  return __builtin_cpu_supports("avx512bf16");
-#else
-  return false;
-#endif
-}
+static_assert(!TIMM_CONVMIXER_BF16_DOT || NR == 32, "the bf16 micro-kernel holds a panel row in two 512-bit vectors");
 
 // What a GEMM on bf16 pairs needs, asked by pw_pack and pw_block alike: pairs along K, and the instruction.
 void check_pairs(const char* what, int64_t K) {
@@ -221,6 +207,27 @@ void epilogue(const Problem& p, const float* tile, int64_t m, int64_t R, int64_t
     }
   }
 }
+
+#if TIMM_CONVMIXER_BF16_DOT
+// The epilogue for a bf16 output of the pair GEMM (so on a CPU with AVX512-BF16): the same, the output rounded by
+// vcvtneps2bf16, one instruction where ATen's rounding takes eight (it flushes float32 denormals, below 1.2e-38, to
+// zero, as vdpbf16ps does).
+template <int ACT>
+__attribute__((noinline, target("avx512bf16"))) void epilogue_bf16(const Problem& p, const float* tile, int64_t m,
+                                                                    int64_t R, int64_t n0, int64_t cols) {
+  c10::BFloat16* const y = static_cast<c10::BFloat16*>(p.y) + n0;
+  for (int64_t v = 0; v * VL < cols; ++v) {
+    const __mmask16 mask = __mmask16((1u << std::min<int64_t>(VL, cols - v * VL)) - 1);
+    const Vec b = load_part(p.bias + n0, v, cols), s = load_part(p.scale + n0, v, cols);
+    const Vec t = load_part(p.shift + n0, v, cols);
+    for (int64_t r = 0; r < R; ++r) {
+      const Vec z = Vec::loadu(tile + r * NR + v * VL) + b;
+      _mm256_mask_storeu_epi16(y + (m + r) * p.N + v * VL, mask,
+                               (__m256i)_mm512_cvtneps_pbh(at::vec::fmadd(activate<ACT>(z), s, t)));
+    }
+  }
+}
+#endif
 
 // W: the word a step of K reads, float (float32 u, packed in tiles) or uint32_t (bf16 pairs, read in place)
 template <int ACT, typename TO, typename W>
@@ -280,8 +287,15 @@ void run(const Problem& p) {
       for (int64_t n0 = nb, j = 0; n0 < nb1; n0 += NR, ++j)
         for (int64_t t = 0; t < chunk_tiles; ++t) {
           const int64_t m = m0 + t * MR;
-          epilogue<ACT, TO>(p, sums + (j * tiles + t) * MR * NR, m, std::min<int64_t>(MR, m1 - m), n0,
-                        std::min<int64_t>(NR, nb1 - n0));
+          const float* tile = sums + (j * tiles + t) * MR * NR;
+          const int64_t rows = std::min<int64_t>(MR, m1 - m), cols = std::min<int64_t>(NR, nb1 - n0);
+#if TIMM_CONVMIXER_BF16_DOT
+          if constexpr (!PACK && std::is_same_v<TO, c10::BFloat16>) {
+            epilogue_bf16<ACT>(p, tile, m, rows, n0, cols);
+            continue;
+          }
+#endif
+          epilogue<ACT, TO>(p, tile, m, rows, n0, cols);
         }
     }
   });
@@ -363,7 +377,8 @@ TORCH_LIBRARY_FRAGMENT(timm_convmixer_cpu, m) {
   m.def("pw_pack(Tensor weight) -> Tensor");
   m.def("pw_block(Tensor u, Tensor panels, Tensor bias, Tensor scale, Tensor shift, int act, Tensor(a!) out) -> ()");
   m.def("storage_use_count(Tensor t) -> int");
-  m.def("bf16_dot_supported() -> bool", &bf16_dot_supported);  // (no tensor argument: one kernel for every backend)
+  // (no tensor argument: one kernel for every backend)
+  m.def("bf16_dot_supported() -> bool", &timm_convmixer_cpu::bf16_dot_supported);
 }
 
 TORCH_LIBRARY_IMPL(timm_convmixer_cpu, CPU, m) {
