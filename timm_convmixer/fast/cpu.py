@@ -25,10 +25,12 @@ Numerics: fp32 by default; the BN folds are done in float64, so results match ea
 summation order inside the 1x1 conv differs by one bias term). Under CPU autocast with bfloat16, oneDNN's path
 (``'cpu'``, where the CPU has native bf16) computes in bf16 like eager autocast does: activations, conv weights and
 the folded BN scale/shift in bf16, with oneDNN's fp32 accumulation and the activation fused before rounding; it
-matches eager autocast to bf16 precision. Our depthwise kernel computes in fp32 there: ``'cpu_hybrid'`` where the
-CPU has native bf16 reads and writes bf16 (widened on load, rounded once on store) around oneDNN's bf16 pointwise
-conv, as eager autocast runs it; ``'cpu_compiled'`` there (where the CPU has AVX512-BF16) likewise, its GEMM
-multiplying bf16 pairs into fp32 sums (``vdpbf16ps``) with the epilogue in fp32 and the output rounded once.
+matches eager autocast to bf16 precision. There ``'cpu_hybrid'`` reads and writes bf16 around oneDNN's bf16
+pointwise conv, as eager autocast runs it, our depthwise kernel widening on load and rounding once on store (where
+the CPU has AVX512-BF16, at kernel sizes 5/7/8/9, multiplying bf16 pairs of input and taps into fp32 sums with
+``vdpbf16ps``, the taps rounded to bf16 as eager autocast rounds the conv's weight; fp32 otherwise);
+``'cpu_compiled'`` there (where the CPU has AVX512-BF16) likewise, its GEMM multiplying bf16 pairs too, each
+epilogue in fp32 and the output rounded once.
 Elsewhere our kernels compute all of it in fp32, reading a bf16 input and rounding the output to bf16 as they store
 it: autocast promises bf16 precision, not bf16 arithmetic, and fp32 can be the only fast choice (without native
 bf16, oneDNN emulates bf16 15-20x slower than fp32); ``auto`` checks each against an fp32 run and races it with
@@ -346,7 +348,7 @@ def _compiled_dtype(parts: BlockParts, x: torch.Tensor) -> Optional[torch.dtype]
 
 def _hybrid_dtype(parts: BlockParts, x: torch.Tensor) -> Optional[torch.dtype]:
     """What ``'cpu_hybrid'`` reads and writes: bf16 under bf16 autocast where oneDNN's bf16 is native (its pointwise
-    conv in bf16, as eager autocast's; our depthwise kernel widening bf16 to fp32 and rounding once on store), else
+    conv in bf16, as eager autocast's; our depthwise kernel reading and writing bf16, see the module docstring), else
     fp32 (under autocast without native bf16 too: all of it in fp32, the output rounded); ``None`` where the path does
     not apply."""
     onednn, ours = compute_dtypes(parts, x)
