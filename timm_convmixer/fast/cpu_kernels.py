@@ -186,9 +186,10 @@ def pw_pack(weight: torch.Tensor) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=None)
 def bf16_dot() -> bool:
-    """Whether :func:`pw_block` takes a bfloat16 ``u`` here: kernels built for AVX-512 on a CPU with AVX512-BF16,
-    whose ``vdpbf16ps`` multiplies bf16 pairs at twice the float32 FMA's rate (asked once: every bf16 block call
-    asks). The kernels must be loaded."""
+    """Whether our kernels multiply bf16 pairs here (:func:`pw_block` then takes a bfloat16 ``u``, and
+    :func:`dw_block` pairs the taps of a bfloat16 ``x`` and ``out``): kernels built for AVX-512 on a CPU with
+    AVX512-BF16, whose ``vdpbf16ps`` multiplies bf16 pairs at twice the float32 FMA's rate (asked once: every bf16
+    block call asks). The kernels must be loaded."""
     return _ops.bf16_dot_supported()
 
 

@@ -267,10 +267,11 @@ void run_item(const Problem<TI, TO>& p, const Item& it, float* scratch) {
     in_scale[c] = p.in_scale && c < cols ? p.in_scale[it.c0 + c] : 1.f;
     in_shift[c] = p.in_scale && c < cols ? p.in_shift[it.c0 + c] : 0.f;
   }
-  std::fill(rows, rows + k * ring_w * CB, 0.f);
-  // PAIRS: an input row as bf16 first (ring columns 0..ring_w, one past the last pair's), then paired
+  // the zeros outside the image: in the ring itself, or (PAIRS, whose ring slots are rewritten whole as each row is
+  // paired) in the bf16 copy of an input row (ring columns 0..ring_w, one past the last pair's)
   c10::BFloat16* line = reinterpret_cast<c10::BFloat16*>(z + width * CB);
   if constexpr (PAIRS) std::fill(line, line + (ring_w + 1) * CB, c10::BFloat16(0.f));
+  else std::fill(rows, rows + k * ring_w * CB, 0.f);
   // ring column j holds input column w0 - pad + j; columns outside the image stay zero for the whole item. A
   // pixel lies C floats from the next, too far apart for the hardware prefetchers, so the next row's lines are
   // asked for while this one is copied

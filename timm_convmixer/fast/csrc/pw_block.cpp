@@ -19,9 +19,10 @@
 // 512 and 1024, 0.96x at 768.
 // A bfloat16 u (bf16 autocast on a CPU with AVX512-BF16) is multiplied in pairs by `vdpbf16ps`, which sums two
 // bf16 products into float32 at twice the float32 FMA's rate (235 against 118 GFLOP/s a thread on a Zen 4): what
-// eager autocast computes (bf16 operands, float32 sums), with the epilogue fused. On that Zen 4 it ran 1.00x-1.03x
-// oneDNN's bf16 1x1 convolution with its BatchNorm pass at seven variants' shapes and 1.39x at K = 256 with 65536
-// rows, where oneDNN falls off (317 against 229 GFLOP/s; benchmarks/cpu_pointwise.py). The weight is then packed as
+// eager autocast computes (bf16 operands, float32 sums), with the epilogue fused and its bf16 output rounded by
+// vcvtneps2bf16. On that Zen 4 it ran 1.01x-1.13x oneDNN's bf16 1x1 convolution with its BatchNorm pass at seven
+// variants' shapes and 1.50x at K = 256 with 65536 rows, where oneDNN falls off (352 against 234 GFLOP/s;
+// benchmarks/cpu_pointwise.py, with the GELU table). The weight is then packed as
 // pairs along K (pw_pack of a bf16 weight), and u's rows hold theirs as they lie: both GEMMs take K in steps of one
 // 32-bit word (a float, or two bf16), so the blocking below is the same in bytes.
 // A bfloat16 y is the float32 result rounded once as it is stored: under bf16 autocast on a CPU without native
@@ -37,7 +38,6 @@
 #include <algorithm>
 
 #include "cpu_common.h"
-
 
 namespace {
 
