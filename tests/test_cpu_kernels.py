@@ -620,22 +620,22 @@ def test_released_outputs_memory_is_reused(kernels):
     memory instead of fresh pages; a held one is never handed out, and outputs are plain tensors, not views."""
     fast_cpu.clear_cache()
     u = torch.randn(2, 16, 5, 5).contiguous(memory_format=torch.channels_last)
-    a, b = fast_cpu._output_like(u), fast_cpu._output_like(u)
+    a, b = (fast_cpu.output_buffer(u.shape, u.dtype) for _ in range(2))
     assert a._base is None and a.is_contiguous(memory_format=torch.channels_last) and a.shape == u.shape
     held, released = a.data_ptr(), b.data_ptr()
     del b
-    c = fast_cpu._output_like(u)
+    c = fast_cpu.output_buffer(u.shape, u.dtype)
     assert c.data_ptr() == released
-    d = fast_cpu._output_like(u)  # both pooled buffers held: a fresh tensor
+    d = fast_cpu.output_buffer(u.shape, u.dtype)  # both pooled buffers held: a fresh tensor
     assert d.data_ptr() not in (held, released)
     assert cpu_kernels.storage_use_count(torch.empty(3)) == 1
     assert cpu_kernels.storage_use_count(c) == 2  # c and the pool's buffer
     # a bf16 output of an fp32 u (the compiled path under bf16 autocast): a pool of its own dtype, reused likewise
-    e = fast_cpu._output_like(u, torch.bfloat16)
+    e = fast_cpu.output_buffer(u.shape, torch.bfloat16)
     assert e.dtype == torch.bfloat16 and e.shape == u.shape and e.is_contiguous(memory_format=torch.channels_last)
     released = e.data_ptr()
     del e
-    assert fast_cpu._output_like(u, torch.bfloat16).data_ptr() == released
+    assert fast_cpu.output_buffer(u.shape, torch.bfloat16).data_ptr() == released
     fast_cpu.clear_cache()
 
 
@@ -674,8 +674,8 @@ def _compiled_forward(model, x):
 
 
 def test_no_build_when_asked_not_to(run_python):
-    """TIMM_CONVMIXER_CPU_BUILD=0: nothing is compiled, the compiled path declines, auto weighs oneDNN's paths only,
-    ``build()`` says why it cannot, and ``bench --engines`` falls back to the sgemm yardstick for the CPU's peak."""
+    """TIMM_CONVMIXER_CPU_BUILD=0: nothing is compiled, the compiled path declines, auto weighs oneDNN's path only
+    (the stem's fast path, our GEMM, is not offered), ``build()`` says why it cannot, and ``bench --engines`` falls back to the sgemm yardstick for the CPU's peak."""
     code = '''
         import warnings, torch, timm, timm_convmixer
         from timm_convmixer import fast
@@ -698,14 +698,14 @@ def test_no_build_when_asked_not_to(run_python):
         print(peak['method'].split(' (')[0], peak['gflops'] > 0)
     '''
     out = run_python(code=code, env={cpu_kernels.BUILD_ENV_VAR: '0'}).stdout.strip().splitlines()
-    assert out[-4:] == ["{'eager': 2}", "['cpu', 'cpu_stem']",
+    assert out[-4:] == ["{'eager': 2}", "['cpu']",
                         'timm_convmixer: the CPU kernels are unavailable: TIMM_CONVMIXER_CPU_BUILD=0',
                         'measured sgemm peak True']
 
 
 def test_failed_build_warns_once_and_falls_back(run_python, tmp_path):
     """A build that fails (here: no compiler where CXX points, an empty extension cache) warns once, naming the
-    failure, and the model runs on oneDNN's path with the same output as the plain modules."""
+    failure, and the model runs on oneDNN's path (the plain stem) with the same output as the plain modules."""
     code = '''
         import warnings, torch, timm, timm_convmixer
         from timm_convmixer import fast
@@ -725,7 +725,7 @@ def test_failed_build_warns_once_and_falls_back(run_python, tmp_path):
     '''
     env = {'CXX': str(tmp_path / 'no-such-compiler'), 'TORCH_EXTENSIONS_DIR': str(tmp_path / 'extensions')}
     out = run_python(code=code, env=env, unset=[cpu_kernels.BUILD_ENV_VAR]).stdout.strip().splitlines()
-    assert out[-3:] == ['1 True', "['cpu', 'cpu_stem'] True", 'True True']
+    assert out[-3:] == ['1 True', "['cpu'] True", 'True True']
 
 
 def test_kernel_size_beyond_the_window_limit_declines(small_model, run_counted, kernels):

@@ -1,16 +1,17 @@
-"""The stem's CPU fast path (patches x weight on oneDNN) computes the eager stem, applies only where it may, and auto
-checks it like a block's path. Marked ``kernels``: oneDNN's numerics."""
+"""The stem's CPU fast path (patches x weight on our GEMM, the activation and BatchNorm in its epilogue) computes the
+eager stem, applies only where it may, and auto checks it like a block's path. Marked ``kernels``: our compiled
+kernels' numerics (built once per machine)."""
 import pytest
 import torch
 import torch.nn as nn
 
 from timm_convmixer import fast
-from timm_convmixer.fast import checked, cpu_stem
+from timm_convmixer.fast import checked, cpu_kernels, cpu_stem
 from timm_convmixer.fast import cpu as fast_cpu
 from timm_convmixer.fast.eligibility import stem_parts
 
 pytestmark = [pytest.mark.kernels,
-              pytest.mark.skipif(not cpu_stem.available(), reason="oneDNN's fused linear op is not available")]
+              pytest.mark.skipif(not cpu_stem.available(), reason='our CPU kernels do not load here')]
 
 
 @pytest.fixture
@@ -108,17 +109,30 @@ def test_stem_declines_where_it_may_not(make_model):
     assert stem_parts(model.stem) is None and _stem(model, x, 'cpu')[1] == {'eager': 1}
 
 
+def _stem_of_bf16_operands(model, x):
+    """The stem in float64 on the patches and weight rounded to bf16 (what the bf16 pair GEMM multiplies; its bias,
+    activation and BatchNorm in float32, here float64)."""
+    conv, act, bn = model.stem
+    with torch.no_grad():
+        y = nn.functional.conv2d(x.bfloat16().double(), conv.weight.bfloat16().double(), conv.bias.double(),
+                                 stride=conv.stride)
+        return nn.functional.batch_norm(act(y), bn.running_mean.double(), bn.running_var.double(),
+                                        bn.weight.double(), bn.bias.double(), False, 0., bn.eps)
+
+
 @pytest.mark.parametrize('native', [False, True])
 @pytest.mark.parametrize('channels_last', [False, True])
-def test_bf16_autocast_runs_the_stem_in_fp32(channels_last, native, make_model, monkeypatch):
-    """Under bf16 autocast the fast stem computes in fp32 and hands on bf16, as the plain stem does: the fp32 stem's
-    output rounded once, within bf16 precision of the plain autocast stem; auto checks it against the fp32 stem.
-    Whether oneDNN would emulate bf16 (15-20x slower than fp32) or run it natively (where the plain stem's three bf16
-    passes can cost more than the fp32 GEMM, and auto's timing decides). (The CPU's answer is replaced by our own
-    function's: this CPU may have either.)"""
+@pytest.mark.parametrize('patch_size', [1, 4])
+def test_bf16_autocast_stem(patch_size, channels_last, native, make_model, monkeypatch):
+    """Under bf16 autocast the fast stem hands on bf16, within bf16 precision of the plain autocast stem; auto checks
+    it against the fp32 stem. Where oneDNN would emulate bf16 (15-20x slower than fp32) it computes in fp32: the fp32
+    stem's output rounded once. Where bf16 is native and our kernels have the bf16 dot product it multiplies bf16
+    pairs as eager autocast does: the stem of the bf16-rounded patches and weight, rounded once (patch 1: 3 columns,
+    padded to 4; patch 4: 48). (The CPU's answer on native bf16 is replaced by our own function's: this CPU may have
+    either.)"""
     monkeypatch.setattr(fast_cpu, 'native_bf16', lambda: native)
-    model = make_model(patch_size=4)
-    x = torch.randn(2, 3, 16, 12)
+    model = make_model(patch_size=patch_size)
+    x = torch.randn(2, 3, 4 * patch_size, 3 * patch_size)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     ref32, _ = _stem(model, x, 'cpu')
@@ -130,8 +144,12 @@ def test_bf16_autocast_runs_the_stem_in_fp32(channels_last, native, make_model, 
             model.stem(x)
     assert ran == {checked.STEM: 1} and plain_ran == {'eager': 1}
     assert out.dtype == plain.dtype == torch.bfloat16 and out.is_contiguous(memory_format=torch.channels_last)
-    assert torch.equal(out, ref32.bfloat16())
     scale = ref32.abs().max().item()
+    if native and cpu_kernels.bf16_dot():
+        torch.testing.assert_close(out.double(), _stem_of_bf16_operands(model, x), rtol=2 ** -8, atol=1e-5 * scale)
+        assert not torch.equal(out, ref32.bfloat16())
+    else:
+        assert torch.equal(out, ref32.bfloat16())
     torch.testing.assert_close(out.float(), plain.float(), rtol=0.05, atol=0.05 * scale)
     [d] = checked.decisions.values()  # the check's yardstick is the fp32 stem: within bf16's tolerance of it
     assert d.max_rel_err <= checked.tolerance(torch.bfloat16, 'cpu')

@@ -101,7 +101,7 @@ _chosen: 'weakref.WeakKeyDictionary[nn.Module, Set[str]]' = weakref.WeakKeyDicti
 _scratch = threading.local()
 
 
-# (shape, dtype) -> the buffers the compiled path's block outputs live on (see _output_like), the shape used last at
+# (shape, dtype) -> the buffers the compiled path's block outputs live on (see output_buffer), the shape used last at
 # the end; at most OUTPUT_SHAPES shapes: a process meeting ever new input sizes must not keep buffers for each
 _outputs: 'OrderedDict[Tuple, List[torch.Tensor]]' = OrderedDict()
 _outputs_lock = threading.Lock()
@@ -133,8 +133,8 @@ def _scratch_like(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return buf
 
 
-def _output_like(u: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """A channels_last tensor like ``u`` (in ``dtype``, default ``u``'s) for a block's output, on the memory of an
+def output_buffer(shape: Tuple[int, int, int, int], dtype: torch.dtype) -> torch.Tensor:
+    """A channels_last tensor of ``shape`` and ``dtype`` for a block's (or the stem's) output, on the memory of an
     earlier output nobody holds.
 
     Why: beyond glibc's mmap threshold (32 MiB at most) every fresh tensor is new pages, and touching them costs more
@@ -146,8 +146,7 @@ def _output_like(u: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.
     of blocks two buffers take turns; when both are held (say, by ``forward_intermediates``) the output is a fresh
     tensor.
     """
-    dtype = u.dtype if dtype is None else dtype
-    key = (tuple(u.shape), dtype)
+    key = (tuple(shape), dtype)
     with _outputs_lock:
         buffers = _outputs.setdefault(key, [])
         _outputs.move_to_end(key)
@@ -155,7 +154,7 @@ def _output_like(u: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.
             _outputs.popitem(last=False)  # (a buffer still in use lives on with its user, out of the pool)
         buf = next((b for b in buffers if cpu_kernels.storage_use_count(b) == 1), None)
         if buf is None:
-            buf = torch.empty_like(u, dtype=dtype, memory_format=torch.channels_last)
+            buf = torch.empty(shape, dtype=dtype, memory_format=torch.channels_last)
             if len(buffers) >= OUTPUT_BUFFERS:
                 return buf
             buffers.append(buf)
@@ -341,9 +340,14 @@ def _compiled_dtype(parts: BlockParts, x: torch.Tensor) -> Optional[torch.dtype]
     onednn, ours = compute_dtypes(parts, x)
     if ours is None or not _kernels_apply(parts):
         return None
-    if onednn == torch.bfloat16 and parts.dim % 2 == 0 and cpu_kernels.bf16_dot():
-        return torch.bfloat16
-    return ours
+    return pairs_dtype(onednn, ours) if parts.dim % 2 == 0 else ours
+
+
+def pairs_dtype(onednn: Optional[torch.dtype], ours: torch.dtype) -> torch.dtype:
+    """What our GEMM multiplies, given :func:`compute_dtypes`' answer: bf16 pairs where oneDNN would compute in bf16
+    (bf16 autocast, native bf16) and our kernels have the bf16 dot product, else ``ours`` (fp32). The kernels must be
+    loaded."""
+    return torch.bfloat16 if onednn == torch.bfloat16 and cpu_kernels.bf16_dot() else ours
 
 
 def _hybrid_dtype(parts: BlockParts, x: torch.Tensor) -> Optional[torch.dtype]:
@@ -386,7 +390,7 @@ def block_forward(parts: BlockParts, x: torch.Tensor, path: str = 'cpu') -> Opti
             x = _kernel_input(x, dtype)
             u = cpu_kernels.dw_block(x, f.taps, f.b_dw, f.s_dw.view(dim), k, parts.act, _scratch_like(x, dtype))
             return cpu_kernels.pw_block(u, f.panels, f.b_pw, f.s_pw.view(dim), f.t_pw.view(dim), parts.act,
-                                        _output_like(u, out_dtype))
+                                        output_buffer(u.shape, out_dtype))
         x = x.to(dtype).contiguous(memory_format=torch.channels_last)
         a = _conv(parts, x, f.w_dw, f.b_dw, dim)
         if k % 2 == 0:
