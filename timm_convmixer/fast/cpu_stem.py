@@ -97,15 +97,15 @@ def _patches(x: torch.Tensor, p: int, channels_last: bool, dtype: torch.dtype, w
 def _compute_dtype(parts: StemParts, x: torch.Tensor):
     """What the GEMM multiplies on ``x``: bf16 pairs under bf16 autocast where oneDNN's bf16 is native and our
     kernels have the bf16 dot product (as the blocks' GEMM, :func:`.cpu.pairs_dtype`), else fp32; ``None`` where
-    this path does not apply."""
+    this path does not apply (asking for our kernels, which the first call may build, only where it might)."""
     onednn, ours = cpu.compute_dtypes(parts, x)
-    return None if ours is None else cpu.pairs_dtype(onednn, ours)
+    return None if ours is None or not available() else cpu.pairs_dtype(onednn, ours)
 
 
 def applies(parts: StemParts, x: torch.Tensor) -> bool:
     """Whether this path computes the stem on ``x`` (cheap; decided per call, as grad mode may change): wherever our
     kernels would compute a block (fp32 input; bf16 autocast, native or not), once they load."""
-    if _compute_dtype(parts, x) is None or not available():
+    if _compute_dtype(parts, x) is None:
         return False
     p = parts.kernel_size
     return x.shape[1] == parts.conv.in_channels and x.shape[2] >= p and x.shape[3] >= p
