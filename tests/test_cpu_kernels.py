@@ -639,6 +639,27 @@ def test_released_outputs_memory_is_reused(kernels):
     fast_cpu.clear_cache()
 
 
+def test_stem_output_has_its_own_buffer(small_model, kernels):
+    """The stem's output, which the model's forward holds while the blocks run, comes from a pool of its own: every
+    block's output is still one of the blocks' two pooled buffers (held by the output and the pool), and the next
+    stem call, its last output released, reuses the stem's buffer."""
+    fast_cpu.clear_cache()
+    model = small_model(dim=16, depth=4, kernel_size=3, patch_size=2, randomize={})
+    x = torch.randn(2, 3, 16, 16)
+    holders = []
+    for block in model.blocks:
+        block.register_forward_hook(lambda m, i, o: holders.append(cpu_kernels.storage_use_count(o)))
+    with torch.no_grad(), fast.use_backend('cpu_compiled'):
+        stem_out = model.stem(x)
+        model.blocks(stem_out)  # the stem's output held throughout, as forward_features holds it
+        stem_ptr = stem_out.data_ptr()
+        assert cpu_kernels.storage_use_count(stem_out) == 2
+        del stem_out
+        assert model.stem(x).data_ptr() == stem_ptr
+    assert holders == [2, 2, 2, 2]
+    fast_cpu.clear_cache()
+
+
 def test_threads_get_their_own_buffers(small_model, kernels):
     """Two threads running the compiled path at once (same shapes, so the same buffer if it were shared)."""
     model = small_model(dim=32, depth=4, kernel_size=9, randomize={})

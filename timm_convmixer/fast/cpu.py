@@ -101,12 +101,16 @@ _chosen: 'weakref.WeakKeyDictionary[nn.Module, Set[str]]' = weakref.WeakKeyDicti
 _scratch = threading.local()
 
 
-# (shape, dtype) -> the buffers the compiled path's block outputs live on (see output_buffer), the shape used last at
-# the end; at most OUTPUT_SHAPES shapes: a process meeting ever new input sizes must not keep buffers for each
+# (user, shape, dtype) -> the buffers the compiled path's block outputs (or the stem's) live on (see output_buffer),
+# the key used last at the end; at most OUTPUT_SHAPES keys: a process meeting ever new input sizes must not keep
+# buffers for each
 _outputs: 'OrderedDict[Tuple, List[torch.Tensor]]' = OrderedDict()
 _outputs_lock = threading.Lock()
-OUTPUT_BUFFERS = 2  # per shape: in a chain of blocks, one block's input and its output
-OUTPUT_SHAPES = 4
+# per key: in a chain of blocks, one block's input and its output; the stem's output, which the model's forward holds
+# while the blocks run (taken from the blocks' two, it left them one: every block's output was fresh pages and
+# 256_8_ks9_p1 ran 0.91x)
+OUTPUT_BUFFERS = {'blocks': 2, 'stem': 1}
+OUTPUT_SHAPES = 6
 
 
 def clear_cache() -> None:
@@ -133,9 +137,9 @@ def _scratch_like(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return buf
 
 
-def output_buffer(shape: Tuple[int, int, int, int], dtype: torch.dtype) -> torch.Tensor:
-    """A channels_last tensor of ``shape`` and ``dtype`` for a block's (or the stem's) output, on the memory of an
-    earlier output nobody holds.
+def output_buffer(shape: Tuple[int, int, int, int], dtype: torch.dtype, user: str = 'blocks') -> torch.Tensor:
+    """A channels_last tensor of ``shape`` and ``dtype`` for a block's output (``user='stem'``: the stem's), on the
+    memory of an earlier output of the same user nobody holds.
 
     Why: beyond glibc's mmap threshold (32 MiB at most) every fresh tensor is new pages, and touching them costs more
     than the pass that fills them (see :func:`_scratch_like`); a 1536-channel ImageNet activation at batch 8 is 50
@@ -146,7 +150,7 @@ def output_buffer(shape: Tuple[int, int, int, int], dtype: torch.dtype) -> torch
     of blocks two buffers take turns; when both are held (say, by ``forward_intermediates``) the output is a fresh
     tensor.
     """
-    key = (tuple(shape), dtype)
+    key = (user, tuple(shape), dtype)
     with _outputs_lock:
         buffers = _outputs.setdefault(key, [])
         _outputs.move_to_end(key)
@@ -155,7 +159,7 @@ def output_buffer(shape: Tuple[int, int, int, int], dtype: torch.dtype) -> torch
         buf = next((b for b in buffers if cpu_kernels.storage_use_count(b) == 1), None)
         if buf is None:
             buf = torch.empty(shape, dtype=dtype, memory_format=torch.channels_last)
-            if len(buffers) >= OUTPUT_BUFFERS:
+            if len(buffers) >= OUTPUT_BUFFERS[user]:
                 return buf
             buffers.append(buf)
         # created under the lock: from here on the storage has a second holder, so no other thread takes it

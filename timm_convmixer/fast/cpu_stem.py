@@ -129,7 +129,7 @@ def forward(parts: StemParts, x: torch.Tensor) -> Optional[torch.Tensor]:
     with torch.no_grad():
         u = _patches(x, parts.kernel_size, channels_last, dtype, _width(parts, dtype))
         return cpu_kernels.pw_block(u, f.panels, f.bias, f.scale, f.shift, parts.act,
-                                    cpu.output_buffer(output_shape(parts, x), conv_dtype(x)))
+                                    cpu.output_buffer(output_shape(parts, x), conv_dtype(x), 'stem'))
 
 
 def eager(stem: nn.Module, x: torch.Tensor) -> torch.Tensor:
