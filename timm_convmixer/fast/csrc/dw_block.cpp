@@ -231,24 +231,26 @@ __attribute__((noinline, target("avx512bf16"))) void pair_row(const c10::BFloat1
 }
 #endif
 
-// PAIRS: a bf16 x and out with AVX512-BF16 (K one of the strips'), taps rounded to bf16 and multiplied in pairs
-// (conv_row_pairs) as eager bf16 autocast's convolution multiplies bf16 operands; the sums, bias, activation,
-// BatchNorm and residual in float32 as otherwise, the output rounded once.
-template <int ACT, int K, bool PAIRS, typename TI, typename TO>
-void run_item(const Problem<TI, TO>& p, const Item& it, float* scratch) {
-  const int64_t H = p.H, W = p.W, C = p.C, k = p.k, pad = p.pad;
-  const int64_t cols = std::min<int64_t>(CB, C - it.c0);  // channels of this block (the last may be partial)
-  const int64_t width = it.w1 - it.w0, ring_w = width + k - 1;
-  float* taps = scratch;                // k*k x CB, zero beyond `cols` (PAIRS: k x ceil(k / 2) x CB pairs)
-  float* bias = taps + k * k * CB;      // CB
-  float* in_scale = bias + CB;          // CB: the input's affine (identity when the input is x itself)
-  float* in_shift = in_scale + CB;      // CB
-  float* rows = in_shift + CB;          // k ring slots x ring_w x CB (PAIRS: pairs of columns j, j + 1)
-  float* z = rows + k * ring_w * CB;    // width x CB: one output row before its epilogue
+// Floats of one channel block's operands (block_operands): taps, bias and the input's affine.
+inline int64_t operand_floats(int64_t k) { return (k * k + 3) * CB; }
+
+// The per-channel operands of channel block c0 as its items read them, zero beyond the block's channels: taps (k*k x
+// CB; PAIRS: k x ceil(k / 2) x CB pairs), bias, and the input's affine (identity when the input is x itself). Done
+// once per block and call (run), not per item: the bf16 pair taps are k * ceil(k / 2) * 16 roundings, and repacked
+// by every item the pair kernel ran 1.08x-1.18x slower at six variants' shapes (most at k9, 16 x 16 pixels, where
+// an item is smallest; the float32 kernel 0.98x-1.06x, Zen 4, same process).
+template <bool PAIRS, typename TI, typename TO>
+void block_operands(const Problem<TI, TO>& p, int64_t c0, float* ops) {
+  const int64_t C = p.C, k = p.k;
+  const int64_t cols = std::min<int64_t>(CB, C - c0);
+  float* taps = ops;
+  float* bias = taps + k * k * CB;
+  float* in_scale = bias + CB;
+  float* in_shift = in_scale + CB;
   // a tap at a time, its channels one contiguous read. Channel by channel, the k * k reads lay C floats apart: at
   // ConvMixer's widths (768-1536) in one to four of L1's sets, fewer lines than taps, so every read missed L1. Tap
   // by tap, the kernel ran 1.02x-1.14x faster (AVX2 Zen 3, eight shapes, two runs; bitwise the same output)
-  const auto tap = [&](int64_t t, int64_t c) { return c < cols ? p.taps[t * C + it.c0 + c] : 0.f; };
+  const auto tap = [&](int64_t t, int64_t c) { return c < cols ? p.taps[t * C + c0 + c] : 0.f; };
   if constexpr (PAIRS) {
     const int64_t kp = (k + 1) / 2;
     uint32_t* words = reinterpret_cast<uint32_t*>(taps);
@@ -263,10 +265,27 @@ void run_item(const Problem<TI, TO>& p, const Item& it, float* scratch) {
       for (int64_t c = 0; c < CB; ++c) taps[t * CB + c] = tap(t, c);
   }
   for (int64_t c = 0; c < CB; ++c) {
-    bias[c] = c < cols ? p.bias[it.c0 + c] : 0.f;
-    in_scale[c] = p.in_scale && c < cols ? p.in_scale[it.c0 + c] : 1.f;
-    in_shift[c] = p.in_scale && c < cols ? p.in_shift[it.c0 + c] : 0.f;
+    bias[c] = c < cols ? p.bias[c0 + c] : 0.f;
+    in_scale[c] = p.in_scale && c < cols ? p.in_scale[c0 + c] : 1.f;
+    in_shift[c] = p.in_scale && c < cols ? p.in_shift[c0 + c] : 0.f;
   }
+}
+
+// One item, with its block's operands (block_operands) and `scratch` for its ring.
+// PAIRS: a bf16 x and out with AVX512-BF16 (K one of the strips'), taps rounded to bf16 and multiplied in pairs
+// (conv_row_pairs) as eager bf16 autocast's convolution multiplies bf16 operands; the sums, bias, activation,
+// BatchNorm and residual in float32 as otherwise, the output rounded once.
+template <int ACT, int K, bool PAIRS, typename TI, typename TO>
+void run_item(const Problem<TI, TO>& p, const Item& it, const float* ops, float* scratch) {
+  const int64_t H = p.H, W = p.W, C = p.C, k = p.k, pad = p.pad;
+  const int64_t cols = std::min<int64_t>(CB, C - it.c0);  // channels of this block (the last may be partial)
+  const int64_t width = it.w1 - it.w0, ring_w = width + k - 1;
+  const float* taps = ops;
+  const float* bias = taps + k * k * CB;
+  const float* in_scale = bias + CB;
+  const float* in_shift = in_scale + CB;
+  float* rows = scratch;                // k ring slots x ring_w x CB (PAIRS: pairs of columns j, j + 1)
+  float* z = rows + k * ring_w * CB;    // width x CB: one output row before its epilogue
   // the zeros outside the image: in the ring itself, or (PAIRS, whose ring slots are rewritten whole as each row is
   // paired) in the bf16 copy of an input row (ring columns 0..ring_w, one past the last pair's)
   c10::BFloat16* line = reinterpret_cast<c10::BFloat16*>(z + width * CB);
@@ -348,8 +367,13 @@ void run(const Problem<TI, TO>& p) {
   const int64_t per_band = p.N * blocks * segs, want = 4 * int64_t(at::get_num_threads());
   const int64_t bands = std::min<int64_t>(p.H, std::max<int64_t>(1, (want + per_band - 1) / per_band));
   const int64_t band = (p.H + bands - 1) / bands;
-  // taps, bias, the input affine, the ring, one output row, and (PAIRS) an input row in bf16
-  const int64_t scratch_floats = (p.k * p.k + 3 + p.k * (seg + p.k - 1) + seg + (seg + p.k + 1) / 2 + 1) * CB;
+  const int64_t op_floats = operand_floats(p.k);
+  std::vector<float> ops(blocks * op_floats);
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) block_operands<PAIRS>(p, b * CB, ops.data() + b * op_floats);
+  });
+  // the ring, one output row, and (PAIRS) an input row in bf16
+  const int64_t scratch_floats = (p.k * (seg + p.k - 1) + seg + (seg + p.k + 1) / 2 + 1) * CB;
   at::parallel_for(0, per_band * bands, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scratch(scratch_floats);
     for (int64_t i = begin; i < end; ++i) {
@@ -360,7 +384,7 @@ void run(const Problem<TI, TO>& p) {
       it.w1 = std::min(p.W, it.w0 + seg);
       it.r0 = i % bands * band;
       it.r1 = std::min(p.H, it.r0 + band);
-      if (it.r0 < it.r1) run_item<ACT, K, PAIRS, TI, TO>(p, it, scratch.data());
+      if (it.r0 < it.r1) run_item<ACT, K, PAIRS, TI, TO>(p, it, ops.data() + it.c0 / CB * op_floats, scratch.data());
     }
   });
 }
