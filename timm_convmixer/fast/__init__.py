@@ -27,8 +27,8 @@ Backends:
   kernel and oneDNN's pointwise conv; ``'triton'`` runs the pointwise conv on cuBLAS with a Triton epilogue pass,
   ``'triton_gemm'`` as one Triton GEMM with the epilogue fused.
 
-The patch stem has one fast path, on CPU (:mod:`.cpu_stem`: the non-overlapping conv as one GEMM over the image's
-patches, its activation fused, output channels_last), offered through :func:`stem_forward` on the same terms as a
+The patch stem has one fast path, on CPU (:mod:`.cpu_stem`: the non-overlapping conv as our blocks' GEMM over the
+image's patches, its activation and BatchNorm in the epilogue, output channels_last), offered through :func:`stem_forward` on the same terms as a
 block's: the CPU backends force it, ``auto`` checks it per case, ``'eager'`` and the others never take it.
 
 Choose with :func:`set_backend`, the :func:`use_backend` context manager or the ``TIMM_CONVMIXER_BACKEND``

@@ -94,21 +94,23 @@ def _patches(x: torch.Tensor, p: int, channels_last: bool, dtype: torch.dtype, w
     return out.permute(0, 3, 1, 2)
 
 
-def _compute_dtype(parts: StemParts, x: torch.Tensor):
+def _compute_dtype(parts: StemParts, x: torch.Tensor) -> Optional[torch.dtype]:
     """What the GEMM multiplies on ``x``: bf16 pairs under bf16 autocast where oneDNN's bf16 is native and our
     kernels have the bf16 dot product (as the blocks' GEMM, :func:`.cpu.pairs_dtype`), else fp32; ``None`` where
     this path does not apply (asking for our kernels, which the first call may build, only where it might)."""
     onednn, ours = cpu.compute_dtypes(parts, x)
-    return None if ours is None or not available() else cpu.pairs_dtype(onednn, ours)
+    if ours is None or not available():
+        return None
+    p = parts.kernel_size
+    if x.shape[1] != parts.conv.in_channels or x.shape[2] < p or x.shape[3] < p:
+        return None
+    return cpu.pairs_dtype(onednn, ours)
 
 
 def applies(parts: StemParts, x: torch.Tensor) -> bool:
     """Whether this path computes the stem on ``x`` (cheap; decided per call, as grad mode may change): wherever our
     kernels would compute a block (fp32 input; bf16 autocast, native or not), once they load."""
-    if _compute_dtype(parts, x) is None:
-        return False
-    p = parts.kernel_size
-    return x.shape[1] == parts.conv.in_channels and x.shape[2] >= p and x.shape[3] >= p
+    return _compute_dtype(parts, x) is not None
 
 
 def output_shape(parts: StemParts, x: torch.Tensor) -> Tuple[int, int, int, int]:
@@ -120,9 +122,9 @@ def output_shape(parts: StemParts, x: torch.Tensor) -> Tuple[int, int, int, int]
 def forward(parts: StemParts, x: torch.Tensor) -> Optional[torch.Tensor]:
     """The stem's output (channels_last), or ``None`` where this path does not apply (then the plain modules run,
     and raise whatever a wrong input deserves)."""
-    if not applies(parts, x):
-        return None
     dtype = _compute_dtype(parts, x)
+    if dtype is None:
+        return None
     channels_last = _channels_last_order(x)
     f = kept.kept(_cache.setdefault(parts.conv, {}), (channels_last, dtype), parts, (),
                   lambda: _fold(parts, channels_last, dtype))
