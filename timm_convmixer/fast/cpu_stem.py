@@ -16,13 +16,16 @@ image's non-overlapping ``p x p`` patches, one row each, with the weight flatten
 Under bf16 autocast on a CPU with AVX512-BF16 it multiplies bf16 pairs as the blocks' GEMM does (the patches and the
 weight rounded to bf16 as eager autocast rounds them; K padded to even with a zero column at patches 1 and 7) and
 rounds its output to bf16 once; elsewhere (fp32 input, or bf16 autocast without native bf16, where oneDNN's bf16 is
-emulated 15-20x slower than fp32) it computes in fp32, under autocast handing on bf16. The GEMM replaced oneDNN's
-fused linear op with an ``addcmul`` and a cast after it (2 and 3 passes over the output). Against that, same process
-(Zen 4, AVX512-BF16, 2 threads, channels_last, 9 interleaved rounds, ms): fp32 1.04x-1.16x at patches 7 and 14,
-1.1x at patch 1, 3.0x at patch 2 (6.29 -> 2.12); bf16 autocast 1.7x-3.6x, where auto had kept the plain bf16
-stem (256_8_ks5_p2: 3.68 -> 1.43, 1536_20: 22.9 -> 11.6). Whether it wins on a CPU, auto checks per case
-(:func:`timm_convmixer.fast.stem_forward`). Elsewhere (fp16 autocast, other dtypes) the plain modules run. An input
-whose size is not a multiple of ``p`` is cropped as the convolution crops it.
+emulated 15-20x slower than fp32) it computes in fp32, under autocast handing on bf16. It replaced oneDNN's fused
+linear op with an ``addcmul`` and a cast after it (2 and 3 passes over the output). Against that (Zen 4,
+AVX512-BF16, 2 threads, channels_last, same process, 9 rounds, before the output buffer below): fp32 1.06x-1.16x at
+patches 7 and 14, 1.11x at patch 1, 2.97x at patch 2 (6.29 -> 2.12 ms); under bf16 autocast 1.5x-2.8x the plain bf16
+stem, which auto had kept there. Its output lives in a pooled buffer of its own (:func:`.cpu.output_buffer`): the
+model's forward holds it while the blocks run, and taken from the blocks' pool it left them one buffer, every other
+block's output then fresh pages (256_8_ks9_p1 ran 0.91x). ``benchmarks/cpu_stem.py`` times it against the plain
+stem. Whether it wins on a CPU, auto checks per case (:func:`timm_convmixer.fast.stem_forward`). Elsewhere (fp16
+autocast, other dtypes) the plain modules run. An input whose size is not a multiple of ``p`` is cropped as the
+convolution crops it.
 """
 from typing import NamedTuple, Optional, Tuple
 
