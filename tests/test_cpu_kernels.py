@@ -696,7 +696,8 @@ def _compiled_forward(model, x):
 
 def test_no_build_when_asked_not_to(run_python):
     """TIMM_CONVMIXER_CPU_BUILD=0: nothing is compiled, the compiled path declines, auto weighs oneDNN's path only
-    (the stem's fast path, our GEMM, is not offered, in fp32 or bf16 autocast), ``build()`` says why it cannot, and ``bench --engines`` falls back to the sgemm yardstick for the CPU's peak."""
+    (the stem's fast path, our GEMM, is not offered, in fp32 or bf16 autocast), ``build()`` says why it cannot, and
+    ``bench --engines`` falls back to the sgemm yardstick for the CPU's peak."""
     code = '''
         import warnings, torch, timm, timm_convmixer
         from timm_convmixer import fast

@@ -28,8 +28,9 @@ Backends:
   ``'triton_gemm'`` as one Triton GEMM with the epilogue fused.
 
 The patch stem has one fast path, on CPU (:mod:`.cpu_stem`: the non-overlapping conv as our blocks' GEMM over the
-image's patches, its activation and BatchNorm in the epilogue, output channels_last), offered through :func:`stem_forward` on the same terms as a
-block's: the CPU backends force it, ``auto`` checks it per case, ``'eager'`` and the others never take it.
+image's patches, its activation and BatchNorm in the epilogue, output channels_last), offered through
+:func:`stem_forward` on the same terms as a block's: the CPU backends force it, ``auto`` checks it per case,
+``'eager'`` and the others never take it.
 
 Choose with :func:`set_backend`, the :func:`use_backend` context manager or the ``TIMM_CONVMIXER_BACKEND``
 environment variable (read at import). The choice is process-global.
@@ -61,8 +62,8 @@ from .lean import TorchNorm, lean_applies, lean_block_forward
 from .runtime import autocast_state, conv_dtype, triton_device
 
 __all__ = [
-    'BACKENDS', 'block_forward', 'blocks_forward', 'check_backend', 'counters', 'decisions', 'forget_kept', 'get_backend',
-    'reset_counters', 'set_backend', 'stem_counters', 'stem_forward', 'use_backend',
+    'BACKENDS', 'block_forward', 'blocks_forward', 'check_backend', 'counters', 'decisions', 'forget_kept',
+    'get_backend', 'reset_counters', 'set_backend', 'stem_counters', 'stem_forward', 'use_backend',
 ]
 
 BACKENDS = ('auto', 'eager', 'lean', 'lean_cpu', 'lean_triton', 'cpu', 'cpu_compiled', 'cpu_hybrid', 'triton',
