@@ -46,6 +46,14 @@ constexpr bool AVX512_SCHEDULE = NV == 1;
 constexpr int TW = AVX512_SCHEDULE ? 16 : 8 / NV;  // output pixels of a row computed together: 8-16 accumulators
 static_assert(CB % VL == 0 && NV >= 1 && TW >= 1, "a channel block must be whole vectors");
 constexpr int64_t RING_BYTES = 16 * 1024;  // a ring this size, the taps and one row leave room in a 32 KiB L1
+// Where the next row's lines are asked for (__builtin_prefetch's locality): into L1 on AVX2 builds (measured on a
+// Zen 3), into L2 on AVX-512 builds. A row's pixels lie C values apart, 0.5-3 KiB at ConvMixer's widths, so its
+// lines fall in a few of L1's sets, which the ring already fills half deep: fetched into L1, the next row's input
+// and output lines evicted each other (and the current row's) before use; the input's masked load was most of the
+// bf16 kernel's input copy in a profile. Into L2, against L1, same process (Zen 4, 15 rounds, the eight variants'
+// shapes, bit-identical): bf16 pairs 1.07x-1.26x at 32 x 32 pixels, 1.00x at 16 x 16 with k9, 0.86x and 1.08x in two
+// runs at 64 x 256 x 16 x 16 k5; float32 1.02x-1.21x. Whole models in bf16 1.01x-1.05x (four variants).
+constexpr int AHEAD_LOCALITY = AVX512_SCHEDULE ? 2 : 3;
 
 template <typename TI, typename TO>
 struct Problem {
@@ -197,7 +205,7 @@ __attribute__((noinline, target("avx512bf16"))) void finish_row_pairs(const floa
   const __mmask16 mask = __mmask16((1u << cols) - 1);
   const Vec s = Vec::loadu(scale, cols);
   for (int64_t j = 0; j < width; ++j) {
-    if (ahead) __builtin_prefetch(out + (W + j) * C, 0);
+    if (ahead) __builtin_prefetch(out + (W + j) * C, 0, AHEAD_LOCALITY);
     const __m512 x = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_loadu_si512(center + j * CB), 16));
     const __m512 r = at::vec::fmadd(activate<ACT>(Vec::loadu(z + j * CB)), s, Vec(x));
     _mm256_mask_storeu_epi16(out + j * C, mask, (__m256i)_mm512_cvtneps_pbh(r));
@@ -215,7 +223,7 @@ __attribute__((noinline, target("avx512bf16"))) void pair_row(const c10::BFloat1
                                                                uint32_t* pairs) {
   const __mmask16 mask = __mmask16((1u << cols) - 1);
   for (int64_t iw = 0; iw < count; ++iw) {
-    if (ahead) __builtin_prefetch(src + (W + iw) * C);
+    if (ahead) __builtin_prefetch(src + (W + iw) * C, 0, AHEAD_LOCALITY);
     __m256i h = _mm256_maskz_loadu_epi16(mask, src + iw * C);
     if (in_scale != nullptr) {
       const __m512 a = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
@@ -308,7 +316,7 @@ void run_item(const Problem<TI, TO>& p, const Item& it, const float* ops, float*
     }
 #endif
     for (int64_t iw = 0; iw < in_hi - in_lo; ++iw) {
-      if (ahead) __builtin_prefetch(src + (W + iw) * C);
+      if (ahead) __builtin_prefetch(src + (W + iw) * C, 0, AHEAD_LOCALITY);
       for (int64_t v = 0; v * VL < cols; ++v) {
         const Vec a = load_part(src + iw * C, v, cols);
         (p.in_scale ? at::vec::fmadd(a, Vec::loadu(in_scale + v * VL), Vec::loadu(in_shift + v * VL)) : a)
@@ -334,7 +342,7 @@ void run_item(const Problem<TI, TO>& p, const Item& it, const float* ops, float*
     // yet in cache: asking for the next row's lines while this one is stored took the k = 1 kernel from 4.4 to 2.4 ms
     // at 64x256x16x16 on an AVX-512 Xeon, and whole blocks (with pw_block's output lines asked for likewise)
     // 1.02x-1.09x faster on an AVX2 Zen 3 (eight shapes, three runs). A read prefetch: PREFETCHW (-mprfchw) ran
-    // 0.81x-0.99x of it, fetching two rows ahead or into L2 0.91x-1.11x
+    // 0.81x-0.99x of it there, fetching two rows ahead or into L2 0.91x-1.11x (into L2 on AVX-512: AHEAD_LOCALITY)
     const float* center = rows + (oh % k) * ring_w * CB + pad * CB;
     TO* out = p.out + ((it.n * H + oh) * W + it.w0) * C + it.c0;
     const bool out_ahead = oh + 1 < it.r1;
@@ -346,7 +354,7 @@ void run_item(const Problem<TI, TO>& p, const Item& it, const float* ops, float*
     }
 #endif
     for (int64_t j = 0; j < width; ++j) {
-      if (out_ahead) __builtin_prefetch(out + (W + j) * C, 0);
+      if (out_ahead) __builtin_prefetch(out + (W + j) * C, 0, AHEAD_LOCALITY);
       for (int64_t v = 0; v * VL < cols; ++v) {
         const Vec r = at::vec::fmadd(activate<ACT>(Vec::loadu(z + j * CB + v * VL)),
                                      load_part(p.scale + it.c0, v, cols), Vec::loadu(center + j * CB + v * VL));
