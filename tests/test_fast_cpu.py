@@ -139,6 +139,23 @@ def test_race_times_what_a_path_costs_in_a_model(make_model):
     assert 0 < calls['hybrid checked'] == calls['compiled'] - checked.RACE_ROUNDS
 
 
+def test_race_leaves_out_hybrid_where_its_output_is_fresh_pages(make_model, kernels):
+    """oneDNN's pointwise conv allocates ``cpu_hybrid``'s output afresh each call; from glibc's largest mmap threshold
+    on, that is new pages every block, so auto's race takes ``cpu_compiled`` (pooled output) there instead. Forcing
+    the path still runs it."""
+    parts = block_parts(make_model(kernel_size=5, dim=256).blocks[0].eval())
+    limit = fast_cpu.FRESH_PAGES_BYTES
+    below = torch.empty(1, 256, 16, 16).contiguous(memory_format=torch.channels_last)
+    at_limit = torch.empty(limit // (256 * 32 * 32 * 4), 256, 32, 32).contiguous(memory_format=torch.channels_last)
+    assert at_limit.numel() * 4 == limit
+    with torch.no_grad():
+        assert 'cpu_hybrid' in fast_cpu.raced_paths(parts, below) == fast_cpu.paths(parts, below)
+        assert 'cpu_hybrid' in fast_cpu.paths(parts, at_limit)
+        raced = fast_cpu.raced_paths(parts, at_limit)
+        assert raced == tuple(p for p in fast_cpu.paths(parts, at_limit) if p != 'cpu_hybrid')
+    assert 'cpu_compiled' in raced
+
+
 def test_auto_keeps_only_the_chosen_paths_weights(make_model, run_counted, auto_paths_from_nchw):
     """auto's check folds each CPU path's own copy of a block's weights; afterwards only the chosen path's stay."""
     model = make_model(9)

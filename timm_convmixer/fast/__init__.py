@@ -259,10 +259,11 @@ def _checked_cpu(block: nn.Module, parts: BlockParts, x: torch.Tensor) -> Tuple[
     would be denied the path if the first one's decision counted it. Likewise ``cpu_hybrid`` races the others as a
     block of a chain runs it (:func:`blocks_forward`): its output's BatchNorm not written but carried into the next
     block, a pass a lone block pays and a model's blocks do not (timed with it, the race took ``cpu_compiled`` under
-    bf16 autocast on 512_16_ks8_p7 and 768_32, whose chains ran 1.02x-1.05x faster on ``cpu_hybrid``, Zen 4).
+    bf16 autocast on 512_16_ks8_p7 and 768_32, whose chains ran 1.02x-1.05x faster on ``cpu_hybrid``, Zen 4). Where
+    ``cpu_hybrid``'s output would be fresh pages every call, it is not raced (:func:`.cpu.raced_paths`).
     """
     from . import checked, cpu
-    paths = cpu.paths(parts, x)
+    paths = cpu.raced_paths(parts, x)
     if not paths:
         return 'cpu', None  # decided per call (grad mode, dtypes), so not cached as a case's decision
     converted = []

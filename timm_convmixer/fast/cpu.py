@@ -331,6 +331,26 @@ def paths(parts: BlockParts, x: torch.Tensor) -> Tuple[str, ...]:
     return onednn + PATHS[1:] if dtype is not None and _kernels_apply(parts) else onednn
 
 
+# glibc's largest mmap threshold (32 MiB on 64-bit): a larger allocation is mapped anew on every call, its pages
+# faulted in as they are first written
+FRESH_PAGES_BYTES = 32 * 2**20
+
+
+def raced_paths(parts: BlockParts, x: torch.Tensor) -> Tuple[str, ...]:
+    """The paths ``auto`` races (:func:`paths`), less ``'cpu_hybrid'`` where its pointwise output, which oneDNN's
+    convolution allocates afresh each call, is at least :data:`FRESH_PAGES_BYTES`: there every block's output is new
+    pages (measured at 256_8_ks9_p1's 64 x 256 x 32 x 32 fp32: 16385 minor faults a block, 75 against 63 ms for
+    ``'cpu_compiled'``, which writes into a pooled buffer; whole model 657-664 against 514 ms a batch), yet whether the
+    race saw them depended on the process's history (a whole-model run after other engines: raced 60.8 against 61.3
+    ms, then ran 660 ms a batch). Where the faults did not come, ``'cpu_hybrid'`` ran 1.000x-1.008x ``'cpu_compiled'``
+    at those sizes (fp32, 1536_20, 1024_16_ks9_p7, 256_8_ks9_p1; bf16 256_8_ks9_p1 0.871x; Zen 4)."""
+    candidates = paths(parts, x)
+    dtype = _hybrid_dtype(parts, x) if 'cpu_hybrid' in candidates else None
+    if dtype is not None and x.numel() * dtype.itemsize >= FRESH_PAGES_BYTES and 'cpu_compiled' in candidates:
+        return tuple(path for path in candidates if path != 'cpu_hybrid')
+    return candidates
+
+
 def _kernels_apply(parts: BlockParts) -> bool:
     """Our kernels take this block: kernel sizes up to the depthwise window's limit, once built."""
     return parts.kernel_size <= cpu_kernels.MAX_KERNEL_SIZE and cpu_kernels.load() is not None
