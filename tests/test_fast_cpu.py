@@ -141,8 +141,8 @@ def test_race_times_what_a_path_costs_in_a_model(make_model):
 
 def test_race_leaves_out_hybrid_where_its_output_is_fresh_pages(make_model, kernels):
     """oneDNN's pointwise conv allocates ``cpu_hybrid``'s output afresh each call; from glibc's largest mmap threshold
-    on, that is new pages every block, so auto's race takes ``cpu_compiled`` (pooled output) there instead. Forcing
-    the path still runs it."""
+    on, that is new pages every block, so auto's race takes ``cpu_compiled`` (pooled output) there instead; below it,
+    the race is :func:`paths`' own."""
     parts = block_parts(make_model(kernel_size=5, dim=256).blocks[0].eval())
     limit = fast_cpu.FRESH_PAGES_BYTES
     below = torch.empty(1, 256, 16, 16).contiguous(memory_format=torch.channels_last)
