@@ -344,9 +344,9 @@ def raced_paths(parts: BlockParts, x: torch.Tensor) -> Tuple[str, ...]:
     race saw them depended on the process's history (a whole-model run after other engines: raced 60.8 against 61.3
     ms, then ran 660 ms a batch). Where the faults did not come, ``'cpu_hybrid'`` ran 1.000x-1.008x ``'cpu_compiled'``
     at those sizes (fp32, 1536_20, 1024_16_ks9_p7, 256_8_ks9_p1; bf16 256_8_ks9_p1 0.871x; Zen 4)."""
-    candidates = paths(parts, x)
+    candidates = paths(parts, x)  # cpu_compiled and cpu_hybrid come together or not at all
     dtype = _hybrid_dtype(parts, x) if 'cpu_hybrid' in candidates else None
-    if dtype is not None and x.numel() * dtype.itemsize >= FRESH_PAGES_BYTES and 'cpu_compiled' in candidates:
+    if dtype is not None and x.numel() * dtype.itemsize >= FRESH_PAGES_BYTES:
         return tuple(path for path in candidates if path != 'cpu_hybrid')
     return candidates
 

@@ -239,7 +239,13 @@ __attribute__((noinline, target("avx512bf16"))) void pair_row(const c10::BFloat1
 }
 #endif
 
-// Floats of one channel block's operands (block_operands): taps, bias and the input's affine.
+// One channel block's operands in `ops` (operand_floats(k) floats, written by block_operands, read by run_item):
+// taps, bias and the input's affine, one layout for both.
+template <typename F>
+struct Operands {
+  F *taps, *bias, *in_scale, *in_shift;
+  Operands(F* ops, int64_t k) : taps(ops), bias(ops + k * k * CB), in_scale(bias + CB), in_shift(in_scale + CB) {}
+};
 inline int64_t operand_floats(int64_t k) { return (k * k + 3) * CB; }
 
 // The per-channel operands of channel block c0 as its items read them, zero beyond the block's channels: taps (k*k x
@@ -251,10 +257,8 @@ template <bool PAIRS, typename TI, typename TO>
 void block_operands(const Problem<TI, TO>& p, int64_t c0, float* ops) {
   const int64_t C = p.C, k = p.k;
   const int64_t cols = std::min<int64_t>(CB, C - c0);
-  float* taps = ops;
-  float* bias = taps + k * k * CB;
-  float* in_scale = bias + CB;
-  float* in_shift = in_scale + CB;
+  const Operands<float> o(ops, k);
+  float *taps = o.taps, *bias = o.bias, *in_scale = o.in_scale, *in_shift = o.in_shift;
   // a tap at a time, its channels one contiguous read. Channel by channel, the k * k reads lay C floats apart: at
   // ConvMixer's widths (768-1536) in one to four of L1's sets, fewer lines than taps, so every read missed L1. Tap
   // by tap, the kernel ran 1.02x-1.14x faster (AVX2 Zen 3, eight shapes, two runs; bitwise the same output)
@@ -288,10 +292,8 @@ void run_item(const Problem<TI, TO>& p, const Item& it, const float* ops, float*
   const int64_t H = p.H, W = p.W, C = p.C, k = p.k, pad = p.pad;
   const int64_t cols = std::min<int64_t>(CB, C - it.c0);  // channels of this block (the last may be partial)
   const int64_t width = it.w1 - it.w0, ring_w = width + k - 1;
-  const float* taps = ops;
-  const float* bias = taps + k * k * CB;
-  const float* in_scale = bias + CB;
-  const float* in_shift = in_scale + CB;
+  const Operands<const float> o(ops, k);
+  const float *taps = o.taps, *bias = o.bias, *in_scale = o.in_scale, *in_shift = o.in_shift;
   float* rows = scratch;                // k ring slots x ring_w x CB (PAIRS: pairs of columns j, j + 1)
   float* z = rows + k * ring_w * CB;    // width x CB: one output row before its epilogue
   // the zeros outside the image: in the ring itself, or (PAIRS, whose ring slots are rewritten whole as each row is
