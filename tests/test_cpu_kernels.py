@@ -179,6 +179,30 @@ def test_bad_arguments_are_named(kernels):
         cpu_kernels.dw_block(x, taps, bias, scale, 3, 'relu', out, in_affine=(scale[:8], bias[:8]))
 
 
+@pytest.mark.parametrize('shape', [(2, 20, 7, 9, 5), (1, 32, 6, 6, 8), (1, 24, 5, 27, 8), (1, 16, 3, 12, 9),
+                                   (1, 16, 4, 4, 2)], ids=lambda s: 'x'.join(map(str, s)))
+def test_bare_convolution_and_its_transpose_for_training(shape, kernels):
+    """``residual=False``, what the lean training block runs on a CPU (:mod:`timm_convmixer.fast.lean_cpu`): the
+    bare convolution with its bias, and, with the window turned (an even one padded to the next odd size), the
+    transposed convolution that carries an output gradient to the input: both as autograd computes them in
+    float64, odd and even windows, every border. A bf16 input is refused by name."""
+    from timm_convmixer.fast import lean_cpu
+    x, weight, bias, _ = _inputs(*shape, seed=5)
+    k = weight.shape[-1]
+    z = lean_cpu._depthwise(x, lean_cpu._taps(weight), bias, k)
+    x64 = x.double().requires_grad_()
+    z64 = F.conv2d(x64, weight.double(), bias.double(), padding='same', groups=x.shape[1])
+    torch.testing.assert_close(z.double(), z64, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(z)
+    taps, window = lean_cpu._transposed_taps(weight)
+    assert window == k + (k % 2 == 0)
+    grad_x = lean_cpu._depthwise(grad, taps, None, window)
+    torch.testing.assert_close(grad_x.double(), torch.autograd.grad(z64, x64, grad.double())[0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match='residual=False takes a float32 x'):
+        cpu_kernels.dw_block(x.bfloat16(), lean_cpu._taps(weight), bias, torch.ones_like(bias), k, 'identity',
+                             torch.empty_like(x.bfloat16()), residual=False)
+
+
 # channels in a partial block (20) and whole ones (32); kernels odd and even; images where the window reaches past
 # every border
 @pytest.mark.parametrize('shape', [(2, 20, 7, 9, 5), (1, 32, 6, 6, 8), (1, 16, 3, 12, 9)],

@@ -175,6 +175,48 @@ def _assert_as_accurate_as_eager(fp64, eager, ours, depth, steps, path):
 
 
 @pytest.mark.kernels
+def test_lean_cpu_steps_reuse_pooled_activations_and_keep_held_ones(monkeypatch, kernels):
+    """Where its activations pass glibc's mmap threshold (lowered here to this small model's size), lean_cpu writes
+    them into pooled buffers: a step takes new ones only for what someone still holds (here the last block's output
+    of the first step, which keeps its values), the steps give the same bits as with fresh tensors."""
+    from timm_convmixer.fast import cpu as fast_cpu
+    model = small_model('convmixer_256_8_ks5_p2', depth=2, dim=16, seed=0).train()
+    x = _input(4, 32)  # activations 4 x 16 x 16 x 16 float32
+    activation_bytes = 4 * 16 * 16 * 16 * 4
+
+    def pooled():
+        return sum(len(buffers) for key, buffers in fast_cpu._outputs.items() if key[0] == 'train')
+
+    def steps(threshold):
+        fast_cpu.clear_cache()
+        monkeypatch.setattr(fast_cpu, 'FRESH_PAGES_BYTES', threshold)
+        m = copy.deepcopy(model)
+        held = []
+        m.blocks[-1].register_forward_hook(lambda module, args, out: held.append(out))
+        first = _step(m, x, 'lean_cpu')
+        kept, counts = held[0].clone(), [pooled()]
+        second = _step(m, x, 'lean_cpu')
+        assert torch.equal(held[0], kept)  # the pool never hands out what someone holds
+        held.clear()
+        counts.append(pooled())
+        third = _step(m, x, 'lean_cpu')
+        return first, second, third, counts + [pooled()]
+
+    fresh = steps(threshold=activation_bytes + 1)
+    reused = steps(threshold=activation_bytes)
+    fast_cpu.clear_cache()
+    assert fresh[3] == [0, 0, 0]
+    first, second, third = reused[3]
+    assert first > 0 and second == first + 1 and third == second, reused[3]  # + 1: the held output
+    for a, b in zip(fresh[:3], reused[:3]):
+        assert a[3] == b[3] == {'lean_cpu': 2}
+        torch.testing.assert_close(b[0], a[0], rtol=0, atol=0)
+        assert a[1].keys() == b[1].keys()
+        for n in a[1]:
+            torch.testing.assert_close(b[1][n], a[1][n], rtol=0, atol=0, msg=n)
+
+
+@pytest.mark.kernels
 def test_lean_cpu_without_batchnorm_affine_or_running_statistics(kernels):
     """BatchNorm without weight and bias, or without running statistics (always batch statistics): as eager."""
     for bn_kwargs in (dict(affine=False), dict(track_running_stats=False)):

@@ -45,6 +45,7 @@ copy of the block's weights per path and compute dtype in use (auto's check runs
 chose, :func:`chosen`); :func:`clear_cache` drops it.
 """
 from collections import OrderedDict
+import math
 import threading
 import warnings
 import weakref
@@ -108,9 +109,13 @@ _outputs: 'OrderedDict[Tuple, List[torch.Tensor]]' = OrderedDict()
 _outputs_lock = threading.Lock()
 # per key: in a chain of blocks, one block's input and its output; the stem's output, which the model's forward holds
 # while the blocks run (taken from the blocks' two, it left them one: every block's output was fresh pages and
-# 256_8_ks9_p1 ran 0.91x)
-OUTPUT_BUFFERS = {'blocks': 2, 'stem': 1}
+# 256_8_ks9_p1 ran 0.91x); the lean training block's activations (see training_buffer): as many as a step holds
+OUTPUT_BUFFERS = {'blocks': 2, 'stem': 1, 'train': None}
 OUTPUT_SHAPES = 6
+
+# glibc's largest mmap threshold (32 MiB on 64-bit): a larger allocation is mapped anew on every call, its pages
+# faulted in as they are first written
+FRESH_PAGES_BYTES = 32 * 2**20
 
 
 def clear_cache() -> None:
@@ -148,7 +153,7 @@ def output_buffer(shape: Tuple[int, int, int, int], dtype: torch.dtype, user: st
     anyone keeps of an output holds a reference to that storage, so a storage whose only reference is the pool's is
     free (as with a caching allocator, only its memory is reused, never anything someone can still see). In a chain
     of blocks two buffers take turns; when both are held (say, by ``forward_intermediates``) the output is a fresh
-    tensor.
+    tensor. The ``'train'`` user's buffers are not counted (:func:`training_buffer`).
     """
     key = (user, tuple(shape), dtype)
     with _outputs_lock:
@@ -159,11 +164,27 @@ def output_buffer(shape: Tuple[int, int, int, int], dtype: torch.dtype, user: st
         buf = next((b for b in buffers if cpu_kernels.storage_use_count(b) == 1), None)
         if buf is None:
             buf = torch.empty(shape, dtype=dtype, memory_format=torch.channels_last)
-            if len(buffers) >= OUTPUT_BUFFERS[user]:
+            cap = OUTPUT_BUFFERS[user]
+            if cap is not None and len(buffers) >= cap:
                 return buf
             buffers.append(buf)
         # created under the lock: from here on the storage has a second holder, so no other thread takes it
         return buf.new_empty(0).set_(buf)  # not buf.untyped_storage(): a Python storage object is a lasting holder
+
+
+def training_buffer(shape: Tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A channels_last tensor of ``shape`` and ``dtype`` for one of the activations or gradients our kernels write
+    in the lean training block (:mod:`.lean_cpu`): from the pool of :func:`output_buffer` where it has at least
+    :data:`FRESH_PAGES_BYTES`, a fresh tensor below.
+
+    Why: a training step writes about a dozen activation-sized tensors a block, each new pages beyond glibc's mmap
+    threshold (64 x 256 x 32 x 32 fp32, 256_8_ks9_p1 at batch 64: 16385 minor faults a tensor, 934k a step at depth
+    4). Below the threshold glibc reuses freed memory itself, and a pool would only hold memory. The pool grows to as
+    many buffers as a step holds at once (the pointwise pre-activation each block keeps for backward, and the few in
+    flight), and keeps them between steps, as a caching allocator does; :func:`clear_cache` gives them back."""
+    if math.prod(shape) * dtype.itemsize < FRESH_PAGES_BYTES:
+        return torch.empty(shape, dtype=dtype, memory_format=torch.channels_last)
+    return output_buffer(shape, dtype, user='train')
 
 
 def native_bf16() -> bool:
@@ -329,11 +350,6 @@ def paths(parts: BlockParts, x: torch.Tensor) -> Tuple[str, ...]:
     onednn_dtype, dtype = compute_dtypes(parts, x)
     onednn = ('cpu',) if onednn_dtype is not None else ()
     return onednn + PATHS[1:] if dtype is not None and _kernels_apply(parts) else onednn
-
-
-# glibc's largest mmap threshold (32 MiB on 64-bit): a larger allocation is mapped anew on every call, its pages
-# faulted in as they are first written
-FRESH_PAGES_BYTES = 32 * 2**20
 
 
 def raced_paths(parts: BlockParts, x: torch.Tensor) -> Tuple[str, ...]:

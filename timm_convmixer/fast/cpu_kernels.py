@@ -134,17 +134,18 @@ def build_error() -> Optional[str]:
 
 
 def dw_block(x: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor, kernel_size: int,
-             act: str, out: torch.Tensor, in_affine: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
-             ) -> torch.Tensor:
+             act: str, out: torch.Tensor, in_affine: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+             residual: bool = True) -> torch.Tensor:
     """``out = x + scale * act(depthwise_conv_same(x) + bias)`` for a channels_last ``x`` (``out`` likewise, not
     ``x``), float32 or bfloat16 (computed in float32; ``out`` in ``x``'s dtype, or float32 for a bf16 ``x``, a bf16
     ``out`` rounded once on store; a bf16 ``x`` and ``out`` at kernel sizes 5, 7, 8 and 9 where :func:`bf16_dot`
     have the taps rounded to bf16 and multiplied in pairs, sums in float32): ``taps`` is the depthwise weight as
     ``(k * k, C)``, ``bias``/``scale`` hold ``C`` values (float32, as every per-channel operand). With
     ``in_affine = (s, t)`` (``C`` values each) the block's input is ``s * x + t`` per channel, applied as the kernel
-    reads ``x``. The kernel must be loaded."""
+    reads ``x``; with ``residual=False`` (a float32 ``x``) ``out = scale * act(depthwise_conv_same(x) + bias)``, the
+    lean training block's bare convolution. The kernel must be loaded."""
     in_scale, in_shift = in_affine if in_affine is not None else (None, None)
-    _ops.dw_block(x, taps, bias, scale, kernel_size, ACT_BY_NAME[act], out, in_scale, in_shift)
+    _ops.dw_block(x, taps, bias, scale, kernel_size, ACT_BY_NAME[act], out, in_scale, in_shift, residual)
     return out
 
 
@@ -170,12 +171,13 @@ def bn_act_apply(t: torch.Tensor, act: str, scale: torch.Tensor, shift: torch.Te
 
 
 def bn_act_backward(grad: torch.Tensor, t: torch.Tensor, act: str, mean: torch.Tensor, invstd: torch.Tensor,
-                    weight: Optional[torch.Tensor], mask: Optional[torch.Tensor]
+                    weight: Optional[torch.Tensor], mask: Optional[torch.Tensor], out: Optional[torch.Tensor] = None
                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients wrt ``(t, weight, bias)`` of ``mask[n] * batch_norm(act(t))`` normalised with the batch statistics
     ``mean``/``invstd`` (float32 ``[C]``; ``weight`` ``None`` for an affine-free norm) for the output gradient
-    ``grad``: ``t`` and ``grad`` channels_last float32, the result ``t``'s layout. The kernels must be loaded."""
-    return _ops.bn_act_backward(grad, t, ACT_BY_NAME[act], mean, invstd, weight, mask)
+    ``grad``: ``t`` and ``grad`` channels_last float32, the result ``t``'s layout (in ``out`` where given, a tensor
+    like ``t``). The kernels must be loaded."""
+    return _ops.bn_act_backward(grad, t, ACT_BY_NAME[act], mean, invstd, weight, mask, out)
 
 
 def pw_pack(weight: torch.Tensor) -> torch.Tensor:

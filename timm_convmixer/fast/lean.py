@@ -213,7 +213,11 @@ class TorchNorm:
             grad_w, grad_b = cpu_kernels.dw_weight_grad(
                 x_for_weight_grad.contiguous(memory_format=cl), grad_z.contiguous(memory_format=cl), k)
             grad_b = grad_b if needs[2] else None
-        return (grad_residual + grad_x if needs[0] else None), grad_w, grad_b
+        if not needs[0]:
+            return None, grad_w, grad_b
+        if grad_x.dtype == grad_residual.dtype:  # grad_x is the conv's own new tensor: no second activation-sized one
+            return grad_x.add_(grad_residual), grad_w, grad_b
+        return grad_residual + grad_x, grad_w, grad_b
 
     @staticmethod
     def pointwise(conv: nn.Conv2d, u: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The lean training block's normalisations and pointwise convolution in our compiled CPU kernels.
+"""The lean training block's normalisations and both convolutions in our compiled CPU kernels.
 
 The lean block (:mod:`.lean`) keeps what it keeps whichever implementation runs its two ``residual + mask *
 bn(act(t))`` steps; this one changes how many times a CPU reads and writes memory for them, and whose GEMM runs the
@@ -12,14 +12,18 @@ pointwise convolution. Per step:
   the activation's slope and the mask folded in) instead of BatchNorm's backward and the activation's;
 * the pointwise convolution's forward and its input gradient on our GEMM (:func:`.cpu_kernels.pw_block`, 135-155
   GFLOP/s at 8 x 768 x 32 x 32 and 64 x 256 x 16 x 16 where oneDNN's 1x1 convolution ran 119-130 and MKL's sgemm
-  101-109); its weight gradient, a GEMM over all rows, is MKL's.
+  101-109); its weight gradient, a GEMM over all rows, is MKL's;
+* the depthwise convolution, forward and recomputed, and its input gradient (the transposed convolution) on
+  :func:`.cpu_kernels.dw_block` without its residual (1.2x-3.7x oneDNN's channels_last forward at ConvMixer's
+  shapes, fp32, Zen 4), its weight gradient on :func:`.cpu_kernels.dw_weight_grad`;
+* every activation-sized tensor these kernels write from :func:`.cpu.training_buffer`: beyond glibc's mmap
+  threshold a pooled buffer rather than new pages each time (at 256_8_ks9_p1's 64 x 256 x 32 x 32, one step with
+  fresh tensors took 1.36x as long, the same process, Zen 4).
 
 Measured on an AVX2 Zen 3 (2 threads, interleaved medians): a normalisation step alone 2.1x torch's forward and
 backward at 8 x 768 x 32 x 32 with ReLU, 1.3x / 1.8x at 64 x 256 x 16 x 16 with GELU; whole training steps in
-the README. The depthwise convolution is :class:`.lean.TorchNorm`'s (oneDNN, and our weight gradient). Activations
-are kept channels_last, the kernels' row layout: an NCHW input is converted once, at the first block (its output
-stays channels_last, like the CPU inference paths'; values are unchanged), which also takes oneDNN's faster
-channels_last depthwise convolution.
+the README. Activations are kept channels_last, the kernels' row layout: an NCHW input is converted once, at the
+first block (its output stays channels_last, like the CPU inference paths'; values are unchanged).
 
 Statistics are summed in float over runs of 8 rows and in double beyond, the running statistics advanced with
 eager's rule (momentum or cumulative average, unbiased variance, ``num_batches_tracked``); results are not eager's
@@ -31,8 +35,10 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from . import cpu_kernels
+from .cpu import training_buffer
 from .eligibility import BlockParts, scale_shift
 from .lean import SavedNorm, TorchNorm, check_batch_size, lean_applies, pointwise_backward_gemm, update_running_stats
 from .runtime import conv_dtype
@@ -54,18 +60,69 @@ def _gemm(u: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -
     panels = cpu_kernels.pw_pack(weight.detach().reshape(c_out, -1).contiguous())
     ones, zeros = u.new_ones(c_out), u.new_zeros(c_out)
     b = zeros if bias is None else bias.detach()
-    out = torch.empty((u.shape[0], c_out) + tuple(u.shape[2:]), dtype=u.dtype, memory_format=torch.channels_last)
+    out = training_buffer((u.shape[0], c_out) + tuple(u.shape[2:]), u.dtype)
     return cpu_kernels.pw_block(_rows(u), panels, b, ones, zeros, 'identity', out)
 
 
+def _depthwise(x: torch.Tensor, taps: torch.Tensor, bias: Optional[torch.Tensor], k: int) -> torch.Tensor:
+    """``depthwise_conv_same(x) + bias`` on our kernel (``taps`` as ``(k * k, C)``)."""
+    c = x.shape[1]
+    b = x.new_zeros(c) if bias is None else bias.detach().contiguous()
+    return cpu_kernels.dw_block(_rows(x), taps, b, x.new_ones(c), k, 'identity', training_buffer(x.shape, x.dtype),
+                                residual=False)
+
+
+def _taps(weight: torch.Tensor) -> torch.Tensor:
+    c, _, k, _ = weight.shape
+    return weight.detach().reshape(c, k * k).t().contiguous()
+
+
+def _transposed_taps(weight: torch.Tensor) -> Tuple[torch.Tensor, int]:
+    """The taps whose "same" convolution is the transpose of ``weight``'s (what carries an output gradient back to
+    the input): the window turned half a turn. An even window's "same" padding puts one row and column more after
+    than before, so its transpose puts the extra one before: the turned window gets a zero row and column after it,
+    an odd window one pixel larger whose "same" padding is exactly that (its products by zero add nothing)."""
+    turned = weight.detach().flip(-2, -1)
+    k = weight.shape[-1]
+    if k % 2 == 0:
+        turned = F.pad(turned, (0, 1, 0, 1))
+        k += 1
+    return _taps(turned), k
+
+
 class CpuNorm(TorchNorm):
-    """:class:`.lean.TorchNorm`'s interface with the normalisation steps and the pointwise convolution in
-    :mod:`.cpu_kernels` (channels_last in, channels_last out); the depthwise convolution is TorchNorm's."""
+    """:class:`.lean.TorchNorm`'s interface with the normalisation steps, the depthwise convolution (forward, its
+    recomputation and both its gradients) and the pointwise convolution in :mod:`.cpu_kernels` (channels_last in,
+    channels_last out)."""
     name = 'lean_cpu'
 
     @staticmethod
     def prepare(x: torch.Tensor) -> torch.Tensor:
         return _rows(x)
+
+    @staticmethod
+    def conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+        """The depthwise convolution on :func:`.cpu_kernels.dw_block` (without its residual): 1.2x-3.7x oneDNN's
+        channels_last convolution at ConvMixer's shapes (fp32, Zen 4), into a pooled buffer."""
+        return _depthwise(x, _taps(conv.weight), conv.bias, conv.kernel_size[0])
+
+    @staticmethod
+    def conv_again(conv: nn.Conv2d, x, weight, bias, needs):
+        return _depthwise(x, _taps(weight), bias, conv.kernel_size[0]), (x, weight, conv.kernel_size[0])
+
+    @staticmethod
+    def conv_backward(saved, grad_z, grad_residual, needs):
+        """The input's gradient as the transposed convolution on our kernel, plus ``grad_residual``; the weight's and
+        bias's from :func:`.cpu_kernels.dw_weight_grad`."""
+        x, weight, k = saved
+        grad_z = _rows(grad_z)
+        grad_x = grad_w = grad_b = None
+        if needs[0]:
+            taps, window = _transposed_taps(weight)
+            grad_x = _depthwise(grad_z, taps, None, window).add_(grad_residual)
+        if needs[1] or needs[2]:
+            grad_w, grad_b = cpu_kernels.dw_weight_grad(_rows(x), grad_z, k)
+        return grad_x, grad_w if needs[1] else None, grad_b if needs[2] else None
 
     @staticmethod
     def pointwise(conv: nn.Conv2d, u: torch.Tensor) -> torch.Tensor:
@@ -107,13 +164,14 @@ class CpuNorm(TorchNorm):
         scale, shift = scale_shift(weight, bias, mean.double(), invstd.double())
         residual = None if residual is None else _rows(residual)
         return cpu_kernels.bn_act_apply(t, act, scale.float(), shift.float(), _mask_vector(mask), residual,
-                                        torch.empty_like(t, memory_format=torch.channels_last))
+                                        training_buffer(t.shape, t.dtype))
 
     @staticmethod
     def backward(bn, norm: SavedNorm, t, act: str, grad, weight, needs, mask=None, act_out=None):
         w = None if weight is None else weight.detach().float().contiguous()
-        grad_t, grad_w, grad_b = cpu_kernels.bn_act_backward(
-            _rows(grad), _rows(t), act, norm.save_mean, norm.save_var, w, _mask_vector(mask))
+        t = _rows(t)
+        grad_t, grad_w, grad_b = cpu_kernels.bn_act_backward(_rows(grad), t, act, norm.save_mean, norm.save_var, w,
+                                                             _mask_vector(mask), training_buffer(t.shape, t.dtype))
         grad_w = grad_w.to(weight.dtype) if weight is not None and needs[0] else None
         grad_b = grad_b.to(bn.bias.dtype) if bn.bias is not None and needs[1] else None
         return grad_t, grad_w, grad_b
@@ -130,4 +188,5 @@ def applies(parts: BlockParts, x: torch.Tensor) -> bool:
         for t in module.parameters():
             if t.device.type != 'cpu' or t.dtype != torch.float32:
                 return False
-    return cpu_kernels.load() is not None
+    # an even window's transposed convolution runs one pixel larger (see _transposed_taps)
+    return parts.kernel_size < cpu_kernels.MAX_KERNEL_SIZE and cpu_kernels.load() is not None

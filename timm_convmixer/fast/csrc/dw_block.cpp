@@ -65,6 +65,7 @@ struct Problem {
   const float* in_shift;  // C (with in_scale)
   TO* out;            // N, H, W, C
   int64_t N, H, W, C, k, pad;
+  bool residual;      // out = x + ...; false (float32 only): out = scale * act(conv + bias), the bare conv
 };
 
 // One work item: image n, the channel block from c0, output rows [r0, r1), output columns [w0, w1).
@@ -358,9 +359,9 @@ void run_item(const Problem<TI, TO>& p, const Item& it, const float* ops, float*
     for (int64_t j = 0; j < width; ++j) {
       if (out_ahead) __builtin_prefetch(out + (W + j) * C, 0, AHEAD_LOCALITY);
       for (int64_t v = 0; v * VL < cols; ++v) {
-        const Vec r = at::vec::fmadd(activate<ACT>(Vec::loadu(z + j * CB + v * VL)),
-                                     load_part(p.scale + it.c0, v, cols), Vec::loadu(center + j * CB + v * VL));
-        store_part(r, out + j * C, v, cols);
+        const Vec a = activate<ACT>(Vec::loadu(z + j * CB + v * VL)), s = load_part(p.scale + it.c0, v, cols);
+        store_part(p.residual ? at::vec::fmadd(a, s, Vec::loadu(center + j * CB + v * VL)) : a * s, out + j * C, v,
+                   cols);
       }
     }
   }
@@ -401,7 +402,7 @@ void run(const Problem<TI, TO>& p) {
 
 void dw_block(const at::Tensor& x, const at::Tensor& taps, const at::Tensor& bias, const at::Tensor& scale, int64_t k,
               int64_t act, const at::Tensor& out, const c10::optional<at::Tensor>& in_scale,
-              const c10::optional<at::Tensor>& in_shift) {
+              const c10::optional<at::Tensor>& in_shift, bool residual) {
   TORCH_CHECK(x.device().is_cpu() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16) &&
               x.dim() == 4, "dw_block: x must be a 4-d float32 or bfloat16 CPU tensor, got ", x.scalar_type(),
               " with ", x.dim(), " dims");
@@ -423,6 +424,7 @@ void dw_block(const at::Tensor& x, const at::Tensor& taps, const at::Tensor& bia
               out.sizes() == x.sizes() && out.is_contiguous(at::MemoryFormat::ChannelsLast),
               "dw_block: out must be a channels_last CPU tensor of x's shape, in x's dtype or float32");
   TORCH_CHECK(!out.is_same(x), "dw_block: out must not be x (each output reads its neighbours' inputs)");
+  TORCH_CHECK(residual || x.scalar_type() == at::kFloat, "dw_block: residual=False takes a float32 x");
   if (out.numel() == 0) return;
   auto launch = [&](auto in_zero, auto out_zero) {
     using TI = decltype(in_zero);
@@ -430,7 +432,7 @@ void dw_block(const at::Tensor& x, const at::Tensor& taps, const at::Tensor& bia
     const Problem<TI, TO> p{x.data_ptr<TI>(), taps.data_ptr<float>(), bias.data_ptr<float>(), scale.data_ptr<float>(),
                             in_scale.has_value() ? in_scale->data_ptr<float>() : nullptr,
                             in_shift.has_value() ? in_shift->data_ptr<float>() : nullptr, out.data_ptr<TO>(),
-                            x.size(0), x.size(2), x.size(3), C, k, (k - 1) / 2};
+                            x.size(0), x.size(2), x.size(3), C, k, (k - 1) / 2, residual};
     // bf16 in and out where the CPU multiplies bf16 pairs: the strips' kernel sizes on pairs (see run_item)
     constexpr bool BF16 = std::is_same_v<TI, c10::BFloat16> && std::is_same_v<TO, c10::BFloat16>;
     const bool pairs = BF16 && bf16_dot_supported();
@@ -462,7 +464,7 @@ void dw_block(const at::Tensor& x, const at::Tensor& taps, const at::Tensor& bia
 
 TORCH_LIBRARY_FRAGMENT(timm_convmixer_cpu, m) {
   m.def("dw_block(Tensor x, Tensor taps, Tensor bias, Tensor scale, int k, int act, Tensor(a!) out, "
-        "Tensor? in_scale=None, Tensor? in_shift=None) -> ()");
+        "Tensor? in_scale=None, Tensor? in_shift=None, bool residual=True) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(timm_convmixer_cpu, CPU, m) { m.impl("dw_block", &dw_block); }
