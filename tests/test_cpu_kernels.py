@@ -663,6 +663,26 @@ def test_released_outputs_memory_is_reused(kernels):
     fast_cpu.clear_cache()
 
 
+def test_training_pool_grows_to_what_is_held_and_gives_back_what_it_no_longer_reaches(kernels):
+    """The lean training block's pool (uncapped): as many buffers as are held at once, reused once released; when
+    far fewer are held for long enough (TRIM_AFTER hand-outs per pooled buffer), the unused ones go back, never one
+    someone holds; release_buffers gives back all."""
+    fast_cpu.release_buffers()
+    shape = (2, 16, 4, 4)
+    pool = lambda: fast_cpu._outputs[('train', shape, torch.float32)]  # noqa: E731
+    held = [fast_cpu.output_buffer(shape, torch.float32, user='train') for _ in range(5)]
+    assert len(pool()) == 5 and len({t.data_ptr() for t in held}) == 5
+    kept = held[3].fill_(7.)
+    del held
+    for _ in range(2 * fast_cpu.TRIM_AFTER * 5):  # the first window still saw five held: the second trims
+        t = fast_cpu.output_buffer(shape, torch.float32, user='train').fill_(-1.)
+        assert t.data_ptr() != kept.data_ptr()
+        del t
+    assert len(pool()) == 1 and bool((kept == 7.).all())
+    fast_cpu.release_buffers()
+    assert ('train', shape, torch.float32) not in fast_cpu._outputs
+
+
 def test_stem_output_has_its_own_buffer(small_model, kernels):
     """The stem's output, which the model's forward holds while the blocks run, comes from a pool of its own: every
     block's output is still one of the blocks' two pooled buffers (held by the output and the pool), and the next

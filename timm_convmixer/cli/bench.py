@@ -8,7 +8,9 @@ modes asked for (e.g. NCHW vs channels_last), which is the honest baseline: a us
 Memory: on CUDA, ``torch.cuda.max_memory_allocated`` over one step (absolute, weights included). On CPU there is
 no allocator high-water mark, so the peak of "Total Allocated" in torch.profiler's memory events over one step is
 used: bytes allocated *during* the step through PyTorch's CPU allocator (activations, workspaces, any cache
-built in that step), excluding what existed before it (weights). oneDNN's internal scratchpads are not seen.
+built in that step), excluding what existed before it (weights). Our CPU paths' pooled buffers (block outputs, the
+lean training block's activations) are given back first, so the step allocates them and they count. oneDNN's
+internal scratchpads are not seen.
 Training cases also report ``saved_mb`` on every device: the bytes autograd keeps for backward after one forward
 (unique storages seen by ``torch.autograd.graph.saved_tensors_hooks``, the model's own parameters and buffers
 excluded since they exist anyway), the number a memory-lean training block lowers; not measured under compile.
@@ -33,7 +35,7 @@ import torch
 import torch.nn as nn
 
 from .. import fast
-from ..fast import checked
+from ..fast import checked, cpu as fast_cpu
 from . import bench_engines
 from .args import add_model_kwargs, nonnegative_int, positive_int
 from .atomic import atomic_write
@@ -55,6 +57,7 @@ def _peak_memory(step: Callable[[], Any], device: torch.device) -> Dict[str, Any
         # absolute (everything alive in the process), and above what was allocated when the step began
         return {'peak_mem_mb': peak / 2 ** 20, 'step_mem_mb': (peak - before) / 2 ** 20}
     from torch.profiler import ProfilerActivity, profile
+    fast_cpu.release_buffers()  # what our paths pool is memory of the step: allocated in it, so counted
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
     fd, path = tempfile.mkstemp(suffix='.json')

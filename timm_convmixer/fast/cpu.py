@@ -49,7 +49,7 @@ import math
 import threading
 import warnings
 import weakref
-from typing import List, NamedTuple, Optional, Set, Tuple, Union
+from typing import Dict, List, NamedTuple, Optional, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -112,6 +112,10 @@ _outputs_lock = threading.Lock()
 # 256_8_ks9_p1 ran 0.91x); the lean training block's activations (see training_buffer): as many as a step holds
 OUTPUT_BUFFERS = {'blocks': 2, 'stem': 1, 'train': None}
 OUTPUT_SHAPES = 6
+# per key of an uncapped user: [hand-outs since its pool was last trimmed, the highest position handed out since];
+# every TRIM_AFTER hand-outs per pooled buffer, the buffers past that position go back (see _trim)
+_reach: Dict[Tuple, List[int]] = {}
+TRIM_AFTER = 32
 
 # glibc's largest mmap threshold (32 MiB on 64-bit): a larger allocation is mapped anew on every call, its pages
 # faulted in as they are first written
@@ -120,12 +124,20 @@ FRESH_PAGES_BYTES = 32 * 2**20
 
 def clear_cache() -> None:
     """Drop the folded weights and the compiled path's scratch and output buffers."""
-    global _scratch
     _cache.clear()
     _chosen.clear()
+    release_buffers()
+
+
+def release_buffers() -> None:
+    """Give back every pooled buffer (scratch, block and stem outputs, the lean training block's activations),
+    keeping the folded weights: the next step allocates them anew (as ``bench`` does before the step whose memory
+    it reports)."""
+    global _scratch
     _scratch = threading.local()  # (every thread's: the old one, and its buffers, go)
     with _outputs_lock:
         _outputs.clear()
+        _reach.clear()
 
 
 def _scratch_like(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -160,16 +172,34 @@ def output_buffer(shape: Tuple[int, int, int, int], dtype: torch.dtype, user: st
         buffers = _outputs.setdefault(key, [])
         _outputs.move_to_end(key)
         if len(_outputs) > OUTPUT_SHAPES:
-            _outputs.popitem(last=False)  # (a buffer still in use lives on with its user, out of the pool)
-        buf = next((b for b in buffers if cpu_kernels.storage_use_count(b) == 1), None)
-        if buf is None:
+            _reach.pop(_outputs.popitem(last=False)[0], None)  # (a buffer in use lives on with its user)
+        index = next((i for i, b in enumerate(buffers) if cpu_kernels.storage_use_count(b) == 1), None)
+        cap = OUTPUT_BUFFERS[user]
+        if index is None:
             buf = torch.empty(shape, dtype=dtype, memory_format=torch.channels_last)
-            cap = OUTPUT_BUFFERS[user]
             if cap is not None and len(buffers) >= cap:
                 return buf
             buffers.append(buf)
+            index = len(buffers) - 1
+        buf = buffers[index]
+        if cap is None:
+            _trim(key, buffers, index)
         # created under the lock: from here on the storage has a second holder, so no other thread takes it
         return buf.new_empty(0).set_(buf)  # not buf.untyped_storage(): a Python storage object is a lasting holder
+
+
+def _trim(key: Tuple, buffers: List[torch.Tensor], index: int) -> None:
+    """An uncapped pool grows to as many buffers as were held at once; where that falls (outputs kept over many steps
+    let go, a smaller model on the same shape), what it no longer reaches goes back: every :data:`TRIM_AFTER`
+    hand-outs per pooled buffer, the buffers past the highest position handed out meanwhile. (A training step hands
+    out about 12 per block and holds about one per block, so a window spans steps and its peak.) Called under the
+    lock with the position just handed out."""
+    reach = _reach.setdefault(key, [0, 0])
+    reach[0] += 1
+    reach[1] = max(reach[1], index)
+    if reach[0] >= TRIM_AFTER * len(buffers):
+        del buffers[reach[1] + 1:]  # (a buffer in use lives on with its user)
+        reach[0] = reach[1] = 0
 
 
 def training_buffer(shape: Tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -181,7 +211,8 @@ def training_buffer(shape: Tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     threshold (64 x 256 x 32 x 32 fp32, 256_8_ks9_p1 at batch 64: 16385 minor faults a tensor, 934k a step at depth
     4). Below the threshold glibc reuses freed memory itself, and a pool would only hold memory. The pool grows to as
     many buffers as a step holds at once (the pointwise pre-activation each block keeps for backward, and the few in
-    flight), and keeps them between steps, as a caching allocator does; :func:`clear_cache` gives them back."""
+    flight), and keeps them between steps, as a caching allocator does (what it no longer reaches goes back,
+    :func:`_trim`; :func:`release_buffers` gives back all)."""
     if math.prod(shape) * dtype.itemsize < FRESH_PAGES_BYTES:
         return torch.empty(shape, dtype=dtype, memory_format=torch.channels_last)
     return output_buffer(shape, dtype, user='train')

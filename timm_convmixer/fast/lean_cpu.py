@@ -47,7 +47,10 @@ __all__ = ['CpuNorm', 'applies']
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous(memory_format=torch.channels_last)
+    """``t`` channels_last (a copy where it is not, from :func:`.cpu.training_buffer`)."""
+    if t.is_contiguous(memory_format=torch.channels_last):
+        return t
+    return training_buffer(t.shape, t.dtype).copy_(t)
 
 
 def _mask_vector(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
