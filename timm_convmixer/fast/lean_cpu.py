@@ -84,7 +84,8 @@ def _transposed_taps(weight: torch.Tensor) -> Tuple[torch.Tensor, int]:
     """The taps whose "same" convolution is the transpose of ``weight``'s (what carries an output gradient back to
     the input): the window turned half a turn. An even window's "same" padding puts one row and column more after
     than before, so its transpose puts the extra one before: the turned window gets a zero row and column after it,
-    an odd window one pixel larger whose "same" padding is exactly that (its products by zero add nothing)."""
+    an odd window one pixel larger whose "same" padding is exactly that (its products by zero add nothing to a
+    finite sum)."""
     turned = weight.detach().flip(-2, -1)
     k = weight.shape[-1]
     if k % 2 == 0:
