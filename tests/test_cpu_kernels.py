@@ -444,6 +444,10 @@ def test_training_norm_bad_arguments_are_named(kernels):
         cpu_kernels.bn_act_backward(t, t, 'relu', v, v, torch.ones(8, dtype=torch.float64), None)
     with pytest.raises(RuntimeError, match="bn_act_backward: grad must be a channels_last float32 tensor of t's shape"):
         cpu_kernels.bn_act_backward(t[:1], t, 'relu', v, v, None, None)
+    with pytest.raises(RuntimeError, match="bn_act_backward: out must be a channels_last float32 tensor of t's shape"):
+        cpu_kernels.bn_act_backward(t, t, 'relu', v, v, None, None, out=t[:1])
+    with pytest.raises(RuntimeError, match='bn_act_backward: out must not be t'):
+        cpu_kernels.bn_act_backward(t.clone(), t, 'relu', v, v, None, None, out=t)
 
 
 def _pw_inputs(n, c_in, c_out, h, w, seed=0):

@@ -177,7 +177,8 @@ def bn_act_backward(grad: torch.Tensor, t: torch.Tensor, act: str, mean: torch.T
     ``mean``/``invstd`` (float32 ``[C]``; ``weight`` ``None`` for an affine-free norm) for the output gradient
     ``grad``: ``t`` and ``grad`` channels_last float32, the result ``t``'s layout (in ``out`` where given, a tensor
     like ``t``). The kernels must be loaded."""
-    return _ops.bn_act_backward(grad, t, ACT_BY_NAME[act], mean, invstd, weight, mask, out)
+    out = torch.empty_like(t, memory_format=torch.channels_last) if out is None else out
+    return (out,) + tuple(_ops.bn_act_backward(grad, t, ACT_BY_NAME[act], mean, invstd, weight, mask, out))
 
 
 def pw_pack(weight: torch.Tensor) -> torch.Tensor:

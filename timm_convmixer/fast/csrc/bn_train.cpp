@@ -210,18 +210,15 @@ void backward(const float* grad, const float* t, const Rows& r, const float* mea
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_backward(
+// the gradient wrt t into `out` (the caller's: a pooled buffer where it is large); returns weight's and bias's
+std::tuple<at::Tensor, at::Tensor> bn_act_backward(
     const at::Tensor& grad, const at::Tensor& t, int64_t act, const at::Tensor& mean, const at::Tensor& invstd,
-    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& mask,
-    const std::optional<at::Tensor>& out) {
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& mask, const at::Tensor& out) {
   const Rows r = rows_of(t, "bn_act_backward");
   TORCH_CHECK(r.M > 0, "bn_act_backward: t is empty");
   check_like(grad, t, "bn_act_backward", "grad");
-  if (out.has_value()) {
-    check_like(*out, t, "bn_act_backward", "out");
-    TORCH_CHECK(out->data_ptr() != t.data_ptr(), "bn_act_backward: out must not be t");
-  }
-  at::Tensor grad_t = out.has_value() ? *out : at::empty_like(t, t.options(), at::MemoryFormat::ChannelsLast);
+  check_like(out, t, "bn_act_backward", "out");
+  TORCH_CHECK(out.data_ptr() != t.data_ptr(), "bn_act_backward: out must not be t");
   at::Tensor grad_weight = at::empty({r.C}, t.options());
   at::Tensor grad_bias = at::empty({r.C}, t.options());
   const float* w = vector_of(weight, r.C, "bn_act_backward", "weight");
@@ -229,10 +226,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_backward(
   with_activation(act, [&](auto a) {
     backward<decltype(a)::value>(grad.data_ptr<float>(), t.data_ptr<float>(), r,
                                  vector_of(mean, r.C, "bn_act_backward", "mean"),
-                                 vector_of(invstd, r.C, "bn_act_backward", "invstd"), w, m, grad_t.data_ptr<float>(),
+                                 vector_of(invstd, r.C, "bn_act_backward", "invstd"), w, m, out.data_ptr<float>(),
                                  grad_weight.data_ptr<float>(), grad_bias.data_ptr<float>());
   });
-  return {grad_t, grad_weight, grad_bias};
+  return {grad_weight, grad_bias};
 }
 
 }  // namespace
@@ -242,7 +239,7 @@ TORCH_LIBRARY_FRAGMENT(timm_convmixer_cpu, m) {
   m.def("bn_act_apply(Tensor t, int act, Tensor scale, Tensor shift, Tensor? mask, Tensor? residual, "
         "Tensor(a!) out) -> ()");
   m.def("bn_act_backward(Tensor grad, Tensor t, int act, Tensor mean, Tensor invstd, Tensor? weight, "
-        "Tensor? mask, Tensor(a!)? out=None) -> (Tensor, Tensor, Tensor)");
+        "Tensor? mask, Tensor(a!) out) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(timm_convmixer_cpu, CPU, m) {
