@@ -189,7 +189,7 @@ def test_bare_convolution_and_its_transpose_for_training(shape, kernels):
     from timm_convmixer.fast import lean_cpu
     x, weight, bias, _ = _inputs(*shape, seed=5)
     k = weight.shape[-1]
-    z = lean_cpu._depthwise(x, lean_cpu._taps(weight), bias, k)
+    z = lean_cpu._depthwise(x, cpu_kernels.dw_taps(weight), bias, k)
     x64 = x.double().requires_grad_()
     z64 = F.conv2d(x64, weight.double(), bias.double(), padding='same', groups=x.shape[1])
     torch.testing.assert_close(z.double(), z64, rtol=1e-5, atol=1e-5)
@@ -199,7 +199,7 @@ def test_bare_convolution_and_its_transpose_for_training(shape, kernels):
     grad_x = lean_cpu._depthwise(grad, taps, None, window)
     torch.testing.assert_close(grad_x.double(), torch.autograd.grad(z64, x64, grad.double())[0], rtol=1e-5, atol=1e-5)
     with pytest.raises(RuntimeError, match='residual=False takes a float32 x'):
-        cpu_kernels.dw_block(x.bfloat16(), lean_cpu._taps(weight), bias, torch.ones_like(bias), k, 'identity',
+        cpu_kernels.dw_block(x.bfloat16(), cpu_kernels.dw_taps(weight), bias, torch.ones_like(bias), k, 'identity',
                              torch.empty_like(x.bfloat16()), residual=False)
 
 

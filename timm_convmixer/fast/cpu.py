@@ -297,7 +297,7 @@ def _fold(parts: BlockParts, input_size: List[int], dtype: torch.dtype, path: st
             t_pw=t_pw.to(factors).view(1, dim, 1, 1),
         )
         if path in ('cpu_compiled', 'cpu_hybrid'):
-            folded = folded._replace(taps=conv_dw.weight.detach().reshape(dim, k * k).t().contiguous())
+            folded = folded._replace(taps=cpu_kernels.dw_taps(conv_dw.weight))
         else:
             folded = folded._replace(w_dw=_pack(conv_dw.weight.detach().to(dtype), [k // 2, k // 2], dim, input_size))
         if path == 'cpu_compiled':

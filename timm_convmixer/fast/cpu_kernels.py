@@ -29,8 +29,8 @@ import torch
 from .checked import FastPathDecision
 
 __all__ = ['ACT_BY_NAME', 'BUILD_ENV_VAR', 'MAX_KERNEL_SIZE', 'bf16_dot', 'bn_act_apply', 'bn_act_backward',
-           'bn_act_stats', 'build', 'build_error', 'build_id', 'dw_block', 'dw_weight_grad', 'fma_peak_gflops', 'load',
-           'pw_block', 'pw_pack', 'storage_use_count']
+           'bn_act_stats', 'build', 'build_error', 'build_id', 'dw_block', 'dw_taps', 'dw_weight_grad',
+           'fma_peak_gflops', 'load', 'pw_block', 'pw_pack', 'storage_use_count']
 
 BUILD_ENV_VAR = 'TIMM_CONVMIXER_CPU_BUILD'
 _CSRC = os.path.join(os.path.dirname(__file__), 'csrc')
@@ -131,6 +131,13 @@ def build() -> None:
 def build_error() -> Optional[str]:
     """Why :func:`load` returned ``None`` (``None`` if it has not been called or succeeded)."""
     return _error
+
+
+def dw_taps(weight: torch.Tensor) -> torch.Tensor:
+    """A depthwise weight ``(C, 1, k, k)`` as :func:`dw_block` takes its taps: ``(k * k, C)``, each tap's channels
+    contiguous (detached)."""
+    c, _, k, _ = weight.shape
+    return weight.detach().reshape(c, k * k).t().contiguous()
 
 
 def dw_block(x: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor, kernel_size: int,

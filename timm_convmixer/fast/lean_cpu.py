@@ -75,11 +75,6 @@ def _depthwise(x: torch.Tensor, taps: torch.Tensor, bias: Optional[torch.Tensor]
                                 residual=False)
 
 
-def _taps(weight: torch.Tensor) -> torch.Tensor:
-    c, _, k, _ = weight.shape
-    return weight.detach().reshape(c, k * k).t().contiguous()
-
-
 def _transposed_taps(weight: torch.Tensor) -> Tuple[torch.Tensor, int]:
     """The taps whose "same" convolution is the transpose of ``weight``'s (what carries an output gradient back to
     the input): the window turned half a turn. An even window's "same" padding puts one row and column more after
@@ -91,7 +86,7 @@ def _transposed_taps(weight: torch.Tensor) -> Tuple[torch.Tensor, int]:
     if k % 2 == 0:
         turned = F.pad(turned, (0, 1, 0, 1))
         k += 1
-    return _taps(turned), k
+    return cpu_kernels.dw_taps(turned), k
 
 
 class CpuNorm(TorchNorm):
@@ -108,11 +103,11 @@ class CpuNorm(TorchNorm):
     def conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
         """The depthwise convolution on :func:`.cpu_kernels.dw_block` (without its residual): 1.2x-3.7x oneDNN's
         channels_last convolution at ConvMixer's shapes (fp32, Zen 4), into a pooled buffer."""
-        return _depthwise(x, _taps(conv.weight), conv.bias, conv.kernel_size[0])
+        return _depthwise(x, cpu_kernels.dw_taps(conv.weight), conv.bias, conv.kernel_size[0])
 
     @staticmethod
     def conv_again(conv: nn.Conv2d, x, weight, bias, needs):
-        return _depthwise(x, _taps(weight), bias, conv.kernel_size[0]), (x, weight, conv.kernel_size[0])
+        return _depthwise(x, cpu_kernels.dw_taps(weight), bias, conv.kernel_size[0]), (x, weight, conv.kernel_size[0])
 
     @staticmethod
     def conv_backward(saved, grad_z, grad_residual, needs):
