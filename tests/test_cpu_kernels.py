@@ -183,9 +183,11 @@ def test_bad_arguments_are_named(kernels):
                                    (1, 16, 4, 4, 2)], ids=lambda s: 'x'.join(map(str, s)))
 def test_bare_convolution_and_its_transpose_for_training(shape, kernels):
     """``residual=False``, what the lean training block runs on a CPU (:mod:`timm_convmixer.fast.lean_cpu`): the
-    bare convolution with its bias, and, with the window turned (an even one padded to the next odd size), the
-    transposed convolution that carries an output gradient to the input: both as autograd computes them in
-    float64, odd and even windows, every border. A bf16 input is refused by name."""
+    bare convolution with its bias, and, with the window turned and padded ``k // 2`` before, the transposed
+    convolution that carries an output gradient to the input: both as autograd computes them in float64, odd and
+    even windows, every border; an infinite gradient gives infinities where autograd's do, no NaN (a zero-padded
+    window would multiply it by zero). A bf16 input and a padding other than "same" with the residual are refused
+    by name."""
     from timm_convmixer.fast import lean_cpu
     x, weight, bias, _ = _inputs(*shape, seed=5)
     k = weight.shape[-1]
@@ -194,13 +196,23 @@ def test_bare_convolution_and_its_transpose_for_training(shape, kernels):
     z64 = F.conv2d(x64, weight.double(), bias.double(), padding='same', groups=x.shape[1])
     torch.testing.assert_close(z.double(), z64, rtol=1e-5, atol=1e-5)
     grad = torch.randn_like(z)
-    taps, window = lean_cpu._transposed_taps(weight)
-    assert window == k + (k % 2 == 0)
-    grad_x = lean_cpu._depthwise(grad, taps, None, window)
-    torch.testing.assert_close(grad_x.double(), torch.autograd.grad(z64, x64, grad.double())[0], rtol=1e-5, atol=1e-5)
+    taps, pad = lean_cpu._transposed(weight)
+    assert pad == k // 2
+    grad_x = lean_cpu._depthwise(grad, taps, None, k, pad)
+    torch.testing.assert_close(grad_x.double(), torch.autograd.grad(z64, x64, grad.double(), retain_graph=True)[0],
+                               rtol=1e-5, atol=1e-5)
+    grad[0, 0, -1, -1] = float('inf')  # the far corner: where an even window's extra padding lies
+    grad_x = lean_cpu._depthwise(grad, taps, None, k, pad)
+    expected = torch.autograd.grad(z64, x64, grad.double())[0]
+    assert not grad_x.isnan().any() and torch.equal(grad_x.isinf(), expected.isinf()) and grad_x.isinf().any()
+    ones = torch.ones_like(bias)
     with pytest.raises(RuntimeError, match='residual=False takes a float32 x'):
-        cpu_kernels.dw_block(x.bfloat16(), cpu_kernels.dw_taps(weight), bias, torch.ones_like(bias), k, 'identity',
+        cpu_kernels.dw_block(x.bfloat16(), cpu_kernels.dw_taps(weight), bias, ones, k, 'identity',
                              torch.empty_like(x.bfloat16()), residual=False)
+    with pytest.raises(RuntimeError, match='a padding other than "same" takes residual=False'):
+        cpu_kernels.dw_block(x, taps, bias, ones, k, 'identity', torch.empty_like(x), pad=(k - 1) // 2 + 1)
+    with pytest.raises(RuntimeError, match=f'pad must be below the kernel size {k}, got {k}'):
+        cpu_kernels.dw_block(x, taps, bias, ones, k, 'identity', torch.empty_like(x), residual=False, pad=k)
 
 
 # channels in a partial block (20) and whole ones (32); kernels odd and even; images where the window reaches past

@@ -65,7 +65,7 @@ struct Problem {
   const float* in_scale;  // C, or null: x is the stored tensor itself
   const float* in_shift;  // C (with in_scale)
   TO* out;            // N, H, W, C
-  int64_t N, H, W, C, k, pad;
+  int64_t N, H, W, C, k, pad;  // pad: zero rows (and columns) before the image; k - 1 - pad after
   bool residual;      // out = x + ...; false (float32 only): out = scale * act(conv + bias), the bare conv
 };
 
@@ -410,7 +410,7 @@ void run(const Problem<TI, TO>& p) {
 
 void dw_block(const at::Tensor& x, const at::Tensor& taps, const at::Tensor& bias, const at::Tensor& scale, int64_t k,
               int64_t act, const at::Tensor& out, const c10::optional<at::Tensor>& in_scale,
-              const c10::optional<at::Tensor>& in_shift, bool residual) {
+              const c10::optional<at::Tensor>& in_shift, bool residual, int64_t pad) {
   TORCH_CHECK(x.device().is_cpu() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16) &&
               x.dim() == 4, "dw_block: x must be a 4-d float32 or bfloat16 CPU tensor, got ", x.scalar_type(),
               " with ", x.dim(), " dims");
@@ -433,6 +433,10 @@ void dw_block(const at::Tensor& x, const at::Tensor& taps, const at::Tensor& bia
               "dw_block: out must be a channels_last CPU tensor of x's shape, in x's dtype or float32");
   TORCH_CHECK(!out.is_same(x), "dw_block: out must not be x (each output reads its neighbours' inputs)");
   TORCH_CHECK(residual || x.scalar_type() == at::kFloat, "dw_block: residual=False takes a float32 x");
+  // pad: zero rows and columns before the image, the rest of the window's k - 1 after; "same" unless given
+  if (pad < 0) pad = (k - 1) / 2;
+  TORCH_CHECK(pad < k, "dw_block: pad must be below the kernel size ", k, ", got ", pad);
+  TORCH_CHECK(!residual || pad == (k - 1) / 2, "dw_block: a padding other than \"same\" takes residual=False");
   if (out.numel() == 0) return;
   auto launch = [&](auto in_zero, auto out_zero) {
     using TI = decltype(in_zero);
@@ -440,7 +444,7 @@ void dw_block(const at::Tensor& x, const at::Tensor& taps, const at::Tensor& bia
     const Problem<TI, TO> p{x.data_ptr<TI>(), taps.data_ptr<float>(), bias.data_ptr<float>(), scale.data_ptr<float>(),
                             in_scale.has_value() ? in_scale->data_ptr<float>() : nullptr,
                             in_shift.has_value() ? in_shift->data_ptr<float>() : nullptr, out.data_ptr<TO>(),
-                            x.size(0), x.size(2), x.size(3), C, k, (k - 1) / 2, residual};
+                            x.size(0), x.size(2), x.size(3), C, k, pad, residual};
     // bf16 in and out where the CPU multiplies bf16 pairs: the strips' kernel sizes on pairs (see run_item)
     constexpr bool BF16 = std::is_same_v<TI, c10::BFloat16> && std::is_same_v<TO, c10::BFloat16>;
     const bool pairs = BF16 && bf16_dot_supported();
@@ -472,7 +476,7 @@ void dw_block(const at::Tensor& x, const at::Tensor& taps, const at::Tensor& bia
 
 TORCH_LIBRARY_FRAGMENT(timm_convmixer_cpu, m) {
   m.def("dw_block(Tensor x, Tensor taps, Tensor bias, Tensor scale, int k, int act, Tensor(a!) out, "
-        "Tensor? in_scale=None, Tensor? in_shift=None, bool residual=True) -> ()");
+        "Tensor? in_scale=None, Tensor? in_shift=None, bool residual=True, int pad=-1) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(timm_convmixer_cpu, CPU, m) { m.impl("dw_block", &dw_block); }
