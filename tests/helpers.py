@@ -129,7 +129,7 @@ def auto_paths_from_nchw(records: Iterable[Dict[str, Any]]) -> Tuple[bool, str, 
     case of its own only where the first ran the plain modules on NCHW input."""
     from timm_convmixer.fast.checked import STEM
     records = list(records)
-    stem_fast = auto_choice(records, fused_path=STEM, channels_last=False) == STEM
+    stem_fast = auto_choice(records, fused_path=STEM, block_mode='eval', channels_last=False) == STEM
     blocks = [r for r in records if r['fused_path'] != STEM]
     first = auto_choice(blocks, block_mode='eval', channels_last=stem_fast)
     second = first if stem_fast or first == 'eager' else auto_choice(blocks, block_mode='eval', channels_last=True)

@@ -71,18 +71,25 @@ def test_cli_writes_json_and_chart(tmp_path, auto_choice, auto_paths_from_nchw):
     assert infer['nchw']['ours_block_paths'] == dict(Counter(auto_paths_from_nchw(result['decisions'])[1:]))
     assert infer['channels_last']['ours_block_paths'] == {on_channels_last: 2}
     assert infer['nchw']['max_abs_diff'] < 1e-4 and infer['channels_last']['max_abs_diff'] < 1e-4
-    # training: auto timed the lean implementations against the plain modules on the first block of each case and
-    # every block took its case's decision; lean_cpu's output is channels_last, so after it on an NCHW image the
-    # second block is a case of its own (torch's lean block and the plain modules keep the input's layout)
+    # training: auto timed the lean implementations against the plain modules on the stem and the first block of
+    # each case and every block took its case's decision; the lean stem's and lean_cpu's outputs are channels_last,
+    # so after them on an NCHW image the next block is a case of its own (torch's lean block and the plain modules
+    # keep the input's layout)
     train = result['results'][1]['modes']
-    first = auto_choice(blocks, block_mode='train', channels_last=False)
+    stem = {cl: auto_choice(result['decisions'], fused_path=checked.STEM, block_mode='train', channels_last=cl)
+            for cl in (False, True)}
+    assert train['nchw']['ours_stem_paths'] == {stem[False]: 1}
+    assert train['channels_last']['ours_stem_paths'] == {stem[True]: 1}
     on_channels_last = auto_choice(blocks, block_mode='train', channels_last=True)
+    first = on_channels_last if stem[False] == checked.STEM else auto_choice(blocks, block_mode='train',
+                                                                              channels_last=False)
     second = on_channels_last if first == 'lean_cpu' else first
     assert train['nchw']['ours_block_paths'] == dict(Counter([first, second]))
     assert train['channels_last']['ours_block_paths'] == {on_channels_last: 2}
     for entry in train.values():
         ours_mb, builtin_mb = entry['ours']['saved_mb'], entry['builtin']['saved_mb']
-        if set(entry['ours_block_paths']) == {'eager'}:  # the plain modules: the very same tensors as the built-in's
+        if set(entry['ours_block_paths']) | set(entry['ours_stem_paths']) == {'eager'}:
+            # the plain modules: the very same tensors as the built-in's
             assert ours_mb == builtin_mb > 0
         else:  # a lean block keeps fewer activations for backward than the built-in's modules (same stem and head)
             assert 0 < ours_mb < builtin_mb

@@ -27,10 +27,12 @@ Backends:
   kernel and oneDNN's pointwise conv; ``'triton'`` runs the pointwise conv on cuBLAS with a Triton epilogue pass,
   ``'triton_gemm'`` as one Triton GEMM with the epilogue fused.
 
-The patch stem has one fast path, on CPU (:mod:`.cpu_stem`: the non-overlapping conv as our blocks' GEMM over the
-image's patches, its activation and BatchNorm in the epilogue, output channels_last), offered through
-:func:`stem_forward` on the same terms as a block's: the CPU backends force it, ``auto`` checks it per case,
-``'eager'`` and the others never take it.
+The patch stem has a fast path on CPU in each mode, counted as ``'cpu_stem'`` (eval, :mod:`.cpu_stem`: the
+non-overlapping conv as our blocks' GEMM over the image's patches, its activation and BatchNorm in the epilogue,
+output channels_last; training, :mod:`.lean_stem`: the same GEMM and :mod:`.lean_cpu`'s normalisation, keeping what
+the lean blocks keep), offered through :func:`stem_forward` on the same terms as a block's: the CPU backends force
+the eval one and ``'lean_cpu'`` the training one, ``auto`` checks each per case, ``'eager'`` and the others never
+take them.
 
 Choose with :func:`set_backend`, the :func:`use_backend` context manager or the ``TIMM_CONVMIXER_BACKEND``
 environment variable (read at import). The choice is process-global.
@@ -49,7 +51,7 @@ import copy
 import os
 import warnings
 from collections import Counter
-from typing import Callable, Iterator, Optional, Tuple
+from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -307,9 +309,23 @@ def _lean_norms(parts: BlockParts, x: torch.Tensor):
 def _checked_train(block: nn.Module, parts: BlockParts, x: torch.Tensor) -> Tuple[str, Optional[torch.Tensor]]:
     """auto's training path: ``(path, output)``, the fastest lean implementation the check on first use found right
     and faster than the plain modules (each is timed against them), or ``('lean', None)``."""
+    norms = _lean_norms(parts, x)
+    path = _fastest_step(block, parts, x, {
+        path: (lambda t, norm=norm: lean_block_forward(parts, t, norm)) for path, norm in norms.items()})
+    if path is None:
+        return 'lean', None
+    return path, lean_block_forward(parts, x, norms[path])
+
+
+def _fastest_step(module: nn.Module, parts, x: torch.Tensor,
+                  forwards: Dict[str, Callable[[torch.Tensor], Optional[torch.Tensor]]]) -> Optional[str]:
+    """Which of the training ``forwards`` (path name -> the module's forward by that path) auto takes for this case
+    (:func:`.checked.fastest`): each checked on first use as a whole training step (output, then the gradients of
+    the input where it wants one and of the parameters) against the plain modules', under 16-bit autocast against
+    their fp32 step and in fp32 on a CPU against their float64 one; ``None`` where it accepted none."""
     from . import checked
     dtype = conv_dtype(x)
-    params = [p for p in block.parameters() if p.requires_grad]
+    params = [p for p in module.parameters() if p.requires_grad]
 
     def step(forward, source=x, wrt_params=params):
         def run():
@@ -324,15 +340,11 @@ def _checked_train(block: nn.Module, parts: BlockParts, x: torch.Tensor) -> Tupl
             return (out,) + torch.autograd.grad(out, wrt, grad)
         return run
 
-    norms = _lean_norms(parts, x)
-    eager = step(lambda t: _eager(block, t))
-    reference = _fp32_reference(x, lambda t: step(lambda u: _eager(block, u), t)()) or _fp64_reference(block, x, step)
-    trials = {path: (step(lambda t, norm=norm: lean_block_forward(parts, t, norm)), eager, reference)
-              for path, norm in norms.items()}
-    path = checked.fastest(trials, parts, block, x, dtype)
-    if path is None:
-        return 'lean', None
-    return path, lean_block_forward(parts, x, norms[path])
+    eager = step(lambda t: _eager(module, t))
+    reference = (_fp32_reference(x, lambda t: step(lambda u: _eager(module, u), t)())
+                 or _fp64_reference(module, x, step))
+    trials = {path: (step(forward), eager, reference) for path, forward in forwards.items()}
+    return checked.fastest(trials, parts, module, x, dtype)
 
 
 def _fast_forward(block: nn.Module, x: torch.Tensor, backend: str, parts: Optional[BlockParts] = None):
@@ -409,25 +421,33 @@ def _traced_block(block: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
 
 
 def stem_forward(stem: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
-    """The stem's output by its CPU fast path (:mod:`.cpu_stem`, channels_last), or ``None`` to let its modules run.
+    """The stem's output by its CPU fast path (channels_last), or ``None`` to let its modules run.
 
     ``Stem.forward`` calls it first, as a block's forward calls :func:`block_forward`. Offered as a block is: not
-    under a tracer, compiler or transform, a plain eval-mode stem whose children have no hooks
-    (:func:`.eligibility.stem_parts`), CPU, fp32 or bf16 autocast (:func:`.cpu_stem.applies`). The CPU backends
+    under a tracer, compiler or transform, a plain stem whose children have no hooks (:func:`.eligibility.stem_parts`),
+    on a CPU. In eval mode (:mod:`.cpu_stem`; fp32 or bf16 autocast, :func:`.cpu_stem.applies`) the CPU backends
     force it; ``auto`` checks it per case like a block's path (against the plain stem and the first block's
     conversion of its output, :data:`.checked.STEM`), and keeps the plain stem where blocks have been found to take
     none of the CPU paths on the fast stem's output (:func:`.checked.blocks_declined`) before the stem's own check:
     the plain blocks would then only be moved to channels_last. Once made, the stem's decision stands (every call of
-    a case computes the same).
+    a case computes the same). In training (:mod:`.lean_stem`, fp32, :func:`.lean_stem.applies`) ``'lean_cpu'``
+    forces it and ``auto`` checks a training step of it against the plain stem's, as a training block's.
     """
     if _is_compiling():
         return None  # uncounted, as a block's call (see block_forward)
-    from . import checked, cpu, cpu_stem
+    from . import checked, cpu, cpu_stem, lean_stem
     parts = None
-    if _offered(x) and x.device.type == 'cpu' and not triton_device(x) and _backend in ('auto',) + cpu.PATHS:
+    if (_offered(x) and x.device.type == 'cpu' and not triton_device(x)
+            and _backend in ('auto', 'lean_cpu') + cpu.PATHS):
         parts = stem_parts(stem)
     out = None
-    if parts is not None:
+    if parts is not None and parts.mode == 'train':
+        if _backend == 'lean_cpu':
+            out = lean_stem.forward(parts, x)
+        elif _backend == 'auto' and lean_stem.applies(parts, x) and _fastest_step(
+                stem, parts, x, {checked.STEM: lambda t: lean_stem.forward(parts, t)}) is not None:
+            out = lean_stem.forward(parts, x)
+    elif parts is not None and _backend != 'lean_cpu':
         dtype = conv_dtype(x)
         if _backend != 'auto':
             out = cpu_stem.forward(parts, x)

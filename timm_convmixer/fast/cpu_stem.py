@@ -36,7 +36,7 @@ from . import cpu, cpu_kernels, kept
 from .eligibility import StemParts, bn_scale_shift
 from .runtime import conv_dtype
 
-__all__ = ['applies', 'available', 'eager', 'forward', 'output_shape']
+__all__ = ['applies', 'available', 'channels_last_order', 'eager', 'flat_weight', 'forward', 'output_shape', 'patches']
 
 
 class _Folded(NamedTuple):
@@ -55,7 +55,7 @@ def available() -> bool:
     return cpu.available() and cpu_kernels.load() is not None
 
 
-def _channels_last_order(x: torch.Tensor) -> bool:
+def channels_last_order(x: torch.Tensor) -> bool:
     """Gather patches in (kh, kw, c) order: the image's memory order when it is channels_last."""
     return x.stride(1) == 1 and x.shape[1] > 1
 
@@ -66,13 +66,15 @@ def _width(parts: StemParts, dtype: torch.dtype) -> int:
     return k + k % 2 if dtype == torch.bfloat16 else k
 
 
+def flat_weight(weight: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """The conv's weight ``(dim, c, p, p)`` as ``(dim, c * p * p)``, columns in :func:`patches`' row order."""
+    return (weight.permute(0, 2, 3, 1) if channels_last else weight).reshape(weight.shape[0], -1)
+
+
 def _fold(parts: StemParts, channels_last: bool, dtype: torch.dtype) -> _Folded:
     conv = parts.conv
     with torch.inference_mode(False), torch.no_grad():
-        weight = conv.weight.detach()
-        if channels_last:
-            weight = weight.permute(0, 2, 3, 1)
-        weight = weight.reshape(conv.out_channels, -1)
+        weight = flat_weight(conv.weight.detach(), channels_last)
         padded = weight.new_zeros(conv.out_channels, _width(parts, dtype))
         padded[:, :weight.shape[1]] = weight
         scale, shift = bn_scale_shift(parts.bn, torch.float64)
@@ -81,7 +83,7 @@ def _fold(parts: StemParts, channels_last: bool, dtype: torch.dtype) -> _Folded:
                        scale=scale.float(), shift=shift.float())
 
 
-def _patches(x: torch.Tensor, p: int, channels_last: bool, dtype: torch.dtype, width: int) -> torch.Tensor:
+def patches(x: torch.Tensor, p: int, channels_last: bool, dtype: torch.dtype, width: int) -> torch.Tensor:
     """The patch rows as a channels_last ``(n, width, h, w)`` tensor in ``dtype`` (one copy of the image, cropped to
     whole patches as the conv crops it; columns past ``c * p * p`` zero)."""
     n, c, height, width_px = x.shape
@@ -128,11 +130,11 @@ def forward(parts: StemParts, x: torch.Tensor) -> Optional[torch.Tensor]:
     dtype = _compute_dtype(parts, x)
     if dtype is None:
         return None
-    channels_last = _channels_last_order(x)
+    channels_last = channels_last_order(x)
     f = kept.kept(_cache.setdefault(parts.conv, {}), (channels_last, dtype), parts, (),
                   lambda: _fold(parts, channels_last, dtype))
     with torch.no_grad():
-        u = _patches(x, parts.kernel_size, channels_last, dtype, _width(parts, dtype))
+        u = patches(x, parts.kernel_size, channels_last, dtype, _width(parts, dtype))
         return cpu_kernels.pw_block(u, f.panels, f.bias, f.scale, f.shift, parts.act,
                                     cpu.output_buffer(output_shape(parts, x), conv_dtype(x), 'stem'))
 

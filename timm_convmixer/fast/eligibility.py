@@ -66,7 +66,7 @@ class StemParts(NamedTuple):
     bn: nn.BatchNorm2d
     act: str  # one of ACT_NAMES
     kernel_size: int  # the patch size: the conv's kernel and stride
-    mode: str  # 'eval' (the only mode with a fast stem)
+    mode: str  # 'eval' (cpu_stem) or 'train' (lean_stem)
 
     @property
     def convs(self) -> Tuple[nn.Conv2d, ...]:
@@ -189,7 +189,8 @@ def block_parts(block: nn.Module) -> Optional[BlockParts]:
 
 
 def stem_parts(stem: nn.Module) -> Optional[StemParts]:
-    """The stem's parts if it is a plain patch stem in eval mode (BatchNorm on running statistics), else ``None``.
+    """The stem's parts if it is a plain patch stem, else ``None``; its mode ``'eval'`` (BatchNorm on running
+    statistics) or ``'train'`` (batch statistics).
 
     Plain: a ``Sequential`` of exactly ``nn.Conv2d``, an activation and ``nn.BatchNorm2d`` (the model's ``Stem``,
     whose forward asks), the conv non-overlapping (kernel = stride, no padding or dilation, one group), so that it is
@@ -207,9 +208,9 @@ def stem_parts(stem: nn.Module) -> Optional[StemParts]:
     if conv.dilation != (1, 1) or conv.groups != 1 or conv.padding_mode != 'zeros':
         return None
     act = act_name(act_module)
-    if act is None or bn_uses_batch_stats(bn):
+    if act is None:
         return None
-    return StemParts(conv, act_module, bn, act, p, 'eval')
+    return StemParts(conv, act_module, bn, act, p, 'train' if bn_uses_batch_stats(bn) else 'eval')
 
 
 def bn_scale_shift(bn: nn.BatchNorm2d, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -42,7 +42,7 @@ from .eligibility import BlockParts
 from .runtime import autocast_state, conv_dtype
 
 __all__ = ['SavedNorm', 'TorchNorm', 'advance_running_stats', 'check_batch_size', 'lean_applies', 'lean_block_forward',
-           'pointwise_backward_gemm', 'under_checkpoint', 'update_running_stats']
+           'link_output', 'pointwise_backward_gemm', 'under_checkpoint', 'update_running_stats']
 
 # attribute on a lean block's output: how to rebuild it from the previous block's pre-activation
 _LINK = '_timm_convmixer_lean_link'
@@ -435,8 +435,13 @@ def lean_block_forward(parts: BlockParts, x: torch.Tensor, norm=TorchNorm) -> Op
     params = _params(parts)
     holder: Dict[str, Any] = {'autocast': autocast_state(x.device.type), 'link': _live_link(x), 'norm': norm}
     out = _LeanBlock.apply(x, parts, holder, *params)
-    p = holder.pop('p')
-    mean, invstd = holder.pop('stats')
-    setattr(out, _LINK, _Link(
-        weakref.ref(p), p._version, out._version, parts.act, parts.bn_pw, mean, invstd, holder['autocast']))
+    link_output(out, holder.pop('p'), parts.act, parts.bn_pw, *holder.pop('stats'), holder['autocast'])
     return out
+
+
+def link_output(out: torch.Tensor, p: torch.Tensor, act: str, bn: nn.BatchNorm2d, mean: torch.Tensor,
+                invstd: torch.Tensor, autocast: Tuple) -> None:
+    """Mark ``out = bn(act(p))`` (batch statistics ``mean``/``invstd``, ``p`` kept for backward by whoever made
+    ``out``) so that a lean block reading ``out`` rebuilds it from ``p`` in backward instead of keeping it; the link
+    lapses if either tensor is modified in place, or ``p`` is freed."""
+    setattr(out, _LINK, _Link(weakref.ref(p), p._version, out._version, act, bn, mean, invstd, autocast))

@@ -1,0 +1,129 @@
+"""The patch stem in training on our CPU kernels, as lean as the :mod:`.lean_cpu` blocks after it.
+
+Why: with the blocks on our kernels, the stem was the one layer of a CPU training step left to the plain modules:
+oneDNN's direct convolution for 3 input channels, the activation and a batch-statistics BatchNorm, each a pass over
+a map as large as a block's, with the convolution's and the activation's outputs kept for backward, and the first
+block keeping the stem's output as its input. At convmixer_256_8_ks9_p1's CIFAR shape (batch 64, Zen 4) it took
+~0.29 s of a 2.5 s ``lean_cpu`` step. Here:
+
+* forward: the image's patches (:func:`.cpu_stem.patches`, one copy of the image) times the weight on the blocks'
+  GEMM (:func:`.cpu_kernels.pw_block`, the bias in its epilogue) give the pre-activation ``t``; the activation and
+  BatchNorm are :class:`.lean_cpu.CpuNorm`'s two passes (batch statistics, then apply), the running statistics
+  advanced by eager's rule;
+* kept for backward: the patches (the image's size) and ``t``, plus per-channel statistics; the output carries the
+  lean blocks' link (:func:`.lean.link_output`), so a lean first block rebuilds its input from ``t`` instead of
+  keeping it;
+* backward: :class:`.lean_cpu.CpuNorm`'s normalisation backward (two passes), then the weight's gradient as one GEMM
+  over the patch rows and the bias's as a column sum. No gradient for the image: where the image asks for one (an
+  adversarial step), the plain modules run.
+
+Float32 on a CPU, as :mod:`.lean_cpu`; the output is channels_last, as the CPU paths' are. ``auto`` checks it against
+the plain stem on first use (a training step's output and gradients, judged against a float64 one) like a block's
+path (:func:`timm_convmixer.fast.stem_forward`); ``set_backend('lean_cpu')`` forces it.
+"""
+from typing import Any, Dict, Optional
+
+import torch
+
+from . import cpu_kernels, cpu_stem
+from .cpu import training_buffer
+from .eligibility import StemParts
+from .lean import SavedNorm, link_output, under_checkpoint
+from .lean_cpu import CpuNorm
+from .runtime import autocast_state, conv_dtype
+
+__all__ = ['applies', 'forward']
+
+
+# rows of the weight gradient's GEMM per call (see _weight_grad)
+WEIGHT_GRAD_ROWS = 2048
+
+
+def _weight_grad(rows: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``g.t() @ rows`` (the ``(dim, K)`` weight gradient from ``(R, dim)`` output gradients and ``(R, K)`` patch
+    rows) as ``rows.t() @ g`` summed over chunks of :data:`WEIGHT_GRAD_ROWS` rows. At patch 1 (K = 3) MKL took 68 ms
+    for ``g.t() @ rows`` at 65536 x 256, 23 ms for ``rows.t() @ g`` whole and 12 ms in chunks of 2048 rows; at
+    patches 2, 7 and 14 the chunks ran within 0.2 ms of the whole product (Zen 4, 2 threads, 9 rounds)."""
+    out = rows.new_zeros(rows.shape[1], g.shape[1])
+    for i in range(0, rows.shape[0], WEIGHT_GRAD_ROWS):
+        out.addmm_(rows[i:i + WEIGHT_GRAD_ROWS].t(), g[i:i + WEIGHT_GRAD_ROWS])
+    return out.t()
+
+
+class _LeanStem(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, x, parts: StemParts, holder: Dict[str, Any], conv_w, conv_b, bn_w, bn_b):
+        channels_last = cpu_stem.channels_last_order(x)
+        width = parts.conv.in_channels * parts.kernel_size ** 2
+        rows = cpu_stem.patches(x, parts.kernel_size, channels_last, torch.float32, width)
+        dim = conv_w.shape[0]
+        panels = cpu_kernels.pw_pack(cpu_stem.flat_weight(conv_w.detach(), channels_last).contiguous())
+        bias = conv_w.new_zeros(dim) if conv_b is None else conv_b.detach()
+        ones, zeros = conv_w.new_ones(dim), conv_w.new_zeros(dim)
+        t = cpu_kernels.pw_block(rows, panels, bias, ones, zeros, 'identity',
+                                 training_buffer((x.shape[0], dim) + tuple(rows.shape[2:]), torch.float32))
+        out, norm = CpuNorm.forward(parts.bn, t, parts.act, bn_w, bn_b)
+        ctx.parts = parts
+        ctx.channels_last = channels_last
+        ctx.save_for_backward(rows, t, norm.save_mean, norm.save_var, conv_w, bn_w)
+        holder['t'] = t
+        holder['stats'] = (norm.save_mean, norm.save_var)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                'timm_convmixer: the lean training stem has no double backward (create_graph=True, as a gradient '
+                "penalty asks); train such a model with the plain modules: timm_convmixer.fast.set_backend('eager') "
+                'or TIMM_CONVMIXER_BACKEND=eager')
+        parts: StemParts = ctx.parts
+        rows, t, mean, invstd, conv_w, bn_w = ctx.saved_tensors
+        needs = ctx.needs_input_grad  # (x, parts, holder, conv_w, conv_b, bn_w, bn_b)
+        norm = SavedNorm(None, mean, invstd, mean.new_empty(0), -1)
+        grad_t, grad_bn_w, grad_bn_b = CpuNorm.backward(parts.bn, norm, t, parts.act, grad_out, bn_w, needs[5:7])
+        grad_w = grad_b = None
+        if needs[3] or needs[4]:
+            g = grad_t.permute(0, 2, 3, 1).reshape(-1, grad_t.shape[1])  # channels_last: the rows as they lie
+            if needs[3]:
+                flat = _weight_grad(rows.permute(0, 2, 3, 1).reshape(g.shape[0], -1), g)
+                # back from the patch rows' column order to the conv's (dim, c, p, p)
+                p, c = parts.kernel_size, parts.conv.in_channels
+                grad_w = (flat.view(-1, p, p, c).permute(0, 3, 1, 2) if ctx.channels_last else flat.view_as(conv_w))
+                grad_w = grad_w.contiguous()
+            if needs[4]:
+                grad_b = g.sum(0)
+        return None, None, None, grad_w, grad_b, grad_bn_w, grad_bn_b
+
+
+def applies(parts: StemParts, x: torch.Tensor) -> bool:
+    """Where the lean stem may run (cheap; asked on every call): a batch-statistics stem whose parameters want
+    gradients, recording autograd, no checkpoint packing; float32 on a CPU (no autocast), an image that wants no
+    gradient, our kernels loaded (built on first use; never where the build is off or failed)."""
+    if parts.mode != 'train' or not torch.is_grad_enabled() or x.requires_grad or under_checkpoint():
+        return False
+    if x.device.type != 'cpu' or x.dtype != torch.float32 or conv_dtype(x) != torch.float32:
+        return False
+    if x.dim() != 4 or x.layout != torch.strided or x.numel() == 0 or x.shape[1] != parts.conv.in_channels:
+        return False
+    if x.shape[2] < parts.kernel_size or x.shape[3] < parts.kernel_size:
+        return False
+    params = [t for m in (parts.conv, parts.bn) for t in m.parameters()]
+    if not any(t.requires_grad for t in params):
+        return False
+    if any(t.device.type != 'cpu' or t.dtype != torch.float32 for t in params):
+        return False
+    return cpu_stem.available()
+
+
+def forward(parts: StemParts, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """The training stem's output (channels_last, linked for the first lean block), or ``None`` where it does not
+    apply (then the plain modules run)."""
+    if not applies(parts, x):
+        return None
+    holder: Dict[str, Any] = {}
+    conv, bn = parts.conv, parts.bn
+    out = _LeanStem.apply(x, parts, holder, conv.weight, conv.bias, bn.weight, bn.bias)
+    link_output(out, holder.pop('t'), parts.act, bn, *holder.pop('stats'), autocast_state('cpu'))
+    return out
