@@ -246,9 +246,9 @@ def warn_if_bf16_is_emulated(x: torch.Tensor) -> None:
     warnings.warn(
         'timm_convmixer: bfloat16 autocast on a CPU without native bf16 support '
         '(torch.ops.mkldnn._is_mkldnn_bf16_supported() is False): its bf16 convolutions are emulated and run 15-20x '
-        'slower than float32. Eval-mode blocks and the stem take our float32 kernels where auto finds them within '
-        'bf16 precision (and faster), but everything else, training included, runs emulated. Drop the CPU autocast '
-        '(train.py: no --amp on CPU) unless you need bf16 numerics.',
+        'slower than float32. The blocks and the stem take our float32 kernels where auto finds them within '
+        'bf16 precision (and faster; in training the lean_cpu path), but everything else (the head, any plain '
+        'module) runs emulated. Drop the CPU autocast (train.py: no --amp on CPU) unless you need bf16 numerics.',
         RuntimeWarning, stacklevel=4)
 
 

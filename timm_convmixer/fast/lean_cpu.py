@@ -23,7 +23,8 @@ pointwise convolution. Per step:
 Measured on an AVX2 Zen 3 (2 threads, interleaved medians): a normalisation step alone 2.1x torch's forward and
 backward at 8 x 768 x 32 x 32 with ReLU, 1.3x / 1.8x at 64 x 256 x 16 x 16 with GELU; whole training steps in
 the README. Activations are kept channels_last, the kernels' row layout: an NCHW input is converted once, at the
-first block (its output stays channels_last, like the CPU inference paths'; values are unchanged).
+first block (its output stays channels_last, like the CPU inference paths'; values are unchanged). Everything is
+float32, under bf16 autocast too (:func:`computes`: a bf16 input widened as it is first read, float32 handed on).
 
 Statistics are summed in float over runs of 8 rows and in double beyond, the running statistics advanced with
 eager's rule (momentum or cumulative average, unbiased variance, ``num_batches_tracked``); results are not eager's
@@ -40,16 +41,17 @@ from . import cpu_kernels
 from .cpu import training_buffer
 from .eligibility import BlockParts, scale_shift
 from .lean import SavedNorm, TorchNorm, check_batch_size, lean_applies, pointwise_backward_gemm, update_running_stats
-from .runtime import conv_dtype
+from .runtime import autocast_state
 
-__all__ = ['CpuNorm', 'applies']
+__all__ = ['CpuNorm', 'applies', 'computes']
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
-    """``t`` channels_last (a copy where it is not, from :func:`.cpu.training_buffer`)."""
-    if t.is_contiguous(memory_format=torch.channels_last):
+    """``t`` as the kernels take it, float32 channels_last (a copy where it is not, from
+    :func:`.cpu.training_buffer`: under bf16 autocast a bf16 input or gradient is widened)."""
+    if t.dtype == torch.float32 and t.is_contiguous(memory_format=torch.channels_last):
         return t
-    return training_buffer(t.shape, t.dtype).copy_(t)
+    return training_buffer(t.shape, torch.float32).copy_(t)
 
 
 def _mask_vector(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -62,7 +64,7 @@ def _gemm(u: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -
     panels = cpu_kernels.pw_pack(weight.detach().reshape(c_out, -1).contiguous())
     ones, zeros = u.new_ones(c_out), u.new_zeros(c_out)
     b = zeros if bias is None else bias.detach()
-    out = training_buffer((u.shape[0], c_out) + tuple(u.shape[2:]), u.dtype)
+    out = training_buffer((u.shape[0], c_out) + tuple(u.shape[2:]), torch.float32)
     return cpu_kernels.pw_block(_rows(u), panels, b, ones, zeros, 'identity', out)
 
 
@@ -70,9 +72,9 @@ def _depthwise(x: torch.Tensor, taps: torch.Tensor, bias: Optional[torch.Tensor]
                pad: Optional[int] = None) -> torch.Tensor:
     """``depthwise_conv(x) + bias`` on our kernel (``taps`` as ``(k * k, C)``; "same" padding unless ``pad``)."""
     c = x.shape[1]
-    b = x.new_zeros(c) if bias is None else bias.detach().contiguous()
-    return cpu_kernels.dw_block(_rows(x), taps, b, x.new_ones(c), k, 'identity', training_buffer(x.shape, x.dtype),
-                                residual=False, pad=pad)
+    b = taps.new_zeros(c) if bias is None else bias.detach().contiguous()
+    return cpu_kernels.dw_block(_rows(x), taps, b, taps.new_ones(c), k, 'identity',
+                                training_buffer(x.shape, torch.float32), residual=False, pad=pad)
 
 
 def _transposed(weight: torch.Tensor) -> Tuple[torch.Tensor, int]:
@@ -131,7 +133,8 @@ class CpuNorm(TorchNorm):
         grad_p = _rows(grad_p)
         w = weight.detach()
         grad_u = _gemm(grad_p, w.reshape(w.shape[0], w.shape[1]).t(), None)
-        _, grad_w, grad_b = pointwise_backward_gemm(grad_p, _rows(u), w, need_w, grad_u)
+        with torch.autocast('cpu', enabled=False):  # (backward runs under the forward's autocast: MKL's fp32 GEMM)
+            _, grad_w, grad_b = pointwise_backward_gemm(grad_p, _rows(u), w, need_w, grad_u)
         grad_w = grad_w.view_as(weight) if need_w else None
         return grad_u, grad_w, grad_b if bias is not None and need_b else None
 
@@ -158,25 +161,38 @@ class CpuNorm(TorchNorm):
         scale, shift = scale_shift(weight, bias, mean.double(), invstd.double())
         residual = None if residual is None else _rows(residual)
         return cpu_kernels.bn_act_apply(t, act, scale.float(), shift.float(), _mask_vector(mask), residual,
-                                        training_buffer(t.shape, t.dtype))
+                                        training_buffer(t.shape, torch.float32))
 
     @staticmethod
     def backward(bn, norm: SavedNorm, t, act: str, grad, weight, needs, mask=None, act_out=None):
         w = None if weight is None else weight.detach().float().contiguous()
         t = _rows(t)
+        out = training_buffer(t.shape, torch.float32)
         grad_t, grad_w, grad_b = cpu_kernels.bn_act_backward(_rows(grad), t, act, norm.save_mean, norm.save_var, w,
-                                                             _mask_vector(mask), training_buffer(t.shape, t.dtype))
+                                                             _mask_vector(mask), out)
         grad_w = grad_w.to(weight.dtype) if weight is not None and needs[0] else None
         grad_b = grad_b.to(bn.bias.dtype) if bn.bias is not None and needs[1] else None
         return grad_t, grad_w, grad_b
 
 
+def computes(x: torch.Tensor) -> bool:
+    """Whether these float32 kernels compute a layer on ``x``: float32 with autocast off, or float32 or bf16 under
+    CPU bf16 autocast. Under bf16 autocast they compute in float32 all the same and hand on float32 (autocast
+    promises bf16 precision, not bf16 arithmetic; ``auto`` judges the result against an fp32 step, as every path
+    under autocast): on a CPU without native bf16, eager's bf16 convolutions are emulated 15-20x slower than fp32,
+    and where bf16 is native the plain bf16 modules still ran below fp32 with these kernels (96 against 108-120 img/s,
+    256_8_ks5_p2, Zen 4). fp16 autocast: not taken."""
+    _, enabled, dtype = autocast_state('cpu')
+    if not enabled:
+        return x.dtype == torch.float32
+    return dtype == torch.bfloat16 and x.dtype in (torch.float32, torch.bfloat16)
+
+
 def applies(parts: BlockParts, x: torch.Tensor) -> bool:
-    """Where these kernels may run: what the lean block needs, on a CPU, everything float32 (not under bf16
-    autocast), with the kernels loaded (built on first use; never where the build is off or failed)."""
-    if not lean_applies(parts, x) or x.device.type != 'cpu':
-        return False
-    if x.dtype != torch.float32 or conv_dtype(x) != torch.float32:
+    """Where these kernels may run: what the lean block needs, on a CPU, float32 parameters and an input they
+    compute on (:func:`computes`), with the kernels loaded (built on first use; never where the build is off or
+    failed)."""
+    if not lean_applies(parts, x) or x.device.type != 'cpu' or not computes(x):
         return False
     for module in (parts.conv_dw, parts.bn_dw, parts.conv_pw, parts.bn_pw):
         for t in module.parameters():

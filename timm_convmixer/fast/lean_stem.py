@@ -29,8 +29,8 @@ from . import cpu_kernels, cpu_stem
 from .cpu import training_buffer
 from .eligibility import StemParts
 from .lean import SavedNorm, link_output, under_checkpoint
-from .lean_cpu import CpuNorm
-from .runtime import autocast_state, conv_dtype
+from .lean_cpu import CpuNorm, computes
+from .runtime import autocast_state
 
 __all__ = ['applies', 'forward']
 
@@ -45,8 +45,9 @@ def _weight_grad(rows: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     for ``g.t() @ rows`` at 65536 x 256, 23 ms for ``rows.t() @ g`` whole and 12 ms in chunks of 2048 rows; at
     patches 2, 7 and 14 the chunks ran within 0.2 ms of the whole product (Zen 4, 2 threads, 9 rounds)."""
     out = rows.new_zeros(rows.shape[1], g.shape[1])
-    for i in range(0, rows.shape[0], WEIGHT_GRAD_ROWS):
-        out.addmm_(rows[i:i + WEIGHT_GRAD_ROWS].t(), g[i:i + WEIGHT_GRAD_ROWS])
+    with torch.autocast('cpu', enabled=False):  # (under bf16 autocast too: these are float32 tensors)
+        for i in range(0, rows.shape[0], WEIGHT_GRAD_ROWS):
+            out.addmm_(rows[i:i + WEIGHT_GRAD_ROWS].t(), g[i:i + WEIGHT_GRAD_ROWS])
     return out.t()
 
 
@@ -99,11 +100,12 @@ class _LeanStem(torch.autograd.Function):
 
 def applies(parts: StemParts, x: torch.Tensor) -> bool:
     """Where the lean stem may run (cheap; asked on every call): a batch-statistics stem whose parameters want
-    gradients, recording autograd, no checkpoint packing; float32 on a CPU (no autocast), an image that wants no
-    gradient, our kernels loaded (built on first use; never where the build is off or failed)."""
+    gradients, recording autograd, no checkpoint packing; on a CPU, an image the kernels compute on
+    (:func:`.lean_cpu.computes`: float32, or under bf16 autocast, computing in float32) that wants no gradient,
+    float32 parameters, our kernels loaded (built on first use; never where the build is off or failed)."""
     if parts.mode != 'train' or not torch.is_grad_enabled() or x.requires_grad or under_checkpoint():
         return False
-    if x.device.type != 'cpu' or x.dtype != torch.float32 or conv_dtype(x) != torch.float32:
+    if x.device.type != 'cpu' or not computes(x):
         return False
     if x.dim() != 4 or x.layout != torch.strided or x.numel() == 0 or x.shape[1] != parts.conv.in_channels:
         return False
