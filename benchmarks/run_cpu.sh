@@ -55,3 +55,14 @@ for impl in lean lean_cpu auto; do
     --modes nchw channels_last --backend $impl --out $R/cpu_train_${impl}_cifar_p1.json \
     --chart $R/cpu_train_${impl}_cifar_p1.png
 done
+# ... and under bf16 autocast, lean_cpu forced (it computes in fp32 there) and as auto chooses (which offers it only
+# where the CPU lacks native bf16; there the built-in's bf16 convolutions are emulated, 15-20x slower, and these runs
+# take several minutes)
+for impl in lean_cpu auto; do
+  for case in "convmixer_256_8_ks5_p2 64 32 cifar" "convmixer_768_32 8 224 768"; do
+    set -- $case
+    B --models $1 --batch-size $2 --img-size $3 --task train --dtype bf16 \
+      $([ $4 = 768 ] && echo --model-kwargs depth=8) --modes nchw channels_last --backend $impl \
+      --out $R/cpu_train_${impl}_bf16_$4.json --chart $R/cpu_train_${impl}_bf16_$4.png
+  done
+done

@@ -357,6 +357,23 @@ def test_lean_stem_declines_where_it_may_not(kernels):
 
 
 @pytest.mark.kernels
+@pytest.mark.parametrize('native', [True, False])
+def test_auto_offers_lean_cpu_under_bf16_autocast_only_where_bf16_is_emulated(native, monkeypatch, kernels):
+    """Under bf16 autocast ``auto`` checks our float32 kernels (blocks and stem) only on a CPU without native bf16;
+    where bf16 is native it races the torch-kernel lean block against the plain modules alone (our float32 hand-on
+    made a whole step slower there though each block's check favoured it). Which CPU this is, is the rule's input:
+    set here both ways."""
+    from timm_convmixer.fast import lean_cpu
+    monkeypatch.setattr(lean_cpu, 'native_bf16', lambda: native)
+    _, model = _pair(dim=16, depth=2)
+    with warnings.catch_warnings(), torch.autocast('cpu', dtype=torch.bfloat16):
+        warnings.simplefilter('ignore')
+        _step(model, _input(2, 32), 'auto')
+    checked_paths = {key[0] for key in checked.decisions if key[0] != checked.RACE}
+    assert checked_paths == ({'lean'} if native else {'lean', 'lean_cpu', checked.STEM}), checked_paths
+
+
+@pytest.mark.kernels
 def test_forcing_lean_cpu_without_its_kernels_runs_the_plain_modules(run_python):
     code = """
 import torch, timm, timm_convmixer

@@ -308,8 +308,12 @@ def _lean_norms(parts: BlockParts, x: torch.Tensor):
 
 def _checked_train(block: nn.Module, parts: BlockParts, x: torch.Tensor) -> Tuple[str, Optional[torch.Tensor]]:
     """auto's training path: ``(path, output)``, the fastest lean implementation the check on first use found right
-    and faster than the plain modules (each is timed against them), or ``('lean', None)``."""
+    and faster than the plain modules (each is timed against them; ``lean_cpu`` where :func:`.lean_cpu.auto_offers`),
+    or ``('lean', None)``."""
+    from . import lean_cpu
     norms = _lean_norms(parts, x)
+    if not lean_cpu.auto_offers():
+        norms.pop('lean_cpu', None)
     path = _fastest_step(block, parts, x, {
         path: (lambda t, norm=norm: lean_block_forward(parts, t, norm)) for path, norm in norms.items()})
     if path is None:
@@ -430,12 +434,13 @@ def stem_forward(stem: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
     conversion of its output, :data:`.checked.STEM`), and keeps the plain stem where blocks have been found to take
     none of the CPU paths on the fast stem's output (:func:`.checked.blocks_declined`) before the stem's own check:
     the plain blocks would then only be moved to channels_last. Once made, the stem's decision stands (every call of
-    a case computes the same). In training (:mod:`.lean_stem`, fp32, :func:`.lean_stem.applies`) ``'lean_cpu'``
-    forces it and ``auto`` checks a training step of it against the plain stem's, as a training block's.
+    a case computes the same). In training (:mod:`.lean_stem`, fp32 or computing in fp32 under bf16 autocast,
+    :func:`.lean_stem.applies`) ``'lean_cpu'`` forces it and ``auto`` checks a training step of it against the plain
+    stem's, as a training block's, where it checks ``lean_cpu`` (:func:`.lean_cpu.auto_offers`).
     """
     if _is_compiling():
         return None  # uncounted, as a block's call (see block_forward)
-    from . import checked, cpu, cpu_stem, lean_stem
+    from . import checked, cpu, cpu_stem, lean_cpu, lean_stem
     parts = None
     if (_offered(x) and x.device.type == 'cpu' and not triton_device(x)
             and _backend in ('auto', 'lean_cpu') + cpu.PATHS):
@@ -444,7 +449,7 @@ def stem_forward(stem: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
     if parts is not None and parts.mode == 'train':
         if _backend == 'lean_cpu':
             out = lean_stem.forward(parts, x)
-        elif _backend == 'auto' and lean_stem.applies(parts, x) and _fastest_step(
+        elif _backend == 'auto' and lean_stem.applies(parts, x) and lean_cpu.auto_offers() and _fastest_step(
                 stem, parts, x, {checked.STEM: lambda t: lean_stem.forward(parts, t)}) is not None:
             out = lean_stem.forward(parts, x)
     elif parts is not None and _backend != 'lean_cpu':

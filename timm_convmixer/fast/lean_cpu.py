@@ -38,12 +38,12 @@ import torch
 import torch.nn as nn
 
 from . import cpu_kernels
-from .cpu import training_buffer
+from .cpu import native_bf16, training_buffer
 from .eligibility import BlockParts, scale_shift
 from .lean import SavedNorm, TorchNorm, check_batch_size, lean_applies, pointwise_backward_gemm, update_running_stats
 from .runtime import autocast_state
 
-__all__ = ['CpuNorm', 'applies', 'computes']
+__all__ = ['CpuNorm', 'applies', 'auto_offers', 'computes']
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -62,7 +62,7 @@ def _gemm(u: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -
     """``conv1x1(u, weight) + bias`` (``weight`` as ``(C_out, C_in)`` or ``(C_out, C_in, 1, 1)``) on our GEMM."""
     c_out = weight.shape[0]
     panels = cpu_kernels.pw_pack(weight.detach().reshape(c_out, -1).contiguous())
-    ones, zeros = u.new_ones(c_out), u.new_zeros(c_out)
+    ones, zeros = weight.new_ones(c_out), weight.new_zeros(c_out)
     b = zeros if bias is None else bias.detach()
     out = training_buffer((u.shape[0], c_out) + tuple(u.shape[2:]), torch.float32)
     return cpu_kernels.pw_block(_rows(u), panels, b, ones, zeros, 'identity', out)
@@ -179,13 +179,24 @@ def computes(x: torch.Tensor) -> bool:
     """Whether these float32 kernels compute a layer on ``x``: float32 with autocast off, or float32 or bf16 under
     CPU bf16 autocast. Under bf16 autocast they compute in float32 all the same and hand on float32 (autocast
     promises bf16 precision, not bf16 arithmetic; ``auto`` judges the result against an fp32 step, as every path
-    under autocast): on a CPU without native bf16, eager's bf16 convolutions are emulated 15-20x slower than fp32,
-    and where bf16 is native the plain bf16 modules still ran below fp32 with these kernels (96 against 108-120 img/s,
-    256_8_ks5_p2, Zen 4). fp16 autocast: not taken."""
+    under autocast): on a CPU without native bf16, eager's bf16 convolutions are emulated 15-20x slower than fp32;
+    where it is native, ``auto`` does not offer them (:func:`auto_offers`). fp16 autocast: not taken."""
     _, enabled, dtype = autocast_state('cpu')
     if not enabled:
         return x.dtype == torch.float32
     return dtype == torch.bfloat16 and x.dtype in (torch.float32, torch.bfloat16)
+
+
+def auto_offers() -> bool:
+    """Whether ``auto`` checks these kernels (and the lean stem) at all, as far as the dtype goes: not under bf16
+    autocast on a CPU with native bf16. There the plain modules hand on bf16 and ours float32, which changes what the
+    next layer's check compares: at 768_32 depth 8 channels_last every block's check found ``lean_cpu`` 1.07x-1.12x
+    the plain bf16 block (its float32 input, from the lean stem), and the whole step ran 0.964x the built-in's bf16
+    step (1.234x at 256_8_ks5_p2; Zen 4, ``cpu_train_auto_bf16_*.json`` before this rule). Where bf16 is emulated
+    (15-20x slower than fp32) nothing of the kind can make up the difference. ``set_backend('lean_cpu')`` still
+    forces them."""
+    _, enabled, dtype = autocast_state('cpu')
+    return not (enabled and dtype == torch.bfloat16 and native_bf16())
 
 
 def applies(parts: BlockParts, x: torch.Tensor) -> bool:
