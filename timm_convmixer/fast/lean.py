@@ -42,7 +42,8 @@ from .eligibility import BlockParts
 from .runtime import autocast_state, conv_dtype
 
 __all__ = ['SavedNorm', 'TorchNorm', 'advance_running_stats', 'check_batch_size', 'lean_applies', 'lean_block_forward',
-           'link_output', 'pointwise_backward_gemm', 'under_checkpoint', 'update_running_stats']
+           'link_output', 'pointwise_backward_gemm', 'refuse_double_backward', 'under_checkpoint',
+           'update_running_stats']
 
 # attribute on a lean block's output: how to rebuild it from the previous block's pre-activation
 _LINK = '_timm_convmixer_lean_link'
@@ -324,14 +325,7 @@ class _LeanBlock(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        if torch.is_grad_enabled():
-            # create_graph=True (a gradient penalty): these gradients are computed without a graph, so a second
-            # differentiation would silently miss every term through them (torch's once_differentiable would not
-            # catch it: its error is reached only where gradients flow back into the block's own inputs)
-            raise RuntimeError(
-                'timm_convmixer: the memory-lean training block has no double backward (create_graph=True, as a '
-                "gradient penalty asks); train such a model with the plain modules: timm_convmixer.fast.set_backend("
-                "'eager') or TIMM_CONVMIXER_BACKEND=eager")
+        refuse_double_backward('the memory-lean training block')
         parts: BlockParts = ctx.parts
         norm_ops = ctx.norm_ops
         (source, p, mask, mean_pw, var_pw, reserve_pw, mean_dw, var_dw, reserve_dw, prev_w, prev_b, prev_mean,
@@ -368,6 +362,18 @@ class _LeanBlock(torch.autograd.Function):
                                           beta if need[1] and beta is not None else None)
         return (grad_x, None, None, grad_w_dw, grad_b_dw, *bn_grads(grad_g_dw, grad_beta_dw, needs[5:7]),
                 grad_w_pw, grad_b_pw, *bn_grads(grad_g_pw, grad_beta_pw, needs[9:11]))
+
+
+def refuse_double_backward(what: str) -> None:
+    """Raise, naming ``what``, where a lean backward is asked to build a graph (``create_graph=True``, as a gradient
+    penalty asks): its gradients are computed without one, so a second differentiation would silently miss every term
+    through them (torch's ``once_differentiable`` would not catch it: its error is reached only where gradients flow
+    back into the function's own inputs)."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f'timm_convmixer: {what} has no double backward (create_graph=True, as a gradient penalty asks); train '
+            "such a model with the plain modules: timm_convmixer.fast.set_backend('eager') or "
+            'TIMM_CONVMIXER_BACKEND=eager')
 
 
 def _pointwise_backward(grad_p, u, dtype, weight, bias, needs):

@@ -28,7 +28,7 @@ import torch
 from . import cpu_kernels, cpu_stem
 from .cpu import training_buffer
 from .eligibility import StemParts
-from .lean import SavedNorm, link_output, under_checkpoint
+from .lean import SavedNorm, link_output, refuse_double_backward, under_checkpoint
 from .lean_cpu import CpuNorm, computes
 from .runtime import autocast_state
 
@@ -74,11 +74,7 @@ class _LeanStem(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                'timm_convmixer: the lean training stem has no double backward (create_graph=True, as a gradient '
-                "penalty asks); train such a model with the plain modules: timm_convmixer.fast.set_backend('eager') "
-                'or TIMM_CONVMIXER_BACKEND=eager')
+        refuse_double_backward('the lean training stem')
         parts: StemParts = ctx.parts
         rows, t, mean, invstd, conv_w, bn_w = ctx.saved_tensors
         needs = ctx.needs_input_grad  # (x, parts, holder, conv_w, conv_b, bn_w, bn_b)
