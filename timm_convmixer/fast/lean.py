@@ -259,6 +259,9 @@ class TorchNorm:
     def backward(bn, norm: SavedNorm, t, act: str, grad, weight, needs, mask=None, act_out=None):
         """Gradients wrt ``(t, weight, bias)`` for the output's gradient ``grad`` (``act_out``: ``act(t)`` if known)."""
         a = _ACT_FNS[act](t) if act_out is None else act_out
+        # in the normalisation's dtype, as autograd hands a sum's gradient to each term: under bf16 autocast a float32
+        # residual (an input handed on in float32) makes the block's sum float32 and its gradient too
+        grad = grad.to(a.dtype)
         if mask is not None:
             grad = grad * mask
         grad_a, grad_w, grad_b = _batch_norm_backward(bn, norm, a, grad, weight, needs)

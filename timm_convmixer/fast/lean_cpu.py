@@ -38,12 +38,12 @@ import torch
 import torch.nn as nn
 
 from . import cpu_kernels
-from .cpu import native_bf16, training_buffer
+from .cpu import training_buffer
 from .eligibility import BlockParts, scale_shift
 from .lean import SavedNorm, TorchNorm, check_batch_size, lean_applies, pointwise_backward_gemm, update_running_stats
 from .runtime import autocast_state
 
-__all__ = ['CpuNorm', 'applies', 'auto_offers', 'computes']
+__all__ = ['CpuNorm', 'applies', 'computes']
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -180,23 +180,12 @@ def computes(x: torch.Tensor) -> bool:
     CPU bf16 autocast. Under bf16 autocast they compute in float32 all the same and hand on float32 (autocast
     promises bf16 precision, not bf16 arithmetic; ``auto`` judges the result against an fp32 step, as every path
     under autocast): on a CPU without native bf16, eager's bf16 convolutions are emulated 15-20x slower than fp32;
-    where it is native, ``auto`` does not offer them (:func:`auto_offers`). fp16 autocast: not taken."""
+    where it is native, ``auto``'s check decides per case (Zen 4: taken at 256_8_ks5_p2, 1.20x-1.23x the built-in's
+    bf16 step; not at 768_32 in channels_last). fp16 autocast: not taken."""
     _, enabled, dtype = autocast_state('cpu')
     if not enabled:
         return x.dtype == torch.float32
     return dtype == torch.bfloat16 and x.dtype in (torch.float32, torch.bfloat16)
-
-
-def auto_offers() -> bool:
-    """Whether ``auto`` checks these kernels (and the lean stem) at all, as far as the dtype goes: not under bf16
-    autocast on a CPU with native bf16. There the plain modules hand on bf16 and ours float32, which changes what the
-    next layer's check compares: at 768_32 depth 8 channels_last every block's check found ``lean_cpu`` 1.07x-1.12x
-    the plain bf16 block (its float32 input, from the lean stem), and the whole step ran 0.964x the built-in's bf16
-    step (1.234x at 256_8_ks5_p2; Zen 4, ``cpu_train_auto_bf16_*.json`` before this rule). Where bf16 is emulated
-    (15-20x slower than fp32) nothing of the kind can make up the difference. ``set_backend('lean_cpu')`` still
-    forces them."""
-    _, enabled, dtype = autocast_state('cpu')
-    return not (enabled and dtype == torch.bfloat16 and native_bf16())
 
 
 def applies(parts: BlockParts, x: torch.Tensor) -> bool:
