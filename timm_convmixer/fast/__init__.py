@@ -310,6 +310,8 @@ def _checked_train(block: nn.Module, parts: BlockParts, x: torch.Tensor) -> Tupl
     """auto's training path: ``(path, output)``, the fastest lean implementation the check on first use found right
     and faster than the plain modules (each is timed against them), or ``('lean', None)``."""
     norms = _lean_norms(parts, x)
+    if triton_device(x):  # as for eval blocks: on a Triton device (the interpreter's CPU tensors) no CPU path
+        norms.pop('lean_cpu', None)
     path = _fastest_step(block, parts, x, {
         path: (lambda t, norm=norm: lean_block_forward(parts, t, norm)) for path, norm in norms.items()})
     if path is None:
