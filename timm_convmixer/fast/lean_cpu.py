@@ -43,7 +43,7 @@ from .eligibility import BlockParts, scale_shift
 from .lean import SavedNorm, TorchNorm, check_batch_size, lean_applies, pointwise_backward_gemm, update_running_stats
 from .runtime import autocast_state
 
-__all__ = ['CpuNorm', 'applies', 'computes']
+__all__ = ['CpuNorm', 'applies', 'computes', 'gemm']
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -58,8 +58,9 @@ def _mask_vector(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if mask is None else mask.reshape(-1).float().contiguous()
 
 
-def _gemm(u: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """``conv1x1(u, weight) + bias`` (``weight`` as ``(C_out, C_in)`` or ``(C_out, C_in, 1, 1)``) on our GEMM."""
+def gemm(u: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``conv1x1(u, weight) + bias`` (``weight`` as ``(C_out, C_in)`` or ``(C_out, C_in, 1, 1)``) on our GEMM, into a
+    pooled float32 buffer (the lean stem's patches times its weight too)."""
     c_out = weight.shape[0]
     panels = cpu_kernels.pw_pack(weight.detach().reshape(c_out, -1).contiguous())
     ones, zeros = weight.new_ones(c_out), weight.new_zeros(c_out)
@@ -123,7 +124,7 @@ class CpuNorm(TorchNorm):
     @staticmethod
     def pointwise(conv: nn.Conv2d, u: torch.Tensor) -> torch.Tensor:
         """``conv1x1(u) + bias`` on our GEMM (:func:`.cpu_kernels.pw_block`, the weight packed anew each step)."""
-        return _gemm(u, conv.weight, conv.bias)
+        return gemm(u, conv.weight, conv.bias)
 
     @staticmethod
     def pointwise_backward(grad_p, u, dtype, weight, bias, needs):
@@ -132,7 +133,7 @@ class CpuNorm(TorchNorm):
         need_w, need_b = needs
         grad_p = _rows(grad_p)
         w = weight.detach()
-        grad_u = _gemm(grad_p, w.reshape(w.shape[0], w.shape[1]).t(), None)
+        grad_u = gemm(grad_p, w.reshape(w.shape[0], w.shape[1]).t(), None)
         with torch.autocast('cpu', enabled=False):  # (backward runs under the forward's autocast: MKL's fp32 GEMM)
             _, grad_w, grad_b = pointwise_backward_gemm(grad_p, _rows(u), w, need_w, grad_u)
         grad_w = grad_w.view_as(weight) if need_w else None

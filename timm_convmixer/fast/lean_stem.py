@@ -25,11 +25,10 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from . import cpu_kernels, cpu_stem
-from .cpu import training_buffer
+from . import cpu_stem
 from .eligibility import StemParts
 from .lean import SavedNorm, link_output, refuse_double_backward, under_checkpoint
-from .lean_cpu import CpuNorm, computes
+from .lean_cpu import CpuNorm, computes, gemm
 from .runtime import autocast_state
 
 __all__ = ['applies', 'forward']
@@ -58,12 +57,7 @@ class _LeanStem(torch.autograd.Function):
         channels_last = cpu_stem.channels_last_order(x)
         width = parts.conv.in_channels * parts.kernel_size ** 2
         rows = cpu_stem.patches(x, parts.kernel_size, channels_last, torch.float32, width)
-        dim = conv_w.shape[0]
-        panels = cpu_kernels.pw_pack(cpu_stem.flat_weight(conv_w.detach(), channels_last).contiguous())
-        bias = conv_w.new_zeros(dim) if conv_b is None else conv_b.detach()
-        ones, zeros = conv_w.new_ones(dim), conv_w.new_zeros(dim)
-        t = cpu_kernels.pw_block(rows, panels, bias, ones, zeros, 'identity',
-                                 training_buffer((x.shape[0], dim) + tuple(rows.shape[2:]), torch.float32))
+        t = gemm(rows, cpu_stem.flat_weight(conv_w.detach(), channels_last), conv_b)
         out, norm = CpuNorm.forward(parts.bn, t, parts.act, bn_w, bn_b)
         ctx.parts = parts
         ctx.channels_last = channels_last
