@@ -31,7 +31,7 @@ plain modules).
 """
 import contextlib
 import weakref
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -42,7 +42,7 @@ from .eligibility import BlockParts
 from .runtime import autocast_state, conv_dtype
 
 __all__ = ['SavedNorm', 'TorchNorm', 'advance_running_stats', 'check_batch_size', 'lean_applies', 'lean_block_forward',
-           'link_output', 'pointwise_backward_gemm', 'refuse_double_backward', 'under_checkpoint',
+           'link_output', 'pointwise_backward_gemm', 'records_training', 'refuse_double_backward', 'under_checkpoint',
            'update_running_stats']
 
 # attribute on a lean block's output: how to rebuild it from the previous block's pre-activation
@@ -421,15 +421,20 @@ def pointwise_backward_gemm(grad_p, u, weight, need_w: bool, grad_u=None):
     return grad_u, grad_w, g.sum((0, 2))
 
 
+def records_training(mode: str, x: torch.Tensor, params: Sequence[Optional[torch.Tensor]]) -> bool:
+    """Where keeping less for backward can matter, for a block or the stem: training mode (batch statistics), a
+    non-empty strided 4-d input, autograd recording with something wanting a gradient (the input or one of
+    ``params``; otherwise nothing is kept anyway), and no checkpoint packing."""
+    if mode != 'train' or x.dim() != 4 or x.layout != torch.strided or x.numel() == 0:
+        return False
+    if not torch.is_grad_enabled() or under_checkpoint():
+        return False
+    return x.requires_grad or any(t is not None and t.requires_grad for t in params)
+
+
 def lean_applies(parts: BlockParts, x: torch.Tensor) -> bool:
-    """Training mode, autograd recording (otherwise nothing is kept anyway), and no checkpoint packing."""
-    if parts.mode != 'train' or x.dim() != 4 or x.layout != torch.strided or x.numel() == 0:
-        return False
-    if not torch.is_grad_enabled():
-        return False
-    if not (x.requires_grad or any(t is not None and t.requires_grad for t in _params(parts))):
-        return False
-    return not under_checkpoint()
+    """Where the lean block may run: :func:`records_training` over the block's parameters."""
+    return records_training(parts.mode, x, _params(parts))
 
 
 def lean_block_forward(parts: BlockParts, x: torch.Tensor, norm=TorchNorm) -> Optional[torch.Tensor]:

@@ -43,7 +43,7 @@ from .eligibility import BlockParts, scale_shift
 from .lean import SavedNorm, TorchNorm, check_batch_size, lean_applies, pointwise_backward_gemm, update_running_stats
 from .runtime import autocast_state
 
-__all__ = ['CpuNorm', 'applies', 'computes', 'gemm']
+__all__ = ['CpuNorm', 'applies', 'computes', 'gemm', 'takes']
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -189,14 +189,22 @@ def computes(x: torch.Tensor) -> bool:
     return dtype == torch.bfloat16 and x.dtype in (torch.float32, torch.bfloat16)
 
 
-def applies(parts: BlockParts, x: torch.Tensor) -> bool:
-    """Where these kernels may run: what the lean block needs, on a CPU, float32 parameters and an input they
-    compute on (:func:`computes`), with the kernels loaded (built on first use; never where the build is off or
-    failed)."""
-    if not lean_applies(parts, x) or x.device.type != 'cpu' or not computes(x):
+def takes(x: torch.Tensor, modules) -> bool:
+    """Whether these kernels take a layer with ``modules``' parameters on ``x`` (the blocks' and the stem's one rule):
+    a CPU input they compute on (:func:`computes`), every parameter float32 on the CPU, the kernels loaded (built on
+    first use; never where the build is off or failed)."""
+    if x.device.type != 'cpu' or not computes(x):
         return False
-    for module in (parts.conv_dw, parts.bn_dw, parts.conv_pw, parts.bn_pw):
+    for module in modules:
         for t in module.parameters():
             if t.device.type != 'cpu' or t.dtype != torch.float32:
                 return False
-    return parts.kernel_size <= cpu_kernels.MAX_KERNEL_SIZE and cpu_kernels.load() is not None
+    return cpu_kernels.load() is not None
+
+
+def applies(parts: BlockParts, x: torch.Tensor) -> bool:
+    """Where these kernels may run: what the lean block needs, a layer they take (:func:`takes`), a window within
+    theirs."""
+    if not lean_applies(parts, x) or parts.kernel_size > cpu_kernels.MAX_KERNEL_SIZE:
+        return False
+    return takes(x, (parts.conv_dw, parts.bn_dw, parts.conv_pw, parts.bn_pw))

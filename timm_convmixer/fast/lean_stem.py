@@ -27,8 +27,8 @@ import torch
 
 from . import cpu_stem
 from .eligibility import StemParts
-from .lean import SavedNorm, link_output, refuse_double_backward, under_checkpoint
-from .lean_cpu import CpuNorm, computes, gemm
+from .lean import SavedNorm, link_output, records_training, refuse_double_backward
+from .lean_cpu import CpuNorm, gemm, takes
 from .runtime import autocast_state
 
 __all__ = ['applies', 'forward']
@@ -89,22 +89,16 @@ class _LeanStem(torch.autograd.Function):
 
 
 def applies(parts: StemParts, x: torch.Tensor) -> bool:
-    """Where the lean stem may run (cheap; asked on every call): a batch-statistics stem whose parameters want
-    gradients, recording autograd, no checkpoint packing; on a CPU, an image the kernels compute on
-    (:func:`.lean_cpu.computes`: float32, or under bf16 autocast, computing in float32) that wants no gradient,
-    float32 parameters, our kernels loaded (built on first use; never where the build is off or failed)."""
-    if parts.mode != 'train' or not torch.is_grad_enabled() or x.requires_grad or under_checkpoint():
+    """Where the lean stem may run (cheap; asked on every call): what a lean block needs
+    (:func:`.lean.records_training`) for an image that wants no gradient, a layer :mod:`.lean_cpu`'s kernels take
+    (:func:`.lean_cpu.takes`), an image with the conv's channels and at least one patch, the stem's kernels
+    loaded."""
+    conv, bn = parts.conv, parts.bn
+    if x.requires_grad or not records_training(parts.mode, x, list(conv.parameters()) + list(bn.parameters())):
         return False
-    if x.device.type != 'cpu' or not computes(x):
-        return False
-    if x.dim() != 4 or x.layout != torch.strided or x.numel() == 0 or x.shape[1] != parts.conv.in_channels:
+    if not takes(x, (conv, bn)) or x.shape[1] != conv.in_channels:
         return False
     if x.shape[2] < parts.kernel_size or x.shape[3] < parts.kernel_size:
-        return False
-    params = [t for m in (parts.conv, parts.bn) for t in m.parameters()]
-    if not any(t.requires_grad for t in params):
-        return False
-    if any(t.device.type != 'cpu' or t.dtype != torch.float32 for t in params):
         return False
     return cpu_stem.available()
 
