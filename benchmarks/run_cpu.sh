@@ -55,9 +55,9 @@ for impl in lean lean_cpu auto; do
     --modes nchw channels_last --backend $impl --out $R/cpu_train_${impl}_cifar_p1.json \
     --chart $R/cpu_train_${impl}_cifar_p1.png
 done
-# ... and under bf16 autocast, lean_cpu forced (it computes in fp32 there) and as auto chooses (which offers it only
-# where the CPU lacks native bf16; there the built-in's bf16 convolutions are emulated, 15-20x slower, and these runs
-# take several minutes)
+# ... and under bf16 autocast, lean_cpu forced (fp32 there, but for its pointwise GEMMs in bf16 pairs where the CPU
+# has them natively) and as auto chooses (where the CPU lacks native bf16 the built-in's bf16 convolutions are
+# emulated, 15-20x slower, and these runs take several minutes)
 for impl in lean_cpu auto; do
   for case in "convmixer_256_8_ks5_p2 64 32 cifar" "convmixer_768_32 8 224 768"; do
     set -- $case

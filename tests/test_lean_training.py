@@ -24,7 +24,7 @@ from timm.models.convmixer import ConvMixer as BuiltinConvMixer
 
 from helpers import small_model
 from timm_convmixer import fast
-from timm_convmixer.fast import checked
+from timm_convmixer.fast import checked, lean_cpu
 from timm_convmixer.fast.eligibility import block_parts
 
 
@@ -249,12 +249,14 @@ def test_lean_cpu_declines_what_its_kernels_do_not_take(kernels):
 
 @pytest.mark.kernels
 @pytest.mark.parametrize('channels_last', [False, True])
-def test_lean_cpu_under_bf16_autocast_computes_in_float32(channels_last, kernels):
-    """Under CPU bf16 autocast the lean block and stem on our kernels compute in float32 and hand on float32 (where
-    the CPU lacks native bf16, eager's bf16 convolutions run 15-20x slower than fp32): the forward (loss, running
-    statistics) as the same step's in fp32 with autocast off; the gradients, against that step's, as close as eager
-    autocast's (the median over parameters within ERROR_FACTOR of eager's; each within 25%, where a wrong one is off
-    by its own size). Not each within 2x of eager's own: both pass through the head's bf16 linear, whose rounding
+def test_lean_cpu_under_bf16_autocast_computes_in_float32_but_its_pointwise_gemms(channels_last, kernels):
+    """Under CPU bf16 autocast the lean block and stem on our kernels hand on float32 and compute in float32 (where
+    the CPU lacks native bf16, eager's bf16 convolutions run 15-20x slower than fp32), but for the pointwise
+    convolution's GEMMs, in bf16 pairs as eager autocast's where the CPU has them natively (``bf16_gemms``). Against
+    the same step in fp32 with autocast off: the loss within bf16's reach through the head's bf16 linear; the running
+    statistics as fp32's where every GEMM ran in float32, else as close as eager autocast's; the gradients as close as
+    eager autocast's (the median over parameters within ERROR_FACTOR of eager's; each within 25%, where a wrong one is
+    off by its own size). Not each within 2x of eager's own: both pass through the head's bf16 linear, whose rounding
     gives every gradient 3%-10% of noise, ours and eager's different draws of it (6 seeds: ours 0.8x-1.6x eager's
     median, single small tensors up to 2.7x either way)."""
     eager, lean = _pair(dim=16, depth=2, drop_path_rate=0.2, channels_last=channels_last)
@@ -269,17 +271,62 @@ def test_lean_cpu_under_bf16_autocast_computes_in_float32(channels_last, kernels
         plain = _step(eager, x, 'eager')
         torch.manual_seed(1)
         ours = _step(lean, x, 'lean_cpu')
+        bf16_gemms = lean_cpu.bf16_gemms(16)
     handle.remove()
     assert ours[3] == {'lean_cpu': 2} and fast.stem_counters == {checked.STEM: 1} and outputs == [torch.float32]
     torch.testing.assert_close(ours[0], ref[0], rtol=2e-3, atol=0)  # through the head's bf16 linear (seen: 1.7e-5)
-    for n, want in ref[2].items():  # computed in float32: as the fp32 step's
-        torch.testing.assert_close(ours[2][n], want, rtol=1e-4, atol=1e-5, msg=n)
 
-    def errors(grads):
-        return [((grads[n].double() - w.double()).norm() / w.double().norm()).item() for n, w in ref[1].items()]
+    def errors(got, want):
+        return [((got[n].double() - w.double()).norm() / w.double().norm().clamp_min(1e-12)).item()
+                for n, w in want.items() if w.is_floating_point()]
 
-    assert max(errors(ours[1])) < 0.25
-    assert statistics.median(errors(ours[1])) <= checked.ERROR_FACTOR * statistics.median(errors(plain[1]))
+    if bf16_gemms:
+        assert statistics.median(errors(ours[2], ref[2])) <= checked.ERROR_FACTOR * statistics.median(
+            errors(plain[2], ref[2]))
+    else:
+        for n, want in ref[2].items():  # computed in float32: as the fp32 step's
+            torch.testing.assert_close(ours[2][n], want, rtol=1e-4, atol=1e-5, msg=n)
+    assert max(errors(ours[1], ref[1])) < 0.25
+    assert statistics.median(errors(ours[1], ref[1])) <= checked.ERROR_FACTOR * statistics.median(
+        errors(plain[1], ref[1]))
+
+
+@pytest.mark.kernels
+def test_lean_cpu_pointwise_gemms_round_their_operands_to_bf16_where_the_cpu_multiplies_bf16_pairs(kernels):
+    """Where ``bf16_gemms``, the pointwise convolution's forward, input gradient and weight gradient take bf16
+    operands (as eager autocast's convolution) with float32 sums: each equals the float64 product of the operands
+    rounded to bf16 within float32's summation error, and stands off the unrounded product by bf16's rounding.
+    Without native bf16 pairs (or with autocast off) they are float32 GEMMs: within float32's error of the
+    unrounded product."""
+    torch.manual_seed(0)
+    n, c, h = 2, 64, 6
+    u = torch.randn(n, c, h, h).contiguous(memory_format=torch.channels_last)
+    grad_p = torch.randn(n, c, h, h).contiguous(memory_format=torch.channels_last)
+    conv = nn.Conv2d(c, c, 1)
+    rows = lambda t: t.permute(0, 2, 3, 1).reshape(-1, c).double()  # noqa: E731
+    w = conv.weight.detach().reshape(c, c).double()
+    bf = lambda t: t.bfloat16().double()  # noqa: E731
+
+    def expected(r):
+        return (rows(r(u)) @ r(w).t() + conv.bias.double(), rows(r(grad_p)) @ r(w), rows(r(grad_p)).t() @ rows(r(u)))
+
+    for autocast in (False, True):
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
+            p = lean_cpu.CpuNorm.pointwise(conv, u)
+            grad_u, grad_w, grad_b = lean_cpu.CpuNorm.pointwise_backward(grad_p, u, torch.float32, conv.weight,
+                                                                         conv.bias, (True, True))
+            rounded = lean_cpu.bf16_gemms(c)
+        assert rounded == (autocast and fast.cpu_kernels.bf16_dot())
+        got = (rows(p), rows(grad_u), grad_w.reshape(c, c).double())
+        exact, as_rounded = expected(lambda t: t.double()), expected(bf if rounded else lambda t: t.double())
+        for name, g, want, unrounded in zip(('forward', 'input gradient', 'weight gradient'), got, as_rounded, exact):
+            scale = want.abs().max().item()
+            # the weight gradient leaves oneDNN's bf16 GEMM rounded to bf16, as eager autocast's does
+            tol = (2 ** -8 if rounded and name == 'weight gradient' else 1e-5) * scale
+            assert (g - want).abs().max().item() <= tol, (autocast, name)
+            if rounded:
+                assert (g - unrounded).abs().max().item() > 1e-4 * scale, (autocast, name)
+        torch.testing.assert_close(grad_b.double(), rows(grad_p).sum(0), rtol=1e-6, atol=1e-5)
 
 
 def _kept_storages(model, x, backend):

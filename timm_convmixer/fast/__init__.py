@@ -444,7 +444,7 @@ def stem_forward(stem: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
     conversion of its output, :data:`.checked.STEM`), and keeps the plain stem where blocks have been found to take
     none of the CPU paths on the fast stem's output (:func:`.checked.blocks_declined`) before the stem's own check:
     the plain blocks would then only be moved to channels_last. Once made, the stem's decision stands (every call of
-    a case computes the same). In training (:mod:`.lean_stem`, fp32 or computing in fp32 under bf16 autocast,
+    a case computes the same). In training (:mod:`.lean_stem`, fp32, in fp32 under bf16 autocast too,
     :func:`.lean_stem.applies`) ``'lean_cpu'`` forces it and ``auto`` checks a training step of it against the plain
     stem's, as a training block's.
     """

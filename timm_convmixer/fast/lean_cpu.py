@@ -12,7 +12,8 @@ pointwise convolution. Per step:
   the activation's slope and the mask folded in) instead of BatchNorm's backward and the activation's;
 * the pointwise convolution's forward and its input gradient on our GEMM (:func:`.cpu_kernels.pw_block`, 135-155
   GFLOP/s at 8 x 768 x 32 x 32 and 64 x 256 x 16 x 16 where oneDNN's 1x1 convolution ran 119-130 and MKL's sgemm
-  101-109); its weight gradient, a GEMM over all rows, is MKL's;
+  101-109); its weight gradient, a GEMM over all rows, is MKL's; under bf16 autocast on a CPU with native bf16 pairs
+  the three GEMMs take bf16 operands, as eager autocast's convolution (:func:`bf16_gemms`);
 * the depthwise convolution, forward and recomputed, and its input gradient (the transposed convolution) on
   :func:`.cpu_kernels.dw_block` without its residual (1.2x-3.7x oneDNN's channels_last forward at ConvMixer's
   shapes, fp32, Zen 4), its weight gradient on :func:`.cpu_kernels.dw_weight_grad`;
@@ -24,7 +25,8 @@ Measured on an AVX2 Zen 3 (2 threads, interleaved medians): a normalisation step
 backward at 8 x 768 x 32 x 32 with ReLU, 1.3x / 1.8x at 64 x 256 x 16 x 16 with GELU; whole training steps in
 the README. Activations are kept channels_last, the kernels' row layout: an NCHW input is converted once, at the
 first block (its output stays channels_last, like the CPU inference paths'; values are unchanged). Everything is
-float32, under bf16 autocast too (:func:`computes`: a bf16 input widened as it is first read, float32 handed on).
+float32, under bf16 autocast too (:func:`computes`: a bf16 input widened as it is first read, float32 handed on),
+but for the pointwise GEMMs' operands where :func:`bf16_gemms`.
 
 Statistics are summed in float over runs of 8 rows and in double beyond, the running statistics advanced with
 eager's rule (momentum or cumulative average, unbiased variance, ``num_batches_tracked``); results are not eager's
@@ -40,10 +42,10 @@ import torch.nn as nn
 from . import cpu_kernels
 from .cpu import training_buffer
 from .eligibility import BlockParts, scale_shift
-from .lean import SavedNorm, TorchNorm, check_batch_size, lean_applies, pointwise_backward_gemm, update_running_stats
+from .lean import SavedNorm, TorchNorm, check_batch_size, lean_applies, update_running_stats
 from .runtime import autocast_state
 
-__all__ = ['CpuNorm', 'applies', 'computes', 'gemm', 'takes']
+__all__ = ['CpuNorm', 'applies', 'bf16_gemms', 'computes', 'gemm', 'takes']
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -60,13 +62,37 @@ def _mask_vector(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 def gemm(u: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """``conv1x1(u, weight) + bias`` (``weight`` as ``(C_out, C_in)`` or ``(C_out, C_in, 1, 1)``) on our GEMM, into a
-    pooled float32 buffer (the lean stem's patches times its weight too)."""
+    pooled float32 buffer (the lean stem's patches times its weight too). A channels_last bfloat16 ``u`` (from
+    :func:`_gemm_operand`) is multiplied in bf16 pairs with the weight rounded to bf16, float32 sums; anything else
+    in float32."""
     c_out = weight.shape[0]
-    panels = cpu_kernels.pw_pack(weight.detach().reshape(c_out, -1).contiguous())
-    ones, zeros = weight.new_ones(c_out), weight.new_zeros(c_out)
-    b = zeros if bias is None else bias.detach()
+    if not (u.dtype == torch.bfloat16 and u.is_contiguous(memory_format=torch.channels_last)):
+        u = _rows(u)
+    panels = cpu_kernels.pw_pack(weight.detach().reshape(c_out, -1).to(u.dtype).contiguous())
+    ones, zeros = weight.new_ones(c_out, dtype=torch.float32), weight.new_zeros(c_out, dtype=torch.float32)
+    b = zeros if bias is None else bias.detach().float()
     out = training_buffer((u.shape[0], c_out) + tuple(u.shape[2:]), torch.float32)
-    return cpu_kernels.pw_block(_rows(u), panels, b, ones, zeros, 'identity', out)
+    return cpu_kernels.pw_block(u, panels, b, ones, zeros, 'identity', out)
+
+
+def bf16_gemms(channels: int) -> bool:
+    """Whether the pointwise convolution's three GEMMs (forward, input and weight gradients) multiply bf16 pairs:
+    under CPU bf16 autocast, as eager autocast's convolution does (bf16 operands, float32 sums), where the CPU does
+    that natively (:func:`.cpu_kernels.bf16_dot`: twice the float32 rate; our GEMM 353-425 GFLOP/s against 191-219,
+    oneDNN's bf16 weight gradient 374-407 against MKL's float32 174-203, at 64 x 256 x 16 x 16 and 8 x 768 x 32 x 32,
+    Zen 4) and the channels pair up (even). Elsewhere, and for everything else a block computes, float32."""
+    _, enabled, dtype = autocast_state('cpu')
+    return enabled and dtype == torch.bfloat16 and channels % 2 == 0 and cpu_kernels.bf16_dot()
+
+
+def _gemm_operand(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a GEMM of the pointwise convolution takes it: rounded to bf16 into a pooled buffer where
+    :func:`bf16_gemms`, else float32 channels_last (:func:`_rows`)."""
+    if not bf16_gemms(t.shape[1]):
+        return _rows(t)
+    if t.dtype == torch.bfloat16 and t.is_contiguous(memory_format=torch.channels_last):
+        return t
+    return training_buffer(t.shape, torch.bfloat16).copy_(t)
 
 
 def _depthwise(x: torch.Tensor, taps: torch.Tensor, bias: Optional[torch.Tensor], k: int,
@@ -123,21 +149,29 @@ class CpuNorm(TorchNorm):
 
     @staticmethod
     def pointwise(conv: nn.Conv2d, u: torch.Tensor) -> torch.Tensor:
-        """``conv1x1(u) + bias`` on our GEMM (:func:`.cpu_kernels.pw_block`, the weight packed anew each step)."""
-        return gemm(u, conv.weight, conv.bias)
+        """``conv1x1(u) + bias`` on our GEMM (:func:`.cpu_kernels.pw_block`, the weight packed anew each step; in bf16
+        pairs where :func:`bf16_gemms`)."""
+        return gemm(_gemm_operand(u), conv.weight, conv.bias)
 
     @staticmethod
     def pointwise_backward(grad_p, u, dtype, weight, bias, needs):
         """The input's gradient on our GEMM too (``grad_p`` times the weight is a 1x1 convolution with the
-        transposed weight); the weight's is torch's GEMM over the rows (:func:`.lean.pointwise_backward_gemm`)."""
+        transposed weight); the weight's is torch's GEMM over the rows (MKL's in float32, oneDNN's in bf16 where
+        :func:`bf16_gemms`, its bf16 result widened as eager autocast's is); the bias's a float32 column sum."""
         need_w, need_b = needs
         grad_p = _rows(grad_p)
+        g = _gemm_operand(grad_p)
         w = weight.detach()
-        grad_u = gemm(grad_p, w.reshape(w.shape[0], w.shape[1]).t(), None)
-        with torch.autocast('cpu', enabled=False):  # (backward runs under the forward's autocast: MKL's fp32 GEMM)
-            _, grad_w, grad_b = pointwise_backward_gemm(grad_p, _rows(u), w, need_w, grad_u)
-        grad_w = grad_w.view_as(weight) if need_w else None
-        return grad_u, grad_w, grad_b if bias is not None and need_b else None
+        grad_u = gemm(g, w.reshape(w.shape[0], w.shape[1]).t(), None)
+        grad_w = grad_b = None
+        if need_w:
+            rows = lambda t: t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])  # noqa: E731  (channels_last: as they lie)
+            u = _gemm_operand(u)
+            with torch.autocast('cpu', enabled=False):  # (backward runs under the forward's autocast)
+                grad_w = torch.mm(rows(g).t(), rows(u)).to(weight.dtype).view_as(weight)
+        if need_b and bias is not None:
+            grad_b = grad_p.sum((0, 2, 3))
+        return grad_u, grad_w, grad_b
 
     @staticmethod
     def forward(bn: nn.BatchNorm2d, t, act: str, weight, bias, mask=None,
@@ -177,12 +211,13 @@ class CpuNorm(TorchNorm):
 
 
 def computes(x: torch.Tensor) -> bool:
-    """Whether these float32 kernels compute a layer on ``x``: float32 with autocast off, or float32 or bf16 under
-    CPU bf16 autocast. Under bf16 autocast they compute in float32 all the same and hand on float32 (autocast
-    promises bf16 precision, not bf16 arithmetic; ``auto`` judges the result against an fp32 step, as every path
-    under autocast): on a CPU without native bf16, eager's bf16 convolutions are emulated 15-20x slower than fp32;
-    where it is native, ``auto``'s check decides per case (Zen 4: taken at 256_8_ks5_p2, 1.20x-1.23x the built-in's
-    bf16 step; not at 768_32 in channels_last). fp16 autocast: not taken."""
+    """Whether these kernels compute a layer on ``x``: float32 with autocast off, or float32 or bf16 under CPU bf16
+    autocast. Under bf16 autocast they compute in float32 all the same and hand on float32 (autocast promises bf16
+    precision, not bf16 arithmetic; ``auto`` judges the result against an fp32 step, as every path under autocast),
+    but for the pointwise GEMMs, in bf16 pairs where the CPU has them (:func:`bf16_gemms`). On a CPU without native
+    bf16, eager's bf16 convolutions are emulated 15-20x slower than fp32; where it is native, ``auto``'s check
+    decides per case (Zen 4, with the bf16 GEMMs: taken at 256_8_ks5_p2 and 768_32, 1.36x-1.57x the built-in's bf16
+    step). fp16 autocast: not taken."""
     _, enabled, dtype = autocast_state('cpu')
     if not enabled:
         return x.dtype == torch.float32
