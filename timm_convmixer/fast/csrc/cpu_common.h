@@ -60,24 +60,45 @@ inline void gelu_parts(Vec z, Vec& cdf, Vec& density) {
 // where gelu_parts takes ~37 with a division. Largest error against float64 over [-12, 12] 2.6e-7 (torch's
 // float32 GELU: 4.7e-7). An infinite |z| lands in the last (zero) interval: GELU(+inf) = +inf, GELU(-inf) = 0; a NaN
 // stays NaN. Elsewhere gelu_parts.
-inline Vec gelu(Vec z) {
 #if defined(CPU_CAPABILITY_AVX512)
-  static_assert(GELU_INTERVALS == 32, "two 16-lane registers hold a coefficient's table");
-  const __m512 zv = z;
+static_assert(GELU_INTERVALS == 32, "two 16-lane registers hold a coefficient's table");
+
+// Where |z| falls in the tables: its interval `i` and position `s` in [0, 1) there, and |z| itself.
+struct GeluCell {
+  __m512 w, s;
+  __m512i i;
+};
+
+inline GeluCell gelu_cell(__m512 zv) {
   const __m512 w = _mm512_and_ps(zv, _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff)));
   const __m512 pos = _mm512_min_ps(_mm512_mul_ps(w, _mm512_set1_ps(GELU_INTERVALS / GELU_W_MAX)),
                                    _mm512_set1_ps(GELU_INTERVALS - 1));  // NaN -> the last interval
   const __m512i i = _mm512_cvttps_epi32(pos);
-  const __m512 s = _mm512_sub_ps(pos, _mm512_cvtepi32_ps(i));
-  const auto coef = [&](int k) {
-    return _mm512_permutex2var_ps(_mm512_load_ps(GELU_COEF[k]), i, _mm512_load_ps(GELU_COEF[k] + 16));
+  return {w, _mm512_sub_ps(pos, _mm512_cvtepi32_ps(i)), i};
+}
+
+// A table's polynomial at the cell: each lane's coefficients picked by a two-register permute, Horner in s.
+template <int DEGREE>
+inline __m512 gelu_poly(const float (*coef)[GELU_INTERVALS], const GeluCell& c) {
+  const auto pick = [&](int k) {
+    return _mm512_permutex2var_ps(_mm512_load_ps(coef[k]), c.i, _mm512_load_ps(coef[k] + 16));
   };
-  __m512 q = _mm512_fmadd_ps(coef(3), s, coef(2));
-  q = _mm512_fmadd_ps(q, s, coef(1));
-  q = _mm512_fmadd_ps(q, s, coef(0));
+  __m512 q = _mm512_fmadd_ps(pick(DEGREE), c.s, pick(DEGREE - 1));
+  for (int k = DEGREE - 2; k >= 0; --k) q = _mm512_fmadd_ps(q, c.s, pick(k));
+  return q;
+}
+
+inline __m512 gelu_from_cell(__m512 zv, const GeluCell& c) {
+  const __m512 q = gelu_poly<3>(GELU_COEF, c);
   // |z| q with |z| capped where q is zero (so that an infinite z gives 0, not NaN; min keeps a NaN, its 1st operand)
-  const __m512 t = _mm512_mul_ps(_mm512_min_ps(_mm512_set1_ps(GELU_W_MAX), w), q);
-  return Vec(_mm512_sub_ps(_mm512_maskz_mov_ps(_mm512_cmp_ps_mask(zv, _mm512_setzero_ps(), _CMP_GT_OQ), zv), t));
+  const __m512 t = _mm512_mul_ps(_mm512_min_ps(_mm512_set1_ps(GELU_W_MAX), c.w), q);
+  return _mm512_sub_ps(_mm512_maskz_mov_ps(_mm512_cmp_ps_mask(zv, _mm512_setzero_ps(), _CMP_GT_OQ), zv), t);
+}
+#endif
+
+inline Vec gelu(Vec z) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return Vec(gelu_from_cell(z, gelu_cell(z)));
 #else
   Vec cdf, density;
   gelu_parts(z, cdf, density);
@@ -111,10 +132,20 @@ inline void activate_with_slope(Vec z, Vec& a, Vec& slope) {
     a = at::vec::clamp_min(z, Vec(0.f));
     slope = positive & Vec(1.f);
   } else if constexpr (ACT == GELU) {
+#if defined(CPU_CAPABILITY_AVX512)
+    // the slope from its own table (gelu_table.py): s(|z|) for z <= 0, 1 - s(|z|) above; 1.0e-7 from float64, as
+    // close as the erf-based one below, and a GELU normalisation's backward 1.2x-1.4x as fast (Zen 4, 3 processes)
+    const GeluCell c = gelu_cell(z);
+    a = Vec(gelu_from_cell(z, c));  // as the forward computed it
+    const __m512 p = gelu_poly<4>(GELU_SLOPE_COEF, c);
+    const __mmask16 above = _mm512_cmp_ps_mask(z, _mm512_setzero_ps(), _CMP_GT_OQ);
+    slope = Vec(_mm512_mask_sub_ps(p, above, _mm512_set1_ps(1.f), p));
+#else
     Vec cdf, density;
     gelu_parts(z, cdf, density);
     a = gelu(z);  // as the forward computed it
     slope = at::vec::fmadd(z * Vec(float(0.5 * M_2_SQRTPI * M_SQRT1_2)), density, cdf);  // Phi + z * phi
+#endif
   } else if constexpr (ACT == GELU_TANH) {
     const Vec z2 = z * z;
     const Vec th = (Vec(GELU_TANH_K) * (z + Vec(0.044715f) * z2 * z)).tanh();
