@@ -34,7 +34,7 @@ bit for bit, and against a float64 step they came out as close as eager's fp32 o
 torch's kernels on a given CPU is not assumed: ``auto`` checks it against the plain modules (and races it against
 the torch-kernel lean block) on first use, like every fast path.
 """
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -216,7 +216,7 @@ def computes(x: torch.Tensor) -> bool:
     precision, not bf16 arithmetic; ``auto`` judges the result against an fp32 step, as every path under autocast),
     but for the pointwise GEMMs, in bf16 pairs where the CPU has them (:func:`bf16_gemms`). On a CPU without native
     bf16, eager's bf16 convolutions are emulated 15-20x slower than fp32; where it is native, ``auto``'s check
-    decides per case (Zen 4, with the bf16 GEMMs: taken at 256_8_ks5_p2 and 768_32, 1.36x-1.57x the built-in's bf16
+    decides per case (Zen 4, with the bf16 GEMMs: taken at 256_8_ks5_p2 and 768_32, 1.41x-1.69x the built-in's bf16
     step). fp16 autocast: not taken."""
     _, enabled, dtype = autocast_state('cpu')
     if not enabled:
@@ -224,7 +224,7 @@ def computes(x: torch.Tensor) -> bool:
     return dtype == torch.bfloat16 and x.dtype in (torch.float32, torch.bfloat16)
 
 
-def takes(x: torch.Tensor, modules) -> bool:
+def takes(x: torch.Tensor, modules: Sequence[nn.Module]) -> bool:
     """Whether these kernels take a layer with ``modules``' parameters on ``x`` (the blocks' and the stem's one rule):
     a CPU input they compute on (:func:`computes`), every parameter float32 on the CPU, the kernels loaded (built on
     first use; never where the build is off or failed)."""
