@@ -447,6 +447,22 @@ def test_training_norm_without_mask_residual_or_weight(kernels):
     torch.testing.assert_close(grad_b.double(), ref[3], rtol=1e-5, atol=1e-5 * ref[3].abs().max().item())
 
 
+@pytest.mark.parametrize('act', ['relu', 'gelu'])
+def test_training_norm_apply_rounds_a_bfloat16_out_once(act, kernels):
+    """A bfloat16 ``out`` (the lean block's GEMM operand under bf16 autocast) holds the float32 result rounded to
+    nearest even once, as ``.bfloat16()`` rounds it: within half a bf16 ulp of it, partial vectors of channels
+    included."""
+    g = torch.Generator().manual_seed(7)
+    t, residual = (torch.randn(3, 40, 5, 6, generator=g).contiguous(memory_format=torch.channels_last)
+                   for _ in range(2))
+    scale, shift, mask = torch.randn(40, generator=g), torch.randn(40, generator=g), torch.tensor([1.25, 0., 2.])
+    wide = cpu_kernels.bn_act_apply(t, act, scale, shift, mask, residual, torch.empty_like(t))
+    out = cpu_kernels.bn_act_apply(t, act, scale, shift, mask, residual, torch.empty_like(t, dtype=torch.bfloat16))
+    assert out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=torch.channels_last)
+    assert (out.float() - wide).abs().le(wide.abs() * 2 ** -8).all()
+    assert (out == wide.bfloat16()).float().mean() > 0.99  # the same rounding (a float32 ulp apart at most)
+
+
 def test_training_norm_same_bits_on_any_thread_count(kernels):
     """Threads split chunks of rows; the chunks' sums are added in one order whatever the thread count."""
     g = torch.Generator().manual_seed(3)
@@ -475,8 +491,10 @@ def test_training_norm_bad_arguments_are_named(kernels):
         cpu_kernels.bn_act_stats(t.contiguous(), 'relu')
     with pytest.raises(RuntimeError, match='bn_act_stats: t is empty'):
         cpu_kernels.bn_act_stats(t[:0], 'relu')
-    with pytest.raises(RuntimeError, match="bn_act_apply: out must be a channels_last float32 tensor of t's shape"):
+    with pytest.raises(RuntimeError, match="bn_act_apply: out must be a channels_last float32 or bfloat16 tensor of "):
         cpu_kernels.bn_act_apply(t, 'relu', v, v, None, None, torch.empty_like(t).contiguous())
+    with pytest.raises(RuntimeError, match="bn_act_apply: out must be a channels_last float32 or bfloat16 tensor of "):
+        cpu_kernels.bn_act_apply(t, 'relu', v, v, None, None, torch.empty_like(t, dtype=torch.float16))
     with pytest.raises(RuntimeError, match='bn_act_apply: out must not be t'):
         cpu_kernels.bn_act_apply(t, 'relu', v, v, None, None, t)
     with pytest.raises(RuntimeError, match='bn_act_apply: mask must hold 2 contiguous float32 values'):

@@ -174,8 +174,8 @@ def bn_act_stats(t: torch.Tensor, act: str) -> Tuple[torch.Tensor, torch.Tensor]
 def bn_act_apply(t: torch.Tensor, act: str, scale: torch.Tensor, shift: torch.Tensor, mask: Optional[torch.Tensor],
                  residual: Optional[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
     """``out = residual + mask[n] * (scale * act(t) + shift)`` for channels_last float32 ``t``, ``residual`` and
-    ``out`` of one shape: ``scale``/``shift`` one float32 per channel, ``mask`` one per image (either may be
-    ``None``). The kernels must be loaded."""
+    ``out`` of one shape (``out`` float32, or bfloat16, rounded once on store): ``scale``/``shift`` one float32 per
+    channel, ``mask`` one per image (either may be ``None``). The kernels must be loaded."""
     _ops.bn_act_apply(t, ACT_BY_NAME[act], scale, shift, mask, residual, out)
     return out
 

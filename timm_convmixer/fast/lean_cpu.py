@@ -192,11 +192,18 @@ class CpuNorm(TorchNorm):
 
     @staticmethod
     def _apply(t, act: str, weight, bias, mean, invstd, mask, residual) -> torch.Tensor:
-        """``residual + mask * bn(act(t))`` with the statistics ``mean``/``invstd``, in one pass."""
+        """``residual + mask * bn(act(t))`` with the statistics ``mean``/``invstd``, in one pass. The one with a
+        residual is the depthwise half's output ``u``, which feeds the pointwise GEMMs and nothing else: where those
+        take bf16 (:func:`bf16_gemms`) it is rounded as it is stored, the value :func:`_gemm_operand` would round it
+        to, without the copy (two passes a block saved, forward and recomputation)."""
         scale, shift = scale_shift(weight, bias, mean.double(), invstd.double())
-        residual = None if residual is None else _rows(residual)
+        dtype = torch.float32
+        if residual is not None:
+            residual = _rows(residual)
+            if bf16_gemms(t.shape[1]):
+                dtype = torch.bfloat16
         return cpu_kernels.bn_act_apply(t, act, scale.float(), shift.float(), _mask_vector(mask), residual,
-                                        training_buffer(t.shape, torch.float32))
+                                        training_buffer(t.shape, dtype))
 
     @staticmethod
     def backward(bn, norm: SavedNorm, t, act: str, grad, weight, needs, mask=None, act_out=None):

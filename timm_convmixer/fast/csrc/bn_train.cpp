@@ -3,6 +3,7 @@
 //
 //     bn_act_stats     one read of t: per channel, the mean and biased variance of act(t)
 //     bn_act_apply     one read of t (and the residual), one write: residual + mask[n] * (scale * act(t) + shift)
+//                      (float32, or rounded to bf16 for a bf16 GEMM)
 //     bn_act_backward  two reads of grad and t, one write: the gradient wrt t (activation's slope and the mask
 //                      folded in) and the BatchNorm weight's and bias's
 //
@@ -140,9 +141,9 @@ std::tuple<at::Tensor, at::Tensor> bn_act_stats(const at::Tensor& t, int64_t act
   return {mean, var};
 }
 
-template <int ACT>
+template <int ACT, typename Out>
 void apply(const float* t, const Rows& r, const float* scale, const float* shift, const float* mask,
-           const float* residual, float* out) {
+           const float* residual, Out* out) {
   const int64_t nv = (r.C + VL - 1) / VL;
   at::parallel_for(0, r.M, 16, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
@@ -162,14 +163,21 @@ void apply(const float* t, const Rows& r, const float* scale, const float* shift
 void bn_act_apply(const at::Tensor& t, int64_t act, const at::Tensor& scale, const at::Tensor& shift,
                   const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& residual, at::Tensor& out) {
   const Rows r = rows_of(t, "bn_act_apply");
-  check_like(out, t, "bn_act_apply", "out");
+  // out: float32, or bfloat16 (rounded once on store) where it feeds a bf16 GEMM and nothing else
+  TORCH_CHECK((out.scalar_type() == at::kFloat || out.scalar_type() == at::kBFloat16) && out.sizes() == t.sizes() &&
+                  out.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "bn_act_apply: out must be a channels_last float32 or bfloat16 tensor of t's shape");
   TORCH_CHECK(out.data_ptr() != t.data_ptr(), "bn_act_apply: out must not be t");
   if (residual.has_value()) check_like(*residual, t, "bn_act_apply", "residual");
   const float* m = vector_of(mask, t.size(0), "bn_act_apply", "mask");
+  const float* sc = vector_of(scale, r.C, "bn_act_apply", "scale");
+  const float* sh = vector_of(shift, r.C, "bn_act_apply", "shift");
+  const float* res = residual.has_value() ? residual->data_ptr<float>() : nullptr;
   with_activation(act, [&](auto a) {
-    apply<decltype(a)::value>(t.data_ptr<float>(), r, vector_of(scale, r.C, "bn_act_apply", "scale"),
-                              vector_of(shift, r.C, "bn_act_apply", "shift"), m,
-                              residual.has_value() ? residual->data_ptr<float>() : nullptr, out.data_ptr<float>());
+    if (out.scalar_type() == at::kBFloat16)
+      apply<decltype(a)::value>(t.data_ptr<float>(), r, sc, sh, m, res, out.data_ptr<c10::BFloat16>());
+    else
+      apply<decltype(a)::value>(t.data_ptr<float>(), r, sc, sh, m, res, out.data_ptr<float>());
   });
 }
 
