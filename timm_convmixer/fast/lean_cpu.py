@@ -223,7 +223,7 @@ def computes(x: torch.Tensor) -> bool:
     precision, not bf16 arithmetic; ``auto`` judges the result against an fp32 step, as every path under autocast),
     but for the pointwise GEMMs, in bf16 pairs where the CPU has them (:func:`bf16_gemms`). On a CPU without native
     bf16, eager's bf16 convolutions are emulated 15-20x slower than fp32; where it is native, ``auto``'s check
-    decides per case (Zen 4, with the bf16 GEMMs: taken at 256_8_ks5_p2 and 768_32, 1.41x-1.69x the built-in's bf16
+    decides per case (Zen 4, with the bf16 GEMMs: taken at 256_8_ks5_p2 and 768_32, 1.41x-1.70x the built-in's bf16
     step). fp16 autocast: not taken."""
     _, enabled, dtype = autocast_state('cpu')
     if not enabled:
