@@ -42,18 +42,22 @@ import torch.nn as nn
 from . import cpu_kernels
 from .cpu import training_buffer
 from .eligibility import BlockParts, scale_shift
-from .lean import SavedNorm, TorchNorm, check_batch_size, lean_applies, update_running_stats
+from .lean import SavedNorm, TorchNorm, as_rows, check_batch_size, lean_applies, update_running_stats
 from .runtime import autocast_state
 
 __all__ = ['CpuNorm', 'applies', 'bf16_gemms', 'computes', 'gemm', 'takes']
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """``t`` as the kernels take it, float32 channels_last (a copy where it is not, from
-    :func:`.cpu.training_buffer`: under bf16 autocast a bf16 input or gradient is widened)."""
-    if t.dtype == torch.float32 and t.is_contiguous(memory_format=torch.channels_last):
-        return t
-    return training_buffer(t.shape, torch.float32).copy_(t)
+def _is_rows(t: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether ``t`` is already as the kernels take it: ``dtype``, channels_last."""
+    return t.dtype == dtype and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def _rows(t: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``t`` as the kernels take it, channels_last ``dtype`` (a copy where it is not, from
+    :func:`.cpu.training_buffer`: under bf16 autocast a bf16 input or gradient is widened to float32, a GEMM's
+    float32 operand rounded to bf16)."""
+    return t if _is_rows(t, dtype) else training_buffer(t.shape, dtype).copy_(t)
 
 
 def _mask_vector(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -66,7 +70,7 @@ def gemm(u: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) ->
     :func:`_gemm_operand`) is multiplied in bf16 pairs with the weight rounded to bf16, float32 sums; anything else
     in float32."""
     c_out = weight.shape[0]
-    if not (u.dtype == torch.bfloat16 and u.is_contiguous(memory_format=torch.channels_last)):
+    if not _is_rows(u, torch.bfloat16):
         u = _rows(u)
     panels = cpu_kernels.pw_pack(weight.detach().reshape(c_out, -1).to(u.dtype).contiguous())
     ones, zeros = weight.new_ones(c_out, dtype=torch.float32), weight.new_zeros(c_out, dtype=torch.float32)
@@ -86,13 +90,9 @@ def bf16_gemms(channels: int) -> bool:
 
 
 def _gemm_operand(t: torch.Tensor) -> torch.Tensor:
-    """``t`` as a GEMM of the pointwise convolution takes it: rounded to bf16 into a pooled buffer where
-    :func:`bf16_gemms`, else float32 channels_last (:func:`_rows`)."""
-    if not bf16_gemms(t.shape[1]):
-        return _rows(t)
-    if t.dtype == torch.bfloat16 and t.is_contiguous(memory_format=torch.channels_last):
-        return t
-    return training_buffer(t.shape, torch.bfloat16).copy_(t)
+    """``t`` as a GEMM of the pointwise convolution takes it (:func:`_rows`): bf16 where :func:`bf16_gemms`, else
+    float32."""
+    return _rows(t, torch.bfloat16 if bf16_gemms(t.shape[1]) else torch.float32)
 
 
 def _depthwise(x: torch.Tensor, taps: torch.Tensor, bias: Optional[torch.Tensor], k: int,
@@ -165,10 +165,9 @@ class CpuNorm(TorchNorm):
         grad_u = gemm(g, w.reshape(w.shape[0], w.shape[1]).t(), None)
         grad_w = grad_b = None
         if need_w:
-            rows = lambda t: t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])  # noqa: E731  (channels_last: as they lie)
             u = _gemm_operand(u)
             with torch.autocast('cpu', enabled=False):  # (backward runs under the forward's autocast)
-                grad_w = torch.mm(rows(g).t(), rows(u)).to(weight.dtype).view_as(weight)
+                grad_w = torch.mm(as_rows(g).t(), as_rows(u)).to(weight.dtype).view_as(weight)
         if need_b and bias is not None:
             grad_b = grad_p.sum((0, 2, 3))
         return grad_u, grad_w, grad_b

@@ -27,7 +27,7 @@ import torch
 
 from . import cpu_stem
 from .eligibility import StemParts
-from .lean import SavedNorm, link_output, records_training, refuse_double_backward
+from .lean import SavedNorm, as_rows, link_output, records_training, refuse_double_backward
 from .lean_cpu import CpuNorm, gemm, takes
 from .runtime import autocast_state
 
@@ -76,9 +76,9 @@ class _LeanStem(torch.autograd.Function):
         grad_t, grad_bn_w, grad_bn_b = CpuNorm.backward(parts.bn, norm, t, parts.act, grad_out, bn_w, needs[5:7])
         grad_w = grad_b = None
         if needs[3] or needs[4]:
-            g = grad_t.permute(0, 2, 3, 1).reshape(-1, grad_t.shape[1])  # channels_last: the rows as they lie
+            g = as_rows(grad_t)  # channels_last: the rows as they lie
             if needs[3]:
-                flat = _weight_grad(rows.permute(0, 2, 3, 1).reshape(g.shape[0], -1), g)
+                flat = _weight_grad(as_rows(rows), g)
                 # back from the patch rows' column order to the conv's (dim, c, p, p)
                 p, c = parts.kernel_size, parts.conv.in_channels
                 grad_w = (flat.view(-1, p, p, c).permute(0, 3, 1, 2) if ctx.channels_last else flat.view_as(conv_w))
