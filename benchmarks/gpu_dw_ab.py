@@ -29,7 +29,8 @@ p.add_argument('--old', required=True, help="an earlier timm_convmixer/fast/trit
 p.add_argument('--out')
 p.add_argument('--budget-s', type=float, default=150, help='no sweep point starts after this many seconds')
 args = p.parse_args()
-_spec = importlib.util.spec_from_file_location('old_triton_kernels', args.old)
+# named inside the package, so that a version importing its siblings (``from .runtime import rows``) loads too
+_spec = importlib.util.spec_from_file_location('timm_convmixer.fast._old_triton_kernels', args.old)
 OLD = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(OLD)
 T0 = time.time()

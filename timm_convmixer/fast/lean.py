@@ -39,10 +39,9 @@ import torch.nn.functional as F
 
 from . import cpu_kernels
 from .eligibility import BlockParts
-from .runtime import autocast_state, conv_dtype
+from .runtime import autocast_state, conv_dtype, rows
 
-__all__ = ['SavedNorm', 'TorchNorm', 'advance_running_stats', 'as_rows', 'check_batch_size', 'lean_applies',
-           'lean_block_forward',
+__all__ = ['SavedNorm', 'TorchNorm', 'advance_running_stats', 'check_batch_size', 'lean_applies', 'lean_block_forward',
            'link_output', 'pointwise_backward_gemm', 'records_training', 'refuse_double_backward', 'under_checkpoint',
            'update_running_stats']
 
@@ -397,27 +396,22 @@ def _pointwise_backward(grad_p, u, dtype, weight, bias, needs):
     return grad_u, grad_w, grad_b
 
 
-def as_rows(t: torch.Tensor) -> torch.Tensor:
-    """A channels_last ``(N, C, H, W)`` tensor as the ``(N*H*W, C)`` matrix it lies as in memory (a view)."""
-    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
-
-
 def pointwise_backward_gemm(grad_p, u, weight, need_w: bool):
     """A 1x1 convolution's ``(grad_u, grad_weight, grad_bias)`` as two BLAS GEMMs on views of the activations.
 
     Why: on a CPU, oneDNN's convolution backward ran these at 0.75x-0.95x of the GEMMs' speed at ConvMixer's
     shapes (AVX2 Zen 3, 2 threads; 8x768x32x32 and 64x256x16x16, both layouts, interleaved medians). Channels_last
-    activations are ``(N*H*W, C)`` matrices as they lie (:func:`as_rows`); NCHW ones ``N`` matrices ``(C, H*W)``, so
-    the weight's gradient there is a batched GEMM summed over the batch.
+    activations are ``(N*H*W, C)`` matrices as they lie (:func:`.runtime.rows`); NCHW ones ``N`` matrices ``(C,
+    H*W)``, so the weight's gradient there is a batched GEMM summed over the batch.
     """
     n, c_out, h, w = grad_p.shape
     c_in = u.shape[1]
     w2 = weight.view(c_out, c_in)
     cl = torch.channels_last
     if grad_p.is_contiguous(memory_format=cl) and u.is_contiguous(memory_format=cl) and not grad_p.is_contiguous():
-        g = as_rows(grad_p)
+        g = rows(grad_p)
         grad_u = torch.mm(g, w2).view(n, h, w, c_in).permute(0, 3, 1, 2)
-        grad_w = torch.mm(g.t(), as_rows(u)) if need_w else None
+        grad_w = torch.mm(g.t(), rows(u)) if need_w else None
         return grad_u, grad_w, g.sum(0)
     g = grad_p.contiguous().view(n, c_out, h * w)
     grad_u = torch.matmul(w2.t(), g).view(n, c_in, h, w)

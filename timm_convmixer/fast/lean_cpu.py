@@ -42,8 +42,8 @@ import torch.nn as nn
 from . import cpu_kernels
 from .cpu import training_buffer
 from .eligibility import BlockParts, scale_shift
-from .lean import SavedNorm, TorchNorm, as_rows, check_batch_size, lean_applies, update_running_stats
-from .runtime import autocast_state
+from .lean import SavedNorm, TorchNorm, check_batch_size, lean_applies, update_running_stats
+from .runtime import autocast_state, rows
 
 __all__ = ['CpuNorm', 'applies', 'bf16_gemms', 'computes', 'gemm', 'takes']
 
@@ -167,7 +167,7 @@ class CpuNorm(TorchNorm):
         if need_w:
             u = _gemm_operand(u)
             with torch.autocast('cpu', enabled=False):  # (backward runs under the forward's autocast)
-                grad_w = torch.mm(as_rows(g).t(), as_rows(u)).to(weight.dtype).view_as(weight)
+                grad_w = torch.mm(rows(g).t(), rows(u)).to(weight.dtype).view_as(weight)
         if need_b and bias is not None:
             grad_b = grad_p.sum((0, 2, 3))
         return grad_u, grad_w, grad_b

@@ -27,9 +27,9 @@ import torch
 
 from . import cpu_stem
 from .eligibility import StemParts
-from .lean import SavedNorm, as_rows, link_output, records_training, refuse_double_backward
+from .lean import SavedNorm, link_output, records_training, refuse_double_backward
 from .lean_cpu import CpuNorm, gemm, takes
-from .runtime import autocast_state
+from .runtime import autocast_state, rows
 
 __all__ = ['applies', 'forward']
 
@@ -56,12 +56,12 @@ class _LeanStem(torch.autograd.Function):
     def forward(ctx, x, parts: StemParts, holder: Dict[str, Any], conv_w, conv_b, bn_w, bn_b):
         channels_last = cpu_stem.channels_last_order(x)
         width = parts.conv.in_channels * parts.kernel_size ** 2
-        rows = cpu_stem.patches(x, parts.kernel_size, channels_last, torch.float32, width)
-        t = gemm(rows, cpu_stem.flat_weight(conv_w.detach(), channels_last), conv_b)
+        patch_rows = cpu_stem.patches(x, parts.kernel_size, channels_last, torch.float32, width)
+        t = gemm(patch_rows, cpu_stem.flat_weight(conv_w.detach(), channels_last), conv_b)
         out, norm = CpuNorm.forward(parts.bn, t, parts.act, bn_w, bn_b)
         ctx.parts = parts
         ctx.channels_last = channels_last
-        ctx.save_for_backward(rows, t, norm.save_mean, norm.save_var, conv_w, bn_w)
+        ctx.save_for_backward(patch_rows, t, norm.save_mean, norm.save_var, conv_w, bn_w)
         holder['t'] = t
         holder['stats'] = (norm.save_mean, norm.save_var)
         return out
@@ -70,15 +70,15 @@ class _LeanStem(torch.autograd.Function):
     def backward(ctx, grad_out):
         refuse_double_backward('the lean training stem')
         parts: StemParts = ctx.parts
-        rows, t, mean, invstd, conv_w, bn_w = ctx.saved_tensors
+        patch_rows, t, mean, invstd, conv_w, bn_w = ctx.saved_tensors
         needs = ctx.needs_input_grad  # (x, parts, holder, conv_w, conv_b, bn_w, bn_b)
         norm = SavedNorm(None, mean, invstd, mean.new_empty(0), -1)
         grad_t, grad_bn_w, grad_bn_b = CpuNorm.backward(parts.bn, norm, t, parts.act, grad_out, bn_w, needs[5:7])
         grad_w = grad_b = None
         if needs[3] or needs[4]:
-            g = as_rows(grad_t)  # channels_last: the rows as they lie
+            g = rows(grad_t)  # channels_last: the rows as they lie
             if needs[3]:
-                flat = _weight_grad(as_rows(rows), g)
+                flat = _weight_grad(rows(patch_rows), g)
                 # back from the patch rows' column order to the conv's (dim, c, p, p)
                 p, c = parts.kernel_size, parts.conv.in_channels
                 grad_w = (flat.view(-1, p, p, c).permute(0, 3, 1, 2) if ctx.channels_last else flat.view_as(conv_w))

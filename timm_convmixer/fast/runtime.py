@@ -1,11 +1,13 @@
 """What the runtime is doing around a block call, read in one place for every fast path: autocast, and whether
-Triton's CPU interpreter was asked for. Imports nothing beyond torch, so every path module can use it."""
+Triton's CPU interpreter was asked for; and the row view of an activation that every kernel path takes. Imports
+nothing beyond torch, so every path module can use it."""
 import os
 from typing import Optional, Tuple
 
 import torch
 
-__all__ = ['AUTOCAST_DTYPES', 'TRITON_DTYPES', 'autocast_state', 'conv_dtype', 'interpreter_enabled', 'triton_device']
+__all__ = ['AUTOCAST_DTYPES', 'TRITON_DTYPES', 'autocast_state', 'conv_dtype', 'interpreter_enabled', 'rows',
+           'triton_device']
 
 AUTOCAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what autocast casts (it leaves fp64 alone)
 # what the Triton kernels take (fp64 too: the interpreter tests compare against it)
@@ -43,3 +45,10 @@ def triton_device(x: torch.Tensor, allow_interpreter: Optional[bool] = None) -> 
     if x.device.type != 'cpu':
         return False
     return interpreter_enabled() if allow_interpreter is None else allow_interpreter
+
+
+def rows(t: torch.Tensor) -> torch.Tensor:
+    """``[N, C, H, W]`` -> its ``[N*H*W, C]`` NHWC rows, what the row kernels and the GEMMs over rows take (a view of
+    a channels_last tensor, a copy otherwise)."""
+    N, C, H, W = t.shape
+    return t.permute(0, 2, 3, 1).reshape(N * H * W, C)

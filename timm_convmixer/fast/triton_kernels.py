@@ -57,6 +57,8 @@ import triton.language as tl
 from triton.language.standard import _sum_combine
 from triton.runtime.jit import JITFunction
 
+from .runtime import rows  # (exported here too: the row kernels' callers use K.rows)
+
 __all__ = [
     'ACT_IDENTITY', 'ACT_GELU', 'ACT_RELU', 'ACT_SILU', 'ACT_GELU_TANH', 'ACT_CODES', 'ACT_BY_NAME',
     'dw_fwd', 'dw_fwd_taps', 'taps', 'dw_bwd', 'dw_conv', 'dw_conv_bwd', 'act_affine_fwd', 'act_affine_bwd',
@@ -477,13 +479,6 @@ _GW_SPLIT = 64  # programs along the rows for the weight gradient
 def _nhwc(x: torch.Tensor) -> torch.Tensor:
     """NCHW tensor -> contiguous NHWC tensor (free for a ``channels_last`` input)."""
     return x.permute(0, 2, 3, 1).contiguous()
-
-
-def rows(t: torch.Tensor) -> torch.Tensor:
-    """``[N, C, H, W]`` -> its ``[N*H*W, C]`` NHWC rows, what the row kernels take (a view of a channels_last
-    tensor, a copy otherwise)."""
-    N, C, H, W = t.shape
-    return t.permute(0, 2, 3, 1).reshape(N * H * W, C)
 
 
 def image(rows_: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
