@@ -425,10 +425,16 @@ def test_training_norm_matches_autograd_in_float64(shape, act, kernels):
     scale, shift = weight * invstd, bias - mean * weight * invstd
     out = cpu_kernels.bn_act_apply(t, act, scale.float(), shift.float(), mask, residual, torch.empty_like(t))
     torch.testing.assert_close(out.double(), ref_out, rtol=1e-5, atol=1e-5 * ref_out.abs().max().item())
-    grad_t, grad_w, grad_b = cpu_kernels.bn_act_backward(grad, t, act, mean.float(), invstd.float(), weight, mask)
+    grad_t, grad_w, grad_b, sums = cpu_kernels.bn_act_backward(grad, t, act, mean.float(), invstd.float(), weight,
+                                                                mask, out_sums=True)
     assert grad_t.is_contiguous(memory_format=torch.channels_last) and grad_t.dtype == torch.float32
     for got, ref in ((grad_t, ref_t), (grad_w, ref_w), (grad_b, ref_b)):
         torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    # the bias gradient of a convolution that made t (0 but for the activation's slope: held to the terms' size)
+    torch.testing.assert_close(sums.double(), ref_t.sum((0, 2, 3)), rtol=0, atol=1e-5 * ref_t.abs().sum().item())
+    # the sums ride along on the same pass: the gradients themselves are the same bits without them
+    alone = cpu_kernels.bn_act_backward(grad, t, act, mean.float(), invstd.float(), weight, mask)
+    assert alone[3] is None and all(torch.equal(a, b) for a, b in zip(alone[:3], (grad_t, grad_w, grad_b)))
 
 
 def test_training_norm_without_mask_residual_or_weight(kernels):
@@ -442,7 +448,7 @@ def test_training_norm_without_mask_residual_or_weight(kernels):
     mean, var = cpu_kernels.bn_act_stats(t, 'silu')
     invstd = (var + 1e-5).rsqrt()
     ref = _norm_reference(t, 'silu', torch.ones(20), torch.zeros(20), torch.ones(2), torch.zeros_like(t), grad)
-    grad_t, _, grad_b = cpu_kernels.bn_act_backward(grad, t, 'silu', mean.float(), invstd.float(), None, None)
+    grad_t, _, grad_b, _ = cpu_kernels.bn_act_backward(grad, t, 'silu', mean.float(), invstd.float(), None, None)
     torch.testing.assert_close(grad_t.double(), ref[1], rtol=1e-5, atol=1e-5 * ref[1].abs().max().item())
     torch.testing.assert_close(grad_b.double(), ref[3], rtol=1e-5, atol=1e-5 * ref[3].abs().max().item())
 
@@ -463,6 +469,22 @@ def test_training_norm_apply_rounds_a_bfloat16_out_once(act, kernels):
     assert (out == wide.bfloat16()).float().mean() > 0.99  # the same rounding (a float32 ulp apart at most)
 
 
+def test_training_norm_backward_rounds_a_bfloat16_out_once(kernels):
+    """A bfloat16 ``out`` (the pointwise GEMMs' operand under bf16 autocast) holds the float32 gradient rounded to
+    nearest even once; the weight's and bias's gradients and the column sums are the float32 ones, bit for bit."""
+    g = torch.Generator().manual_seed(8)
+    t, grad = (torch.randn(3, 40, 5, 6, generator=g).contiguous(memory_format=torch.channels_last) for _ in range(2))
+    mean, var = cpu_kernels.bn_act_stats(t, 'gelu')
+    args = (grad, t, 'gelu', mean.float(), (var + 1e-5).rsqrt().float(), torch.randn(40, generator=g),
+            torch.tensor([1.25, 0., 2.]))
+    wide = cpu_kernels.bn_act_backward(*args, out_sums=True)
+    out = cpu_kernels.bn_act_backward(*args, out=torch.empty_like(t, dtype=torch.bfloat16), out_sums=True)
+    assert out[0].dtype == torch.bfloat16 and out[0].is_contiguous(memory_format=torch.channels_last)
+    assert (out[0].float() - wide[0]).abs().le(wide[0].abs() * 2 ** -8).all()
+    assert (out[0] == wide[0].bfloat16()).float().mean() > 0.99  # the same rounding (a float32 ulp apart at most)
+    assert all(torch.equal(a, b) for a, b in zip(out[1:], wide[1:]))
+
+
 def test_training_norm_same_bits_on_any_thread_count(kernels):
     """Threads split chunks of rows; the chunks' sums are added in one order whatever the thread count."""
     g = torch.Generator().manual_seed(3)
@@ -476,7 +498,7 @@ def test_training_norm_same_bits_on_any_thread_count(kernels):
             torch.set_num_threads(n)
             mean, var = cpu_kernels.bn_act_stats(t, 'gelu')
             outs.append((mean, var) + cpu_kernels.bn_act_backward(
-                grad, t, 'gelu', mean.float(), (var + 1e-5).rsqrt().float(), weight, mask))
+                grad, t, 'gelu', mean.float(), (var + 1e-5).rsqrt().float(), weight, mask, out_sums=True))
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(a, b) for out in outs[1:] for a, b in zip(outs[0], out))
@@ -503,8 +525,10 @@ def test_training_norm_bad_arguments_are_named(kernels):
         cpu_kernels.bn_act_backward(t, t, 'relu', v, v, torch.ones(8, dtype=torch.float64), None)
     with pytest.raises(RuntimeError, match="bn_act_backward: grad must be a channels_last float32 tensor of t's shape"):
         cpu_kernels.bn_act_backward(t[:1], t, 'relu', v, v, None, None)
-    with pytest.raises(RuntimeError, match="bn_act_backward: out must be a channels_last float32 tensor of t's shape"):
+    with pytest.raises(RuntimeError, match="bn_act_backward: out must be a channels_last float32 or bfloat16 tensor"):
         cpu_kernels.bn_act_backward(t, t, 'relu', v, v, None, None, out=t[:1])
+    with pytest.raises(RuntimeError, match="bn_act_backward: out must be a channels_last float32 or bfloat16 tensor"):
+        cpu_kernels.bn_act_backward(t, t, 'relu', v, v, None, None, out=torch.empty_like(t, dtype=torch.float16))
     with pytest.raises(RuntimeError, match='bn_act_backward: out must not be t'):
         cpu_kernels.bn_act_backward(t.clone(), t, 'relu', v, v, None, None, out=t)
 

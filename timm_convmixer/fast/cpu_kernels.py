@@ -181,14 +181,18 @@ def bn_act_apply(t: torch.Tensor, act: str, scale: torch.Tensor, shift: torch.Te
 
 
 def bn_act_backward(grad: torch.Tensor, t: torch.Tensor, act: str, mean: torch.Tensor, invstd: torch.Tensor,
-                    weight: Optional[torch.Tensor], mask: Optional[torch.Tensor], out: Optional[torch.Tensor] = None
-                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    weight: Optional[torch.Tensor], mask: Optional[torch.Tensor], out: Optional[torch.Tensor] = None,
+                    out_sums: bool = False
+                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Gradients wrt ``(t, weight, bias)`` of ``mask[n] * batch_norm(act(t))`` normalised with the batch statistics
     ``mean``/``invstd`` (float32 ``[C]``; ``weight`` ``None`` for an affine-free norm) for the output gradient
-    ``grad``: ``t`` and ``grad`` channels_last float32, the result ``t``'s layout (in ``out`` where given, a tensor
-    like ``t``). The kernels must be loaded."""
+    ``grad``, and with ``out_sums`` the first's per-channel sums over its float32 values (the bias gradient of a
+    convolution that made ``t``; else ``None``): ``t`` and ``grad`` channels_last float32, the result ``t``'s layout
+    (in ``out`` where given, a tensor like ``t``, float32 or bfloat16, rounded once on store). The kernels must be
+    loaded."""
     out = torch.empty_like(t, memory_format=torch.channels_last) if out is None else out
-    return (out,) + tuple(_ops.bn_act_backward(grad, t, ACT_BY_NAME[act], mean, invstd, weight, mask, out))
+    grad_w, grad_b, sums = _ops.bn_act_backward(grad, t, ACT_BY_NAME[act], mean, invstd, weight, mask, out, out_sums)
+    return out, grad_w, grad_b, sums if out_sums else None
 
 
 def pw_pack(weight: torch.Tensor) -> torch.Tensor:

@@ -256,8 +256,11 @@ class TorchNorm:
         return out, a
 
     @staticmethod
-    def backward(bn, norm: SavedNorm, t, act: str, grad, weight, needs, mask=None, act_out=None):
-        """Gradients wrt ``(t, weight, bias)`` for the output's gradient ``grad`` (``act_out``: ``act(t)`` if known)."""
+    def backward(bn, norm: SavedNorm, t, act: str, grad, weight, needs, mask=None, act_out=None, into_gemm=False):
+        """Gradients wrt ``(t, weight, bias)`` for the output's gradient ``grad`` (``act_out``: ``act(t)`` if known).
+        ``into_gemm``: ``t`` is the pointwise convolution's output and its gradient goes to :meth:`pointwise_backward`
+        alone, which takes it in whatever form this implementation hands it (here a tensor, as ever;
+        :class:`.lean_cpu.CpuNorm` hands the GEMMs' operand with its column sums)."""
         a = _ACT_FNS[act](t) if act_out is None else act_out
         # in the normalisation's dtype, as autograd hands a sum's gradient to each term: under bf16 autocast a float32
         # residual (an input handed on in float32) makes the block's sum float32 and its gradient too
@@ -339,7 +342,7 @@ class _LeanBlock(torch.autograd.Function):
             # pointwise half, out = bn_pw(act(p))
             norm_pw = SavedNorm(None, mean_pw, var_pw, reserve_pw, ctx.impl)
             grad_p, grad_g_pw, grad_beta_pw = norm_ops.backward(
-                parts.bn_pw, norm_pw, p, parts.act, grad_out, g_pw, needs[9:11])
+                parts.bn_pw, norm_pw, p, parts.act, grad_out, g_pw, needs[9:11], into_gemm=True)
 
             # the block's input: kept, or rebuilt from the previous lean block's pre-activation
             if ctx.link is None:

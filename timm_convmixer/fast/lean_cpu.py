@@ -9,7 +9,9 @@ pointwise convolution. Per step:
   (:func:`.cpu_kernels.bn_act_apply`), where torch's kernels make an activation pass, BatchNorm's two, a drop-path
   multiply and a residual add; the recomputation in backward is one more apply pass;
 * backward: two passes (:func:`.cpu_kernels.bn_act_backward`: the per-channel sums, then the gradient wrt ``t`` with
-  the activation's slope and the mask folded in) instead of BatchNorm's backward and the activation's;
+  the activation's slope and the mask folded in) instead of BatchNorm's backward and the activation's; the pointwise
+  half's second pass also sums its gradient per channel (the convolution's bias gradient) and writes it in the
+  dtype the GEMMs take (:class:`GemmGrad`);
 * the pointwise convolution's forward and its input gradient on our GEMM (:func:`.cpu_kernels.pw_block`, 135-155
   GFLOP/s at 8 x 768 x 32 x 32 and 64 x 256 x 16 x 16 where oneDNN's 1x1 convolution ran 119-130 and MKL's sgemm
   101-109); its weight gradient, a GEMM over all rows, is MKL's; under bf16 autocast on a CPU with native bf16 pairs
@@ -34,7 +36,7 @@ bit for bit, and against a float64 step they came out as close as eager's fp32 o
 torch's kernels on a given CPU is not assumed: ``auto`` checks it against the plain modules (and races it against
 the torch-kernel lean block) on first use, like every fast path.
 """
-from typing import Optional, Sequence, Tuple
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -45,7 +47,7 @@ from .eligibility import BlockParts, scale_shift
 from .lean import SavedNorm, TorchNorm, check_batch_size, lean_applies, update_running_stats
 from .runtime import autocast_state, rows
 
-__all__ = ['CpuNorm', 'applies', 'bf16_gemms', 'computes', 'gemm', 'takes']
+__all__ = ['CpuNorm', 'GemmGrad', 'applies', 'bf16_gemms', 'computes', 'gemm', 'takes']
 
 
 def _is_rows(t: torch.Tensor, dtype: torch.dtype) -> bool:
@@ -113,6 +115,14 @@ def _transposed(weight: torch.Tensor) -> Tuple[torch.Tensor, int]:
     return cpu_kernels.dw_taps(weight.detach().flip(-2, -1)), weight.shape[-1] // 2
 
 
+class GemmGrad(NamedTuple):
+    """The pointwise convolution's output gradient as :meth:`CpuNorm.backward` hands it to
+    :meth:`CpuNorm.pointwise_backward`: ``operand``, channels_last in the dtype the GEMMs take, and ``column_sums``,
+    its float32 values summed per channel (the convolution's bias gradient)."""
+    operand: torch.Tensor
+    column_sums: torch.Tensor
+
+
 class CpuNorm(TorchNorm):
     """:class:`.lean.TorchNorm`'s interface with the normalisation steps, the depthwise convolution (forward, its
     recomputation and both its gradients) and the pointwise convolution in :mod:`.cpu_kernels` (channels_last in,
@@ -154,13 +164,13 @@ class CpuNorm(TorchNorm):
         return gemm(_gemm_operand(u), conv.weight, conv.bias)
 
     @staticmethod
-    def pointwise_backward(grad_p, u, dtype, weight, bias, needs):
-        """The input's gradient on our GEMM too (``grad_p`` times the weight is a 1x1 convolution with the
+    def pointwise_backward(grad_p: GemmGrad, u, dtype, weight, bias, needs):
+        """The input's gradient on our GEMM too (``grad_p.operand`` times the weight is a 1x1 convolution with the
         transposed weight); the weight's is torch's GEMM over the rows (MKL's in float32, oneDNN's in bf16 where
-        :func:`bf16_gemms`, its bf16 result widened as eager autocast's is); the bias's a float32 column sum."""
+        :func:`bf16_gemms`, its bf16 result widened as eager autocast's is); the bias's the column sums
+        :meth:`backward` took of the float32 gradient as it wrote it."""
         need_w, need_b = needs
-        grad_p = _rows(grad_p)
-        g = _gemm_operand(grad_p)
+        g = grad_p.operand
         w = weight.detach()
         grad_u = gemm(g, w.reshape(w.shape[0], w.shape[1]).t(), None)
         grad_w = grad_b = None
@@ -169,7 +179,7 @@ class CpuNorm(TorchNorm):
             with torch.autocast('cpu', enabled=False):  # (backward runs under the forward's autocast)
                 grad_w = torch.mm(rows(g).t(), rows(u)).to(weight.dtype).view_as(weight)
         if need_b and bias is not None:
-            grad_b = grad_p.sum((0, 2, 3))
+            grad_b = grad_p.column_sums.to(bias.dtype)
         return grad_u, grad_w, grad_b
 
     @staticmethod
@@ -205,15 +215,19 @@ class CpuNorm(TorchNorm):
                                         training_buffer(t.shape, dtype))
 
     @staticmethod
-    def backward(bn, norm: SavedNorm, t, act: str, grad, weight, needs, mask=None, act_out=None):
+    def backward(bn, norm: SavedNorm, t, act: str, grad, weight, needs, mask=None, act_out=None, into_gemm=False):
+        """``into_gemm`` (the pointwise half): the gradient wrt ``t`` as a :class:`GemmGrad`, written in the dtype the
+        GEMMs take (bf16 where :func:`bf16_gemms`, rounded once on store) with its column sums, the convolution's
+        bias gradient, taken on the same pass: a bf16 copy and a column-sum pass saved per block."""
         w = None if weight is None else weight.detach().float().contiguous()
         t = _rows(t)
-        out = training_buffer(t.shape, torch.float32)
-        grad_t, grad_w, grad_b = cpu_kernels.bn_act_backward(_rows(grad), t, act, norm.save_mean, norm.save_var, w,
-                                                             _mask_vector(mask), out)
+        dtype = torch.bfloat16 if into_gemm and bf16_gemms(t.shape[1]) else torch.float32
+        grad_t, grad_w, grad_b, sums = cpu_kernels.bn_act_backward(
+            _rows(grad), t, act, norm.save_mean, norm.save_var, w, _mask_vector(mask), training_buffer(t.shape, dtype),
+            out_sums=into_gemm)
         grad_w = grad_w.to(weight.dtype) if weight is not None and needs[0] else None
         grad_b = grad_b.to(bn.bias.dtype) if bn.bias is not None and needs[1] else None
-        return grad_t, grad_w, grad_b
+        return (GemmGrad(grad_t, sums) if into_gemm else grad_t), grad_w, grad_b
 
 
 def computes(x: torch.Tensor) -> bool:

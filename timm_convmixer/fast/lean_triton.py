@@ -116,7 +116,7 @@ class TritonNorm:
         return K.image(out, t)
 
     @staticmethod
-    def backward(bn, norm: SavedNorm, t, act: str, grad, weight, needs, mask=None, act_out=None):
+    def backward(bn, norm: SavedNorm, t, act: str, grad, weight, needs, mask=None, act_out=None, into_gemm=False):
         t = t.contiguous(memory_format=torch.channels_last)
         grad = grad.contiguous(memory_format=torch.channels_last)
         grad_t, grad_w, grad_b = K.bn_train_bwd(

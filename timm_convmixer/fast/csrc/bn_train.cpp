@@ -5,7 +5,8 @@
 //     bn_act_apply     one read of t (and the residual), one write: residual + mask[n] * (scale * act(t) + shift)
 //                      (float32, or rounded to bf16 for a bf16 GEMM)
 //     bn_act_backward  two reads of grad and t, one write: the gradient wrt t (activation's slope and the mask
-//                      folded in) and the BatchNorm weight's and bias's
+//                      folded in; float32, or rounded to bf16 for a bf16 GEMM; optionally its per-channel sums,
+//                      the bias gradient of the convolution before) and the BatchNorm weight's and bias's
 //
 // Why: for the memory-lean training block on a CPU, torch's kernels make an activation pass, BatchNorm's statistics
 // and normalisation passes, a drop-path multiply and a residual add per step in forward, and an activation, a
@@ -66,39 +67,40 @@ const float* vector_of(const std::optional<at::Tensor>& v, int64_t n, const char
 // time, each run's lanes added to double one by one, the statistics pass took 1.1x-2.3x and the backward 1.1x-1.3x
 // as long (64 x 256 x 16 x 16 and 8 x 768 x 32 x 32, Zen 4) for the same sums in the same order (the same bits,
 // but for GELU's statistics, 1e-8 apart where the compiler fused the table's last multiply otherwise).
-template <typename F>
+// SUMS = 1: the first only (f's second is a dummy), `out` [C].
+template <int SUMS = 2, typename F>
 void chunk_sums(const Rows& r, int64_t chunk, double* out, F&& f) {
+  static_assert(SUMS == 1 || SUMS == 2, "chunk_sums: one or two sums");
   const int64_t r0 = chunk * CHUNK, r1 = std::min(r.M, r0 + CHUNK), nv = (r.C + VL - 1) / VL, width = nv * VL;
-  thread_local std::vector<float> run_sums;  // [2, width]: the current run's float sums
-  thread_local std::vector<double> sums;     // [2, width]: the chunk's
-  run_sums.resize(2 * width);
-  sums.assign(2 * width, 0.);
+  thread_local std::vector<float> run_sums;  // [SUMS, width]: the current run's float sums
+  thread_local std::vector<double> sums;     // [SUMS, width]: the chunk's
+  run_sums.resize(SUMS * width);
+  sums.assign(SUMS * width, 0.);
   float* s1p = run_sums.data();
   float* s2p = s1p + width;
   for (int64_t run = r0; run < r1; run += RUN) {
-    std::fill(run_sums.begin(), run_sums.end(), 0.f);
+    std::fill(run_sums.begin(), run_sums.begin() + SUMS * width, 0.f);
     for (int64_t row = run; row < std::min(r1, run + RUN); ++row)
       for (int64_t v = 0; v < nv; ++v) {
-        Vec s1 = Vec::loadu(s1p + v * VL), s2 = Vec::loadu(s2p + v * VL);
+        Vec s1 = Vec::loadu(s1p + v * VL), s2;
+        if constexpr (SUMS == 2) s2 = Vec::loadu(s2p + v * VL);
         f(row, v, s1, s2);
         s1.store(s1p + v * VL);
-        s2.store(s2p + v * VL);
+        if constexpr (SUMS == 2) s2.store(s2p + v * VL);
       }
-    for (int64_t c = 0; c < 2 * width; ++c) sums[c] += run_sums[c];
+    for (int64_t c = 0; c < SUMS * width; ++c) sums[c] += run_sums[c];
   }
   std::copy(sums.begin(), sums.begin() + r.C, out);
-  std::copy(sums.begin() + width, sums.begin() + width + r.C, out + r.C);
+  if constexpr (SUMS == 2) std::copy(sums.begin() + width, sums.begin() + width + r.C, out + r.C);
 }
 
-// The chunks' sums [chunks, 2, C] added in chunk order: [2, C].
-std::vector<double> total(const std::vector<double>& parts, int64_t chunks, int64_t C) {
-  std::vector<double> sums(2 * C, 0.);
+// The chunks' sums [chunks, n, C] added in chunk order: [n, C].
+std::vector<double> total(const std::vector<double>& parts, int64_t chunks, int64_t C, int64_t n = 2) {
+  std::vector<double> sums(n * C, 0.);
   at::parallel_for(0, C, 64, [&](int64_t c0, int64_t c1) {
     for (int64_t k = 0; k < chunks; ++k)
-      for (int64_t c = c0; c < c1; ++c) {
-        sums[c] += parts[k * 2 * C + c];
-        sums[C + c] += parts[k * 2 * C + C + c];
-      }
+      for (int64_t j = 0; j < n; ++j)
+        for (int64_t c = c0; c < c1; ++c) sums[j * C + c] += parts[(k * n + j) * C + c];
   });
   return sums;
 }
@@ -181,9 +183,10 @@ void bn_act_apply(const at::Tensor& t, int64_t act, const at::Tensor& scale, con
   });
 }
 
-template <int ACT>
+template <int ACT, typename Out>
 void backward(const float* grad, const float* t, const Rows& r, const float* mean, const float* invstd,
-              const float* weight, const float* mask, float* grad_t, float* grad_weight, float* grad_bias) {
+              const float* weight, const float* mask, Out* grad_t, float* grad_weight, float* grad_bias,
+              float* grad_t_sums) {
   const int64_t nv = (r.C + VL - 1) / VL, chunks = (r.M + CHUNK - 1) / CHUNK;
   std::vector<double> parts(chunks * 2 * r.C);
   // per channel: sum of g and of g * (act(t) - mean), g the gradient reaching the normalisation (mask applied)
@@ -209,42 +212,70 @@ void backward(const float* grad, const float* t, const Rows& r, const float* mea
     grad_weight[c] = float(sums[r.C + c] * is);
     grad_bias[c] = float(sums[c]);
   }
-  at::parallel_for(0, r.M, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t base = row * r.C;
-      const float m = mask != nullptr ? mask[row / r.per_sample] : 1.f;
-      for (int64_t v = 0; v < nv; ++v) {
-        Vec a, slope;
-        activate_with_slope<ACT>(load_part(t + base, v, r.C), a, slope);
-        const Vec g = load_part(grad + base, v, r.C) * Vec(m);
-        const Vec d_act = at::vec::fmadd(load_part(A.data(), v, r.C), g - load_part(G.data(), v, r.C),
-                                         load_part(D.data(), v, r.C) * (a - load_part(mean, v, r.C)));
-        store_part(d_act * slope, grad_t + base, v, r.C);
-      }
-    }
+  // the gradient wrt t at one row's vector v, stored (rounded once where Out is bf16); returned in float32
+  const auto grad_at = [&](int64_t row, int64_t v) {
+    const int64_t base = row * r.C;
+    Vec a, slope;
+    activate_with_slope<ACT>(load_part(t + base, v, r.C), a, slope);
+    Vec g = load_part(grad + base, v, r.C);
+    if (mask != nullptr) g = g * Vec(mask[row / r.per_sample]);
+    const Vec d_act = at::vec::fmadd(load_part(A.data(), v, r.C), g - load_part(G.data(), v, r.C),
+                                     load_part(D.data(), v, r.C) * (a - load_part(mean, v, r.C)));
+    const Vec d = d_act * slope;
+    store_part(d, grad_t + base, v, r.C);
+    return d;
+  };
+  if (grad_t_sums == nullptr) {
+    at::parallel_for(0, r.M, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row)
+        for (int64_t v = 0; v < nv; ++v) grad_at(row, v);
+    });
+    return;
+  }
+  // with its per-channel sums (of the float32 values, before any rounding), chunked as the statistics: the same bits
+  // on any number of threads. A column sum after the pass took longer than this (and torch's float32 sum of a bf16
+  // tensor 4x as long as of a float32 one)
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k)
+      chunk_sums<1>(r, k, parts.data() + k * r.C,
+                    [&](int64_t row, int64_t v, Vec& s1, Vec&) { s1 = s1 + grad_at(row, v); });
   });
+  const std::vector<double> t_sums = total(parts, chunks, r.C, 1);
+  for (int64_t c = 0; c < r.C; ++c) grad_t_sums[c] = float(t_sums[c]);
 }
 
-// the gradient wrt t into `out` (the caller's: a pooled buffer where it is large); returns weight's and bias's
-std::tuple<at::Tensor, at::Tensor> bn_act_backward(
+// the gradient wrt t into `out` (the caller's: a pooled buffer where it is large; float32, or bfloat16, rounded once
+// on store, where it feeds a bf16 GEMM and nothing else); returns weight's and bias's, and with `out_sums` out's
+// per-channel sums (else an empty tensor)
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_backward(
     const at::Tensor& grad, const at::Tensor& t, int64_t act, const at::Tensor& mean, const at::Tensor& invstd,
-    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& mask, const at::Tensor& out) {
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& mask, const at::Tensor& out,
+    bool out_sums) {
   const Rows r = rows_of(t, "bn_act_backward");
   TORCH_CHECK(r.M > 0, "bn_act_backward: t is empty");
   check_like(grad, t, "bn_act_backward", "grad");
-  check_like(out, t, "bn_act_backward", "out");
+  TORCH_CHECK((out.scalar_type() == at::kFloat || out.scalar_type() == at::kBFloat16) && out.sizes() == t.sizes() &&
+                  out.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "bn_act_backward: out must be a channels_last float32 or bfloat16 tensor of t's shape");
   TORCH_CHECK(out.data_ptr() != t.data_ptr(), "bn_act_backward: out must not be t");
   at::Tensor grad_weight = at::empty({r.C}, t.options());
   at::Tensor grad_bias = at::empty({r.C}, t.options());
+  at::Tensor sums = at::empty({out_sums ? r.C : 0}, t.options());
+  float* s = out_sums ? sums.data_ptr<float>() : nullptr;
   const float* w = vector_of(weight, r.C, "bn_act_backward", "weight");
   const float* m = vector_of(mask, t.size(0), "bn_act_backward", "mask");
+  const float* mu = vector_of(mean, r.C, "bn_act_backward", "mean");
+  const float* is = vector_of(invstd, r.C, "bn_act_backward", "invstd");
   with_activation(act, [&](auto a) {
-    backward<decltype(a)::value>(grad.data_ptr<float>(), t.data_ptr<float>(), r,
-                                 vector_of(mean, r.C, "bn_act_backward", "mean"),
-                                 vector_of(invstd, r.C, "bn_act_backward", "invstd"), w, m, out.data_ptr<float>(),
-                                 grad_weight.data_ptr<float>(), grad_bias.data_ptr<float>());
+    constexpr int ACT = decltype(a)::value;
+    if (out.scalar_type() == at::kBFloat16)
+      backward<ACT>(grad.data_ptr<float>(), t.data_ptr<float>(), r, mu, is, w, m, out.data_ptr<c10::BFloat16>(),
+                    grad_weight.data_ptr<float>(), grad_bias.data_ptr<float>(), s);
+    else
+      backward<ACT>(grad.data_ptr<float>(), t.data_ptr<float>(), r, mu, is, w, m, out.data_ptr<float>(),
+                    grad_weight.data_ptr<float>(), grad_bias.data_ptr<float>(), s);
   });
-  return {grad_weight, grad_bias};
+  return {grad_weight, grad_bias, sums};
 }
 
 }  // namespace
@@ -254,7 +285,7 @@ TORCH_LIBRARY_FRAGMENT(timm_convmixer_cpu, m) {
   m.def("bn_act_apply(Tensor t, int act, Tensor scale, Tensor shift, Tensor? mask, Tensor? residual, "
         "Tensor(a!) out) -> ()");
   m.def("bn_act_backward(Tensor grad, Tensor t, int act, Tensor mean, Tensor invstd, Tensor? weight, "
-        "Tensor? mask, Tensor(a!) out) -> (Tensor, Tensor)");
+        "Tensor? mask, Tensor(a!) out, bool out_sums=False) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(timm_convmixer_cpu, CPU, m) {

@@ -90,9 +90,11 @@ inline __m512 gelu_poly(const float (*coef)[GELU_INTERVALS], const GeluCell& c) 
 
 inline __m512 gelu_from_cell(__m512 zv, const GeluCell& c) {
   const __m512 q = gelu_poly<3>(GELU_COEF, c);
-  // |z| q with |z| capped where q is zero (so that an infinite z gives 0, not NaN; min keeps a NaN, its 1st operand)
-  const __m512 t = _mm512_mul_ps(_mm512_min_ps(_mm512_set1_ps(GELU_W_MAX), c.w), q);
-  return _mm512_sub_ps(_mm512_maskz_mov_ps(_mm512_cmp_ps_mask(zv, _mm512_setzero_ps(), _CMP_GT_OQ), zv), t);
+  // minus |z| q (plus z above 0), |z| capped where q is zero (so that an infinite z gives 0, not NaN; min keeps a NaN,
+  // its 1st operand); one explicit FMA: as a multiply and a subtract, the compiler fused them in some kernels' loops
+  // and not in others, and the same GELU came out an ulp apart between kernels and between builds
+  const __m512 above = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(zv, _mm512_setzero_ps(), _CMP_GT_OQ), zv);
+  return _mm512_fnmadd_ps(_mm512_min_ps(_mm512_set1_ps(GELU_W_MAX), c.w), q, above);
 }
 #endif
 
