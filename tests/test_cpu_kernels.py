@@ -215,8 +215,8 @@ def test_bare_convolution_and_its_transpose_for_training(shape, kernels):
     bare convolution with its bias, and, with the window turned and padded ``k // 2`` before, the transposed
     convolution that carries an output gradient to the input: both as autograd computes them in float64, odd and
     even windows, every border; an infinite gradient gives infinities where autograd's do, no NaN (a zero-padded
-    window would multiply it by zero). A bf16 input and a padding other than "same" with the residual are refused
-    by name."""
+    window would multiply it by zero); an addend (the gradient past the convolution) added as the output is stored. A
+    bf16 input, a padding other than "same" with the residual and an addend unlike the input are refused by name."""
     from timm_convmixer.fast import lean_cpu
     x, weight, bias, _ = _inputs(*shape, seed=5)
     k = weight.shape[-1]
@@ -230,6 +230,15 @@ def test_bare_convolution_and_its_transpose_for_training(shape, kernels):
     grad_x = lean_cpu._depthwise(grad, taps, None, k, pad)
     torch.testing.assert_close(grad_x.double(), torch.autograd.grad(z64, x64, grad.double(), retain_graph=True)[0],
                                rtol=1e-5, atol=1e-5)
+    # plus what passed the convolution (the block's residual), added as it stores: the bits of an add after it,
+    # into a buffer of its own or into the addend itself
+    passed = torch.randn_like(x)
+    added = lean_cpu._depthwise(grad, taps, None, k, pad, addend=passed)
+    assert torch.equal(added, grad_x + passed)
+    in_place = passed.clone()
+    cpu_kernels.dw_block(grad, taps, torch.zeros_like(bias), torch.ones_like(bias), k, 'identity', in_place,
+                         residual=False, pad=pad, addend=in_place)
+    assert torch.equal(in_place, added)
     grad[0, 0, -1, -1] = float('inf')  # the far corner: where an even window's extra padding lies
     grad_x = lean_cpu._depthwise(grad, taps, None, k, pad)
     expected = torch.autograd.grad(z64, x64, grad.double())[0]
@@ -242,6 +251,10 @@ def test_bare_convolution_and_its_transpose_for_training(shape, kernels):
         cpu_kernels.dw_block(x, taps, bias, ones, k, 'identity', torch.empty_like(x), pad=(k - 1) // 2 + 1)
     with pytest.raises(RuntimeError, match=f'pad must be below the kernel size {k}, got {k}'):
         cpu_kernels.dw_block(x, taps, bias, ones, k, 'identity', torch.empty_like(x), residual=False, pad=k)
+    for addend, residual in ((passed, True), (passed[:, :-1], False), (passed.contiguous(), False)):
+        with pytest.raises(RuntimeError, match="an addend takes residual=False and must be a channels_last float32"):
+            cpu_kernels.dw_block(x, taps, bias, ones, k, 'identity', torch.empty_like(x), residual=residual,
+                                 addend=addend)
 
 
 # channels in a partial block (20) and whole ones (32); kernels odd and even; images where the window reaches past

@@ -142,7 +142,7 @@ def dw_taps(weight: torch.Tensor) -> torch.Tensor:
 
 def dw_block(x: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor, kernel_size: int,
              act: str, out: torch.Tensor, in_affine: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
-             residual: bool = True, pad: Optional[int] = None) -> torch.Tensor:
+             residual: bool = True, pad: Optional[int] = None, addend: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``out = x + scale * act(depthwise_conv_same(x) + bias)`` for a channels_last ``x`` (``out`` likewise, not
     ``x``), float32 or bfloat16 (computed in float32; ``out`` in ``x``'s dtype, or float32 for a bf16 ``x``, a bf16
     ``out`` rounded once on store; a bf16 ``x`` and ``out`` at kernel sizes 5, 7, 8 and 9 where :func:`bf16_dot`
@@ -152,10 +152,11 @@ def dw_block(x: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor, scale: tor
     reads ``x``; with ``residual=False`` (a float32 ``x``) ``out = scale * act(depthwise_conv_same(x) + bias)``, the
     lean training block's bare convolution. ``pad`` (bare convolution only) puts that many zero rows and columns
     before the image and ``k - 1 - pad`` after instead of "same" padding's ``(k - 1) // 2``: ``k // 2`` is the
-    transposed convolution of an even window (its input gradient). The kernel must be loaded."""
+    transposed convolution of an even window (its input gradient). ``addend`` (bare convolution only; channels_last
+    float32 of ``x``'s shape; it may be ``out`` itself) is added to ``out`` as it is stored. The kernel must be loaded."""
     in_scale, in_shift = in_affine if in_affine is not None else (None, None)
     _ops.dw_block(x, taps, bias, scale, kernel_size, ACT_BY_NAME[act], out, in_scale, in_shift, residual,
-                  -1 if pad is None else pad)
+                  -1 if pad is None else pad, addend)
     return out
 
 

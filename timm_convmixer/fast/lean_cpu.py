@@ -98,12 +98,14 @@ def _gemm_operand(t: torch.Tensor) -> torch.Tensor:
 
 
 def _depthwise(x: torch.Tensor, taps: torch.Tensor, bias: Optional[torch.Tensor], k: int,
-               pad: Optional[int] = None) -> torch.Tensor:
-    """``depthwise_conv(x) + bias`` on our kernel (``taps`` as ``(k * k, C)``; "same" padding unless ``pad``)."""
+               pad: Optional[int] = None, addend: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``depthwise_conv(x) + bias (+ addend)`` on our kernel (``taps`` as ``(k * k, C)``; "same" padding unless
+    ``pad``)."""
     c = x.shape[1]
     b = taps.new_zeros(c) if bias is None else bias.detach().contiguous()
     return cpu_kernels.dw_block(_rows(x), taps, b, taps.new_ones(c), k, 'identity',
-                                training_buffer(x.shape, torch.float32), residual=False, pad=pad)
+                                training_buffer(x.shape, torch.float32), residual=False, pad=pad,
+                                addend=None if addend is None else _rows(addend))
 
 
 def _transposed(weight: torch.Tensor) -> Tuple[torch.Tensor, int]:
@@ -145,14 +147,14 @@ class CpuNorm(TorchNorm):
 
     @staticmethod
     def conv_backward(saved, grad_z, grad_residual, needs):
-        """The input's gradient as the transposed convolution on our kernel, plus ``grad_residual``; the weight's and
-        bias's from :func:`.cpu_kernels.dw_weight_grad`."""
+        """The input's gradient as the transposed convolution on our kernel, plus ``grad_residual`` as it stores (not
+        an add pass after it); the weight's and bias's from :func:`.cpu_kernels.dw_weight_grad`."""
         x, weight, k = saved
         grad_z = _rows(grad_z)
         grad_x = grad_w = grad_b = None
         if needs[0]:
             taps, pad = _transposed(weight)
-            grad_x = _depthwise(grad_z, taps, None, k, pad).add_(grad_residual)
+            grad_x = _depthwise(grad_z, taps, None, k, pad, addend=grad_residual)
         if needs[1] or needs[2]:
             grad_w, grad_b = cpu_kernels.dw_weight_grad(_rows(x), grad_z, k)
         return grad_x, grad_w if needs[1] else None, grad_b if needs[2] else None

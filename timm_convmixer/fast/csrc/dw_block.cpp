@@ -67,6 +67,8 @@ struct Problem {
   TO* out;            // N, H, W, C
   int64_t N, H, W, C, k, pad;  // pad: zero rows (and columns) before the image; k - 1 - pad after
   bool residual;      // out = x + ...; false (float32 only): out = scale * act(conv + bias), the bare conv
+  const float* addend;  // N, H, W, C, or null: the bare conv plus this (a transposed conv's gradient plus the
+                        // gradient that passed the conv, without a pass of its own)
 };
 
 // One work item: image n, the channel block from c0, output rows [r0, r1), output columns [w0, w1).
@@ -358,20 +360,28 @@ void run_item(const Problem<TI, TO>& p, const Item& it, const float* ops, float*
     }
 #endif
     // (the residual's test outside the loops: inside them it changed the float32 path's rounding in 2% of outputs)
-    const auto finish = [&](auto residual) {
+    enum { BARE, RESIDUAL, ADDEND };
+    const float* addend = p.addend ? p.addend + ((it.n * H + oh) * W + it.w0) * C + it.c0 : nullptr;
+    const auto finish = [&](auto mode) {
+      constexpr int MODE = decltype(mode)::value;
       for (int64_t j = 0; j < width; ++j) {
         if (out_ahead) __builtin_prefetch(out + (W + j) * C, 0, AHEAD_LOCALITY);
+        if constexpr (MODE == ADDEND)
+          if (out_ahead) __builtin_prefetch(addend + (W + j) * C, 0, AHEAD_LOCALITY);
         for (int64_t v = 0; v * VL < cols; ++v) {
           const Vec a = activate<ACT>(Vec::loadu(z + j * CB + v * VL)), s = load_part(p.scale + it.c0, v, cols);
-          if constexpr (decltype(residual)::value)
+          if constexpr (MODE == RESIDUAL)
             store_part(at::vec::fmadd(a, s, Vec::loadu(center + j * CB + v * VL)), out + j * C, v, cols);
+          else if constexpr (MODE == ADDEND)
+            store_part(at::vec::fmadd(a, s, load_part(addend + j * C, v, cols)), out + j * C, v, cols);
           else
             store_part(a * s, out + j * C, v, cols);
         }
       }
     };
-    if (p.residual) finish(std::true_type{});
-    else finish(std::false_type{});
+    if (p.residual) finish(std::integral_constant<int, RESIDUAL>{});
+    else if (addend) finish(std::integral_constant<int, ADDEND>{});
+    else finish(std::integral_constant<int, BARE>{});
   }
 }
 
@@ -410,7 +420,8 @@ void run(const Problem<TI, TO>& p) {
 
 void dw_block(const at::Tensor& x, const at::Tensor& taps, const at::Tensor& bias, const at::Tensor& scale, int64_t k,
               int64_t act, const at::Tensor& out, const c10::optional<at::Tensor>& in_scale,
-              const c10::optional<at::Tensor>& in_shift, bool residual, int64_t pad) {
+              const c10::optional<at::Tensor>& in_shift, bool residual, int64_t pad,
+              const c10::optional<at::Tensor>& addend) {
   TORCH_CHECK(x.device().is_cpu() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16) &&
               x.dim() == 4, "dw_block: x must be a 4-d float32 or bfloat16 CPU tensor, got ", x.scalar_type(),
               " with ", x.dim(), " dims");
@@ -437,6 +448,10 @@ void dw_block(const at::Tensor& x, const at::Tensor& taps, const at::Tensor& bia
   if (pad < 0) pad = (k - 1) / 2;
   TORCH_CHECK(pad < k, "dw_block: pad must be below the kernel size ", k, ", got ", pad);
   TORCH_CHECK(!residual || pad == (k - 1) / 2, "dw_block: a padding other than \"same\" takes residual=False");
+  if (addend.has_value())
+    TORCH_CHECK(!residual && addend->device().is_cpu() && addend->scalar_type() == at::kFloat &&
+                    addend->sizes() == x.sizes() && addend->is_contiguous(at::MemoryFormat::ChannelsLast),
+                "dw_block: an addend takes residual=False and must be a channels_last float32 CPU tensor of x's shape");
   if (out.numel() == 0) return;
   auto launch = [&](auto in_zero, auto out_zero) {
     using TI = decltype(in_zero);
@@ -444,7 +459,8 @@ void dw_block(const at::Tensor& x, const at::Tensor& taps, const at::Tensor& bia
     const Problem<TI, TO> p{x.data_ptr<TI>(), taps.data_ptr<float>(), bias.data_ptr<float>(), scale.data_ptr<float>(),
                             in_scale.has_value() ? in_scale->data_ptr<float>() : nullptr,
                             in_shift.has_value() ? in_shift->data_ptr<float>() : nullptr, out.data_ptr<TO>(),
-                            x.size(0), x.size(2), x.size(3), C, k, pad, residual};
+                            x.size(0), x.size(2), x.size(3), C, k, pad, residual,
+                            addend.has_value() ? addend->data_ptr<float>() : nullptr};
     // bf16 in and out where the CPU multiplies bf16 pairs: the strips' kernel sizes on pairs (see run_item)
     constexpr bool BF16 = std::is_same_v<TI, c10::BFloat16> && std::is_same_v<TO, c10::BFloat16>;
     const bool pairs = BF16 && bf16_dot_supported();
@@ -476,7 +492,7 @@ void dw_block(const at::Tensor& x, const at::Tensor& taps, const at::Tensor& bia
 
 TORCH_LIBRARY_FRAGMENT(timm_convmixer_cpu, m) {
   m.def("dw_block(Tensor x, Tensor taps, Tensor bias, Tensor scale, int k, int act, Tensor(a!) out, "
-        "Tensor? in_scale=None, Tensor? in_shift=None, bool residual=True, int pad=-1) -> ()");
+        "Tensor? in_scale=None, Tensor? in_shift=None, bool residual=True, int pad=-1, Tensor? addend=None) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(timm_convmixer_cpu, CPU, m) { m.impl("dw_block", &dw_block); }
