@@ -65,8 +65,7 @@ const float* vector_of(const std::optional<at::Tensor>& v, int64_t n, const char
 // summed in float and each run's sums added in double (in float over a whole chunk, the sums of a 768-channel ReLU
 // model's gradients came out 5x further from float64 than eager's). Going down the chunk a vector of channels at a
 // time, each run's lanes added to double one by one, the statistics pass took 1.1x-2.3x and the backward 1.1x-1.3x
-// as long (64 x 256 x 16 x 16 and 8 x 768 x 32 x 32, Zen 4) for the same sums in the same order (the same bits,
-// but for GELU's statistics, 1e-8 apart where the compiler fused the table's last multiply otherwise).
+// as long (64 x 256 x 16 x 16 and 8 x 768 x 32 x 32, Zen 4) for the same sums in the same order (the same bits).
 // SUMS = 1: the first only (f's second is a dummy), `out` [C].
 template <int SUMS = 2, typename F>
 void chunk_sums(const Rows& r, int64_t chunk, double* out, F&& f) {
