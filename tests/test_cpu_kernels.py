@@ -466,6 +466,14 @@ def test_training_norm_without_mask_residual_or_weight(kernels):
     torch.testing.assert_close(grad_b.double(), ref[3], rtol=1e-5, atol=1e-5 * ref[3].abs().max().item())
 
 
+def _assert_rounded_once(out, wide):
+    """``out`` is channels_last bfloat16 and holds float32 ``wide`` rounded to nearest even once, as ``.bfloat16()``
+    rounds it: within half a bf16 ulp of it, and the same bits but where the float32 sums differ by an ulp."""
+    assert out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=torch.channels_last)
+    assert (out.float() - wide).abs().le(wide.abs() * 2 ** -8).all()
+    assert (out == wide.bfloat16()).float().mean() > 0.99  # the same rounding (a float32 ulp apart at most)
+
+
 @pytest.mark.parametrize('act', ['relu', 'gelu'])
 def test_training_norm_apply_rounds_a_bfloat16_out_once(act, kernels):
     """A bfloat16 ``out`` (the lean block's GEMM operand under bf16 autocast) holds the float32 result rounded to
@@ -477,9 +485,7 @@ def test_training_norm_apply_rounds_a_bfloat16_out_once(act, kernels):
     scale, shift, mask = torch.randn(40, generator=g), torch.randn(40, generator=g), torch.tensor([1.25, 0., 2.])
     wide = cpu_kernels.bn_act_apply(t, act, scale, shift, mask, residual, torch.empty_like(t))
     out = cpu_kernels.bn_act_apply(t, act, scale, shift, mask, residual, torch.empty_like(t, dtype=torch.bfloat16))
-    assert out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=torch.channels_last)
-    assert (out.float() - wide).abs().le(wide.abs() * 2 ** -8).all()
-    assert (out == wide.bfloat16()).float().mean() > 0.99  # the same rounding (a float32 ulp apart at most)
+    _assert_rounded_once(out, wide)
 
 
 def test_training_norm_backward_rounds_a_bfloat16_out_once(kernels):
@@ -492,9 +498,7 @@ def test_training_norm_backward_rounds_a_bfloat16_out_once(kernels):
             torch.tensor([1.25, 0., 2.]))
     wide = cpu_kernels.bn_act_backward(*args, out_sums=True)
     out = cpu_kernels.bn_act_backward(*args, out=torch.empty_like(t, dtype=torch.bfloat16), out_sums=True)
-    assert out[0].dtype == torch.bfloat16 and out[0].is_contiguous(memory_format=torch.channels_last)
-    assert (out[0].float() - wide[0]).abs().le(wide[0].abs() * 2 ** -8).all()
-    assert (out[0] == wide[0].bfloat16()).float().mean() > 0.99  # the same rounding (a float32 ulp apart at most)
+    _assert_rounded_once(out[0], wide[0])
     assert all(torch.equal(a, b) for a, b in zip(out[1:], wide[1:]))
 
 
