@@ -56,7 +56,7 @@ inline void gelu_parts(Vec z, Vec& cdf, Vec& density) {
 
 // GELU(z) = z * Phi(z). On AVX-512 from a table (gelu_table.h, made and explained by gelu_table.py): q =
 // Phi(-|z|) as a cubic on one of 32 intervals, its coefficients picked per lane by a two-register permute, then
-// -|z| q for z <= 0 and z - |z| q above; 18 instructions besides the table's loads, 5 of them multiplies or FMAs,
+// -|z| q for z <= 0 and z - |z| q above; 17 instructions besides the table's loads, 5 of them multiplies or FMAs,
 // where gelu_parts takes ~37 with a division. Largest error against float64 over [-12, 12] 2.6e-7 (torch's
 // float32 GELU: 4.7e-7). An infinite |z| lands in the last (zero) interval: GELU(+inf) = +inf, GELU(-inf) = 0; a NaN
 // stays NaN. Elsewhere gelu_parts.
